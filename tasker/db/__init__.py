@@ -1,0 +1,1 @@
+"""Database plumbing: connection pools, the embedded PostgreSQL, migrations and the PGMQ install."""

@@ -1,0 +1,195 @@
+"""Load and validate Tasker's settings once, at the edge of the program.
+
+Settings come from ``settings/settings.toml`` (Dynaconf, one section per environment), overridden by
+``TASKER_``-prefixed environment variables (``TASKER_DATABASE__URL``, ``TASKER_BROKER__NAMESPACE``).
+``TASKER_ENV`` picks the environment; it defaults to ``development``. Library classes never read
+settings themselves: the CLI and the ``tasker.actors`` entry point call :func:`load_settings` and
+pass plain values on.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from tasker.exceptions import ConfigurationError
+from tasker.resources import bundled_path
+
+__all__ = ["BrokerSettings", "DatabaseSettings", "Settings", "load_settings"]
+
+DEFAULT_ENV = "development"
+ENVIRONMENTS = ("development", "test", "production")
+SETTINGS_FILE_VAR = "TASKER_SETTINGS_FILE"
+
+
+class DatabaseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where PostgreSQL is and how Tasker connects to it."""
+
+    url: str = ""
+    allow_embedded: bool = False
+    embedded_dir: str = ".tasker/pgdata"
+    pool_min_size: int = 1
+    pool_max_size: int = 16
+    statement_timeout_ms: int = 30_000
+    application_name: str = "tasker"
+
+
+class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the PGMQ broker leases, wakes up and dead-letters messages."""
+
+    namespace: str = "tasker"
+    visibility_timeout_ms: int = 60_000
+    heartbeat_interval_ms: int = 0
+    max_lease_ms: int = 900_000
+    max_deliveries: int = 20
+    claim_batch: int = 4
+    listen: bool = True
+    poll_interval_ms: int = 1_000
+    dead_message_ttl_s: int = 604_800
+    auto_create_queues: bool = True
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The validated settings of one Tasker process."""
+
+    env: str = DEFAULT_ENV
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    database: DatabaseSettings = DatabaseSettings()
+    broker: BrokerSettings = BrokerSettings()
+
+
+def load_settings(
+    env: str | None = None, *, settings_file: str | Path | None = None
+) -> Settings:
+    """Read the settings file and ``TASKER_*`` variables for ``env`` and validate them.
+
+    ``env`` defaults to ``$TASKER_ENV`` (else ``development``); ``settings_file`` defaults to
+    ``$TASKER_SETTINGS_FILE``, else ``./settings/settings.toml`` when it exists, else the file
+    shipped with Tasker. Raises :class:`ConfigurationError` naming the bad key and the fix.
+    """
+    env = (env or os.environ.get("TASKER_ENV") or DEFAULT_ENV).strip().lower()
+    path = _settings_path(settings_file)
+    _check_known_environment(env, path)
+    raw = _read_with_dynaconf(path, env)
+    raw["env"] = env
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigurationError(_explain(exc, env, path)) from None
+    _check_values(settings)
+    return settings
+
+
+def _settings_path(settings_file: str | Path | None) -> Path:
+    chosen = settings_file or os.environ.get(SETTINGS_FILE_VAR)
+    if chosen:
+        path = Path(chosen)
+        if not path.is_file():
+            raise ConfigurationError(
+                f"Settings file {path} does not exist; fix {SETTINGS_FILE_VAR} or --settings."
+            )
+        return path
+    local = Path.cwd() / "settings" / "settings.toml"
+    return local if local.is_file() else bundled_path("settings") / "settings.toml"
+
+
+def _read_with_dynaconf(path: Path, env: str) -> dict[str, Any]:
+    from dynaconf import Dynaconf
+
+    conf = Dynaconf(
+        settings_files=[str(path)],
+        environments=True,
+        env=env,
+        envvar_prefix="TASKER",
+        env_switcher="TASKER_ENV",
+        merge_enabled=True,
+    )
+    try:
+        data = conf.as_dict()
+    except Exception as exc:  # dynaconf raises plain exceptions for unparsable files or values
+        raise ConfigurationError(f"Could not read settings from {path}: {exc}") from exc
+    return _lower_keys(data)
+
+
+def _lower_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k).lower(): _lower_keys(v) for k, v in value.items()}
+    return value
+
+
+def _check_known_environment(env: str, path: Path) -> None:
+    with path.open("rb") as handle:
+        sections = {name.lower() for name in tomllib.load(handle)} - {"default", "global"}
+    known = sorted(sections | set(ENVIRONMENTS))
+    if env not in known:
+        raise ConfigurationError(
+            f"Unknown environment TASKER_ENV={env!r}; use one of: {', '.join(known)}, "
+            f"or add a [{env}] section to {path}."
+        )
+
+
+def _explain(exc: msgspec.ValidationError, env: str, path: Path) -> str:
+    message = str(exc)
+    key = ""
+    if " - at `$." in message:
+        message, _, where = message.partition(" - at `$.")
+        key = where.rstrip("`")
+    if "unknown field" in message:
+        field = message.split("`")[1] if "`" in message else "?"
+        key = f"{key}.{field}" if key else field
+        return (
+            f"Unknown setting {key!r} in {path} [{env}] or TASKER_* variables; "
+            "remove it or check its spelling."
+        )
+    variable = "TASKER_" + key.upper().replace(".", "__")
+    return (
+        f"Invalid setting {key!r} for environment {env!r}: {message}. "
+        f"Fix it in {path} or in the environment variable {variable}."
+    )
+
+
+def _check_values(settings: Settings) -> None:
+    db, broker = settings.database, settings.broker
+    positive = {
+        "database.pool_min_size": db.pool_min_size,
+        "database.pool_max_size": db.pool_max_size,
+        "database.statement_timeout_ms": db.statement_timeout_ms,
+        "broker.visibility_timeout_ms": broker.visibility_timeout_ms,
+        "broker.max_lease_ms": broker.max_lease_ms,
+        "broker.max_deliveries": broker.max_deliveries,
+        "broker.claim_batch": broker.claim_batch,
+        "broker.poll_interval_ms": broker.poll_interval_ms,
+        "broker.dead_message_ttl_s": broker.dead_message_ttl_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            _bad(settings.env, key, f"must be greater than 0, got {value}")
+    if db.pool_max_size < db.pool_min_size:
+        _bad(settings.env, "database.pool_max_size", "must be at least database.pool_min_size")
+    if broker.heartbeat_interval_ms < 0 or (
+        broker.heartbeat_interval_ms * 2 >= broker.visibility_timeout_ms
+    ):
+        _bad(
+            settings.env,
+            "broker.heartbeat_interval_ms",
+            "must be 0 (automatic) or less than half of broker.visibility_timeout_ms",
+        )
+    if not db.url and not db.allow_embedded:
+        _bad(
+            settings.env,
+            "database.url",
+            "is empty and the embedded PostgreSQL is not allowed in this environment; "
+            "set it to a PostgreSQL URL",
+        )
+
+
+def _bad(env: str, key: str, problem: str) -> None:
+    variable = "TASKER_" + key.upper().replace(".", "__")
+    raise ConfigurationError(
+        f"Invalid setting {key!r} for environment {env!r}: {problem}. "
+        f"Fix it in settings/settings.toml or in the environment variable {variable}."
+    )

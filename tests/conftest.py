@@ -1,0 +1,98 @@
+"""Shared fixtures: a real PostgreSQL for every test that touches SQL.
+
+The server is ``$TASKER_TEST_DATABASE_URL`` when set (CI sets it to the system PostgreSQL 15), else
+the embedded PostgreSQL 18 under ``.tasker/pgdata-test``. Once per session a template database is
+migrated; every test gets its own database cloned from it, so tests are isolated and fast.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from tasker.db.migrate import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _server_url() -> str:
+    url = os.environ.get("TASKER_TEST_DATABASE_URL")
+    if url:
+        return url
+    from tasker.db.embedded import embedded_url
+
+    return embedded_url(ROOT / ".tasker" / "pgdata-test", database="postgres")
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` (as a libpq key=value string)."""
+    params = conninfo_to_dict(url)
+    params["dbname"] = name
+    return make_conninfo(**params)
+
+
+def _admin(url: str) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(url, autocommit=True)
+
+
+def create_database(server_url: str, name: str, template: str | None = None) -> str:
+    with _admin(server_url) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        conn.execute(statement)
+    return with_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    with _admin(server_url) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    """An admin URL of the PostgreSQL server the suite runs against."""
+    return _server_url()
+
+
+@pytest.fixture(scope="session")
+def template_database(server_url: str) -> Iterator[str]:
+    """A migrated template database, created once per test session."""
+    name = f"tasker_tpl_{os.getpid()}"
+    url = create_database(server_url, name)
+    migrate(url)
+    yield name
+    drop_database(server_url, name)
+
+
+@pytest.fixture
+def database_url(server_url: str, template_database: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"tasker_t_{uuid.uuid4().hex[:12]}"
+    url = create_database(server_url, name, template=template_database)
+    yield url
+    drop_database(server_url, name)
+
+
+@pytest.fixture
+def empty_database_url(server_url: str) -> Iterator[str]:
+    """A fresh database with nothing installed (for migration tests)."""
+    name = f"tasker_e_{uuid.uuid4().hex[:12]}"
+    url = create_database(server_url, name)
+    yield url
+    drop_database(server_url, name)
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    """An autocommit connection to the test's database."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
