@@ -12,11 +12,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import dramatiq
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from tasker.brokers.pgmq import PGMQBroker
 from tasker.db.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +98,22 @@ def db(database_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     """An autocommit connection to the test's database."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def broker(database_url: str) -> Iterator[PGMQBroker]:
+    """A PGMQBroker on the test's database, set as Dramatiq's global broker."""
+    broker = PGMQBroker(url=database_url, visibility_timeout_ms=5_000, poll_interval_ms=200)
+    broker.emit_after("process_boot")
+    dramatiq.set_broker(broker)
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
+def worker(broker: PGMQBroker) -> Iterator[dramatiq.Worker]:
+    """A started in-process worker (2 threads) on ``broker``."""
+    worker = dramatiq.Worker(broker, worker_timeout=100, worker_threads=2)
+    worker.start()
+    yield worker
+    worker.stop()

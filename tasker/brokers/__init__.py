@@ -1,0 +1,1 @@
+"""Dramatiq brokers. :class:`~tasker.brokers.pgmq.PGMQBroker` keeps every queue in PostgreSQL."""

@@ -1,0 +1,635 @@
+"""PGMQBroker: a Dramatiq broker whose queues are PGMQ queues in PostgreSQL.
+
+Every Dramatiq queue is a PGMQ queue (``pgmq.q_<namespace>_<name>``) with a dead-letter queue
+beside it (``..__xq``). Delays use PGMQ's visibility timeout, so delayed messages wait in the
+database, not in worker memory. Delivery is at-least-once with ack-late:
+
+* a consumer claims visible messages with one index-friendly statement and leases them;
+* a heartbeat (:class:`~tasker.brokers.leases.LeaseKeeper`) extends the leases while handlers run;
+* ``ack`` deletes the row, ``nack`` moves it to the dead-letter queue with the error, both fenced by
+  the delivery's ``read_ct`` so a worker that lost its lease cannot touch the next delivery;
+* graceful shutdown makes prefetched but unstarted messages visible again at once;
+* a message delivered more than ``max_deliveries`` times (its workers keep dying) is dead-lettered.
+
+``with broker.use_connection(conn):`` makes enqueues join the caller's transaction: rolled back,
+nothing was sent and nobody was woken up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+from dramatiq.broker import Broker, Consumer, MessageProxy
+from dramatiq.common import current_millis
+from dramatiq.errors import ConnectionClosed, QueueJoinTimeout, QueueNotFound
+from dramatiq.message import Message
+from dramatiq.middleware import Middleware
+from psycopg_pool import ConnectionPool
+
+from tasker.brokers.encoding import decode_message, encode_message
+from tasker.brokers.leases import HeldMessage, LeaseKeeper, LeaseRegistry
+from tasker.brokers.listener import Listener
+from tasker.brokers.queue_names import QueueNames, map_queue_name
+from tasker.db.connection import connection_kwargs, make_pool
+from tasker.db.queries import render
+from tasker.exceptions import DatabaseError, PayloadError, QueueNameError
+
+__all__ = ["PGMQBroker", "PGMQConsumer", "PGMQMessageProxy"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "tasker"
+DEFAULT_VISIBILITY_TIMEOUT_MS = 60_000
+DEFAULT_MAX_LEASE_MS = 900_000
+DEFAULT_MAX_DELIVERIES = 20
+DEFAULT_CLAIM_BATCH = 4
+DEFAULT_POLL_INTERVAL_MS = 1_000
+DEFAULT_DEAD_MESSAGE_TTL_S = 7 * 24 * 3600
+
+_Connection = psycopg.Connection[Any]
+_current_connection: contextvars.ContextVar[_Connection | None] = contextvars.ContextVar(
+    "tasker_broker_connection", default=None
+)
+
+
+class PGMQMessageProxy(MessageProxy):
+    """A delivered message with its PGMQ identity (``msg_id``, ``read_ct``)."""
+
+    def __init__(self, message: Message[Any], names: QueueNames, msg_id: int, read_ct: int):
+        super().__init__(message)
+        self.pgmq_names = names
+        self.msg_id = msg_id
+        self.read_ct = read_ct
+        self.redelivered = read_ct > 1
+
+
+class DeadLettered(Exception):
+    """Raised by ``join(..., fail_fast=True)`` when a message of the queue was dead-lettered."""
+
+
+class _Lifecycle(Middleware):
+    """Stops fetching as soon as a worker begins shutting down (prefetched work is requeued)."""
+
+    def __init__(self, broker: PGMQBroker) -> None:
+        self.broker = broker
+
+    def before_worker_boot(self, broker: Broker, worker: Any) -> None:
+        self.broker.stopping.clear()
+
+    def before_worker_shutdown(self, broker: Broker, worker: Any) -> None:
+        self.broker.stopping.set()
+
+
+class PGMQBroker(Broker):
+    """A Dramatiq broker over PGMQ queues in PostgreSQL.
+
+    Parameters:
+      url: libpq URL of the database (PGMQ installed by ``tasker db migrate``); or pass ``pool``.
+      namespace: prefix of every PGMQ queue this broker owns.
+      visibility_timeout_ms: lease of a delivered message, extended by a heartbeat while it runs.
+      heartbeat_interval_ms: how often leases are extended (default: a quarter of the lease).
+      max_lease_ms: leases are not extended past this age, so a hung handler lets go eventually.
+      max_deliveries: a message delivered more often than this is dead-lettered (poison).
+      claim_batch: messages claimed per round trip.
+      listen: wake consumers with LISTEN/NOTIFY (turn off behind PgBouncer transaction pooling).
+      poll_interval_ms: fallback poll of idle consumers.
+      dead_message_ttl_s: dead letters older than this are deleted by periodic maintenance.
+      auto_create_queues: create PGMQ queues on first use.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        pool: ConnectionPool[_Connection] | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        middleware: list[Middleware] | None = None,
+        visibility_timeout_ms: int = DEFAULT_VISIBILITY_TIMEOUT_MS,
+        heartbeat_interval_ms: int | None = None,
+        max_lease_ms: int = DEFAULT_MAX_LEASE_MS,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        claim_batch: int = DEFAULT_CLAIM_BATCH,
+        listen: bool = True,
+        poll_interval_ms: int = DEFAULT_POLL_INTERVAL_MS,
+        dead_message_ttl_s: int = DEFAULT_DEAD_MESSAGE_TTL_S,
+        auto_create_queues: bool = True,
+        pool_max_size: int = 16,
+        application_name: str = "tasker-broker",
+    ) -> None:
+        super().__init__(middleware=middleware)
+        if url is None and pool is None:
+            raise ValueError("PGMQBroker needs url= (a PostgreSQL URL) or pool=.")
+        if visibility_timeout_ms < 1000:
+            raise ValueError("visibility_timeout_ms must be at least 1000 (one second).")
+        heartbeat = heartbeat_interval_ms or visibility_timeout_ms // 4
+        if heartbeat * 2 >= visibility_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be less than half the visibility timeout.")
+        map_queue_name("default", namespace)  # validates the namespace now, not at first send
+        self.url = url
+        self.namespace = namespace
+        self.visibility_timeout_ms = visibility_timeout_ms
+        self.heartbeat_interval_ms = heartbeat
+        self.max_lease_ms = max_lease_ms
+        self.max_deliveries = max_deliveries
+        self.claim_batch = claim_batch
+        self.listen = listen
+        self.poll_interval_ms = poll_interval_ms
+        self.dead_message_ttl_s = dead_message_ttl_s
+        self.auto_create_queues = auto_create_queues
+        self.stopping = threading.Event()
+        self.queues: dict[str, QueueNames] = {}  # type: ignore[assignment]
+        self._by_pgmq_name: dict[str, str] = {}
+        self._external_pool = pool
+        self._pool_max_size = pool_max_size
+        self._application_name = application_name
+        self._sql_cache: dict[tuple[str, str], str] = {}
+        self._reset_process_state()
+        self.add_middleware(_Lifecycle(self))
+
+    # -- process-local state (re-made after fork) ------------------------------------------
+
+    def _reset_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._state_lock = threading.Lock()
+        self._pool: ConnectionPool[_Connection] | None = self._external_pool
+        self._created: set[str] = set()
+        self.leases = LeaseRegistry()
+        self._keeper: LeaseKeeper | None = None
+        self._listener: Listener | None = None
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:
+            self._reset_process_state()
+
+    @property
+    def pool(self) -> ConnectionPool[_Connection]:
+        """The connection pool (opened on first use, re-made in a forked child)."""
+        self._check_fork()
+        if self._pool is None:
+            with self._state_lock:
+                if self._pool is None:
+                    assert self.url is not None
+                    pool = make_pool(
+                        self.url,
+                        min_size=1,
+                        max_size=self._pool_max_size,
+                        application_name=self._application_name,
+                    )
+                    pool.open(wait=False)
+                    self._pool = pool
+        return self._pool
+
+    # -- names and SQL -----------------------------------------------------------------------
+
+    def names(self, queue_name: str) -> QueueNames:
+        """PGMQ names of a declared Dramatiq queue."""
+        try:
+            return self.queues[queue_name]
+        except KeyError:
+            raise QueueNotFound(queue_name) from None
+
+    def statement(self, name: str, names: QueueNames) -> str:
+        key = (name, names.main)
+        text = self._sql_cache.get(key)
+        if text is None:
+            text = render("broker", name, queue=names.table, dead=names.dead_table)
+            self._sql_cache[key] = text
+        return text
+
+    # -- Dramatiq broker contract -------------------------------------------------------------
+
+    def declare_queue(self, queue_name: str) -> None:
+        """Declare a queue (no I/O: the PGMQ queue is created on first use)."""
+        if queue_name in self.queues:
+            return
+        self.emit_before("declare_queue", queue_name)
+        names = map_queue_name(queue_name, self.namespace)
+        owner = self._by_pgmq_name.get(names.main)
+        if owner is not None and owner != queue_name:
+            raise QueueNameError(
+                f"Queues {owner!r} and {queue_name!r} map to the same PGMQ queue "
+                f"{names.main!r}; rename one of them."
+            )
+        self.queues[queue_name] = names
+        self._by_pgmq_name[names.main] = queue_name
+        self.emit_after("declare_queue", queue_name)
+
+    def get_declared_queues(self) -> set[str]:
+        return set(self.queues)
+
+    def get_declared_delay_queues(self) -> set[str]:
+        return set()  # delays are native PGMQ visibility timeouts
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        """Send ``message`` (after ``delay`` ms); inside ``use_connection`` it joins that
+        transaction."""
+        plain: Message[Any] = getattr(message, "_message", message)
+        names = self.names(plain.queue_name)
+        self.emit_before("enqueue", plain, delay)
+        encoded = encode_message(plain)
+        delay_ms = max(int(delay or 0), 0)
+        if delay_ms == 0 and self.listen:
+            query = self.statement("send_and_notify", names)
+        else:
+            query = self.statement("send", names)
+        params = {
+            "message": encoded.payload,
+            "headers": encoded.headers,
+            "delay_ms": delay_ms,
+            "channel": names.channel,
+        }
+        self._write(names, lambda conn: conn.execute(query, params))
+        self.emit_after("enqueue", plain, delay)
+        return plain
+
+    def enqueue_batch(
+        self, messages: Sequence[Message[Any]], *, delay: int | None = None
+    ) -> list[Message[Any]]:
+        """Send many messages with one statement per queue (atomically with each other)."""
+        by_queue: dict[str, list[Message[Any]]] = {}
+        for message in messages:
+            plain = getattr(message, "_message", message)
+            by_queue.setdefault(plain.queue_name, []).append(plain)
+        delay_ms = max(int(delay or 0), 0)
+        for queue_name, batch in by_queue.items():
+            names = self.names(queue_name)
+            for message in batch:
+                self.emit_before("enqueue", message, delay)
+            encoded = [encode_message(m) for m in batch]
+            params = {
+                "messages": [e.payload for e in encoded],
+                "headers": [e.headers for e in encoded],
+                "delay_ms": delay_ms,
+                "channel": names.channel,
+            }
+
+            def send(conn: _Connection, names: QueueNames = names, params: Any = params) -> None:
+                conn.execute(self.statement("send_batch", names), params)
+                if delay_ms == 0 and self.listen:
+                    conn.execute(self.statement("notify", names), params)
+
+            self._write(names, send, transaction=True)
+            for message in batch:
+                self.emit_after("enqueue", message, delay)
+        return [getattr(m, "_message", m) for m in messages]
+
+    @contextlib.contextmanager
+    def use_connection(self, conn: _Connection) -> Iterator[_Connection]:
+        """Make enqueues in this block run on ``conn``, inside the caller's transaction."""
+        token = _current_connection.set(conn)
+        try:
+            yield conn
+        finally:
+            _current_connection.reset(token)
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> Consumer:
+        """A consumer of ``queue_name`` holding at most ``prefetch`` messages at a time."""
+        names = self.names(queue_name)
+        try:
+            self.ensure_queue(names)
+        except psycopg.OperationalError as exc:
+            raise ConnectionClosed(exc) from exc
+        self._start_keeper()
+        wake = self._wake_event(names)
+        return PGMQConsumer(self, names, prefetch=prefetch, timeout_ms=timeout, wake=wake)
+
+    def flush(self, queue_name: str) -> None:
+        """Delete every message of the queue and its dead letters."""
+        names = self.names(queue_name)
+        self.ensure_queue(names)
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute(self.statement("flush", names))
+            conn.execute(self.statement("flush_dead", names))
+        self.leases.forget_queue(names.main)
+
+    def flush_all(self) -> None:
+        """Flush every declared queue."""
+        for queue_name in list(self.queues):
+            self.flush(queue_name)
+
+    def join(
+        self,
+        queue_name: str,
+        *,
+        timeout: int | None = None,
+        fail_fast: bool = False,
+        min_successes: int = 2,
+        interval_ms: int = 50,
+    ) -> None:
+        """Wait until the queue holds no message (visible, delayed or in progress).
+
+        Raises ``QueueJoinTimeout`` after ``timeout`` ms, and with ``fail_fast`` raises
+        ``DeadLettered`` as soon as one of its messages is dead-lettered.
+        """
+        names = self.names(queue_name)
+        self.ensure_queue(names)
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        with self.pool.connection() as conn:
+            first_dead = conn.execute(self.statement("last_dead_letter_id", names)).fetchone()
+        successes = 0
+        while successes < min_successes:
+            with self.pool.connection() as conn:
+                remaining = conn.execute(self.statement("count", names)).fetchone()
+                dead = conn.execute(self.statement("last_dead_letter_id", names)).fetchone()
+            if fail_fast and dead != first_dead:
+                raise DeadLettered(f"A message of queue {queue_name!r} was dead-lettered.")
+            successes = successes + 1 if remaining == (0,) else 0
+            if deadline is not None and time.monotonic() >= deadline:
+                raise QueueJoinTimeout(queue_name)
+            time.sleep(interval_ms / 1000)
+
+    def close(self) -> None:
+        """Stop the heartbeat and listener threads and close the pool."""
+        with self._state_lock:
+            keeper, listener, pool = self._keeper, self._listener, self._pool
+            self._keeper = self._listener = None
+            if self._external_pool is None:
+                self._pool = None
+        for thread in (keeper, listener):
+            if thread is not None:
+                thread.stop()
+                thread.join(timeout=5)
+        if pool is not None and pool is not self._external_pool:
+            pool.close()
+
+    # -- queue lifecycle ----------------------------------------------------------------------
+
+    def ensure_queue(self, names: QueueNames) -> None:
+        """Create the PGMQ queue and its dead-letter queue once (cached per process)."""
+        self._check_fork()
+        if names.main in self._created:
+            return
+        with self.pool.connection() as conn:
+            exists = conn.execute(
+                self.statement("queue_exists", names), {"name": names.dead}
+            ).fetchone()
+            if not exists:
+                if not self.auto_create_queues:
+                    raise DatabaseError(
+                        f"PGMQ queue {names.main!r} (Dramatiq queue {names.dramatiq!r}) does not "
+                        "exist; run `tasker queues create MODULES` or enable "
+                        "broker.auto_create_queues."
+                    )
+                with conn.transaction():
+                    conn.execute(self.statement("create_queue", names), {"name": names.main})
+                    conn.execute(self.statement("tune_queue", names))
+                    conn.execute(self.statement("create_queue", names), {"name": names.dead})
+        self._created.add(names.main)
+
+    # -- helpers used by consumers --------------------------------------------------------------
+
+    def _write(self, names: QueueNames, action: Any, *, transaction: bool = False) -> None:
+        caller = _current_connection.get()
+        if caller is not None:
+            self.ensure_queue(names)
+            action(caller)
+            return
+        for attempt in (1, 2):
+            try:
+                self.ensure_queue(names)
+                with self.pool.connection() as conn:
+                    if transaction:
+                        with conn.transaction():
+                            action(conn)
+                    else:
+                        action(conn)
+                return
+            except psycopg.OperationalError as exc:
+                if attempt == 2:
+                    raise ConnectionClosed(exc) from exc
+                logger.warning("Enqueue failed on a broken connection (%s); retrying once", exc)
+
+    def _wake_event(self, names: QueueNames) -> threading.Event | None:
+        if not self.listen:
+            return None
+        with self._state_lock:
+            if self._listener is None:
+                assert self.url is not None or self._external_pool is not None
+                url = self.url or self._external_pool.conninfo  # type: ignore[union-attr]
+                self._listener = Listener(
+                    url, connection_kwargs(application_name=self._application_name + "-listen")
+                )
+            listener = self._listener
+        return listener.watch(names.channel)
+
+    def _start_keeper(self) -> None:
+        with self._state_lock:
+            if self._keeper is None:
+                self._keeper = LeaseKeeper(
+                    self.leases,
+                    self._extend_leases,
+                    interval_s=self.heartbeat_interval_ms / 1000,
+                    max_lease_s=self.max_lease_ms / 1000,
+                    periodic=self.expire_dead_letters,
+                )
+                self._keeper.start()
+
+    def _extend_leases(self, queue: str, held: list[HeldMessage]) -> set[int]:
+        names = self.names(self._by_pgmq_name[queue])
+        params = {
+            "lease_ms": self.visibility_timeout_ms,
+            "msg_ids": [m.msg_id for m in held],
+            "read_cts": [m.read_ct for m in held],
+        }
+        with self.pool.connection() as conn:
+            rows = conn.execute(self.statement("extend_leases", names), params).fetchall()
+        return {row[0] for row in rows}
+
+    def expire_dead_letters(self) -> int:
+        """Delete dead letters older than ``dead_message_ttl_s`` from every declared queue."""
+        deleted = 0
+        for names in list(self.queues.values()):
+            if names.main not in self._created:
+                continue
+            with self.pool.connection() as conn:
+                cursor = conn.execute(
+                    self.statement("expire_dead_letters", names),
+                    {"ttl_s": self.dead_message_ttl_s},
+                )
+                deleted += cursor.rowcount
+        return deleted
+
+
+class PGMQConsumer(Consumer):
+    """Consumes one queue for one Dramatiq ``ConsumerThread``.
+
+    ``__next__`` runs in the consumer thread, ``ack``/``nack`` in worker threads and ``requeue`` in
+    the main thread; shared state is the broker's lease registry and a locked read-ahead buffer.
+    """
+
+    def __init__(
+        self,
+        broker: PGMQBroker,
+        names: QueueNames,
+        *,
+        prefetch: int,
+        timeout_ms: int,
+        wake: threading.Event | None,
+    ) -> None:
+        self.broker = broker
+        self.names = names
+        self.prefetch = max(prefetch, 1)
+        self.timeout_s = timeout_ms / 1000
+        self.wake = wake
+        self._buffer: deque[PGMQMessageProxy] = deque()
+        self._buffer_lock = threading.Lock()
+
+    def __next__(self) -> MessageProxy | None:
+        try:
+            return self._next()
+        except psycopg.OperationalError as exc:
+            raise ConnectionClosed(exc) from exc
+
+    def _next(self) -> MessageProxy | None:
+        with self._buffer_lock:
+            if self._buffer:
+                return self._buffer.popleft()
+        broker = self.broker
+        if broker.stopping.is_set():
+            time.sleep(min(self.timeout_s, 0.1))
+            return None
+        room = self.prefetch - broker.leases.count(self.names.main)
+        if room <= 0:
+            broker.leases.wait_for_room(self.names.main, self.prefetch, self.timeout_s)
+            return None
+        if self.wake is not None:
+            self.wake.clear()
+        proxies = self._claim(min(room, broker.claim_batch))
+        if proxies:
+            with self._buffer_lock:
+                self._buffer.extend(proxies[1:])
+            return proxies[0]
+        self._idle_wait()
+        return None
+
+    def _claim(self, limit: int) -> list[PGMQMessageProxy]:
+        broker, names = self.broker, self.names
+        params = {"limit": limit, "lease_ms": broker.visibility_timeout_ms}
+        with broker.pool.connection() as conn:
+            rows = conn.execute(broker.statement("claim", names), params).fetchall()
+        rows.sort(key=lambda row: row[0])
+        for msg_id, read_ct, _, _ in rows:
+            broker.leases.hold(names.main, msg_id, read_ct)
+        return [p for p in (self._accept(*row) for row in rows) if p is not None]
+
+    def _accept(
+        self, msg_id: int, read_ct: int, payload: str, headers: str | None
+    ) -> PGMQMessageProxy | None:
+        """Turn a claimed row into a proxy, dead-lettering poison and undecodable rows."""
+        if read_ct > self.broker.max_deliveries:
+            reason = (
+                f"delivered {read_ct} times without being acknowledged (max_deliveries="
+                f"{self.broker.max_deliveries}): the workers processing it keep dying"
+            )
+            self._dead_letter_raw(msg_id, read_ct, reason)
+            return None
+        try:
+            message = decode_message(payload, headers)
+        except PayloadError as exc:
+            self._dead_letter_raw(msg_id, read_ct, str(exc))
+            return None
+        return PGMQMessageProxy(message, self.names, msg_id, read_ct)
+
+    def _dead_letter_raw(self, msg_id: int, read_ct: int, reason: str) -> None:
+        logger.error("Dead-lettering message %s of %s: %s", msg_id, self.names.dramatiq, reason)
+        extra = json.dumps({"error": reason, "dead_lettered_from": self.names.main})
+        params = {"msg_id": msg_id, "read_ct": read_ct, "extra": extra}
+        with self.broker.pool.connection() as conn:
+            conn.execute(self.broker.statement("dead_letter_raw", self.names), params)
+        self.broker.leases.release(self.names.main, msg_id, read_ct)
+
+    def _idle_wait(self) -> None:
+        wait_s = min(self.timeout_s, self.broker.poll_interval_ms / 1000)
+        with self.broker.pool.connection() as conn:
+            row = conn.execute(self.broker.statement("next_visible_in", self.names)).fetchone()
+        if row is not None and row[0] is not None:
+            wait_s = min(wait_s, max(row[0], 1) / 1000)
+        if self.wake is not None:
+            self.wake.wait(wait_s)
+        else:
+            time.sleep(wait_s)
+
+    def ack(self, message: MessageProxy) -> None:
+        """Delete the message (fenced by its delivery's ``read_ct``)."""
+        proxy = _pgmq(message)
+        params = {"msg_id": proxy.msg_id, "read_ct": proxy.read_ct}
+        try:
+            with self.broker.pool.connection() as conn:
+                deleted = conn.execute(self.broker.statement("ack", self.names), params).rowcount
+        except psycopg.OperationalError as exc:
+            raise ConnectionClosed(exc) from exc  # Dramatiq retries; the lease is kept
+        self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)
+        if not deleted:
+            logger.warning(
+                "Ack of message %s on %s found no delivery: its lease expired and it was "
+                "delivered again (it may run twice)",
+                proxy.msg_id,
+                self.names.dramatiq,
+            )
+
+    def nack(self, message: MessageProxy) -> None:
+        """Move the message, with its final options and the error, to the dead-letter queue."""
+        proxy = _pgmq(message)
+        error = proxy._exception
+        encoded = encode_message(
+            proxy._message,
+            error=repr(error) if error is not None else "failed",
+            dead_lettered_from=self.names.main,
+            failed_at_ms=current_millis(),
+        )
+        params = {
+            "msg_id": proxy.msg_id,
+            "read_ct": proxy.read_ct,
+            "message": encoded.payload,
+            "headers": encoded.headers,
+        }
+        try:
+            with self.broker.pool.connection() as conn:
+                moved = conn.execute(self.broker.statement("dead_letter", self.names), params)
+                moved_rows = moved.rowcount
+        except psycopg.OperationalError as exc:
+            raise ConnectionClosed(exc) from exc
+        self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)
+        if not moved_rows:
+            logger.warning("Nack of message %s found no delivery (lease lost)", proxy.msg_id)
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        """Make unprocessed messages visible again at once (graceful shutdown)."""
+        proxies = [_pgmq(m) for m in messages]
+        if not proxies:
+            return
+        params = {
+            "msg_ids": [p.msg_id for p in proxies],
+            "read_cts": [p.read_ct for p in proxies],
+        }
+        with self.broker.pool.connection() as conn:
+            conn.execute(self.broker.statement("release", self.names), params)
+        for proxy in proxies:
+            self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)
+
+    def close(self) -> None:
+        """Give back the read-ahead buffer (messages Dramatiq never saw)."""
+        with self._buffer_lock:
+            buffered = list(self._buffer)
+            self._buffer.clear()
+        try:
+            self.requeue(buffered)
+        except psycopg.Error:
+            logger.warning("Could not requeue %d buffered message(s); their leases will expire",
+                           len(buffered), exc_info=True)
+
+
+def _pgmq(message: MessageProxy) -> PGMQMessageProxy:
+    if not isinstance(message, PGMQMessageProxy):
+        raise TypeError(f"PGMQConsumer got a message it did not deliver: {message!r}")
+    return message
