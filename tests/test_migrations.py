@@ -47,7 +47,7 @@ def test_failing_migration_rolls_back_and_names_the_file(
     bad = tmp_path / "0999_broken.sql"
     bad.write_text("CREATE TABLE tasker.half_done (id int);\nSELECT no_such_function();\n")
     good = available_migrations()
-    with pytest.raises(MigrationError, match="0999_broken.sql"):
+    with pytest.raises(MigrationError, match=r"0999_broken\.sql"):
         migrate(empty_database_url, migrations=[*good, *available_migrations(tmp_path)])
     with psycopg.connect(empty_database_url) as conn:
         assert conn.execute("SELECT to_regclass('tasker.half_done')").fetchone() == (None,)

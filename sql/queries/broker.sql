@@ -73,6 +73,14 @@ SELECT clock_timestamp(), message, coalesce(headers, jsonb_build_object()) || %(
 FROM gone
 RETURNING msg_id
 
+-- A redelivered message records that its handler started, so a message whose handlers keep
+-- dying is told apart from messages that were only prefetched beside it.
+-- name: record_start
+UPDATE {queue}
+SET headers = coalesce(headers, jsonb_build_object())
+    || jsonb_build_object('starts', coalesce((headers->>'starts')::int, 0) + 1)
+WHERE msg_id = %(msg_id)s AND read_ct = %(read_ct)s
+
 -- name: extend_leases
 UPDATE {queue} AS m
 SET vt = clock_timestamp() + %(lease_ms)s::bigint * interval '1 millisecond'
@@ -88,6 +96,9 @@ WHERE m.msg_id = held.msg_id AND m.read_ct = held.read_ct
 
 -- name: count
 SELECT count(*) FROM {queue}
+
+-- name: count_dead
+SELECT count(*) FROM {dead}
 
 -- name: last_dead_letter_id
 SELECT coalesce(max(msg_id), 0) FROM {dead}

@@ -71,10 +71,10 @@ def headers_json(message: Message[Any], kind: str, **extra: Any) -> str:
     return json.dumps(headers, default=str)
 
 
-def decode_message(payload: str, headers: str | None) -> Message[Any]:
+def decode_message(payload: str, headers: dict[str, Any]) -> Message[Any]:
     """Rebuild the Dramatiq message of a PGMQ row; raise :class:`PayloadError` if impossible."""
     try:
-        kind = json.loads(headers).get("enc", "json") if headers else "json"
+        kind = headers.get("enc", "json")
         document = json.loads(payload)
         if kind == "json":
             fields = document

@@ -93,7 +93,7 @@ class LeaseKeeper(threading.Thread):
         *,
         interval_s: float,
         max_lease_s: float,
-        periodic: Callable[[], None] | None = None,
+        periodic: Callable[[], object] | None = None,
         periodic_every_s: float = 300.0,
     ) -> None:
         super().__init__(name="tasker-lease-keeper", daemon=True)
@@ -124,7 +124,9 @@ class LeaseKeeper(threading.Thread):
             try:
                 kept = self._extend(queue, held)
             except Exception:  # the next beat retries; the lease is still valid for a while
-                logger.warning("Could not extend %d lease(s) on %s", len(held), queue, exc_info=True)
+                logger.warning(
+                    "Could not extend %d lease(s) on %s", len(held), queue, exc_info=True
+                )
                 continue
             for message in held:
                 if message.msg_id not in kept:

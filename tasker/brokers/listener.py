@@ -6,6 +6,7 @@ and after every (re)connection all consumers are woken up to read what arrived m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -38,10 +39,8 @@ class Listener(threading.Thread):
         with self._lock:
             event = self._events.setdefault(channel, threading.Event())
         if not self.is_alive() and not self._stop_event.is_set():
-            try:
+            with contextlib.suppress(RuntimeError):  # started concurrently by another consumer
                 self.start()
-            except RuntimeError:
-                pass  # started concurrently by another consumer
         return event
 
     def stop(self) -> None:
@@ -75,6 +74,6 @@ class Listener(threading.Thread):
                     for event in channels.values():
                         event.set()
                 for note in conn.notifies(timeout=self._tick_s):
-                    event = channels.get(note.channel)
-                    if event is not None:
-                        event.set()
+                    woken = channels.get(note.channel)
+                    if woken is not None:
+                        woken.set()

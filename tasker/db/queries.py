@@ -32,5 +32,5 @@ def load_queries(group: str) -> dict[str, str]:
 
 def render(group: str, name: str, **identifiers: sql.Composable) -> str:
     """The statement ``name`` of ``group`` with its ``{placeholders}`` filled, as text."""
-    template = sql.SQL(load_queries(group)[name])  # type: ignore[arg-type]
+    template = sql.SQL(load_queries(group)[name])
     return template.format(**identifiers).as_string(None)

@@ -1,4 +1,4 @@
-"""Turn database settings into a connection URL, starting the embedded server when that is allowed."""
+"""Turn database settings into a URL, starting the embedded server where that is allowed."""
 
 from __future__ import annotations
 

@@ -58,7 +58,9 @@ def dump_schema(conn: psycopg.Connection[Any], schema: str = "tasker") -> str:
             current = table
         extra = " NOT NULL" if notnull else ""
         if identity:
-            extra += " GENERATED " + ("ALWAYS" if identity == "a" else "BY DEFAULT") + " AS IDENTITY"
+            extra += (
+                " GENERATED " + ("ALWAYS" if identity == "a" else "BY DEFAULT") + " AS IDENTITY"
+            )
         elif default is not None:
             extra += f" DEFAULT {default}"
         lines.append(f"    {column} {type_}{extra}")

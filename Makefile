@@ -1,0 +1,36 @@
+# One entry point for people and CI. `make demo` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PG15_URL ?= postgresql://root@127.0.0.1:5432/postgres
+
+.PHONY: setup demo test test-pg15 lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install Tasker with its development tools
+
+demo: setup  ## set up, start the embedded PostgreSQL, migrate and run the demo end to end
+	$(BIN)/tasker demo
+
+test: setup  ## set up and run the test suite (embedded PostgreSQL 18 unless TASKER_TEST_DATABASE_URL is set)
+	$(BIN)/pytest
+
+test-pg15: setup  ## the test suite against the system PostgreSQL 15
+	TASKER_TEST_DATABASE_URL=$(PG15_URL) $(BIN)/pytest
+
+lint: setup  ## ruff and mypy (strict on tasker/)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: setup  ## broker benchmark against RabbitMQ and Redis (see bench/README.md)
+	$(BIN)/python bench/broker_throughput.py
+
+clean:
+	rm -rf $(VENV) .tasker .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,47 @@
+"""Wire settings to a configured PGMQBroker (the edge where configuration is read)."""
+
+from __future__ import annotations
+
+import logging
+
+from dramatiq.middleware import CurrentMessage, GroupCallbacks, default_middleware
+from dramatiq.results import Results
+
+from tasker.backends import PostgresRateLimiterBackend, PostgresResultBackend
+from tasker.brokers.pgmq import PGMQBroker
+from tasker.db.resolve import resolve_database_url
+from tasker.settings import Settings, load_settings
+
+__all__ = ["broker_from_settings"]
+
+
+def broker_from_settings(settings: Settings | None = None) -> PGMQBroker:
+    """A PGMQBroker configured from settings: Dramatiq's default middleware plus CurrentMessage,
+    Results and GroupCallbacks backed by PostgreSQL (no Redis needed).
+
+    No connection is opened here; the broker connects on first use.
+    """
+    settings = settings or load_settings()
+    logging.getLogger("tasker").setLevel(settings.log_level)
+    url = resolve_database_url(settings.database)
+    b = settings.broker
+    middleware = [m() for m in default_middleware]
+    middleware.append(CurrentMessage())
+    middleware.append(Results(backend=PostgresResultBackend(url=url)))  # type: ignore[no-untyped-call]
+    middleware.append(GroupCallbacks(PostgresRateLimiterBackend(url=url)))
+    return PGMQBroker(
+        url=url,
+        namespace=b.namespace,
+        middleware=middleware,
+        visibility_timeout_ms=b.visibility_timeout_ms,
+        heartbeat_interval_ms=b.heartbeat_interval_ms or None,
+        max_lease_ms=b.max_lease_ms,
+        max_deliveries=b.max_deliveries,
+        claim_batch=b.claim_batch,
+        listen=b.listen,
+        poll_interval_ms=b.poll_interval_ms,
+        dead_message_ttl_s=b.dead_message_ttl_s,
+        auto_create_queues=b.auto_create_queues,
+        pool_max_size=settings.database.pool_max_size,
+        application_name=settings.database.application_name,
+    )

@@ -1,0 +1,131 @@
+"""A Dramatiq result backend that keeps results in ``tasker.dramatiq_results``.
+
+Results are encoded with the backend's encoder and stored with an expiry computed by the
+database clock. Expired rows read as missing and are deleted in small batches every
+``cleanup_every`` stores, so the table needs no external janitor.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from dramatiq import Message
+from dramatiq.encoder import Encoder
+from dramatiq.results import ResultBackend, ResultMissing, ResultTimeout
+from dramatiq.results.backend import DEFAULT_TIMEOUT, Missing
+from psycopg_pool import ConnectionPool
+
+from tasker.backends._common import LazyPool, poll_until
+
+__all__ = ["DEFAULT_CLEANUP_BATCH", "DEFAULT_CLEANUP_EVERY", "PostgresResultBackend"]
+
+#: Stores between two deletions of expired results.
+DEFAULT_CLEANUP_EVERY = 100
+#: Most expired results deleted by one cleanup.
+DEFAULT_CLEANUP_BATCH = 500
+
+STORE_RESULT = """
+INSERT INTO tasker.dramatiq_results (message_key, result, expires_at)
+VALUES (%(key)s, %(result)s, clock_timestamp() + %(ttl)s * interval '1 millisecond')
+ON CONFLICT (message_key) DO UPDATE
+SET result = EXCLUDED.result, expires_at = EXCLUDED.expires_at
+"""
+
+GET_RESULT = """
+SELECT result FROM tasker.dramatiq_results
+WHERE message_key = %(key)s AND expires_at > clock_timestamp()
+"""
+
+DELETE_EXPIRED_RESULTS = """
+DELETE FROM tasker.dramatiq_results
+WHERE ctid = ANY (ARRAY(
+    SELECT ctid FROM tasker.dramatiq_results
+    WHERE expires_at <= clock_timestamp()
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+))
+"""
+
+
+class PostgresResultBackend(ResultBackend):
+    """Store Dramatiq message results in PostgreSQL.
+
+    Parameters:
+      url: A PostgreSQL URL; the backend then owns a pool, opened on first use.
+      pool: An open :class:`psycopg_pool.ConnectionPool` to use instead of ``url``.
+      namespace: The logical namespace of result keys.
+      encoder: The encoder of stored results (Dramatiq's global encoder by default).
+      use_namespace_prefix_keys: Store readable ``namespace:queue:actor:id`` keys instead of
+        their MD5 digests.
+      cleanup_every: Delete a batch of expired results every this many stores.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        pool: ConnectionPool[Any] | None = None,
+        namespace: str = "dramatiq-results",
+        encoder: Encoder | None = None,
+        use_namespace_prefix_keys: bool = False,
+        cleanup_every: int = DEFAULT_CLEANUP_EVERY,
+    ) -> None:
+        super().__init__(
+            namespace=namespace,
+            encoder=encoder,
+            use_namespace_prefix_keys=use_namespace_prefix_keys,
+        )
+        if cleanup_every < 1:
+            raise ValueError("cleanup_every must be a positive number of stores, e.g. 100.")
+        self._db = LazyPool(url=url, pool=pool, name="tasker-results")
+        self._cleanup_every = cleanup_every
+        self._stores = itertools.count(1)
+
+    def close(self) -> None:
+        """Close the connection pool this backend opened (a caller's pool is left open)."""
+        self._db.close()
+
+    def get_result(
+        self, message: Message[Any], *, block: bool = False, timeout: int | None = None
+    ) -> Any:
+        """Get the result of ``message``, waiting up to ``timeout`` ms when ``block`` is true.
+
+        A blocking wait polls with a doubling pause (10 ms up to 250 ms) and makes a last
+        check at the deadline.
+
+        Raises:
+          ResultMissing: ``block`` is false and there is no (unexpired) result.
+          ResultTimeout: ``block`` is true and no result arrived within ``timeout``.
+        """
+        message_key = self.build_message_key(message)
+        found: list[Any] = []
+
+        def probe() -> bool:
+            data = self._get(message_key)
+            if data is Missing:
+                return False
+            found.append(data)
+            return True
+
+        # Dramatiq's error constructors and unwrap_result carry no annotations.
+        if not block:
+            if not probe():
+                raise ResultMissing(message)  # type: ignore[no-untyped-call]
+        elif not poll_until(probe, DEFAULT_TIMEOUT if timeout is None else timeout):
+            raise ResultTimeout(message)  # type: ignore[no-untyped-call]
+        return self.unwrap_result(found[0])  # type: ignore[no-untyped-call]
+
+    def _get(self, message_key: str) -> Any:
+        with self._db.connection() as conn:
+            row = conn.execute(GET_RESULT, {"key": message_key}).fetchone()
+        if row is None:
+            return Missing
+        return self.encoder.decode(bytes(row[0]))
+
+    def _store(self, message_key: str, result: Any, ttl: int) -> None:
+        params = {"key": message_key, "result": self.encoder.encode(result), "ttl": int(ttl)}
+        with self._db.connection() as conn:
+            conn.execute(STORE_RESULT, params)
+            if next(self._stores) % self._cleanup_every == 0:
+                conn.execute(DELETE_EXPIRED_RESULTS, {"limit": DEFAULT_CLEANUP_BATCH})

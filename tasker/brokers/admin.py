@@ -1,0 +1,94 @@
+"""Operations on queues for people and tools: depth, dead letters, replay, purge.
+
+These open their own short connection; they are used by the ``tasker`` CLI and the future HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tasker.brokers.queue_names import DEAD_LETTER_SUFFIX, QueueNames, map_queue_name
+from tasker.db.connection import connect
+from tasker.db.queries import render
+
+__all__ = [
+    "QueueStats",
+    "list_dead_letters",
+    "purge_dead_letters",
+    "queue_stats",
+    "replay_dead_letters",
+]
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Depth of one PGMQ queue and its dead-letter queue."""
+
+    queue: str
+    visible: int
+    delayed: int
+    leased: int
+    dead: int
+    oldest_visible_s: float
+
+
+def _statement(name: str, names: QueueNames) -> str:
+    return render("broker", name, queue=names.table, dead=names.dead_table)
+
+
+def queue_stats(url: str) -> list[QueueStats]:
+    """Depth of every PGMQ queue that has a Tasker dead-letter queue beside it."""
+    with connect(url) as conn:
+        all_queues = {row[0] for row in conn.execute("SELECT queue_name FROM pgmq.meta")}
+        stats = []
+        for main in sorted(q for q in all_queues if q + DEAD_LETTER_SUFFIX in all_queues):
+            names = QueueNames(dramatiq=main, main=main)
+            row = conn.execute(_statement("queue_stats", names)).fetchone()
+            dead = conn.execute(_statement("count_dead", names)).fetchone()
+            assert row is not None and dead is not None
+            stats.append(
+                QueueStats(main, int(row[0]), int(row[1]), int(row[2]), int(dead[0]), float(row[3]))
+            )
+    return stats
+
+
+def list_dead_letters(
+    url: str, queue: str, *, namespace: str, limit: int = 50
+) -> list[dict[str, Any]]:
+    """Dead letters of Dramatiq queue ``queue``: id, time, headers (error) and message."""
+    names = map_queue_name(queue, namespace)
+    with connect(url) as conn:
+        rows = conn.execute(_statement("list_dead_letters", names), {"limit": limit}).fetchall()
+    return [
+        {
+            "msg_id": msg_id,
+            "dead_lettered_at": enqueued_at.isoformat(),
+            "headers": json.loads(headers or "{}"),
+            "message": json.loads(message),
+        }
+        for msg_id, enqueued_at, message, headers in rows
+    ]
+
+
+def replay_dead_letters(
+    url: str, queue: str, *, namespace: str, msg_ids: list[int], replay_all: bool = False
+) -> int:
+    """Move dead letters back onto their queue (visible at once); returns how many moved."""
+    names = map_queue_name(queue, namespace)
+    with connect(url) as conn, conn.transaction():
+        cursor = conn.execute(
+            _statement("replay_dead_letters", names), {"msg_ids": msg_ids, "all": replay_all}
+        )
+        moved = cursor.rowcount
+        if moved:
+            conn.execute(_statement("notify", names), {"channel": names.channel})
+    return moved
+
+
+def purge_dead_letters(url: str, queue: str, *, namespace: str) -> int:
+    """Delete every dead letter of ``queue``; returns how many were deleted."""
+    names = map_queue_name(queue, namespace)
+    with connect(url) as conn:
+        return conn.execute(_statement("flush_dead", names)).rowcount

@@ -1,0 +1,370 @@
+"""The ``tasker`` command: database, workers, queues, dead letters and the demo.
+
+Run ``tasker --help`` or ``tasker COMMAND --help``. Settings come from ``settings/settings.toml``
+and ``TASKER_*`` variables; ``--env`` overrides ``TASKER_ENV``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasker.exceptions import TaskerError
+from tasker.settings import Settings, load_settings
+
+__all__ = ["main"]
+
+logger = logging.getLogger("tasker.cli")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tasker`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.env:
+        os.environ["TASKER_ENV"] = args.env
+    if args.settings:
+        os.environ["TASKER_SETTINGS_FILE"] = str(Path(args.settings).resolve())
+    try:
+        handler: Handler = args.handler
+        return handler(args)
+    except TaskerError as exc:
+        print(f"tasker: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tasker",
+        description="Tasker: Postgres-native workflows on Dramatiq actors and PGMQ queues.",
+    )
+    parser.add_argument("--env", help="environment to use (overrides TASKER_ENV)")
+    parser.add_argument("--settings", help="settings file (overrides TASKER_SETTINGS_FILE)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_db_commands(commands)
+    _add_worker_command(commands)
+    _add_queue_commands(commands)
+    _add_dlq_commands(commands)
+    settings = commands.add_parser("settings", help="print the effective settings as JSON")
+    settings.set_defaults(handler=_cmd_settings)
+    demo = commands.add_parser(
+        "demo", help="run the demo end to end (embedded PostgreSQL, migrations, a worker)"
+    )
+    demo.add_argument("--orders", type=int, default=20, help="orders to process (default 20)")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _add_db_commands(commands: Any) -> None:
+    db = commands.add_parser("db", help="database: migrate, status, url, schema, start/stop")
+    sub = db.add_subparsers(title="db commands", metavar="COMMAND", required=True)
+    sub.add_parser("migrate", help="install PGMQ and apply pending migrations").set_defaults(
+        handler=_cmd_db_migrate
+    )
+    sub.add_parser("status", help="show applied and pending migrations").set_defaults(
+        handler=_cmd_db_status
+    )
+    sub.add_parser(
+        "url", help="print the database URL (starts the embedded server if it is used)"
+    ).set_defaults(handler=_cmd_db_url)
+    schema = sub.add_parser("schema", help="print, check or write the schema snapshot")
+    mode = schema.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write sql/schema.sql")
+    mode.add_argument("--check", action="store_true", help="exit 1 if sql/schema.sql differs")
+    schema.set_defaults(handler=_cmd_db_schema)
+    sub.add_parser("start", help="start the embedded PostgreSQL and keep it running").set_defaults(
+        handler=_cmd_db_start
+    )
+    sub.add_parser("stop", help="stop the embedded PostgreSQL").set_defaults(handler=_cmd_db_stop)
+
+
+def _add_worker_command(commands: Any) -> None:
+    worker = commands.add_parser(
+        "worker",
+        help="run Dramatiq worker processes for your actor modules",
+        description="Runs `dramatiq tasker.actors MODULES...` with the database resolved from "
+        "settings (the embedded PostgreSQL is started first when it is used).",
+    )
+    worker.add_argument("modules", nargs="+", help="modules that declare your actors")
+    worker.add_argument("-p", "--processes", type=int, default=None, help="worker processes")
+    worker.add_argument("-t", "--threads", type=int, default=None, help="threads per process")
+    worker.add_argument("-Q", "--queues", nargs="*", default=None, help="only these queues")
+    worker.add_argument("--path", action="append", default=[], help="prepend to sys.path")
+    worker.set_defaults(handler=_cmd_worker)
+
+
+def _add_queue_commands(commands: Any) -> None:
+    queues = commands.add_parser("queues", help="list queues with their depth; create queues")
+    queues.add_argument("--json", action="store_true", help="print JSON")
+    queues.set_defaults(handler=_cmd_queues)
+    sub = queues.add_subparsers(title="queue commands", metavar="COMMAND")
+    create = sub.add_parser("create", help="create the PGMQ queues of the actors in MODULES")
+    create.add_argument("modules", nargs="+")
+    create.set_defaults(handler=_cmd_queues_create)
+
+
+def _add_dlq_commands(commands: Any) -> None:
+    dlq = commands.add_parser("dlq", help="inspect, replay or purge dead-lettered messages")
+    sub = dlq.add_subparsers(title="dlq commands", metavar="COMMAND", required=True)
+    show = sub.add_parser("list", help="list dead letters of a queue")
+    show.add_argument("queue", help="Dramatiq queue name, e.g. default")
+    show.add_argument("--limit", type=int, default=50)
+    show.set_defaults(handler=_cmd_dlq_list)
+    replay = sub.add_parser("replay", help="send dead letters back to their queue")
+    replay.add_argument("queue")
+    target = replay.add_mutually_exclusive_group(required=True)
+    target.add_argument("--id", type=int, nargs="+", dest="ids", help="dead-letter msg_ids")
+    target.add_argument("--all", action="store_true", help="every dead letter of the queue")
+    replay.set_defaults(handler=_cmd_dlq_replay)
+    purge = sub.add_parser("purge", help="delete every dead letter of a queue")
+    purge.add_argument("queue")
+    purge.set_defaults(handler=_cmd_dlq_purge)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _database_url(*, keep_running: bool = False) -> str:
+    from tasker.db.resolve import resolve_database_url
+
+    return resolve_database_url(_settings().database, keep_embedded_running=keep_running)
+
+
+def _broker() -> Any:
+    from tasker.actors.setup import broker_from_settings
+
+    return broker_from_settings()
+
+
+def _mask(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+    return url
+
+
+# -- db --------------------------------------------------------------------------------------
+
+
+def _cmd_db_migrate(args: argparse.Namespace) -> int:
+    from tasker.db.migrate import migrate
+
+    ran = migrate(_database_url())
+    for migration in ran:
+        print(f"applied {migration.version:04d}_{migration.name}")
+    print("database is up to date" if not ran else f"{len(ran)} migration(s) applied")
+    return 0
+
+
+def _cmd_db_status(args: argparse.Namespace) -> int:
+    from tasker.db.migrate import migration_status
+
+    status = migration_status(_database_url())
+    print(f"pgmq: {status.pgmq or 'not installed'}")
+    print(f"applied: {', '.join(f'{v:04d}' for v in status.applied) or 'none'}")
+    for migration in status.pending:
+        print(f"pending: {migration.version:04d}_{migration.name}")
+    return 1 if status.pending else 0
+
+
+def _cmd_db_url(args: argparse.Namespace) -> int:
+    print(_database_url(keep_running=True))
+    return 0
+
+
+def _cmd_db_schema(args: argparse.Namespace) -> int:
+    from tasker.db.connection import connect
+    from tasker.db.schema import dump_schema
+    from tasker.resources import bundled_path
+
+    with connect(_database_url()) as conn:
+        text = dump_schema(conn)
+    snapshot = bundled_path("sql") / "schema.sql"
+    if args.write:
+        snapshot.write_text(text)
+        print(f"wrote {snapshot}")
+        return 0
+    if args.check:
+        same = snapshot.is_file() and snapshot.read_text() == text
+        print("schema snapshot is current" if same else f"{snapshot} is stale: run --write")
+        return 0 if same else 1
+    print(text, end="")
+    return 0
+
+
+def _cmd_db_start(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if settings.database.url:
+        print("database.url is set; the embedded PostgreSQL is not used", file=sys.stderr)
+        return 1
+    print(_database_url(keep_running=True))
+    return 0
+
+
+def _cmd_db_stop(args: argparse.Namespace) -> int:
+    from tasker.db.embedded import stop_embedded
+
+    stopped = stop_embedded(_settings().database.embedded_dir)
+    print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+    return 0
+
+
+# -- worker ----------------------------------------------------------------------------------
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    env = dict(os.environ, TASKER_DATABASE__URL=_database_url())
+    command = [sys.executable, "-m", "dramatiq", "tasker.actors", *args.modules]
+    if args.processes:
+        command += ["--processes", str(args.processes)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    if args.queues:
+        command += ["--queues", *args.queues]
+    for path in args.path:
+        command += ["--path", path]
+    return run_forwarding_signals(command, env=env)
+
+
+def run_forwarding_signals(command: list[str], *, env: dict[str, str]) -> int:
+    """Run ``command`` as a child, passing SIGTERM/SIGINT/SIGHUP on; return its exit code."""
+    child = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, _frame: Any) -> None:
+        child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    previous = {
+        s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# -- queues and dead letters -------------------------------------------------------------------
+
+
+def _import_modules(modules: Sequence[str]) -> None:
+    sys.path.insert(0, os.getcwd())
+    for module in modules:
+        importlib.import_module(module)
+
+
+def _cmd_queues(args: argparse.Namespace) -> int:
+    from tasker.brokers.admin import queue_stats
+
+    stats = queue_stats(_database_url())
+    if args.json:
+        print(json.dumps([s.__dict__ for s in stats], indent=2))
+        return 0
+    print(f"{'queue':<44} {'visible':>8} {'delayed':>8} {'leased':>8} {'dead':>6} {'age_s':>8}")
+    for s in stats:
+        print(
+            f"{s.queue:<44} {s.visible:>8} {s.delayed:>8} {s.leased:>8} {s.dead:>6} "
+            f"{s.oldest_visible_s:>8.1f}"
+        )
+    return 0
+
+
+def _cmd_queues_create(args: argparse.Namespace) -> int:
+    import dramatiq
+
+    broker = _broker()
+    dramatiq.set_broker(broker)
+    _import_modules(args.modules)
+    for queue_name in sorted(broker.get_declared_queues()):
+        broker.ensure_queue(broker.names(queue_name))
+        print(f"queue {queue_name} -> pgmq.q_{broker.names(queue_name).main}")
+    broker.close()
+    return 0
+
+
+def _cmd_dlq_list(args: argparse.Namespace) -> int:
+    from tasker.brokers.admin import list_dead_letters
+
+    settings = _settings()
+    letters = list_dead_letters(
+        _database_url(), args.queue, namespace=settings.broker.namespace, limit=args.limit
+    )
+    for letter in letters:
+        print(json.dumps(letter, default=str))
+    print(f"{len(letters)} dead letter(s)", file=sys.stderr)
+    return 0
+
+
+def _cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from tasker.brokers.admin import replay_dead_letters
+
+    settings = _settings()
+    moved = replay_dead_letters(
+        _database_url(),
+        args.queue,
+        namespace=settings.broker.namespace,
+        msg_ids=args.ids or [],
+        replay_all=args.all,
+    )
+    print(f"replayed {moved} message(s) onto {args.queue}")
+    return 0
+
+
+def _cmd_dlq_purge(args: argparse.Namespace) -> int:
+    from tasker.brokers.admin import purge_dead_letters
+
+    settings = _settings()
+    deleted = purge_dead_letters(_database_url(), args.queue, namespace=settings.broker.namespace)
+    print(f"deleted {deleted} dead letter(s) of {args.queue}")
+    return 0
+
+
+# -- settings and demo -----------------------------------------------------------------------
+
+
+def _cmd_settings(args: argparse.Namespace) -> int:
+    import msgspec
+
+    data = msgspec.to_builtins(_settings())
+    data["database"]["url"] = _mask(data["database"]["url"])
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tasker.demo import run_demo
+
+    return run_demo(orders=args.orders)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

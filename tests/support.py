@@ -1,0 +1,110 @@
+"""Helpers for tests that run real `dramatiq` worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from dramatiq.message import Message
+
+from tasker.brokers.pgmq import PGMQBroker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    """`dramatiq tasker.actors tests.workers.actors` in its own process group."""
+
+    def __init__(self, database_url: str, log_path: Path, **settings: Any) -> None:
+        self.database_url = database_url
+        self.log_path = log_path
+        self.settings = settings
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, processes: int = 1, threads: int = 2) -> WorkerProcess:
+        env = dict(os.environ)
+        env.update(
+            TASKER_ENV="test",
+            TASKER_DATABASE__URL=self.database_url,
+            PYTHONPATH=str(ROOT),
+        )
+        for key, value in self.settings.items():
+            env[key] = str(value)
+        command = [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "tasker.actors",
+            "tests.workers.actors",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+            "--path",
+            str(ROOT),
+        ]
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (parent and children)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM (graceful shutdown) and wait for the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.terminate(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def scalar(url: str, query: str, params: tuple[Any, ...] = ()) -> Any:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(query, params).fetchone()
+    return None if row is None else row[0]
+
+
+def send_work(broker: PGMQBroker, key: str, sleep_s: float = 0.0, actor: str = "work") -> None:
+    """Enqueue a message for an actor of tests.workers.actors without importing it."""
+    broker.declare_queue("default")
+    args: tuple[Any, ...] = (key, sleep_s) if actor == "work" else (key,)
+    broker.enqueue(
+        Message(queue_name="default", actor_name=actor, args=args, kwargs={}, options={})
+    )
