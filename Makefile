@@ -19,11 +19,11 @@ setup: $(STAMP)  ## create .venv and install Tasker with its development tools
 demo: setup  ## set up, start the embedded PostgreSQL, migrate and run the demo end to end
 	$(BIN)/tasker demo
 
-test: setup  ## set up and run the test suite (embedded PostgreSQL 18 unless TASKER_TEST_DATABASE_URL is set)
+test: setup  ## set up and run the test suite (embedded PostgreSQL 18 unless TEST_DATABASE_URL is set)
 	$(BIN)/pytest
 
 test-pg15: setup  ## the test suite against the system PostgreSQL 15
-	TASKER_TEST_DATABASE_URL=$(PG15_URL) $(BIN)/pytest
+	TEST_DATABASE_URL=$(PG15_URL) $(BIN)/pytest
 
 lint: setup  ## ruff and mypy (strict on tasker/)
 	$(BIN)/ruff check .

@@ -305,7 +305,7 @@ def _cmd_queues_create(args: argparse.Namespace) -> int:
     dramatiq.set_broker(broker)
     _import_modules(args.modules)
     for queue_name in sorted(broker.get_declared_queues()):
-        broker.ensure_queue(broker.names(queue_name))
+        broker.ensure_queue(broker.names(queue_name), create=True)
         print(f"queue {queue_name} -> pgmq.q_{broker.names(queue_name).main}")
     broker.close()
     return 0

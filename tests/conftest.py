@@ -1,6 +1,6 @@
 """Shared fixtures: a real PostgreSQL for every test that touches SQL.
 
-The server is ``$TASKER_TEST_DATABASE_URL`` when set (CI sets it to the system PostgreSQL 15), else
+The server is ``$TEST_DATABASE_URL`` when set (CI sets it to the system PostgreSQL 15), else
 the embedded PostgreSQL 18 under ``.tasker/pgdata-test``. Once per session a template database is
 migrated; every test gets its own database cloned from it, so tests are isolated and fast.
 """
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _server_url() -> str:
-    url = os.environ.get("TASKER_TEST_DATABASE_URL")
+    url = os.environ.get("TEST_DATABASE_URL")
     if url:
         return url
     from tasker.db.embedded import embedded_url
@@ -127,7 +127,7 @@ def worker(broker: PGMQBroker) -> Iterator[dramatiq.Worker]:
 @pytest.fixture
 def restart_server(server_url: str) -> Any:
     """A function that restarts the PostgreSQL server (only the embedded one, which we own)."""
-    if os.environ.get("TASKER_TEST_DATABASE_URL"):
+    if os.environ.get("TEST_DATABASE_URL"):
         pytest.skip("restarts only the embedded PostgreSQL this suite started itself")
 
     def restart() -> None:

@@ -52,8 +52,11 @@ FROM {queue} WHERE vt > now()
 
 -- Acks and lease operations are fenced by read_ct: a worker whose lease expired cannot delete or
 -- extend the copy that was delivered again to someone else.
--- name: ack
-DELETE FROM {queue} WHERE msg_id = %(msg_id)s AND read_ct = %(read_ct)s
+-- name: ack_many
+DELETE FROM {queue} AS m
+USING unnest(%(msg_ids)s::bigint[], %(read_cts)s::int[]) AS acked(msg_id, read_ct)
+WHERE m.msg_id = acked.msg_id AND m.read_ct = acked.read_ct
+RETURNING m.msg_id
 
 -- name: dead_letter
 WITH gone AS (

@@ -43,14 +43,16 @@ class LeaseRegistry:
         with self._lock:
             self._held.setdefault(queue, {})[msg_id] = HeldMessage(msg_id, read_ct)
 
-    def release(self, queue: str, msg_id: int, read_ct: int | None = None) -> None:
-        """Forget a delivery (acked, dead-lettered, requeued or lost)."""
+    def release(self, queue: str, msg_id: int, read_ct: int | None = None) -> bool:
+        """Forget a delivery (acked, dead-lettered, requeued or lost); False if not held."""
         with self._lock:
             held = self._held.get(queue, {})
             current = held.get(msg_id)
-            if current is not None and (read_ct is None or current.read_ct == read_ct):
-                del held[msg_id]
-                self._released.notify_all()
+            if current is None or (read_ct is not None and current.read_ct != read_ct):
+                return False
+            del held[msg_id]
+            self._released.notify_all()
+            return True
 
     def forget_queue(self, queue: str) -> None:
         with self._lock:
@@ -129,12 +131,8 @@ class LeaseKeeper(threading.Thread):
                 )
                 continue
             for message in held:
+                # Usually acked while this beat ran; a lost lease is reported by the late ack.
                 if message.msg_id not in kept:
-                    logger.warning(
-                        "Lease of message %s on %s was lost (acked elsewhere or redelivered)",
-                        message.msg_id,
-                        queue,
-                    )
                     self._registry.release(queue, message.msg_id, message.read_ct)
 
     def _run_periodic(self) -> None:

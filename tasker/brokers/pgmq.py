@@ -36,6 +36,7 @@ from dramatiq.message import Message
 from dramatiq.middleware import Middleware
 from psycopg_pool import ConnectionPool
 
+from tasker.brokers.acks import AckBatcher
 from tasker.brokers.encoding import decode_message, encode_message
 from tasker.brokers.leases import HeldMessage, LeaseKeeper, LeaseRegistry
 from tasker.brokers.listener import Listener
@@ -109,6 +110,9 @@ class PGMQBroker(Broker):
       poll_interval_ms: fallback poll of idle consumers.
       dead_message_ttl_s: dead letters older than this are deleted by periodic maintenance.
       auto_create_queues: create PGMQ queues on first use.
+      durable_consumer_commits: commit claims, acks and lease extensions synchronously. Off by
+        default: such a commit lost in a *server* crash only makes a message run again, while
+        waiting for the WAL flush adds a disk sync to every claim. Sends are always synchronous.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class PGMQBroker(Broker):
         poll_interval_ms: int = DEFAULT_POLL_INTERVAL_MS,
         dead_message_ttl_s: int = DEFAULT_DEAD_MESSAGE_TTL_S,
         auto_create_queues: bool = True,
+        durable_consumer_commits: bool = False,
         pool_max_size: int = 16,
         application_name: str = "tasker-broker",
     ) -> None:
@@ -152,6 +157,7 @@ class PGMQBroker(Broker):
         self.poll_interval_ms = poll_interval_ms
         self.dead_message_ttl_s = dead_message_ttl_s
         self.auto_create_queues = auto_create_queues
+        self.durable_consumer_commits = durable_consumer_commits
         self.stopping = threading.Event()
         self.queues: dict[str, QueueNames] = {}
         self._by_pgmq_name: dict[str, str] = {}
@@ -168,10 +174,12 @@ class PGMQBroker(Broker):
         self._pid = os.getpid()
         self._state_lock = threading.Lock()
         self._pool: ConnectionPool[_Connection] | None = self._external_pool
+        self._consumer_pool: ConnectionPool[_Connection] | None = self._external_pool
         self._created: set[str] = set()
         self.leases = LeaseRegistry()
         self._keeper: LeaseKeeper | None = None
         self._listener: Listener | None = None
+        self._acker: AckBatcher | None = None
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:
@@ -179,21 +187,38 @@ class PGMQBroker(Broker):
 
     @property
     def pool(self) -> ConnectionPool[_Connection]:
-        """The connection pool (opened on first use, re-made in a forked child)."""
+        """The pool for sends and your own transactions (opened on first use, re-made after a
+        fork). Its commits are synchronous: an acknowledged send survives a server crash."""
         self._check_fork()
         if self._pool is None:
             with self._state_lock:
                 if self._pool is None:
-                    assert self.url is not None
-                    pool = make_pool(
-                        self.url,
-                        min_size=1,
-                        max_size=self._pool_max_size,
-                        application_name=self._application_name,
-                    )
-                    pool.open(wait=False)
-                    self._pool = pool
+                    self._pool = self._open_pool(synchronous_commit=True)
         return self._pool
+
+    @property
+    def consumer_pool(self) -> ConnectionPool[_Connection]:
+        """The pool for claims, acks and leases (see ``durable_consumer_commits``)."""
+        if self.durable_consumer_commits:
+            return self.pool
+        self._check_fork()
+        if self._consumer_pool is None:
+            with self._state_lock:
+                if self._consumer_pool is None:
+                    self._consumer_pool = self._open_pool(synchronous_commit=False)
+        return self._consumer_pool
+
+    def _open_pool(self, *, synchronous_commit: bool) -> ConnectionPool[_Connection]:
+        assert self.url is not None
+        pool = make_pool(
+            self.url,
+            min_size=1,
+            max_size=self._pool_max_size,
+            application_name=self._application_name,
+            synchronous_commit=synchronous_commit,
+        )
+        pool.open(wait=False)
+        return pool
 
     # -- names and SQL -----------------------------------------------------------------------
 
@@ -357,21 +382,26 @@ class PGMQBroker(Broker):
     def close(self) -> None:
         """Stop the heartbeat and listener threads and close the pool."""
         with self._state_lock:
-            keeper, listener, pool = self._keeper, self._listener, self._pool
-            self._keeper = self._listener = None
+            keeper, listener, acker = self._keeper, self._listener, self._acker
+            pools = {id(p): p for p in (self._pool, self._consumer_pool) if p is not None}
+            self._keeper = self._listener = self._acker = None
             if self._external_pool is None:
-                self._pool = None
-        for thread in (keeper, listener):
+                self._pool = self._consumer_pool = None
+        for thread in (acker, keeper, listener):
             if thread is not None:
                 thread.stop()
                 thread.join(timeout=5)
-        if pool is not None and pool is not self._external_pool:
-            pool.close()
+        for pool in pools.values():
+            if pool is not self._external_pool:
+                pool.close()
 
     # -- queue lifecycle ----------------------------------------------------------------------
 
-    def ensure_queue(self, names: QueueNames) -> None:
-        """Create the PGMQ queue and its dead-letter queue once (cached per process)."""
+    def ensure_queue(self, names: QueueNames, *, create: bool | None = None) -> None:
+        """Create the PGMQ queue and its dead-letter queue once (cached per process).
+
+        ``create`` defaults to ``auto_create_queues``; when false, a missing queue is an error.
+        """
         self._check_fork()
         if names.main in self._created:
             return
@@ -380,7 +410,7 @@ class PGMQBroker(Broker):
                 self.statement("queue_exists", names), {"name": names.dead}
             ).fetchone()
             if not exists:
-                if not self.auto_create_queues:
+                if not (self.auto_create_queues if create is None else create):
                     raise DatabaseError(
                         f"PGMQ queue {names.main!r} (Dramatiq queue {names.dramatiq!r}) does not "
                         "exist; run `tasker queues create MODULES` or enable "
@@ -439,6 +469,27 @@ class PGMQBroker(Broker):
                 )
                 self._keeper.start()
 
+    def acker(self) -> AckBatcher:
+        """The process's ack batcher (started on first use)."""
+        self._check_fork()
+        with self._state_lock:
+            if self._acker is None:
+                self._acker = AckBatcher(self._delete_acked)
+                self._acker.start()
+            return self._acker
+
+    def _delete_acked(self, names: QueueNames, msg_ids: list[int], read_cts: list[int]) -> set[int]:
+        params = {"msg_ids": msg_ids, "read_cts": read_cts}
+        for attempt in (1, 2):  # a fenced delete is safe to repeat on a fresh connection
+            try:
+                with self.consumer_pool.connection() as conn:
+                    rows = conn.execute(self.statement("ack_many", names), params).fetchall()
+                return {row[0] for row in rows}
+            except psycopg.OperationalError as exc:
+                if attempt == 2:
+                    raise _connection_closed(exc) from exc
+        raise AssertionError("unreachable")
+
     def _extend_leases(self, queue: str, held: list[HeldMessage]) -> set[int]:
         names = self.names(self._by_pgmq_name[queue])
         params = {
@@ -446,7 +497,7 @@ class PGMQBroker(Broker):
             "msg_ids": [m.msg_id for m in held],
             "read_cts": [m.read_ct for m in held],
         }
-        with self.pool.connection() as conn:
+        with self.consumer_pool.connection() as conn:
             rows = conn.execute(self.statement("extend_leases", names), params).fetchall()
         return {row[0] for row in rows}
 
@@ -473,7 +524,7 @@ class PGMQBroker(Broker):
         names = message.pgmq_names
         params = {"msg_id": message.msg_id, "read_ct": message.read_ct}
         try:
-            with self.pool.connection() as conn:
+            with self.consumer_pool.connection() as conn:
                 conn.execute(self.statement("record_start", names), params)
         except psycopg.OperationalError:
             logger.warning("Could not record the start of message %s", message.msg_id)
@@ -516,6 +567,8 @@ class PGMQConsumer(Consumer):
         self.wake = wake
         self._buffer: deque[PGMQMessageProxy] = deque()
         self._buffer_lock = threading.Lock()
+        self._woken = False
+        self._next_due: float | None = None
 
     def __next__(self) -> MessageProxy | None:
         try:
@@ -548,7 +601,7 @@ class PGMQConsumer(Consumer):
     def _claim(self, limit: int) -> list[PGMQMessageProxy]:
         broker, names = self.broker, self.names
         params = {"limit": limit, "lease_ms": broker.visibility_timeout_ms}
-        with broker.pool.connection() as conn:
+        with broker.consumer_pool.connection() as conn:
             rows = conn.execute(broker.statement("claim", names), params).fetchall()
         rows.sort(key=lambda row: row[0])
         for msg_id, read_ct, _, _ in rows:
@@ -575,30 +628,35 @@ class PGMQConsumer(Consumer):
         logger.error("Dead-lettering message %s of %s: %s", msg_id, self.names.dramatiq, reason)
         extra = json.dumps({"error": reason, "dead_lettered_from": self.names.main})
         params = {"msg_id": msg_id, "read_ct": read_ct, "extra": extra}
-        with self.broker.pool.connection() as conn:
+        with self.broker.consumer_pool.connection() as conn:
             conn.execute(self.broker.statement("dead_letter_raw", self.names), params)
         self.broker.leases.release(self.names.main, msg_id, read_ct)
 
     def _idle_wait(self) -> None:
+        """Sleep until woken, the next delayed message is due, or the poll interval passes.
+
+        When a wake-up found nothing (another process claimed first), the known due time is
+        reused instead of asking the database again.
+        """
+        now = time.monotonic()
         wait_s = min(self.timeout_s, self.broker.poll_interval_ms / 1000)
-        with self.broker.pool.connection() as conn:
-            row = conn.execute(self.broker.statement("next_visible_in", self.names)).fetchone()
-        if row is not None and row[0] is not None:
-            wait_s = min(wait_s, max(row[0], 1) / 1000)
+        if not self._woken:
+            with self.broker.consumer_pool.connection() as conn:
+                row = conn.execute(self.broker.statement("next_visible_in", self.names)).fetchone()
+            in_ms = row[0] if row is not None else None
+            self._next_due = None if in_ms is None else now + max(in_ms, 1) / 1000
+        if self._next_due is not None:
+            wait_s = max(min(wait_s, self._next_due - now), 0.001)
         if self.wake is not None:
-            self.wake.wait(wait_s)
+            self._woken = self.wake.wait(wait_s)
         else:
             time.sleep(wait_s)
 
     def ack(self, message: MessageProxy) -> None:
         """Delete the message (fenced by its delivery's ``read_ct``)."""
         proxy = _pgmq(message)
-        params = {"msg_id": proxy.msg_id, "read_ct": proxy.read_ct}
-        try:
-            with self.broker.pool.connection() as conn:
-                deleted = conn.execute(self.broker.statement("ack", self.names), params).rowcount
-        except psycopg.OperationalError as exc:
-            raise _connection_closed(exc) from exc  # Dramatiq retries; the lease is kept
+        # ConnectionClosed propagates: Dramatiq retries the ack, and the lease is kept meanwhile.
+        deleted = self.broker.acker().ack(self.names, proxy.msg_id, proxy.read_ct)
         self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)
         if not deleted:
             logger.warning(
@@ -625,7 +683,7 @@ class PGMQConsumer(Consumer):
             "headers": encoded.headers,
         }
         try:
-            with self.broker.pool.connection() as conn:
+            with self.broker.consumer_pool.connection() as conn:
                 moved = conn.execute(self.broker.statement("dead_letter", self.names), params)
                 moved_rows = moved.rowcount
         except psycopg.OperationalError as exc:
@@ -643,7 +701,7 @@ class PGMQConsumer(Consumer):
             "msg_ids": [p.msg_id for p in proxies],
             "read_cts": [p.read_ct for p in proxies],
         }
-        with self.broker.pool.connection() as conn:
+        with self.broker.consumer_pool.connection() as conn:
             conn.execute(self.broker.statement("release", self.names), params)
         for proxy in proxies:
             self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)

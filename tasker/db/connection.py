@@ -29,13 +29,20 @@ def connection_kwargs(
     *,
     application_name: str = DEFAULT_APPLICATION_NAME,
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+    synchronous_commit: bool = True,
 ) -> dict[str, Any]:
-    """Keyword arguments for :func:`psycopg.connect` shared by every Tasker connection."""
+    """Keyword arguments for :func:`psycopg.connect` shared by every Tasker connection.
+
+    ``synchronous_commit=False`` is only for statements whose loss in a server crash causes a
+    redelivery, never a lost message (claims, acks, lease extensions).
+    """
     options = (
         f"-c statement_timeout={int(statement_timeout_ms)} "
         f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS} "
         "-c TimeZone=UTC"
     )
+    if not synchronous_commit:
+        options += " -c synchronous_commit=off"
     return {
         "autocommit": True,
         "application_name": application_name,
@@ -60,6 +67,7 @@ def make_pool(
     max_size: int = 16,
     application_name: str = DEFAULT_APPLICATION_NAME,
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+    synchronous_commit: bool = True,
     name: str = "tasker",
 ) -> ConnectionPool[psycopg.Connection[Any]]:
     """Create (but do not open) a thread-safe pool of autocommit connections to ``url``."""
@@ -68,7 +76,9 @@ def make_pool(
         min_size=min_size,
         max_size=max_size,
         kwargs=connection_kwargs(
-            application_name=application_name, statement_timeout_ms=statement_timeout_ms
+            application_name=application_name,
+            statement_timeout_ms=statement_timeout_ms,
+            synchronous_commit=synchronous_commit,
         ),
         open=False,
         name=name,

