@@ -11,19 +11,183 @@ TABLE tasker.dramatiq_results
     message_key text NOT NULL
     result bytea NOT NULL
     expires_at timestamp with time zone NOT NULL
+TABLE tasker.finalization_attempts
+    finalization_attempt_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
+    task_uuid uuid NOT NULL
+    holder text NOT NULL
+    action text NOT NULL
+    succeeded boolean NOT NULL
+    held_by text
+    message text NOT NULL
+    attempted_at timestamp with time zone NOT NULL DEFAULT clock_timestamp()
+TABLE tasker.finalization_claims
+    task_uuid uuid NOT NULL
+    holder text NOT NULL
+    claimed_at timestamp with time zone NOT NULL
+    expires_at timestamp with time zone NOT NULL
+TABLE tasker.named_steps
+    named_step_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
+    name character varying(128) NOT NULL
+TABLE tasker.named_tasks
+    named_task_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
+    task_namespace_uuid uuid NOT NULL
+    name character varying(64) NOT NULL
+    version character varying(16) NOT NULL DEFAULT '0.1.0'::character varying
+    configuration jsonb NOT NULL
+    identity_strategy text NOT NULL DEFAULT 'strict'::text
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+    updated_at timestamp with time zone NOT NULL DEFAULT now()
 TABLE tasker.schema_migrations
     version integer NOT NULL
     name text NOT NULL
     checksum text NOT NULL
     applied_at timestamp with time zone NOT NULL DEFAULT now()
+TABLE tasker.task_namespaces
+    task_namespace_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
+    name character varying(64) NOT NULL
+    description text
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+TABLE tasker.task_transitions
+    task_transition_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
+    task_uuid uuid NOT NULL
+    from_state text
+    to_state text NOT NULL
+    metadata jsonb NOT NULL DEFAULT '{}'::jsonb
+    sort_key integer NOT NULL
+    most_recent boolean NOT NULL DEFAULT true
+    created_at timestamp with time zone NOT NULL DEFAULT clock_timestamp()
+TABLE tasker.tasks
+    task_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
+    named_task_uuid uuid NOT NULL
+    state text NOT NULL DEFAULT 'pending'::text
+    complete boolean NOT NULL DEFAULT false
+    context jsonb NOT NULL DEFAULT '{}'::jsonb
+    identity_hash character varying(128) NOT NULL
+    priority integer NOT NULL DEFAULT 0
+    correlation_id uuid NOT NULL
+    parent_correlation_id uuid
+    initiator character varying(128)
+    source_system character varying(128)
+    reason character varying(128)
+    tags jsonb NOT NULL DEFAULT '{}'::jsonb
+    requested_at timestamp with time zone NOT NULL DEFAULT clock_timestamp()
+    completed_at timestamp with time zone
+TABLE tasker.tasks_dlq
+    dlq_entry_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
+    task_uuid uuid NOT NULL
+    original_state text NOT NULL
+    dlq_reason text NOT NULL
+    dlq_timestamp timestamp with time zone NOT NULL DEFAULT clock_timestamp()
+    resolution_status text NOT NULL DEFAULT 'pending'::text
+    resolution_timestamp timestamp with time zone
+    resolution_notes text
+    resolved_by text
+    task_snapshot jsonb NOT NULL
+    metadata jsonb NOT NULL DEFAULT '{}'::jsonb
+TABLE tasker.workflow_step_edges
+    from_step_uuid uuid NOT NULL
+    to_step_uuid uuid NOT NULL
+    name character varying(64) NOT NULL DEFAULT 'provides'::character varying
+TABLE tasker.workflow_step_transitions
+    workflow_step_transition_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
+    workflow_step_uuid uuid NOT NULL
+    from_state text
+    to_state text NOT NULL
+    metadata jsonb NOT NULL DEFAULT '{}'::jsonb
+    sort_key integer NOT NULL
+    most_recent boolean NOT NULL DEFAULT true
+    created_at timestamp with time zone NOT NULL DEFAULT clock_timestamp()
+TABLE tasker.workflow_steps
+    workflow_step_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
+    task_uuid uuid NOT NULL
+    named_step_uuid uuid NOT NULL
+    name character varying(128) NOT NULL
+    state text NOT NULL DEFAULT 'pending'::text
+    retryable boolean NOT NULL DEFAULT true
+    max_attempts integer NOT NULL DEFAULT 3
+    attempts integer NOT NULL DEFAULT 0
+    last_attempted_at timestamp with time zone
+    backoff_request_seconds double precision
+    next_retry_at timestamp with time zone
+    inputs jsonb NOT NULL DEFAULT '{}'::jsonb
+    results jsonb
+    started_at timestamp with time zone
+    finished_at timestamp with time zone
+    processed_at timestamp with time zone
 CONSTRAINT dramatiq_rate_limit_events.dramatiq_rate_limit_events_pkey PRIMARY KEY (id)
 CONSTRAINT dramatiq_rate_limits.dramatiq_rate_limits_pkey PRIMARY KEY (key)
 CONSTRAINT dramatiq_results.dramatiq_results_pkey PRIMARY KEY (message_key)
+CONSTRAINT finalization_attempts.finalization_attempts_action_check CHECK ((action = ANY (ARRAY['claim'::text, 'extend'::text, 'release'::text])))
+CONSTRAINT finalization_attempts.finalization_attempts_pkey PRIMARY KEY (finalization_attempt_uuid)
+CONSTRAINT finalization_claims.finalization_claims_pkey PRIMARY KEY (task_uuid)
+CONSTRAINT finalization_claims.finalization_claims_task_uuid_fkey FOREIGN KEY (task_uuid) REFERENCES tasker.tasks(task_uuid) ON DELETE CASCADE
+CONSTRAINT named_steps.named_steps_name_key UNIQUE (name)
+CONSTRAINT named_steps.named_steps_pkey PRIMARY KEY (named_step_uuid)
+CONSTRAINT named_tasks.named_tasks_identity_strategy_check CHECK ((identity_strategy = ANY (ARRAY['strict'::text, 'caller_provided'::text, 'always_unique'::text])))
+CONSTRAINT named_tasks.named_tasks_pkey PRIMARY KEY (named_task_uuid)
+CONSTRAINT named_tasks.named_tasks_task_namespace_uuid_fkey FOREIGN KEY (task_namespace_uuid) REFERENCES tasker.task_namespaces(task_namespace_uuid)
+CONSTRAINT named_tasks.named_tasks_task_namespace_uuid_name_version_key UNIQUE (task_namespace_uuid, name, version)
 CONSTRAINT schema_migrations.schema_migrations_pkey PRIMARY KEY (version)
+CONSTRAINT task_namespaces.task_namespaces_name_key UNIQUE (name)
+CONSTRAINT task_namespaces.task_namespaces_pkey PRIMARY KEY (task_namespace_uuid)
+CONSTRAINT task_transitions.task_transitions_pkey PRIMARY KEY (task_transition_uuid)
+CONSTRAINT task_transitions.task_transitions_task_uuid_fkey FOREIGN KEY (task_uuid) REFERENCES tasker.tasks(task_uuid) ON DELETE CASCADE
+CONSTRAINT tasks.tasks_named_task_uuid_fkey FOREIGN KEY (named_task_uuid) REFERENCES tasker.named_tasks(named_task_uuid)
+CONSTRAINT tasks.tasks_pkey PRIMARY KEY (task_uuid)
+CONSTRAINT tasks.tasks_priority_check CHECK (((priority >= '-100'::integer) AND (priority <= 100)))
+CONSTRAINT tasks.tasks_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'initializing'::text, 'enqueuing_steps'::text, 'steps_in_process'::text, 'evaluating_results'::text, 'waiting_for_dependencies'::text, 'waiting_for_retry'::text, 'blocked_by_failures'::text, 'complete'::text, 'error'::text, 'cancelled'::text, 'resolved_manually'::text])))
+CONSTRAINT tasks_dlq.tasks_dlq_dlq_reason_check CHECK ((dlq_reason = ANY (ARRAY['staleness_timeout'::text, 'max_retries_exceeded'::text, 'dependency_cycle_detected'::text, 'worker_unavailable'::text, 'manual_dlq'::text])))
+CONSTRAINT tasks_dlq.tasks_dlq_pkey PRIMARY KEY (dlq_entry_uuid)
+CONSTRAINT tasks_dlq.tasks_dlq_resolution_status_check CHECK ((resolution_status = ANY (ARRAY['pending'::text, 'manually_resolved'::text, 'permanently_failed'::text, 'cancelled'::text])))
+CONSTRAINT tasks_dlq.tasks_dlq_task_uuid_fkey FOREIGN KEY (task_uuid) REFERENCES tasker.tasks(task_uuid) ON DELETE CASCADE
+CONSTRAINT workflow_step_edges.workflow_step_edges_check CHECK ((from_step_uuid <> to_step_uuid))
+CONSTRAINT workflow_step_edges.workflow_step_edges_from_step_uuid_fkey FOREIGN KEY (from_step_uuid) REFERENCES tasker.workflow_steps(workflow_step_uuid) ON DELETE CASCADE
+CONSTRAINT workflow_step_edges.workflow_step_edges_pkey PRIMARY KEY (to_step_uuid, from_step_uuid)
+CONSTRAINT workflow_step_edges.workflow_step_edges_to_step_uuid_fkey FOREIGN KEY (to_step_uuid) REFERENCES tasker.workflow_steps(workflow_step_uuid) ON DELETE CASCADE
+CONSTRAINT workflow_step_transitions.workflow_step_transitions_pkey PRIMARY KEY (workflow_step_transition_uuid)
+CONSTRAINT workflow_step_transitions.workflow_step_transitions_workflow_step_uuid_fkey FOREIGN KEY (workflow_step_uuid) REFERENCES tasker.workflow_steps(workflow_step_uuid) ON DELETE CASCADE
+CONSTRAINT workflow_steps.workflow_steps_named_step_uuid_fkey FOREIGN KEY (named_step_uuid) REFERENCES tasker.named_steps(named_step_uuid)
+CONSTRAINT workflow_steps.workflow_steps_pkey PRIMARY KEY (workflow_step_uuid)
+CONSTRAINT workflow_steps.workflow_steps_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'enqueued'::text, 'in_progress'::text, 'enqueued_for_orchestration'::text, 'enqueued_as_error_for_orchestration'::text, 'waiting_for_retry'::text, 'complete'::text, 'error'::text, 'cancelled'::text, 'resolved_manually'::text])))
+CONSTRAINT workflow_steps.workflow_steps_task_uuid_fkey FOREIGN KEY (task_uuid) REFERENCES tasker.tasks(task_uuid) ON DELETE CASCADE
+CONSTRAINT workflow_steps.workflow_steps_task_uuid_named_step_uuid_key UNIQUE (task_uuid, named_step_uuid)
 INDEX dramatiq_rate_limit_events_key_idx: CREATE INDEX dramatiq_rate_limit_events_key_idx ON tasker.dramatiq_rate_limit_events USING btree (key, id)
 INDEX dramatiq_rate_limit_events_pkey: CREATE UNIQUE INDEX dramatiq_rate_limit_events_pkey ON tasker.dramatiq_rate_limit_events USING btree (id)
 INDEX dramatiq_rate_limits_expires_at_idx: CREATE INDEX dramatiq_rate_limits_expires_at_idx ON tasker.dramatiq_rate_limits USING btree (expires_at)
 INDEX dramatiq_rate_limits_pkey: CREATE UNIQUE INDEX dramatiq_rate_limits_pkey ON tasker.dramatiq_rate_limits USING btree (key)
 INDEX dramatiq_results_expires_at_idx: CREATE INDEX dramatiq_results_expires_at_idx ON tasker.dramatiq_results USING btree (expires_at)
 INDEX dramatiq_results_pkey: CREATE UNIQUE INDEX dramatiq_results_pkey ON tasker.dramatiq_results USING btree (message_key)
+INDEX finalization_attempts_pkey: CREATE UNIQUE INDEX finalization_attempts_pkey ON tasker.finalization_attempts USING btree (finalization_attempt_uuid)
+INDEX finalization_attempts_task_idx: CREATE INDEX finalization_attempts_task_idx ON tasker.finalization_attempts USING btree (task_uuid)
+INDEX finalization_claims_pkey: CREATE UNIQUE INDEX finalization_claims_pkey ON tasker.finalization_claims USING btree (task_uuid)
+INDEX named_steps_name_key: CREATE UNIQUE INDEX named_steps_name_key ON tasker.named_steps USING btree (name)
+INDEX named_steps_pkey: CREATE UNIQUE INDEX named_steps_pkey ON tasker.named_steps USING btree (named_step_uuid)
+INDEX named_tasks_pkey: CREATE UNIQUE INDEX named_tasks_pkey ON tasker.named_tasks USING btree (named_task_uuid)
+INDEX named_tasks_task_namespace_uuid_name_version_key: CREATE UNIQUE INDEX named_tasks_task_namespace_uuid_name_version_key ON tasker.named_tasks USING btree (task_namespace_uuid, name, version)
 INDEX schema_migrations_pkey: CREATE UNIQUE INDEX schema_migrations_pkey ON tasker.schema_migrations USING btree (version)
+INDEX task_namespaces_name_key: CREATE UNIQUE INDEX task_namespaces_name_key ON tasker.task_namespaces USING btree (name)
+INDEX task_namespaces_pkey: CREATE UNIQUE INDEX task_namespaces_pkey ON tasker.task_namespaces USING btree (task_namespace_uuid)
+INDEX task_transitions_current_idx: CREATE UNIQUE INDEX task_transitions_current_idx ON tasker.task_transitions USING btree (task_uuid) WHERE most_recent
+INDEX task_transitions_order_idx: CREATE UNIQUE INDEX task_transitions_order_idx ON tasker.task_transitions USING btree (task_uuid, sort_key)
+INDEX task_transitions_pkey: CREATE UNIQUE INDEX task_transitions_pkey ON tasker.task_transitions USING btree (task_transition_uuid)
+INDEX tasks_active_idx: CREATE INDEX tasks_active_idx ON tasker.tasks USING btree (state, requested_at) WHERE (state <> ALL (ARRAY['complete'::text, 'error'::text, 'cancelled'::text, 'resolved_manually'::text]))
+INDEX tasks_dlq_pending_idx: CREATE UNIQUE INDEX tasks_dlq_pending_idx ON tasker.tasks_dlq USING btree (task_uuid) WHERE (resolution_status = 'pending'::text)
+INDEX tasks_dlq_pkey: CREATE UNIQUE INDEX tasks_dlq_pkey ON tasker.tasks_dlq USING btree (dlq_entry_uuid)
+INDEX tasks_identity_hash_idx: CREATE UNIQUE INDEX tasks_identity_hash_idx ON tasker.tasks USING btree (identity_hash)
+INDEX tasks_pkey: CREATE UNIQUE INDEX tasks_pkey ON tasker.tasks USING btree (task_uuid)
+INDEX workflow_step_edges_from_idx: CREATE INDEX workflow_step_edges_from_idx ON tasker.workflow_step_edges USING btree (from_step_uuid)
+INDEX workflow_step_edges_pkey: CREATE UNIQUE INDEX workflow_step_edges_pkey ON tasker.workflow_step_edges USING btree (to_step_uuid, from_step_uuid)
+INDEX workflow_step_transitions_current_idx: CREATE UNIQUE INDEX workflow_step_transitions_current_idx ON tasker.workflow_step_transitions USING btree (workflow_step_uuid) WHERE most_recent
+INDEX workflow_step_transitions_order_idx: CREATE UNIQUE INDEX workflow_step_transitions_order_idx ON tasker.workflow_step_transitions USING btree (workflow_step_uuid, sort_key)
+INDEX workflow_step_transitions_pkey: CREATE UNIQUE INDEX workflow_step_transitions_pkey ON tasker.workflow_step_transitions USING btree (workflow_step_transition_uuid)
+INDEX workflow_steps_pkey: CREATE UNIQUE INDEX workflow_steps_pkey ON tasker.workflow_steps USING btree (workflow_step_uuid)
+INDEX workflow_steps_task_idx: CREATE INDEX workflow_steps_task_idx ON tasker.workflow_steps USING btree (task_uuid)
+INDEX workflow_steps_task_uuid_named_step_uuid_key: CREATE UNIQUE INDEX workflow_steps_task_uuid_named_step_uuid_key ON tasker.workflow_steps USING btree (task_uuid, named_step_uuid)
+FUNCTION tasker.claim_finalization_v1(p_task uuid, p_holder text, p_lease_seconds integer) RETURNS TABLE(claimed boolean, held_by text, message text) -- body md5 f7647e65d67b47626a3c0da0bf47ea1d
+FUNCTION tasker.extend_finalization_v1(p_task uuid, p_holder text, p_lease_seconds integer) RETURNS boolean -- body md5 cc7052ce39d437a90560263ed9f7bf1a
+FUNCTION tasker.record_step_transitions_v1(p_steps uuid[], p_from text[], p_to text, p_metadata jsonb) RETURNS void -- body md5 ad3f2c730af155b03e218b5462ca6754
+FUNCTION tasker.record_task_transition_v1(p_task uuid, p_from text, p_to text, p_metadata jsonb) RETURNS void -- body md5 cad6360e3a6515cee3c2250b77802ebe
+FUNCTION tasker.release_finalization_v1(p_task uuid, p_holder text) RETURNS boolean -- body md5 5174a3d849e9dc0469f9268ea97159b4
+FUNCTION tasker.step_readiness_v1(p_task uuid) RETURNS TABLE(workflow_step_uuid uuid, name text, current_state text, dependencies_satisfied boolean, retry_eligible boolean, ready_for_execution boolean, next_retry_at timestamp with time zone, total_parents integer, completed_parents integer, attempts integer, max_attempts integer) -- body md5 e64873517a31590064f6e3b2fcf3ae75
+FUNCTION tasker.task_execution_context_v1(p_task uuid) RETURNS TABLE(total integer, pending integer, enqueued integer, in_progress integer, enqueued_for_orchestration integer, enqueued_as_error integer, waiting_for_retry integer, completed integer, failed integer, ready integer, execution_status text, recommended_action text, next_retry_at timestamp with time zone) -- body md5 779b650cd05556aa995cc43014768053
+FUNCTION tasker.uuid_generate_v7() RETURNS uuid -- body md5 eee0acdc88453d41b1322c0c1efaf68d

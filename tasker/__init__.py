@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from tasker.backends import PostgresRateLimiterBackend, PostgresResultBackend
 from tasker.brokers.pgmq import PGMQBroker
+from tasker.client import Client
+from tasker.engine.status import StepStatus, TaskStatus
+from tasker.engine.tasks import TaskHandle
 from tasker.exceptions import (
     ConfigurationError,
     DatabaseError,
@@ -14,20 +17,48 @@ from tasker.exceptions import (
     PayloadError,
     QueueNameError,
     TaskerError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+    TemplateNotFoundError,
 )
 from tasker.settings import Settings, load_settings
+from tasker.workflow.backoff import BackoffPolicy
+from tasker.workflow.definition import (
+    PermanentError,
+    RetryableError,
+    StepContext,
+    Workflow,
+    WorkflowDefinitionError,
+)
+from tasker.workflow.states import InvalidTransitionError, StepState, TaskState
 
 __all__ = [
+    "BackoffPolicy",
+    "Client",
     "ConfigurationError",
     "DatabaseError",
+    "InvalidTransitionError",
     "MigrationError",
     "PGMQBroker",
     "PayloadError",
+    "PermanentError",
     "PostgresRateLimiterBackend",
     "PostgresResultBackend",
     "QueueNameError",
+    "RetryableError",
     "Settings",
+    "StepContext",
+    "StepState",
+    "StepStatus",
+    "TaskHandle",
+    "TaskNotFoundError",
+    "TaskState",
+    "TaskStatus",
+    "TaskTimeoutError",
     "TaskerError",
+    "TemplateNotFoundError",
+    "Workflow",
+    "WorkflowDefinitionError",
     "__version__",
     "load_settings",
 ]

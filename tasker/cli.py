@@ -159,7 +159,7 @@ def _database_url(*, keep_running: bool = False) -> str:
 
 
 def _broker() -> Any:
-    from tasker.actors.setup import broker_from_settings
+    from tasker.runtime.broker import broker_from_settings
 
     return broker_from_settings()
 

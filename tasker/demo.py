@@ -29,7 +29,7 @@ def run_demo(*, orders: int = 20) -> int:
     """Run the demo; returns 0 when every order was shipped."""
     if not (_REPO / "examples" / "hello" / "actors.py").is_file():
         raise TaskerError("`tasker demo` runs from a source checkout (examples/ is missing).")
-    from tasker.actors.setup import broker_from_settings
+    from tasker.runtime.broker import broker_from_settings
     from tasker.db.migrate import migrate
 
     broker = broker_from_settings()

@@ -7,7 +7,10 @@ Every error Tasker raises on purpose is a :class:`TaskerError`, and every messag
      ├── DatabaseError             PostgreSQL unreachable or refused an operation
      │    └── MigrationError       a migration failed or the schema is out of date
      ├── QueueNameError            a queue name Tasker cannot map onto PGMQ
-     └── PayloadError              a message payload Tasker cannot store without changing it
+     ├── PayloadError              a payload Tasker cannot store without changing it
+     ├── TemplateNotFoundError     no registered task template with that namespace/name/version
+     ├── TaskNotFoundError         no task with that id
+     └── TaskTimeoutError          a task did not finish within the time waited for it
 
 Connection loss inside the broker is raised as :class:`dramatiq.errors.ConnectionClosed`, because
 that is the exception Dramatiq's worker knows how to retry.
@@ -21,7 +24,10 @@ __all__ = [
     "MigrationError",
     "PayloadError",
     "QueueNameError",
+    "TaskNotFoundError",
+    "TaskTimeoutError",
     "TaskerError",
+    "TemplateNotFoundError",
 ]
 
 
@@ -47,3 +53,15 @@ class QueueNameError(TaskerError, ValueError):
 
 class PayloadError(TaskerError, ValueError):
     """A message payload that cannot be stored or read back exactly."""
+
+
+class TemplateNotFoundError(TaskerError, LookupError):
+    """No registered task template matches; the message says how to register one."""
+
+
+class TaskNotFoundError(TaskerError, LookupError):
+    """No task has that id."""
+
+
+class TaskTimeoutError(TaskerError, TimeoutError):
+    """A task did not reach a final state within the time waited for it."""

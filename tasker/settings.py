@@ -19,7 +19,7 @@ import msgspec
 from tasker.exceptions import ConfigurationError
 from tasker.resources import bundled_path
 
-__all__ = ["BrokerSettings", "DatabaseSettings", "Settings", "load_settings"]
+__all__ = ["BrokerSettings", "DatabaseSettings", "EngineSettings", "Settings", "load_settings"]
 
 DEFAULT_ENV = "development"
 ENVIRONMENTS = ("development", "test", "production")
@@ -53,6 +53,13 @@ class BrokerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     auto_create_queues: bool = True
 
 
+class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How the workflow engine processes results and finalizes tasks."""
+
+    result_processing: Literal["inline", "decoupled"] = "inline"
+    finalization_claim_lease_s: int = 30
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The validated settings of one Tasker process."""
 
@@ -60,6 +67,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     database: DatabaseSettings = DatabaseSettings()
     broker: BrokerSettings = BrokerSettings()
+    engine: EngineSettings = EngineSettings()
 
 
 def load_settings(env: str | None = None, *, settings_file: str | Path | None = None) -> Settings:
@@ -163,6 +171,7 @@ def _check_values(settings: Settings) -> None:
         "broker.claim_batch": broker.claim_batch,
         "broker.poll_interval_ms": broker.poll_interval_ms,
         "broker.dead_message_ttl_s": broker.dead_message_ttl_s,
+        "engine.finalization_claim_lease_s": settings.engine.finalization_claim_lease_s,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -1,19 +1,28 @@
-"""The broker module for Dramatiq's CLI: ``dramatiq tasker.actors myapp.tasks``.
+"""The broker module for Dramatiq's CLI: ``dramatiq tasker.actors myapp.flows``.
 
 Importing this module is the one place where Tasker reads its settings at import time, because that
 is how Dramatiq's CLI finds a broker: it builds a :class:`~tasker.brokers.pgmq.PGMQBroker` from
-``settings/settings.toml`` and ``TASKER_*`` variables (``TASKER_ENV`` picks the environment) and
-makes it Dramatiq's global broker. No connection is opened until the worker starts. Application
-code should import its own actor modules, not this one; ``tasker worker myapp.tasks`` runs it.
+``settings/settings.toml`` and ``TASKER_*`` variables (``TASKER_ENV`` picks the environment), makes
+it Dramatiq's global broker, declares the orchestration actors, and turns every workflow step
+defined in the modules imported after it into an actor. No connection is opened until the worker
+starts. ``tasker worker myapp.flows`` runs the same thing.
 """
 
 from __future__ import annotations
 
 import dramatiq
 
-from tasker.actors.setup import broker_from_settings
+from tasker.runtime.broker import broker_from_settings
+from tasker.runtime.workflows import install
+from tasker.settings import load_settings
 
 __all__ = ["broker"]
 
-broker = broker_from_settings()
+_settings = load_settings()
+broker = broker_from_settings(_settings)
 dramatiq.set_broker(broker)
+install(
+    broker,
+    inline=_settings.engine.result_processing == "inline",
+    finalization_lease_s=_settings.engine.finalization_claim_lease_s,
+)

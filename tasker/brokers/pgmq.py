@@ -72,6 +72,7 @@ class PGMQMessageProxy(MessageProxy):
         self.msg_id = msg_id
         self.read_ct = read_ct
         self.redelivered = read_ct > 1
+        self.settled = False  # deleted inside the handler's own transaction
 
 
 class DeadLetteredError(Exception):
@@ -501,6 +502,14 @@ class PGMQBroker(Broker):
             rows = conn.execute(self.statement("extend_leases", names), params).fetchall()
         return {row[0] for row in rows}
 
+    def delete_in_transaction(self, conn: _Connection, message: PGMQMessageProxy) -> bool:
+        """Delete a delivered message on the caller's connection, so the ack commits with the
+        caller's transaction; set ``message.settled`` after the commit. False if the lease was
+        lost (the message was delivered again)."""
+        params = {"msg_ids": [message.msg_id], "read_cts": [message.read_ct]}
+        rows = conn.execute(self.statement("ack_many", message.pgmq_names), params).fetchall()
+        return bool(rows)
+
     def poison_reason(self, read_ct: int, headers: dict[str, Any]) -> str | None:
         """Why a delivery must be dead-lettered instead of run, or None.
 
@@ -655,6 +664,9 @@ class PGMQConsumer(Consumer):
     def ack(self, message: MessageProxy) -> None:
         """Delete the message (fenced by its delivery's ``read_ct``)."""
         proxy = _pgmq(message)
+        if proxy.settled:
+            self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)
+            return
         # ConnectionClosed propagates: Dramatiq retries the ack, and the lease is kept meanwhile.
         deleted = self.broker.acker().ack(self.names, proxy.msg_id, proxy.read_ct)
         self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)

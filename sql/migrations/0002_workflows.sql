@@ -1,0 +1,322 @@
+-- Workflow state: templates, tasks, steps, edges, transition history, finalization claims, DLQ.
+-- The current state lives on the task and step rows (one index lookup, no history scan); the
+-- transition tables are the append-only audit, with a partial unique index on the current row.
+
+CREATE FUNCTION tasker.uuid_generate_v7() RETURNS uuid
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    unix_ms bigint := floor(extract(epoch FROM clock_timestamp()) * 1000);
+    bytes bytea := uuid_send(gen_random_uuid());
+BEGIN
+    bytes := overlay(bytes PLACING substring(int8send(unix_ms) FROM 3) FROM 1 FOR 6);
+    bytes := set_byte(bytes, 6, (get_byte(bytes, 6) & 15) | 112);  -- version 7
+    RETURN encode(bytes, 'hex')::uuid;
+END
+$$;
+
+CREATE TABLE tasker.task_namespaces (
+    task_namespace_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    name varchar(64) NOT NULL UNIQUE,
+    description text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE tasker.named_tasks (
+    named_task_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    task_namespace_uuid uuid NOT NULL REFERENCES tasker.task_namespaces,
+    name varchar(64) NOT NULL,
+    version varchar(16) NOT NULL DEFAULT '0.1.0',
+    configuration jsonb NOT NULL,
+    identity_strategy text NOT NULL DEFAULT 'strict'
+        CHECK (identity_strategy IN ('strict', 'caller_provided', 'always_unique')),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (task_namespace_uuid, name, version)
+);
+
+CREATE TABLE tasker.named_steps (
+    named_step_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    name varchar(128) NOT NULL UNIQUE
+);
+
+CREATE TABLE tasker.tasks (
+    task_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    named_task_uuid uuid NOT NULL REFERENCES tasker.named_tasks,
+    state text NOT NULL DEFAULT 'pending' CHECK (state IN (
+        'pending', 'initializing', 'enqueuing_steps', 'steps_in_process', 'evaluating_results',
+        'waiting_for_dependencies', 'waiting_for_retry', 'blocked_by_failures', 'complete',
+        'error', 'cancelled', 'resolved_manually')),
+    complete boolean NOT NULL DEFAULT false,
+    context jsonb NOT NULL DEFAULT '{}',
+    identity_hash varchar(128) NOT NULL,
+    priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -100 AND 100),
+    correlation_id uuid NOT NULL,
+    parent_correlation_id uuid,
+    initiator varchar(128),
+    source_system varchar(128),
+    reason varchar(128),
+    tags jsonb NOT NULL DEFAULT '{}',
+    requested_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    completed_at timestamptz
+);
+CREATE UNIQUE INDEX tasks_identity_hash_idx ON tasker.tasks (identity_hash);
+CREATE INDEX tasks_active_idx ON tasker.tasks (state, requested_at)
+    WHERE state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually');
+
+CREATE TABLE tasker.workflow_steps (
+    workflow_step_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    task_uuid uuid NOT NULL REFERENCES tasker.tasks ON DELETE CASCADE,
+    named_step_uuid uuid NOT NULL REFERENCES tasker.named_steps,
+    name varchar(128) NOT NULL,
+    state text NOT NULL DEFAULT 'pending' CHECK (state IN (
+        'pending', 'enqueued', 'in_progress', 'enqueued_for_orchestration',
+        'enqueued_as_error_for_orchestration', 'waiting_for_retry', 'complete', 'error',
+        'cancelled', 'resolved_manually')),
+    retryable boolean NOT NULL DEFAULT true,
+    max_attempts integer NOT NULL DEFAULT 3,
+    attempts integer NOT NULL DEFAULT 0,
+    last_attempted_at timestamptz,
+    backoff_request_seconds double precision,
+    next_retry_at timestamptz,
+    inputs jsonb NOT NULL DEFAULT '{}',
+    results jsonb,
+    started_at timestamptz,
+    finished_at timestamptz,
+    processed_at timestamptz,
+    UNIQUE (task_uuid, named_step_uuid)
+);
+CREATE INDEX workflow_steps_task_idx ON tasker.workflow_steps (task_uuid);
+
+CREATE TABLE tasker.workflow_step_edges (
+    from_step_uuid uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
+    to_step_uuid uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
+    name varchar(64) NOT NULL DEFAULT 'provides',
+    PRIMARY KEY (to_step_uuid, from_step_uuid),
+    CHECK (from_step_uuid <> to_step_uuid)
+);
+CREATE INDEX workflow_step_edges_from_idx ON tasker.workflow_step_edges (from_step_uuid);
+
+CREATE TABLE tasker.task_transitions (
+    task_transition_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    task_uuid uuid NOT NULL REFERENCES tasker.tasks ON DELETE CASCADE,
+    from_state text,
+    to_state text NOT NULL,
+    metadata jsonb NOT NULL DEFAULT '{}',
+    sort_key integer NOT NULL,
+    most_recent boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE UNIQUE INDEX task_transitions_current_idx
+    ON tasker.task_transitions (task_uuid) WHERE most_recent;
+CREATE UNIQUE INDEX task_transitions_order_idx ON tasker.task_transitions (task_uuid, sort_key);
+
+CREATE TABLE tasker.workflow_step_transitions (
+    workflow_step_transition_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    workflow_step_uuid uuid NOT NULL REFERENCES tasker.workflow_steps ON DELETE CASCADE,
+    from_state text,
+    to_state text NOT NULL,
+    metadata jsonb NOT NULL DEFAULT '{}',
+    sort_key integer NOT NULL,
+    most_recent boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE UNIQUE INDEX workflow_step_transitions_current_idx
+    ON tasker.workflow_step_transitions (workflow_step_uuid) WHERE most_recent;
+CREATE UNIQUE INDEX workflow_step_transitions_order_idx
+    ON tasker.workflow_step_transitions (workflow_step_uuid, sort_key);
+
+-- Finalization claims: one holder at a time per task, with a lease; every attempt is audited.
+CREATE TABLE tasker.finalization_claims (
+    task_uuid uuid PRIMARY KEY REFERENCES tasker.tasks ON DELETE CASCADE,
+    holder text NOT NULL,
+    claimed_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+
+CREATE TABLE tasker.finalization_attempts (
+    finalization_attempt_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    task_uuid uuid NOT NULL,
+    holder text NOT NULL,
+    action text NOT NULL CHECK (action IN ('claim', 'extend', 'release')),
+    succeeded boolean NOT NULL,
+    held_by text,
+    message text NOT NULL,
+    attempted_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX finalization_attempts_task_idx ON tasker.finalization_attempts (task_uuid);
+
+CREATE TABLE tasker.tasks_dlq (
+    dlq_entry_uuid uuid PRIMARY KEY DEFAULT tasker.uuid_generate_v7(),
+    task_uuid uuid NOT NULL REFERENCES tasker.tasks ON DELETE CASCADE,
+    original_state text NOT NULL,
+    dlq_reason text NOT NULL CHECK (dlq_reason IN ('staleness_timeout', 'max_retries_exceeded',
+        'dependency_cycle_detected', 'worker_unavailable', 'manual_dlq')),
+    dlq_timestamp timestamptz NOT NULL DEFAULT clock_timestamp(),
+    resolution_status text NOT NULL DEFAULT 'pending' CHECK (resolution_status IN (
+        'pending', 'manually_resolved', 'permanently_failed', 'cancelled')),
+    resolution_timestamp timestamptz,
+    resolution_notes text,
+    resolved_by text,
+    task_snapshot jsonb NOT NULL,
+    metadata jsonb NOT NULL DEFAULT '{}'
+);
+CREATE UNIQUE INDEX tasks_dlq_pending_idx ON tasker.tasks_dlq (task_uuid)
+    WHERE resolution_status = 'pending';
+
+-- Append transitions and move the current-row markers (callers hold the rows' locks).
+CREATE FUNCTION tasker.record_task_transition_v1(
+    p_task uuid, p_from text, p_to text, p_metadata jsonb
+) RETURNS void LANGUAGE sql AS $$
+    WITH old AS (
+        UPDATE tasker.task_transitions SET most_recent = false
+        WHERE task_uuid = p_task AND most_recent
+        RETURNING sort_key
+    )
+    INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, metadata, sort_key)
+    SELECT p_task, p_from, p_to, p_metadata, coalesce((SELECT max(sort_key) FROM old), 0) + 1
+$$;
+
+CREATE FUNCTION tasker.record_step_transitions_v1(
+    p_steps uuid[], p_from text[], p_to text, p_metadata jsonb
+) RETURNS void LANGUAGE sql AS $$
+    WITH old AS (
+        UPDATE tasker.workflow_step_transitions SET most_recent = false
+        WHERE workflow_step_uuid = ANY (p_steps) AND most_recent
+        RETURNING workflow_step_uuid, sort_key
+    )
+    INSERT INTO tasker.workflow_step_transitions
+        (workflow_step_uuid, from_state, to_state, metadata, sort_key)
+    SELECT moved.step, moved.from_state, p_to, p_metadata, coalesce(old.sort_key, 0) + 1
+    FROM unnest(p_steps, p_from) AS moved(step, from_state)
+    LEFT JOIN old ON old.workflow_step_uuid = moved.step
+$$;
+
+-- Step readiness (seed-spec 3.1), from the state kept on the step rows.
+CREATE FUNCTION tasker.step_readiness_v1(p_task uuid)
+RETURNS TABLE (
+    workflow_step_uuid uuid, name text, current_state text, dependencies_satisfied boolean,
+    retry_eligible boolean, ready_for_execution boolean, next_retry_at timestamptz,
+    total_parents integer, completed_parents integer, attempts integer, max_attempts integer
+) LANGUAGE sql STABLE AS $$
+    SELECT s.workflow_step_uuid, s.name::text, s.state,
+           coalesce(p.total, 0) = coalesce(p.completed, 0),
+           s.attempts = 0 OR (s.retryable AND s.attempts < s.max_attempts),
+           s.state IN ('pending', 'waiting_for_retry')
+               AND coalesce(p.total, 0) = coalesce(p.completed, 0)
+               AND (s.attempts = 0 OR (s.retryable AND s.attempts < s.max_attempts))
+               AND (s.next_retry_at IS NULL OR s.next_retry_at <= clock_timestamp()),
+           s.next_retry_at, coalesce(p.total, 0)::integer, coalesce(p.completed, 0)::integer,
+           s.attempts, s.max_attempts
+    FROM tasker.workflow_steps s
+    LEFT JOIN LATERAL (
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE parent.state IN ('complete', 'resolved_manually'))
+                   AS completed
+        FROM tasker.workflow_step_edges e
+        JOIN tasker.workflow_steps parent ON parent.workflow_step_uuid = e.from_step_uuid
+        WHERE e.to_step_uuid = s.workflow_step_uuid
+    ) p ON true
+    WHERE s.task_uuid = p_task
+$$;
+
+-- Task execution context with the later (TAS-222) rules of seed-spec 4.1.
+CREATE FUNCTION tasker.task_execution_context_v1(p_task uuid)
+RETURNS TABLE (
+    total integer, pending integer, enqueued integer, in_progress integer,
+    enqueued_for_orchestration integer, enqueued_as_error integer, waiting_for_retry integer,
+    completed integer, failed integer, ready integer, execution_status text,
+    recommended_action text, next_retry_at timestamptz
+) LANGUAGE sql STABLE AS $$
+    WITH r AS (SELECT * FROM tasker.step_readiness_v1(p_task)),
+    c AS (
+        SELECT count(*)::integer AS total,
+               count(*) FILTER (WHERE current_state = 'pending')::integer AS pending,
+               count(*) FILTER (WHERE current_state = 'enqueued')::integer AS enqueued,
+               count(*) FILTER (WHERE current_state = 'in_progress')::integer AS in_progress,
+               count(*) FILTER (WHERE current_state = 'enqueued_for_orchestration')::integer
+                   AS efo,
+               count(*) FILTER (WHERE current_state = 'enqueued_as_error_for_orchestration')
+                   ::integer AS eaefo,
+               count(*) FILTER (WHERE current_state = 'waiting_for_retry')::integer AS wfr,
+               count(*) FILTER (WHERE current_state IN ('complete', 'resolved_manually'))
+                   ::integer AS completed,
+               count(*) FILTER (WHERE current_state = 'error')::integer AS failed,
+               count(*) FILTER (WHERE ready_for_execution)::integer AS ready,
+               min(next_retry_at) FILTER (WHERE current_state = 'waiting_for_retry')
+                   AS next_retry_at
+        FROM r
+    )
+    SELECT total, pending, enqueued, in_progress, efo, eaefo, wfr, completed, failed, ready,
+           CASE
+               WHEN failed > 0 THEN 'blocked_by_failures'
+               WHEN ready > 0 THEN 'has_ready_steps'
+               WHEN in_progress + enqueued + efo + eaefo > 0 THEN 'processing'
+               WHEN completed = total AND total > 0 THEN 'all_complete'
+               ELSE 'waiting_for_dependencies'
+           END,
+           CASE
+               WHEN failed > 0 THEN 'handle_failures'
+               WHEN ready > 0 THEN 'execute_ready_steps'
+               WHEN in_progress + enqueued + efo + eaefo > 0 THEN 'wait_for_completion'
+               WHEN completed = total AND total > 0 THEN 'finalize_task'
+               ELSE 'wait_for_dependencies'
+           END,
+           next_retry_at
+    FROM c
+$$;
+
+-- Atomic finalization claim: one holder per task while its lease lasts; every attempt audited.
+CREATE FUNCTION tasker.claim_finalization_v1(p_task uuid, p_holder text, p_lease_seconds integer)
+RETURNS TABLE (claimed boolean, held_by text, message text) LANGUAGE plpgsql AS $$
+DECLARE
+    current_holder text;
+BEGIN
+    INSERT INTO tasker.finalization_claims AS fc (task_uuid, holder, claimed_at, expires_at)
+    VALUES (p_task, p_holder, clock_timestamp(),
+            clock_timestamp() + p_lease_seconds * interval '1 second')
+    ON CONFLICT (task_uuid) DO UPDATE
+        SET holder = excluded.holder, claimed_at = excluded.claimed_at,
+            expires_at = excluded.expires_at
+        WHERE fc.expires_at < clock_timestamp() OR fc.holder = excluded.holder
+    RETURNING fc.holder INTO current_holder;
+    IF current_holder IS NOT NULL THEN
+        claimed := true; held_by := p_holder; message := 'claimed';
+    ELSE
+        SELECT fc.holder INTO held_by FROM tasker.finalization_claims fc WHERE task_uuid = p_task;
+        claimed := false; message := 'already claimed';
+    END IF;
+    INSERT INTO tasker.finalization_attempts (task_uuid, holder, action, succeeded, held_by, message)
+    VALUES (p_task, p_holder, 'claim', claimed, held_by, message);
+    RETURN NEXT;
+END
+$$;
+
+CREATE FUNCTION tasker.extend_finalization_v1(p_task uuid, p_holder text, p_lease_seconds integer)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    extended boolean;
+BEGIN
+    UPDATE tasker.finalization_claims
+    SET expires_at = clock_timestamp() + p_lease_seconds * interval '1 second'
+    WHERE task_uuid = p_task AND holder = p_holder;
+    extended := FOUND;
+    INSERT INTO tasker.finalization_attempts (task_uuid, holder, action, succeeded, message)
+    VALUES (p_task, p_holder, 'extend', extended,
+            CASE WHEN extended THEN 'extended' ELSE 'not the holder' END);
+    RETURN extended;
+END
+$$;
+
+CREATE FUNCTION tasker.release_finalization_v1(p_task uuid, p_holder text)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    released boolean;
+BEGIN
+    DELETE FROM tasker.finalization_claims WHERE task_uuid = p_task AND holder = p_holder;
+    released := FOUND;
+    INSERT INTO tasker.finalization_attempts (task_uuid, holder, action, succeeded, message)
+    VALUES (p_task, p_holder, 'release', released,
+            CASE WHEN released THEN 'released' ELSE 'not the holder' END);
+    RETURN released;
+END
+$$;

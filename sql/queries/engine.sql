@@ -1,0 +1,189 @@
+-- Named statements of the workflow engine (schema tasker). Values are always bound.
+
+-- name: upsert_namespace
+INSERT INTO tasker.task_namespaces (name) VALUES (%(namespace)s)
+ON CONFLICT (name) DO UPDATE SET name = excluded.name
+RETURNING task_namespace_uuid
+
+-- name: upsert_named_task
+INSERT INTO tasker.named_tasks
+    (task_namespace_uuid, name, version, configuration, identity_strategy)
+VALUES (%(namespace_uuid)s, %(name)s, %(version)s, %(configuration)s::jsonb, %(identity)s)
+ON CONFLICT (task_namespace_uuid, name, version) DO UPDATE
+    SET configuration = excluded.configuration, identity_strategy = excluded.identity_strategy,
+        updated_at = now()
+RETURNING named_task_uuid
+
+-- name: find_template
+SELECT nt.named_task_uuid, nt.version, nt.configuration, nt.identity_strategy
+FROM tasker.named_tasks nt
+JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
+WHERE ns.name = %(namespace)s AND nt.name = %(name)s
+  AND (%(version)s::text IS NULL OR nt.version = %(version)s::text)
+ORDER BY string_to_array(regexp_replace(nt.version, '[^0-9.]', '', 'g'), '.')::int[] DESC,
+         nt.created_at DESC
+LIMIT 1
+
+-- name: upsert_named_steps
+INSERT INTO tasker.named_steps (name)
+SELECT unnest(%(names)s::text[])
+ON CONFLICT (name) DO NOTHING
+
+-- name: insert_task
+INSERT INTO tasker.tasks (named_task_uuid, context, identity_hash, priority, correlation_id,
+                          parent_correlation_id, initiator, source_system, reason, tags, state)
+VALUES (%(named_task_uuid)s, %(context)s::jsonb, %(identity_hash)s, %(priority)s,
+        %(correlation_id)s, %(parent_correlation_id)s, %(initiator)s, %(source_system)s,
+        %(reason)s, %(tags)s::jsonb, %(state)s)
+ON CONFLICT (identity_hash) DO NOTHING
+RETURNING task_uuid
+
+-- name: task_by_identity
+SELECT task_uuid FROM tasker.tasks WHERE identity_hash = %(identity_hash)s
+
+-- name: insert_steps
+INSERT INTO tasker.workflow_steps
+    (task_uuid, named_step_uuid, name, retryable, max_attempts, inputs)
+SELECT %(task)s, ns.named_step_uuid, s.name, s.retryable, s.max_attempts, s.inputs
+FROM unnest(%(names)s::text[], %(retryable)s::boolean[], %(max_attempts)s::int[],
+            %(inputs)s::jsonb[]) AS s(name, retryable, max_attempts, inputs)
+JOIN tasker.named_steps ns ON ns.name = s.name
+RETURNING workflow_step_uuid, name
+
+-- name: insert_edges
+INSERT INTO tasker.workflow_step_edges (from_step_uuid, to_step_uuid)
+SELECT * FROM unnest(%(parents)s::uuid[], %(children)s::uuid[])
+
+-- name: insert_initial_step_transitions
+INSERT INTO tasker.workflow_step_transitions (workflow_step_uuid, from_state, to_state, sort_key)
+SELECT unnest(%(steps)s::uuid[]), NULL, 'pending', 1
+
+-- name: record_task_transition
+SELECT tasker.record_task_transition_v1(%(task)s, %(from)s, %(to)s, %(metadata)s::jsonb)
+
+-- name: record_step_transitions
+SELECT tasker.record_step_transitions_v1(%(steps)s::uuid[], %(from)s::text[], %(to)s,
+                                         %(metadata)s::jsonb)
+
+-- name: lock_task
+SELECT t.state, ns.name, nt.name, nt.version, nt.configuration
+FROM tasker.tasks t
+JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
+JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
+WHERE t.task_uuid = %(task)s
+FOR UPDATE OF t
+
+-- name: set_task_state
+UPDATE tasker.tasks
+SET state = %(to)s,
+    complete = (%(to)s = 'complete'),
+    completed_at = CASE WHEN %(to)s IN ('complete', 'error', 'cancelled', 'resolved_manually')
+                        THEN clock_timestamp() END
+WHERE task_uuid = %(task)s
+
+-- name: ready_steps
+SELECT workflow_step_uuid, name FROM tasker.step_readiness_v1(%(task)s)
+WHERE ready_for_execution
+
+-- name: enqueue_steps
+UPDATE tasker.workflow_steps AS s
+SET state = 'enqueued', next_retry_at = NULL
+FROM (
+    SELECT workflow_step_uuid, state FROM tasker.workflow_steps
+    WHERE workflow_step_uuid = ANY (%(steps)s::uuid[])
+      AND state IN ('pending', 'waiting_for_retry')
+    FOR UPDATE
+) AS old
+WHERE s.workflow_step_uuid = old.workflow_step_uuid
+RETURNING s.workflow_step_uuid, s.name, old.state
+
+-- name: execution_context
+SELECT execution_status, next_retry_at, total, completed, failed
+FROM tasker.task_execution_context_v1(%(task)s)
+
+-- The worker's claim: lock the step and read what it needs in one round trip.
+-- name: lock_step_for_claim
+SELECT s.state, s.attempts, s.max_attempts, s.name, s.inputs, t.context, t.correlation_id,
+       t.task_uuid
+FROM tasker.workflow_steps s
+JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+WHERE s.workflow_step_uuid = %(step)s
+FOR UPDATE OF s
+
+-- name: start_step
+UPDATE tasker.workflow_steps
+SET state = 'in_progress', attempts = attempts + 1, last_attempted_at = clock_timestamp(),
+    started_at = clock_timestamp(), finished_at = NULL
+WHERE workflow_step_uuid = %(step)s
+RETURNING attempts
+
+-- Results of every completed ancestor (transitive), by step name.
+-- name: ancestor_results
+WITH RECURSIVE ancestors AS (
+    SELECT from_step_uuid FROM tasker.workflow_step_edges WHERE to_step_uuid = %(step)s
+    UNION
+    SELECT e.from_step_uuid FROM tasker.workflow_step_edges e
+    JOIN ancestors a ON e.to_step_uuid = a.from_step_uuid
+)
+SELECT s.name, s.results->'result'
+FROM ancestors a JOIN tasker.workflow_steps s ON s.workflow_step_uuid = a.from_step_uuid
+WHERE s.state IN ('complete', 'resolved_manually')
+
+-- Fenced by state and attempt: a worker that lost the step to a re-claim records nothing.
+-- name: finish_step
+UPDATE tasker.workflow_steps
+SET state = %(to)s, results = %(results)s::jsonb, finished_at = clock_timestamp()
+WHERE workflow_step_uuid = %(step)s AND state = 'in_progress' AND attempts = %(attempt)s
+RETURNING task_uuid
+
+-- name: fail_step_without_run
+UPDATE tasker.workflow_steps
+SET state = 'enqueued_as_error_for_orchestration', results = %(results)s::jsonb,
+    finished_at = clock_timestamp()
+WHERE workflow_step_uuid = %(step)s AND state = 'in_progress'
+RETURNING task_uuid
+
+-- name: lock_step_result
+SELECT state, attempts, max_attempts, retryable, name, results
+FROM tasker.workflow_steps WHERE workflow_step_uuid = %(step)s
+FOR UPDATE
+
+-- name: complete_step
+UPDATE tasker.workflow_steps
+SET state = 'complete', processed_at = clock_timestamp()
+WHERE workflow_step_uuid = %(step)s
+
+-- name: error_step
+UPDATE tasker.workflow_steps
+SET state = 'error', processed_at = clock_timestamp()
+WHERE workflow_step_uuid = %(step)s
+
+-- name: wait_step_for_retry
+UPDATE tasker.workflow_steps
+SET state = 'waiting_for_retry', backoff_request_seconds = %(delay_s)s,
+    next_retry_at = clock_timestamp() + %(delay_s)s * interval '1 second'
+WHERE workflow_step_uuid = %(step)s
+RETURNING next_retry_at
+
+-- name: claim_finalization
+SELECT claimed, held_by, message FROM tasker.claim_finalization_v1(%(task)s, %(holder)s, %(lease_s)s)
+
+-- name: release_finalization
+SELECT tasker.release_finalization_v1(%(task)s, %(holder)s)
+
+-- name: extend_finalization
+SELECT tasker.extend_finalization_v1(%(task)s, %(holder)s, %(lease_s)s)
+
+-- name: task_status
+SELECT t.task_uuid, t.state, ns.name, nt.name, nt.version, t.context, t.requested_at,
+       t.completed_at, t.correlation_id, t.priority
+FROM tasker.tasks t
+JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
+JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
+WHERE t.task_uuid = %(task)s
+
+-- name: step_statuses
+SELECT workflow_step_uuid, name, state, attempts, max_attempts, results, started_at,
+       finished_at, next_retry_at
+FROM tasker.workflow_steps WHERE task_uuid = %(task)s
+ORDER BY workflow_step_uuid

@@ -1,0 +1,124 @@
+"""``tasker.Client``: start workflows and wait for them, from any process.
+
+A client needs no handler code: it creates tasks from the templates that workers registered. It
+writes the task, its steps and the first messages in one transaction, optionally the caller's::
+
+    client = tasker.Client()                       # settings decide the database
+    handle = client.submit("fulfillment", "process_order", context={"order_id": 7})
+    status = client.wait(handle.task_uuid, timeout=30)
+
+    with psycopg.connect(url) as conn:             # inside your own transaction
+        client.submit("fulfillment", "process_order", context=..., connection=conn)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tasker.runtime.workflows import BrokerSender
+from tasker.brokers.pgmq import PGMQBroker
+from tasker.engine.status import TaskStatus, task_status
+from tasker.engine.tasks import TaskHandle, TaskRequest, create_task
+from tasker.engine.templates import register_template
+from tasker.exceptions import TaskTimeoutError
+from tasker.settings import Settings
+from tasker.workflow.definition import Workflow
+
+__all__ = ["Client"]
+
+
+class Client:
+    """Submit workflows, read their status, wait for them.
+
+    ``Client()`` reads settings (``TASKER_ENV``, ``TASKER_DATABASE__URL``); ``Client(url=...)``
+    uses that database with default broker settings.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        broker: PGMQBroker | None = None,
+    ) -> None:
+        if broker is None:
+            broker = _broker(url, settings)
+        self.broker = broker
+        self._sender = BrokerSender(broker)
+
+    def submit(
+        self,
+        namespace: str,
+        name: str,
+        context: dict[str, Any] | None = None,
+        *,
+        version: str | None = None,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+        connection: Any = None,
+        **fields: Any,
+    ) -> TaskHandle:
+        """Create a task from the registered template (latest version unless ``version``).
+
+        A duplicate (same identity) returns the existing task with ``created=False``. With
+        ``connection``, the task starts inside the caller's transaction: rolled back, nothing
+        exists and nothing was sent.
+        """
+        request = TaskRequest(
+            namespace=namespace,
+            name=name,
+            context=context if context is not None else {},
+            version=version,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            **fields,
+        )
+        if connection is not None:
+            return create_task(connection, self._sender, request)
+        with self.broker.pool.connection() as conn:
+            return create_task(conn, self._sender, request)
+
+    def status(self, task_uuid: str) -> TaskStatus:
+        """The task's state with every step."""
+        with self.broker.pool.connection() as conn:
+            return task_status(conn, task_uuid)
+
+    def wait(self, task_uuid: str, timeout: float = 30.0, *, interval: float = 0.05) -> TaskStatus:
+        """Block until the task is final (complete, error, ...); raise TaskTimeoutError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(task_uuid)
+            if status.finished:
+                return status
+            if time.monotonic() >= deadline:
+                raise TaskTimeoutError(
+                    f"Task {task_uuid} is still {status.state} after {timeout}s; are workers "
+                    f"running for namespace {status.namespace!r} (tasker worker MODULES)?"
+                )
+            time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
+            interval = min(interval * 1.5, 0.5)
+
+    def register(self, flow: Workflow) -> None:
+        """Register ``flow``'s template (workers do this at boot; useful in scripts and tests)."""
+        with self.broker.pool.connection() as conn:
+            register_template(conn, flow)
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        self.broker.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _broker(url: str | None, settings: Settings | None) -> PGMQBroker:
+    if url is not None and settings is None:
+        return PGMQBroker(url=url)
+    from tasker.runtime.broker import broker_from_settings
+    from tasker.settings import load_settings
+
+    return broker_from_settings(settings or load_settings())

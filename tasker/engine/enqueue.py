@@ -1,0 +1,36 @@
+"""Find the steps of a task that are ready and enqueue them, in the caller's transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasker.engine.messages import Sender, StepMessage
+from tasker.engine.sql import q
+from tasker.engine.transitions import move_steps
+
+__all__ = ["enqueue_ready_steps"]
+
+
+def enqueue_ready_steps(
+    conn: Any, sender: Sender, task_uuid: Any, namespace: str, workflow: str
+) -> int:
+    """Move every ready step to ``enqueued`` and send its message; returns how many.
+
+    The caller holds the task row lock. Readiness is computed in SQL (seed-spec 3.1).
+    """
+    ready = [row[0] for row in conn.execute(q("ready_steps"), {"task": task_uuid}).fetchall()]
+    if not ready:
+        return 0
+    moved = conn.execute(q("enqueue_steps"), {"steps": ready}).fetchall()
+    if not moved:
+        return 0
+    move_steps(conn, [r[0] for r in moved], [r[2] for r in moved], "enqueued")
+    queue = f"worker_{namespace}_queue"
+    sender.send_steps(
+        conn,
+        [
+            StepMessage(queue, f"tasker.{namespace}.{workflow}.{name}", str(task_uuid), str(step))
+            for step, name, _ in moved
+        ],
+    )
+    return len(moved)

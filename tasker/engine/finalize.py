@@ -1,0 +1,81 @@
+"""Finalization: set a task's final state, exactly once, under an atomic claim.
+
+The claim (``tasker.claim_finalization_v1``) gives one finalizer at a time a lease on the task,
+with an audit row per attempt; the task row lock and the state check make a second finalizer,
+after the first released its claim, a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tasker.engine.sql import q
+from tasker.engine.transitions import move_task
+from tasker.workflow.states import TaskState
+
+__all__ = ["ClaimResult", "claim_finalization", "finalize_task", "release_finalization"]
+
+DEFAULT_CLAIM_LEASE_S = 30
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    claimed: bool
+    held_by: str | None
+    message: str
+
+
+def claim_finalization(
+    conn: Any, task_uuid: Any, holder: str, lease_s: int = DEFAULT_CLAIM_LEASE_S
+) -> ClaimResult:
+    """Try to become the task's finalizer."""
+    row = conn.execute(
+        q("claim_finalization"), {"task": task_uuid, "holder": holder, "lease_s": lease_s}
+    ).fetchone()
+    return ClaimResult(bool(row[0]), row[1], row[2])
+
+
+def extend_finalization(
+    conn: Any, task_uuid: Any, holder: str, lease_s: int = DEFAULT_CLAIM_LEASE_S
+) -> bool:
+    """Extend the lease of a claim this holder owns."""
+    params = {"task": task_uuid, "holder": holder, "lease_s": lease_s}
+    return bool(conn.execute(q("extend_finalization"), params).fetchone()[0])
+
+
+def release_finalization(conn: Any, task_uuid: Any, holder: str) -> bool:
+    """Give the claim back (False if this holder did not own it)."""
+    row = conn.execute(q("release_finalization"), {"task": task_uuid, "holder": holder}).fetchone()
+    return bool(row[0])
+
+
+def finalize_task(conn: Any, task_uuid: Any) -> str | None:
+    """Set the final state if the task is finished; returns it (None: nothing to finalize)."""
+    with conn.transaction():
+        row = conn.execute(q("lock_task"), {"task": task_uuid}).fetchone()
+        if row is None:
+            return None
+        current = TaskState(row[0])
+        if current.terminal:
+            return None
+        if current is TaskState.BLOCKED_BY_FAILURES:
+            return move_task(conn, task_uuid, current.value, "error", reason="give up")
+        status = conn.execute(q("execution_context"), {"task": task_uuid}).fetchone()[0]
+        if status == "all_complete":
+            path = () if current is TaskState.EVALUATING_RESULTS else ("evaluating_results",)
+            return move_task(
+                conn, task_uuid, current.value, *path, "complete", reason="all steps complete"
+            )
+        if status == "blocked_by_failures":
+            path = () if current is TaskState.EVALUATING_RESULTS else ("evaluating_results",)
+            return move_task(
+                conn,
+                task_uuid,
+                current.value,
+                *path,
+                "blocked_by_failures",
+                "error",
+                reason="a step failed permanently",
+            )
+        return None

@@ -1,0 +1,172 @@
+"""Result processing and re-evaluation: decide a step's fate, then move its task forward.
+
+Both run under the task row lock, so sibling results that arrive at the same instant are applied
+one after the other and a join is never lost. Result processing is idempotent: it acts only on a
+step still waiting for orchestration.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from tasker.engine.enqueue import enqueue_ready_steps
+from tasker.engine.messages import FINALIZE, STEP_ENQUEUE, Sender
+from tasker.engine.sql import q
+from tasker.engine.transitions import move_steps, move_task
+from tasker.workflow.backoff import decide_retry
+from tasker.workflow.definition import Workflow
+from tasker.workflow.states import TaskState
+
+__all__ = ["advance_task", "process_result"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _LockedTask:
+    task_uuid: Any
+    state: str
+    namespace: str
+    workflow: str
+    flow: Workflow
+
+
+def _lock_task(conn: Any, task_uuid: Any) -> _LockedTask | None:
+    row = conn.execute(q("lock_task"), {"task": task_uuid}).fetchone()
+    if row is None:
+        return None
+    state, namespace, name, _version, configuration = row
+    flow = Workflow.from_template(configuration, resolve_handlers=False, register=False)
+    return _LockedTask(task_uuid, state, namespace, name, flow)
+
+
+def process_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) -> str | None:
+    """Apply a recorded step outcome; returns the task's new state (None: nothing to do)."""
+    with conn.transaction():
+        task = _lock_task(conn, task_uuid)
+        if task is None:
+            return None
+        step = conn.execute(q("lock_step_result"), {"step": step_uuid}).fetchone()
+        if step is None:
+            return None
+        state = step[0]
+        if state == "enqueued_for_orchestration":
+            conn.execute(q("complete_step"), {"step": step_uuid})
+            move_steps(conn, [step_uuid], [state], "complete")
+        elif state == "enqueued_as_error_for_orchestration":
+            _apply_failure(conn, sender, task, step_uuid, step)
+        else:
+            return None  # already processed: a duplicate result message
+        return advance_task(conn, sender, task)
+
+
+def _apply_failure(
+    conn: Any, sender: Sender, task: _LockedTask, step_uuid: Any, step: tuple[Any, ...]
+) -> None:
+    """Retry (after a backoff) or fail the step, from its row ``(state, attempts, max_attempts,
+    retryable, name, results)``."""
+    _, attempts, max_attempts, retryable, name, results = step
+    error = (results or {}).get("error") or {}
+    decision = decide_retry(
+        template_retryable=retryable,
+        error_retryable=bool(error.get("retryable", True)),
+        attempts=attempts,
+        max_attempts=max_attempts,
+        policy=task.flow.step_policy(name) if name in task.flow.steps else task.flow.backoff,
+        retry_after=error.get("retry_after"),
+    )
+    if decision.retry:
+        conn.execute(
+            q("wait_step_for_retry"), {"step": step_uuid, "delay_s": decision.delay_seconds}
+        )
+        move_steps(
+            conn,
+            [step_uuid],
+            ["enqueued_as_error_for_orchestration"],
+            "waiting_for_retry",
+            backoff_seconds=decision.delay_seconds,
+            reason=decision.reason,
+        )
+        delay_ms = max(int(decision.delay_seconds * 1000), 0)
+        sender.send_stage(conn, STEP_ENQUEUE, str(task.task_uuid), delay_ms=delay_ms)
+    else:
+        conn.execute(q("error_step"), {"step": step_uuid})
+        move_steps(
+            conn,
+            [step_uuid],
+            ["enqueued_as_error_for_orchestration"],
+            "error",
+            reason=decision.reason,
+        )
+
+
+def reevaluate_task(conn: Any, sender: Sender, task_uuid: Any) -> str | None:
+    """The step-enqueue stage: enqueue what became ready (retries whose backoff expired)."""
+    with conn.transaction():
+        task = _lock_task(conn, task_uuid)
+        if task is None:
+            return None
+        return advance_task(conn, sender, task)
+
+
+def advance_task(conn: Any, sender: Sender, task: _LockedTask) -> str | None:
+    """Move the task forward from its execution context (seed-spec 4.1, later rules)."""
+    current = TaskState(task.state)
+    if current.terminal or current is TaskState.BLOCKED_BY_FAILURES:
+        return None  # late results of a finished task change nothing
+    status, next_retry_at, *_ = conn.execute(
+        q("execution_context"), {"task": task.task_uuid}
+    ).fetchone()
+    evaluating = _to_evaluating(current)
+    if status == "blocked_by_failures":
+        final = move_task(
+            conn,
+            task.task_uuid,
+            current.value,
+            *evaluating,
+            "blocked_by_failures",
+            reason="a step failed permanently",
+        )
+        sender.send_stage(conn, FINALIZE, str(task.task_uuid))
+        return final
+    if status == "has_ready_steps":
+        enqueue_ready_steps(conn, sender, task.task_uuid, task.namespace, task.workflow)
+        path = (*evaluating, "enqueuing_steps", "steps_in_process")
+        return move_task(conn, task.task_uuid, current.value, *path, reason="steps enqueued")
+    if status == "all_complete":
+        final = move_task(
+            conn, task.task_uuid, current.value, *evaluating, reason="all steps complete"
+        )
+        sender.send_stage(conn, FINALIZE, str(task.task_uuid))
+        return final
+    if status == "processing":
+        return current.value
+    return _wait_for_retry(conn, sender, task, current, next_retry_at)
+
+
+def _to_evaluating(current: TaskState) -> tuple[str, ...]:
+    return () if current is TaskState.EVALUATING_RESULTS else ("evaluating_results",)
+
+
+def _wait_for_retry(
+    conn: Any, sender: Sender, task: _LockedTask, current: TaskState, next_retry_at: datetime | None
+) -> str:
+    """Nothing runs and nothing is ready: wait for the earliest retry (re-checked by a delayed
+    message, so no poller is needed)."""
+    if current is not TaskState.WAITING_FOR_RETRY:
+        move_task(
+            conn,
+            task.task_uuid,
+            current.value,
+            *_to_evaluating(current),
+            "waiting_for_retry",
+            reason="waiting for a retry's backoff",
+        )
+    if next_retry_at is not None:
+        now = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        delay_ms = max(int((next_retry_at - now).total_seconds() * 1000) + 5, 0)
+        sender.send_stage(conn, STEP_ENQUEUE, str(task.task_uuid), delay_ms=delay_ms)
+    return TaskState.WAITING_FOR_RETRY.value

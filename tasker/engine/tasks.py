@@ -1,0 +1,150 @@
+"""Create a task: task row, steps, edges and first transitions, then enqueue its root steps.
+
+Everything happens in one transaction (the caller's, when given), idempotently on the task's
+identity hash: a duplicate request returns the existing task and writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from tasker.engine.enqueue import enqueue_ready_steps
+from tasker.engine.messages import Sender
+from tasker.engine.payloads import encode_json
+from tasker.engine.sql import q
+from tasker.engine.templates import Template, find_template
+from tasker.engine.transitions import move_task
+from tasker.exceptions import PayloadError
+from tasker.workflow.definition import Workflow, WorkflowDefinitionError
+
+__all__ = ["TaskHandle", "TaskRequest", "create_task", "identity_hash"]
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """What a client asks for."""
+
+    namespace: str
+    name: str
+    context: dict[str, Any]
+    version: str | None = None
+    idempotency_key: str | None = None
+    priority: int = 0
+    correlation_id: str | None = None
+    parent_correlation_id: str | None = None
+    initiator: str | None = None
+    source_system: str | None = None
+    reason: str | None = None
+    tags: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TaskHandle:
+    """The created (or already existing) task."""
+
+    task_uuid: str
+    namespace: str
+    name: str
+    version: str
+    created: bool
+
+
+def identity_hash(template: Template, context_json: str, idempotency_key: str | None) -> str:
+    """The task's identity under the template's strategy (seed-spec 1.3)."""
+    if idempotency_key is not None:
+        material = f"key:{template.named_task_uuid}:{idempotency_key}"
+    elif template.identity_strategy == "always_unique":
+        return f"unique:{uuid.uuid4()}"
+    elif template.identity_strategy == "caller_provided":
+        raise PayloadError(
+            f"Task template {template.namespace}/{template.name} uses identity_strategy "
+            "'caller_provided': pass idempotency_key=..."
+        )
+    else:
+        canonical = json.dumps(json.loads(context_json), sort_keys=True, separators=(",", ":"))
+        material = f"strict:{template.named_task_uuid}:{canonical}"
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _validate(request: TaskRequest) -> str:
+    if not isinstance(request.context, dict):
+        raise PayloadError("Task context must be a JSON object (a dict).")
+    if not -100 <= request.priority <= 100:
+        raise PayloadError(f"priority must be between -100 and 100, got {request.priority}.")
+    return encode_json(request.context, "task context")
+
+
+def create_task(conn: Any, sender: Sender, request: TaskRequest) -> TaskHandle:
+    """Create the task and enqueue its ready steps in one transaction on ``conn``."""
+    context_json = _validate(request)
+    template = find_template(conn, request.namespace, request.name, request.version)
+    flow = Workflow.from_template(template.configuration, resolve_handlers=False, register=False)
+    identity = identity_hash(template, context_json, request.idempotency_key)
+    with conn.transaction():
+        row = conn.execute(
+            q("insert_task"),
+            {
+                "named_task_uuid": template.named_task_uuid,
+                "context": context_json,
+                "identity_hash": identity,
+                "priority": request.priority,
+                "correlation_id": request.correlation_id or str(uuid.uuid4()),
+                "parent_correlation_id": request.parent_correlation_id,
+                "initiator": request.initiator,
+                "source_system": request.source_system,
+                "reason": request.reason,
+                "tags": json.dumps(request.tags or {}),
+                "state": "pending",
+            },
+        ).fetchone()
+        if row is None:
+            existing = conn.execute(q("task_by_identity"), {"identity_hash": identity}).fetchone()
+            return TaskHandle(str(existing[0]), flow.namespace, flow.name, flow.version, False)
+        task_uuid = row[0]
+        _insert_steps(conn, task_uuid, flow)
+        conn.execute(
+            q("record_task_transition"),
+            {"task": task_uuid, "from": None, "to": "pending", "metadata": "{}"},
+        )
+        sent = enqueue_ready_steps(conn, sender, task_uuid, flow.namespace, flow.name)
+        if sent == 0:
+            raise WorkflowDefinitionError(f"{flow!r} has no step without dependencies.")
+        move_task(
+            conn,
+            task_uuid,
+            "pending",
+            "initializing",
+            "enqueuing_steps",
+            "steps_in_process",
+            reason=f"created; {sent} step(s) enqueued",
+        )
+    return TaskHandle(str(task_uuid), flow.namespace, flow.name, flow.version, True)
+
+
+def _insert_steps(conn: Any, task_uuid: Any, flow: Workflow) -> None:
+    steps = list(flow.steps.values())
+    names = [s.name for s in steps]
+    conn.execute(q("upsert_named_steps"), {"names": names})
+    rows = conn.execute(
+        q("insert_steps"),
+        {
+            "task": task_uuid,
+            "names": names,
+            "retryable": [s.retryable for s in steps],
+            "max_attempts": [s.max_attempts for s in steps],
+            "inputs": [json.dumps(dict(s.inputs)) for s in steps],
+        },
+    ).fetchall()
+    ids = {name: step_uuid for step_uuid, name in rows}
+    parents, children = [], []
+    for step in steps:
+        for parent in step.depends_on:
+            parents.append(ids[parent])
+            children.append(ids[step.name])
+    if parents:
+        conn.execute(q("insert_edges"), {"parents": parents, "children": children})
+    conn.execute(q("insert_initial_step_transitions"), {"steps": list(ids.values())})

@@ -1,0 +1,66 @@
+"""Retry policy: whether a failed step runs again, and when. Returns immutable decisions."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+__all__ = ["BackoffPolicy", "RetryDecision", "decide_retry"]
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    """``base * multiplier**attempts`` seconds, capped at ``max_seconds``, +/- jitter * delay."""
+
+    base_seconds: float = 1.0
+    multiplier: float = 2.0
+    max_seconds: float = 300.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.base_seconds < 0 or self.multiplier < 1 or self.max_seconds < 0:
+            raise ValueError("backoff needs base >= 0, multiplier >= 1 and max >= 0")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("backoff jitter must be in [0, 1)")
+
+    def delay(self, attempts: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt."""
+        raw = min(self.base_seconds * self.multiplier ** max(attempts, 0), self.max_seconds)
+        if self.jitter and raw > 0:
+            spread = raw * self.jitter
+            raw += (rng or random).uniform(-spread, spread)
+        return max(min(raw, self.max_seconds), 0.0)
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    """What happens to a failed step."""
+
+    retry: bool
+    delay_seconds: float
+    reason: str
+
+
+def decide_retry(
+    *,
+    template_retryable: bool,
+    error_retryable: bool,
+    attempts: int,
+    max_attempts: int,
+    policy: BackoffPolicy,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> RetryDecision:
+    """Retry only when the template allows it, the error is retryable and attempts remain.
+
+    A handler's ``retry_after`` wins over the computed backoff (capped by the policy maximum).
+    """
+    if not error_retryable:
+        return RetryDecision(False, 0.0, "permanent error")
+    if not template_retryable:
+        return RetryDecision(False, 0.0, "step is not retryable")
+    if attempts >= max_attempts:
+        return RetryDecision(False, 0.0, f"attempts exhausted ({attempts}/{max_attempts})")
+    if retry_after is not None:
+        return RetryDecision(True, min(max(retry_after, 0.0), policy.max_seconds), "retry_after")
+    return RetryDecision(True, policy.delay(attempts, rng), "backoff")
