@@ -16,12 +16,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tasker.runtime.workflows import BrokerSender
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.engine.status import TaskStatus, task_status
 from tasker.engine.tasks import TaskHandle, TaskRequest, create_task
 from tasker.engine.templates import register_template
 from tasker.exceptions import TaskTimeoutError
+from tasker.runtime.workflows import BrokerSender
 from tasker.settings import Settings
 from tasker.workflow.definition import Workflow
 

@@ -29,8 +29,8 @@ def run_demo(*, orders: int = 20) -> int:
     """Run the demo; returns 0 when every order was shipped."""
     if not (_REPO / "examples" / "hello" / "actors.py").is_file():
         raise TaskerError("`tasker demo` runs from a source checkout (examples/ is missing).")
-    from tasker.runtime.broker import broker_from_settings
     from tasker.db.migrate import migrate
+    from tasker.runtime.broker import broker_from_settings
 
     broker = broker_from_settings()
     assert broker.url is not None

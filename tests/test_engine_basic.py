@@ -9,8 +9,8 @@ import dramatiq
 import pytest
 
 import tasker
-from tasker.runtime.workflows import bind_workflow, install
 from tasker.brokers.pgmq import PGMQBroker
+from tasker.runtime.workflows import bind_workflow, install
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ and after every (re)connection all consumers are woken up to read what arrived m
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from typing import Any
@@ -32,14 +31,16 @@ class Listener(threading.Thread):
         self._lock = threading.Lock()
         self._events: dict[str, threading.Event] = {}
         self._stop_event = threading.Event()
+        self._started_once = False
         self.connected = threading.Event()
 
     def watch(self, channel: str) -> threading.Event:
         """The event set whenever ``channel`` is notified (or the connection was re-made)."""
         with self._lock:
             event = self._events.setdefault(channel, threading.Event())
-        if not self.is_alive() and not self._stop_event.is_set():
-            with contextlib.suppress(RuntimeError):  # started concurrently by another consumer
+            # Thread.start() is not safe to race: start once, under the lock.
+            if not self._started_once and not self._stop_event.is_set():
+                self._started_once = True
                 self.start()
         return event
 
@@ -51,7 +52,7 @@ class Listener(threading.Thread):
         while not self._stop_event.is_set():
             try:
                 self._listen_until_stopped()
-            except psycopg.Error as exc:
+            except Exception as exc:  # never let the wake-up thread die: consumers also poll
                 self.connected.clear()
                 logger.warning("LISTEN connection lost (%s); reconnecting in %.1fs", exc, backoff)
                 self._stop_event.wait(backoff)

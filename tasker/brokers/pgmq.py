@@ -181,6 +181,7 @@ class PGMQBroker(Broker):
         self._keeper: LeaseKeeper | None = None
         self._listener: Listener | None = None
         self._acker: AckBatcher | None = None
+        self._closed = False
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:
@@ -383,6 +384,7 @@ class PGMQBroker(Broker):
     def close(self) -> None:
         """Stop the heartbeat and listener threads and close the pool."""
         with self._state_lock:
+            self._closed = True
             keeper, listener, acker = self._keeper, self._listener, self._acker
             pools = {id(p): p for p in (self._pool, self._consumer_pool) if p is not None}
             self._keeper = self._listener = self._acker = None
@@ -450,6 +452,8 @@ class PGMQBroker(Broker):
         if not self.listen or self.url is None:
             return None
         with self._state_lock:
+            if self._closed:
+                return None
             if self._listener is None:
                 self._listener = Listener(
                     self.url,
@@ -460,7 +464,7 @@ class PGMQBroker(Broker):
 
     def _start_keeper(self) -> None:
         with self._state_lock:
-            if self._keeper is None:
+            if self._keeper is None and not self._closed:
                 self._keeper = LeaseKeeper(
                     self.leases,
                     self._extend_leases,
