@@ -123,7 +123,8 @@ def test_permanent_failure_blocks_then_errors_and_dependents_never_run(
         states = [
             row[0]
             for row in conn.execute(
-                "SELECT to_state FROM tasker.task_transitions WHERE task_uuid = %s ORDER BY sort_key",
+                "SELECT to_state FROM tasker.task_transitions"
+                " WHERE task_uuid = %s ORDER BY sort_key",
                 (status.task_uuid,),
             )
         ]
