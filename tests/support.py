@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 class WorkerProcess:
     """`dramatiq tasker.actors tests.workers.actors` in its own process group."""
 
-    def __init__(self, database_url: str, log_path: Path, **settings: Any) -> None:
+    def __init__(
+        self, database_url: str, log_path: Path, module: str = "tests.workers.actors",
+        **settings: Any,
+    ) -> None:
+        self.module = module
         self.database_url = database_url
         self.log_path = log_path
         self.settings = settings
@@ -42,7 +46,7 @@ class WorkerProcess:
             "-m",
             "dramatiq",
             "tasker.actors",
-            "tests.workers.actors",
+            self.module,
             "--processes",
             str(processes),
             "--threads",
