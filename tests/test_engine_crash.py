@@ -29,11 +29,15 @@ def test_sigkilled_worker_mid_step_task_still_completes_once(
         workers[0].start()
         wait_for(
             lambda: scalar(database_url, "SELECT count(*) FROM tasker.named_tasks") == 1,
-            30, "the worker registering its template",
+            30,
+            "the worker registering its template",
         )
         handle = client.submit("crashy", "slow_chain", {"sleep_s": 3})
-        wait_for(lambda: scalar(database_url, "SELECT count(*) FROM test_exec_log") == 1,
-                 30, "the slow step to start")
+        wait_for(
+            lambda: scalar(database_url, "SELECT count(*) FROM test_exec_log") == 1,
+            30,
+            "the slow step to start",
+        )
         workers[0].kill()
         workers[1].start()
         status = client.wait(handle.task_uuid, timeout=60)
@@ -46,9 +50,12 @@ def test_sigkilled_worker_mid_step_task_still_completes_once(
     assert status.step("finish").result == {"slow_attempt": 2}
     assert scalar(database_url, "SELECT count(*) FROM test_exec_log") == 2  # ran twice
     assert scalar(database_url, "SELECT count(*) FROM test_ledger") == 1  # effect once
-    assert scalar(
-        database_url,
-        "SELECT count(*) FROM tasker.workflow_step_transitions t"
-        " JOIN tasker.workflow_steps s USING (workflow_step_uuid)"
-        " WHERE s.name = 'slow' AND t.to_state = 'complete'",
-    ) == 1
+    assert (
+        scalar(
+            database_url,
+            "SELECT count(*) FROM tasker.workflow_step_transitions t"
+            " JOIN tasker.workflow_steps s USING (workflow_step_uuid)"
+            " WHERE s.name = 'slow' AND t.to_state = 'complete'",
+        )
+        == 1
+    )

@@ -98,7 +98,7 @@ def test_bad_requests_fail_before_anything_is_written(
     register(broker, client, build_flow("strict", LINEAR, Recorder()))
     with pytest.raises(tasker.TemplateNotFoundError, match="register"):
         client.submit("shapes", "nope", {})
-    with pytest.raises(tasker.PayloadError, match="NaN|nan"):
+    with pytest.raises(tasker.PayloadError, match=r"NaN|nan"):
         client.submit("shapes", "strict", {"x": float("nan")})
     with pytest.raises(tasker.PayloadError, match="NUL"):
         client.submit("shapes", "strict", {"x": "a\x00"})
@@ -121,9 +121,16 @@ def test_ten_concurrent_finalizers_make_exactly_one_final_transition(
     from tests.support import wait_for
 
     wait_for(  # the worker's own finalizer met our claim (contention) and backed off
-        lambda: count(database_url, "SELECT count(*) FROM tasker.finalization_attempts"
-                      " WHERE holder <> 'test-holder' AND NOT succeeded") >= 1,
-        20, "the worker's finalization attempt",
+        lambda: (
+            count(
+                database_url,
+                "SELECT count(*) FROM tasker.finalization_attempts"
+                " WHERE holder <> 'test-holder' AND NOT succeeded",
+            )
+            >= 1
+        ),
+        20,
+        "the worker's finalization attempt",
     )
     assert client.status(handle.task_uuid).state == "evaluating_results"
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -143,21 +150,29 @@ def test_ten_concurrent_finalizers_make_exactly_one_final_transition(
         results = list(pool.map(finalizer, range(10)))
     finals = [final for _, final in results if final]
     assert finals == ["complete"]
-    assert count(
-        database_url,
-        "SELECT count(*) FROM tasker.task_transitions WHERE task_uuid = %s AND to_state = 'complete'",
-        handle.task_uuid,
-    ) == 1
-    attempts = count(database_url, "SELECT count(*) FROM tasker.finalization_attempts"
-                     " WHERE action = 'claim'")
+    assert (
+        count(
+            database_url,
+            "SELECT count(*) FROM tasker.task_transitions"
+            " WHERE task_uuid = %s AND to_state = 'complete'",
+            handle.task_uuid,
+        )
+        == 1
+    )
+    attempts = count(
+        database_url, "SELECT count(*) FROM tasker.finalization_attempts WHERE action = 'claim'"
+    )
     assert attempts >= 12  # every attempt is audited
 
 
 def test_siblings_finishing_at_the_same_instant_never_lose_the_join(
     broker: PGMQBroker, client: tasker.Client, worker: dramatiq.Worker
 ) -> None:
-    wide = {"start": [], **{f"b{i}": ["start"] for i in range(12)},
-            "end": [f"b{i}" for i in range(12)]}
+    wide = {
+        "start": [],
+        **{f"b{i}": ["start"] for i in range(12)},
+        "end": [f"b{i}" for i in range(12)],
+    }
     gate = threading.Barrier(4, timeout=10)
     recorder = Recorder()
     flow = build_flow("join", wide, recorder)
@@ -169,6 +184,7 @@ def test_siblings_finishing_at_the_same_instant_never_lose_the_join(
                 gate.wait()  # four siblings complete together, three times over
             assert original[name] is not None
             return original[name](ctx)
+
         return handler
 
     for name in list(flow.steps):
@@ -194,22 +210,30 @@ def test_the_same_step_message_delivered_twice_records_one_result(
             "SELECT workflow_step_uuid FROM tasker.workflow_steps WHERE name = 'start'"
         ).fetchone()[0]
         with conn.transaction():  # a second copy of the root step's message
-            BrokerSender(broker).send_steps(conn, [
-                tasker.engine.messages.StepMessage(
-                    "worker_shapes_queue", "tasker.shapes.dup.start", handle.task_uuid,
-                    str(step_uuid),
-                )
-            ])
+            BrokerSender(broker).send_steps(
+                conn,
+                [
+                    tasker.engine.messages.StepMessage(
+                        "worker_shapes_queue",
+                        "tasker.shapes.dup.start",
+                        handle.task_uuid,
+                        str(step_uuid),
+                    )
+                ],
+            )
     worker.start()
     status = client.wait(handle.task_uuid, timeout=20)
     broker.join("worker_shapes_queue", timeout=10_000)
     assert status.state == "complete"
     assert recorder.names().count("start") == 1
     assert status.step("start").attempts == 1
-    assert count(
-        database_url,
-        "SELECT count(*) FROM tasker.workflow_step_transitions t"
-        " JOIN tasker.workflow_steps s USING (workflow_step_uuid)"
-        " WHERE s.name = 'start' AND t.to_state = 'complete'",
-    ) == 1
+    assert (
+        count(
+            database_url,
+            "SELECT count(*) FROM tasker.workflow_step_transitions t"
+            " JOIN tasker.workflow_steps s USING (workflow_step_uuid)"
+            " WHERE s.name = 'start' AND t.to_state = 'complete'",
+        )
+        == 1
+    )
     _ = Message  # keep the import for readers: messages are plain Dramatiq messages

@@ -26,7 +26,9 @@ def dags(draw: st.DrawFn) -> dict[str, list[str]]:
     shape: dict[str, list[str]] = {}
     for i in range(size):
         earlier = list(shape)
-        parents = draw(st.lists(st.sampled_from(earlier), max_size=3, unique=True)) if earlier else []
+        parents = (
+            draw(st.lists(st.sampled_from(earlier), max_size=3, unique=True)) if earlier else []
+        )
         shape[f"s{i}"] = parents
     return shape
 
@@ -40,8 +42,11 @@ def running(broker: PGMQBroker) -> Iterator[tuple[PGMQBroker, tasker.Client]]:
     worker.stop()
 
 
-@settings(max_examples=12, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(shape=dags())
 def test_random_dags_complete_in_dependency_order(
     running: tuple[PGMQBroker, tasker.Client], database_url: str, shape: dict[str, list[str]]

@@ -1,4 +1,4 @@
-"""A workflow run by worker subprocesses in crash tests (`dramatiq tasker.actors tests.workers.flows`).
+"""A workflow for crash tests, run as `dramatiq tasker.actors tests.workers.flows`.
 
 ``slow`` logs every start to ``test_exec_log`` and takes ``sleep_s`` seconds, so a test can kill
 its worker in the middle; ``test_ledger`` records the effect once per step (unique key).

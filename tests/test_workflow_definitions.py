@@ -1,0 +1,165 @@
+"""The pure workflow domain: definitions, templates, state machines, retry policy."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tasker
+from tasker.brokers.pgmq import PGMQBroker
+from tasker.runtime.workflows import bind_workflow, install
+from tasker.workflow.backoff import BackoffPolicy, decide_retry
+from tasker.workflow.states import check_step_path, check_task_path
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def test_dependencies_must_be_declared_first() -> None:
+    flow = tasker.Workflow("ns", "wf", register=False)
+    with pytest.raises(tasker.WorkflowDefinitionError, match="declare dependencies"):
+        flow.step("b", depends_on=["a"])(lambda ctx: None)
+
+
+def test_cycles_in_templates_are_rejected_with_the_steps_named() -> None:
+    template = {
+        "name": "wf",
+        "namespace_name": "ns",
+        "version": "1",
+        "steps": [
+            {"name": "a", "dependencies": ["c"]},
+            {"name": "b", "dependencies": ["a"]},
+            {"name": "c", "dependencies": ["b"]},
+        ],
+    }
+    with pytest.raises(tasker.WorkflowDefinitionError, match=r"cycle.*\['a', 'b', 'c'\]"):
+        tasker.Workflow.from_template(template, resolve_handlers=False, register=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"namespace": "Bad-NS"}, "Namespace"),
+        ({"name": ""}, "Workflow name"),
+        ({"version": "x" * 20}, "Version"),
+        ({"identity_strategy": "sometimes"}, "identity_strategy"),
+    ],
+)
+def test_bad_definitions_name_the_fix(kwargs: dict[str, Any], message: str) -> None:
+    args = {"namespace": "ns", "name": "wf", **kwargs}
+    with pytest.raises(tasker.WorkflowDefinitionError, match=message):
+        tasker.Workflow(args.pop("namespace"), args.pop("name"), register=False, **args)
+
+
+def test_unknown_handler_in_a_template_is_a_clear_error() -> None:
+    template = {
+        "name": "wf",
+        "namespace_name": "ns",
+        "version": "1",
+        "steps": [{"name": "a", "handler": {"callable": "tests.nowhere:fn"}}],
+    }
+    with pytest.raises(tasker.WorkflowDefinitionError, match="Cannot import handler"):
+        tasker.Workflow.from_template(template, register=False)
+
+
+def test_template_round_trip_keeps_the_definition() -> None:
+    flow = tasker.Workflow.from_yaml(TEMPLATES / "diamond.yaml")
+    again = tasker.Workflow.from_template(
+        flow.to_template(), resolve_handlers=False, register=False
+    )
+    assert again.to_template() == flow.to_template()
+    assert flow.steps["diamond_branch_b"].max_attempts == 2
+    assert flow.step_policy("diamond_branch_b").base_seconds == 0.1
+    assert flow.steps["diamond_end"].timeout == 30
+
+
+def test_yaml_template_with_async_handler_runs_end_to_end(broker: PGMQBroker) -> None:
+    flow = tasker.Workflow.from_yaml(TEMPLATES / "diamond.yaml")
+    install(broker, bind_workflows=False)
+    bind_workflow(broker, flow)
+    client = tasker.Client(broker=broker)
+    client.register(flow)
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
+    worker.start()
+    try:
+        handle = client.submit("yaml_ns", "diamond_yaml", {"even_number": 4})
+        status = client.wait(handle.task_uuid, timeout=20)
+    finally:
+        worker.stop()
+    assert status.state == "complete"
+    assert status.version == "1.2.0"
+    end = status.step("diamond_end").result
+    assert end == {
+        "value": 12 + 1 + 12 + 2,
+        "saw": ["diamond_branch_b", "diamond_branch_c", "diamond_start"],
+    }
+
+
+def test_state_machines_refuse_invalid_transitions() -> None:
+    assert check_task_path("pending", "initializing", "enqueuing_steps", "steps_in_process")
+    with pytest.raises(tasker.InvalidTransitionError):
+        check_task_path("complete", "pending")
+    with pytest.raises(tasker.InvalidTransitionError):
+        check_task_path("pending", "complete")
+    assert check_step_path("enqueued", "in_progress", "enqueued_for_orchestration", "complete")
+    with pytest.raises(tasker.InvalidTransitionError):
+        check_step_path("pending", "complete")
+    with pytest.raises(tasker.InvalidTransitionError):
+        check_step_path("complete", "cancelled")
+    assert check_step_path("error", "resolved_manually") is tasker.StepState.RESOLVED_MANUALLY
+    assert len(tasker.TaskState) == 12 and len(tasker.StepState) == 10
+
+
+@given(
+    attempts=st.integers(0, 20),
+    policy=st.builds(
+        BackoffPolicy,
+        base_seconds=st.floats(0, 10),
+        multiplier=st.floats(1, 4),
+        max_seconds=st.floats(0, 600),
+        jitter=st.floats(0, 0.9),
+    ),
+    seed=st.integers(0, 2**32),
+)
+def test_backoff_is_capped_and_within_jitter(
+    attempts: int, policy: BackoffPolicy, seed: int
+) -> None:
+    base, multiplier, cap, jitter = (
+        policy.base_seconds,
+        policy.multiplier,
+        policy.max_seconds,
+        policy.jitter,
+    )
+    delay = policy.delay(attempts, random.Random(seed))
+    raw = min(base * multiplier**attempts, cap)
+    assert 0 <= delay <= cap
+    assert raw * (1 - jitter) - 1e-9 <= delay <= raw * (1 + jitter) + 1e-9
+
+
+@given(
+    template=st.booleans(),
+    error=st.booleans(),
+    attempts=st.integers(0, 5),
+    max_attempts=st.integers(1, 5),
+    retry_after=st.none() | st.floats(0, 100),
+)
+def test_retry_needs_template_error_and_attempts(
+    template: bool, error: bool, attempts: int, max_attempts: int, retry_after: float | None
+) -> None:
+    policy = BackoffPolicy(max_seconds=50, jitter=0)
+    decision = decide_retry(
+        template_retryable=template,
+        error_retryable=error,
+        attempts=attempts,
+        max_attempts=max_attempts,
+        policy=policy,
+        retry_after=retry_after,
+    )
+    assert decision.retry == (template and error and attempts < max_attempts)
+    if decision.retry and retry_after is not None:
+        assert decision.delay_seconds == min(retry_after, 50)
