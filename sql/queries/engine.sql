@@ -66,12 +66,15 @@ SELECT tasker.record_step_transitions_v1(%(steps)s::uuid[], %(from)s::text[], %(
                                          %(metadata)s::jsonb)
 
 -- name: lock_task
-SELECT t.state, ns.name, nt.name, nt.version, nt.configuration
+SELECT t.state, ns.name, nt.name, nt.version, nt.named_task_uuid
 FROM tasker.tasks t
 JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
 WHERE t.task_uuid = %(task)s
 FOR UPDATE OF t
+
+-- name: template_configuration
+SELECT configuration FROM tasker.named_tasks WHERE named_task_uuid = %(named_task)s
 
 -- name: set_task_state
 UPDATE tasker.tasks

@@ -16,7 +16,7 @@ from tasker.engine.enqueue import enqueue_ready_steps
 from tasker.engine.messages import FINALIZE, STEP_ENQUEUE, Sender
 from tasker.engine.sql import q
 from tasker.engine.transitions import move_steps, move_task
-from tasker.workflow.backoff import decide_retry
+from tasker.workflow.backoff import BackoffPolicy, decide_retry
 from tasker.workflow.definition import Workflow
 from tasker.workflow.states import TaskState
 
@@ -31,16 +31,21 @@ class _LockedTask:
     state: str
     namespace: str
     workflow: str
-    flow: Workflow
+    named_task_uuid: Any
+
+    def definition(self, conn: Any) -> Workflow:
+        """The task's workflow definition (read only when a failure needs its retry policy)."""
+        row = conn.execute(q("template_configuration"), {"named_task": self.named_task_uuid})
+        configuration = row.fetchone()[0]
+        return Workflow.from_template(configuration, resolve_handlers=False, register=False)
 
 
 def _lock_task(conn: Any, task_uuid: Any) -> _LockedTask | None:
     row = conn.execute(q("lock_task"), {"task": task_uuid}).fetchone()
     if row is None:
         return None
-    state, namespace, name, _version, configuration = row
-    flow = Workflow.from_template(configuration, resolve_handlers=False, register=False)
-    return _LockedTask(task_uuid, state, namespace, name, flow)
+    state, namespace, name, _version, named_task_uuid = row
+    return _LockedTask(task_uuid, state, namespace, name, named_task_uuid)
 
 
 def process_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) -> str | None:
@@ -75,7 +80,7 @@ def _apply_failure(
         error_retryable=bool(error.get("retryable", True)),
         attempts=attempts,
         max_attempts=max_attempts,
-        policy=task.flow.step_policy(name) if name in task.flow.steps else task.flow.backoff,
+        policy=_policy(task.definition(conn), name),
         retry_after=error.get("retry_after"),
     )
     if decision.retry:
@@ -101,6 +106,10 @@ def _apply_failure(
             "error",
             reason=decision.reason,
         )
+
+
+def _policy(flow: Workflow, step: str) -> BackoffPolicy:
+    return flow.step_policy(step) if step in flow.steps else flow.backoff
 
 
 def reevaluate_task(conn: Any, sender: Sender, task_uuid: Any) -> str | None:
