@@ -11,9 +11,8 @@ at the handler's edges, measured the same way as for the peers.
 from __future__ import annotations
 
 import tasker
-from tasker.workflow.definition import StepDefinition
-
 from bench._bench_ledger import WORKLOADS, Workload, noop_step
+from tasker.workflow.definition import StepDefinition
 
 NAMESPACE = "wfbench"
 VERSION = "1.0.0"

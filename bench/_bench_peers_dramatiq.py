@@ -87,7 +87,8 @@ class Actors:
             spec = WORKLOADS[workload]
             noop_step(workflow_id, spec.root)
             children = [name for name, parents in spec.parents.items() if parents == (spec.root,)]
-            fan = dramatiq.group([wfb_step.message(workflow_id, c) for c in children], broker=broker)
+            messages = [wfb_step.message(workflow_id, c) for c in children]
+            fan = dramatiq.group(messages, broker=broker)
             fan.add_completion_callback(wfb_step.message(workflow_id, spec.final))
             fan.run()
 

@@ -1,0 +1,1330 @@
+"""Workflow benchmark: Tasker (inline and decoupled result processing) against Dramatiq on
+RabbitMQ and Celery on Redis, with the same three DAGs of no-op steps.
+
+Run from the repository root (every service on 127.0.0.1)::
+
+    .venv/bin/python bench/workflow_bench.py --quick    # smoke: 40/40/5 workflows, 10 sequential
+    .venv/bin/python bench/workflow_bench.py            # full: 200/200/10 workflows, 30 sequential
+    .venv/bin/python bench/workflow_bench.py --systems tasker-inline,dramatiq
+
+Workloads (``bench/_bench_ledger.py``): W1 a chain of 4 steps, W2 a diamond 1->2->1, W3 a fan-out
+1->50->1. For each system the workers are started once; each workload then has a warm-up, a
+throughput phase (N workflows submitted back to back, timed until the last one completed) and a
+latency phase (workflows one after another). Handoffs (``start(child) - max(end(parents))``) come
+from ``tasker.workflow_steps`` for Tasker and from a ledger file the handlers append to for the
+peers. CPU comes from ``/proc`` via psutil: the worker process trees plus the servers (PostgreSQL
+backends of the benchmark database and PostgreSQL's auxiliary processes; beam.smp; redis-server).
+
+Results: a table on stdout and ``bench/results/workflows_<timestamp>.json``. This is a benchmark,
+not a test: nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import psutil  # noqa: E402
+
+from bench._bench_ledger import (  # noqa: E402
+    WORKLOADS,
+    Timings,
+    Workload,
+    handoffs_ms,
+    percentiles,
+)
+
+DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
+LOCAL_HOSTS = {None, "", "127.0.0.1", "localhost", "::1"}
+SYSTEMS = ("tasker-inline", "tasker-decoupled", "dramatiq", "celery")
+DEFAULT_DATABASE_URL = "postgresql://root@127.0.0.1:5432/tasker_wfbench"
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+EXTRA_PACKAGES = ("celery", "kombu", "billiard", "psutil", "amqp")
+TERMINAL_ERROR_STATES = ("error", "blocked_by_failures", "cancelled")
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+class BenchError(RuntimeError):
+    """A phase could not complete (timeout, worker died, service refused)."""
+
+
+class UnavailableError(RuntimeError):
+    """A system cannot run here (service down, package missing)."""
+
+
+# -- small helpers ------------------------------------------------------------------------------
+
+
+def require_local(url: str, what: str) -> None:
+    host = urlsplit(url).hostname
+    if host not in LOCAL_HOSTS:
+        raise SystemExit(f"{what} must point at 127.0.0.1 (got host {host!r}).")
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def ts_ns(value: dt.datetime) -> int:
+    """A timestamptz as integer nanoseconds since the epoch, without float rounding."""
+    delta = value - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise BenchError(f"Timed out after {timeout_s:.0f} s waiting for {what}.")
+        time.sleep(interval_s)
+
+
+def cpu_of(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def tree_cpu(roots: list[int]) -> float:
+    """utime + stime (seconds) of the live processes under ``roots`` (roots included)."""
+    total = 0.0
+    for root in roots:
+        try:
+            parent = psutil.Process(root)
+            family = [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in family:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += cpu_of(proc)
+    return total
+
+
+def named_cpu(names: tuple[str, ...]) -> float:
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] in names:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += cpu_of(proc)
+    return total
+
+
+# -- worker subprocesses ------------------------------------------------------------------------
+
+
+class Worker:
+    """One worker command as a subprocess in its own session; stopped by PID only."""
+
+    def __init__(self, label: str, command: list[str], env: dict[str, str], log: Path) -> None:
+        self.label = label
+        self.command = command
+        self.env = env
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(
+                f"Worker {self.label} exited early with code {self.proc.returncode}; "
+                f"see {self.log}."
+            )
+
+    def log_count(self, text: str) -> int:
+        try:
+            return self.log.read_text(errors="replace").count(text)
+        except OSError:
+            return 0
+
+    def stop(self, timeout_s: float) -> dict[str, Any]:
+        """SIGTERM the main process, wait (bounded), then SIGKILL its family by PID."""
+        if self.proc is None:
+            return {}
+        if self.proc.poll() is not None:
+            return {"returncode": self.proc.returncode, "stop_s": 0.0, "killed": False}
+        began = time.monotonic()
+        try:
+            family = [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGTERM)
+        killed = False
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            killed = True
+            for pid in [self.proc.pid, *family]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        for pid in family:  # children must not outlive the main process
+            if psutil.pid_exists(pid):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                        killed = True
+                        os.kill(pid, signal.SIGKILL)
+        return {
+            "returncode": self.proc.returncode,
+            "stop_s": round(time.monotonic() - began, 3),
+            "killed": killed,
+        }
+
+
+def log_issues(path: Path, limit: int = 20) -> dict[str, Any]:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {"count": 0, "lines": []}
+    hits = [
+        line
+        for line in lines
+        if any(word in line for word in ("WARNING", "ERROR", "CRITICAL", "Traceback"))
+    ]
+    return {"count": len(hits), "lines": hits[:limit]}
+
+
+def clean_env() -> dict[str, str]:
+    """The driver's environment without TASKER_*, dramatiq_* and BENCH_* variables."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TASKER_", "BENCH_")) and not k.lower().startswith("dramatiq_")
+    }
+
+
+# -- ledger tail (peers) ------------------------------------------------------------------------
+
+
+class LedgerTail:
+    """Reads the ledger file incrementally (complete lines only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.timings: Timings = {}
+        self.duplicates = 0
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n")
+        if end < 0:
+            return
+        self.offset += end + 1
+        for line in data[: end + 1].splitlines():
+            parts = line.split()
+            if len(parts) != 4:
+                continue
+            steps = self.timings.setdefault(parts[0].decode(), {})
+            step = parts[1].decode()
+            if step in steps:
+                self.duplicates += 1
+                continue
+            steps[step] = (int(parts[2]), int(parts[3]))
+
+
+# -- systems ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Collected:
+    """What a system recorded for a set of workflows."""
+
+    timings: Timings  # the timings used for handoffs
+    completed_ns: dict[str, int]  # workflow id -> completion (what "done" means for the system)
+    extra: dict[str, Any] = field(default_factory=dict)
+    handler_timings: Timings | None = None  # Tasker: the ledger, for like-for-like handoffs
+    last_step_ns: dict[str, int] | None = None  # Tasker: finished_at of the final step
+
+
+class System:
+    """The interface the driver uses; one subclass per system."""
+
+    key = ""
+    server_processes: tuple[str, ...] = ()
+    description = ""
+
+    def __init__(self, args: argparse.Namespace, logdir: Path, workdir: Path) -> None:
+        self.args = args
+        self.logdir = logdir
+        self.workdir = workdir
+        self.ledger = workdir / f"{self.key}.ledger"
+        self.ledger.write_bytes(b"")
+        self.workers: list[Worker] = []
+        self.info: dict[str, Any] = {}
+
+    # set-up and tear-down
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def start_workers(self) -> None:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Driver-side connections."""
+
+    def cleanup(self) -> None:
+        """Remove the system's own keys/queues (never anybody else's)."""
+
+    # running
+    def submit(self, workload: Workload, workflow_id: str) -> str:
+        raise NotImplementedError
+
+    def done(self, workload: Workload, ids: list[str]) -> int:
+        raise NotImplementedError
+
+    def collect(self, workload: Workload, ids: list[str]) -> Collected:
+        raise NotImplementedError
+
+    # accounting
+    def server_snapshot(self) -> Any:
+        return named_cpu(self.server_processes)
+
+    def server_delta(self, before: Any, after: Any) -> float:
+        return float(after - before)
+
+    def counters(self) -> dict[str, float]:
+        return {}
+
+    def start_sampler(self) -> Any:
+        return None
+
+    def stop_sampler(self, sampler: Any) -> dict[str, Any]:
+        return {}
+
+    # shared
+    def worker_cpu(self) -> float:
+        return tree_cpu([w.pid for w in self.workers if w.proc is not None])
+
+    def check_alive(self) -> None:
+        for worker in self.workers:
+            worker.check_alive()
+
+    def stop_workers(self) -> list[dict[str, Any]]:
+        return [w.stop(self.args.stop_timeout) | {"label": w.label} for w in self.workers]
+
+
+# Tasker ---------------------------------------------------------------------------------------
+
+
+class PgCpu:
+    """CPU of the PostgreSQL cluster serving the benchmark database.
+
+    Counted: the postmaster and its children, except backends connected to *other* databases
+    (other people's sessions on the same server). That keeps the benchmark database's backends
+    (the workers', the client's, the driver's polling) and the shared auxiliary processes
+    (walwriter, checkpointer, background writer, autovacuum).
+    """
+
+    def __init__(self, conn: Any) -> None:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        self.postmaster = psutil.Process(backend).ppid()
+        self.conn = conn
+
+    def snapshot(self) -> dict[tuple[int, float], float]:
+        foreign = {
+            row[0]
+            for row in self.conn.execute(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname IS NOT NULL AND datname <> current_database()"
+            ).fetchall()
+        }
+        result: dict[tuple[int, float], float] = {}
+        try:
+            root = psutil.Process(self.postmaster)
+            family = [root, *root.children(recursive=False)]
+        except psutil.NoSuchProcess:
+            return result
+        for proc in family:
+            if proc.pid in foreign:
+                continue
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                result[(proc.pid, proc.create_time())] = cpu_of(proc)
+        return result
+
+    @staticmethod
+    def delta(before: dict[Any, float], after: dict[Any, float]) -> float:
+        return sum(value - before.get(key, 0.0) for key, value in after.items())
+
+
+class WaitSampler(threading.Thread):
+    """Samples ``pg_stat_activity`` of the benchmark database every 50 ms (its own connection):
+    what Tasker's backends are doing or waiting for while a throughput phase runs."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True, name="wait-sampler")
+        self.url = url
+        self.stop_event = threading.Event()
+        self.samples = 0
+        self.states: Counter[str] = Counter()
+        self.queries: Counter[str] = Counter()
+
+    def run(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+            me = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            while not self.stop_event.wait(0.05):
+                rows = conn.execute(
+                    "SELECT state, wait_event_type, wait_event, "
+                    "       regexp_replace(left(query, 70), '\\s+', ' ', 'g') "
+                    "FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> %s "
+                    "  AND backend_type = 'client backend' AND state <> 'idle'",
+                    (me,),
+                ).fetchall()
+                self.samples += 1
+                for state, wtype, wevent, query in rows:
+                    label = f"{state}:{wtype}:{wevent}" if wtype else f"{state}:on-cpu"
+                    self.states[label] += 1
+                    self.queries[query] += 1
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "interval_ms": 50,
+            "note": "non-idle client backends of the benchmark db per sample; "
+            "'active:on-cpu' means no wait event",
+            "avg_active_backends": sum(self.states.values()) / self.samples if self.samples else 0,
+            "states": dict(self.states.most_common(15)),
+            "top_queries": dict(self.queries.most_common(12)),
+        }
+
+
+class TaskerSystem(System):
+    server_processes = ("postgres",)
+
+    def __init__(self, mode: str, *a: Any) -> None:
+        self.key = f"tasker-{mode}"
+        self.mode = mode
+        super().__init__(*a)
+        base = urlsplit(self.args.database_url).path.lstrip("/") or "tasker_wfbench"
+        self.url = with_database(self.args.database_url, f"{base}_{mode}")
+        self.description = (
+            f"python -m dramatiq tasker.actors bench._bench_flows --processes "
+            f"{self.args.processes} --threads {self.args.threads}; "
+            f"TASKER_ENV=production, TASKER_ENGINE__RESULT_PROCESSING={mode}"
+        )
+        self.conn: Any = None
+        self.client: Any = None
+        self.pg: PgCpu | None = None
+        self.flows: Any = None
+
+    def connect(self, url: str | None = None) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            url or self.url,
+            autocommit=True,
+            connect_timeout=5,
+            application_name="tasker-wfbench-driver",
+        )
+
+    def setup(self) -> None:
+        from psycopg import sql
+
+        name = urlsplit(self.url).path.lstrip("/")
+        try:
+            admin = self.connect(with_database(self.url, "postgres"))
+        except Exception as exc:
+            raise UnavailableError(f"PostgreSQL: {exc}") from exc
+        if "bench" not in name:
+            raise BenchError(f"Refusing to drop database {name!r}: its name must contain 'bench'.")
+        with admin:
+            ident = sql.Identifier(name)
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+        from tasker.db.migrate import migrate
+
+        migrate(self.url)
+        self.conn = self.connect()
+        self.pg = PgCpu(self.conn)
+        settings = (
+            "synchronous_commit",
+            "fsync",
+            "wal_sync_method",
+            "shared_buffers",
+            "max_wal_size",
+            "autovacuum",
+            "max_connections",
+            "data_directory",
+        )
+        info: dict[str, Any] = {
+            "database": name,
+            "version": self.conn.execute("SELECT version()").fetchone()[0],
+        }
+        for setting in settings:
+            info[setting] = self.conn.execute(f"SHOW {setting}").fetchone()[0]
+        self.info = info
+        import tasker
+        from bench import _bench_flows
+
+        self.flows = _bench_flows
+        self.client = tasker.Client(url=self.url)
+
+    def start_workers(self) -> None:
+        env = clean_env() | {
+            "TASKER_DATABASE__URL": self.url,
+            "TASKER_ENV": "production",
+            "TASKER_ENGINE__RESULT_PROCESSING": self.mode,
+            "BENCH_LEDGER": str(self.ledger),
+            "PYTHONUNBUFFERED": "1",
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "tasker.actors",
+            "bench._bench_flows",
+            "--processes",
+            str(self.args.processes),
+            "--threads",
+            str(self.args.threads),
+            "--path",
+            str(REPO_ROOT),
+        ]
+        worker = Worker(self.key, command, env, self.logdir / f"{self.key}.log")
+        worker.start()
+        self.workers = [worker]
+
+    def ready(self) -> bool:
+        worker = self.workers[0]
+        worker.check_alive()
+        if worker.log_count("Worker process is ready for action") < self.args.processes:
+            return False
+        registered = self.conn.execute(
+            "SELECT count(*) FROM tasker.named_tasks nt "
+            "JOIN tasker.task_namespaces ns USING (task_namespace_uuid) WHERE ns.name = %s",
+            (self.flows.NAMESPACE,),
+        ).fetchone()[0]
+        return int(registered) >= len(self.flows.WORKFLOW_NAMES)
+
+    def submit(self, workload: Workload, workflow_id: str) -> str:
+        handle = self.client.submit(
+            self.flows.NAMESPACE,
+            self.flows.WORKFLOW_NAMES[workload.key],
+            {"workflow_id": workflow_id, "pad": "x" * 48},
+        )
+        return str(handle.task_uuid)
+
+    def done(self, workload: Workload, ids: list[str]) -> int:
+        complete, failed = self.conn.execute(
+            "SELECT count(*) FILTER (WHERE state = 'complete'), "
+            "       count(*) FILTER (WHERE state = ANY(%s)) "
+            "FROM tasker.tasks WHERE task_uuid = ANY(%s::uuid[])",
+            (list(TERMINAL_ERROR_STATES), ids),
+        ).fetchone()
+        if failed:
+            raise BenchError(f"{failed} Tasker task(s) ended in an error state.")
+        return int(complete)
+
+    def collect(self, workload: Workload, ids: list[str]) -> Collected:
+        rows = self.conn.execute(
+            "SELECT t.task_uuid::text, t.completed_at, s.name, s.started_at, s.finished_at, "
+            "       s.attempts "
+            "FROM tasker.tasks t JOIN tasker.workflow_steps s USING (task_uuid) "
+            "WHERE t.task_uuid = ANY(%s::uuid[])",
+            (ids,),
+        ).fetchall()
+        timings: Timings = {}
+        completed: dict[str, int] = {}
+        last_step: dict[str, int] = {}
+        retried = 0
+        for task, completed_at, name, started, finished, attempts in rows:
+            if completed_at is not None:
+                completed[task] = ts_ns(completed_at)
+            if started is not None and finished is not None:
+                timings.setdefault(task, {})[name] = (ts_ns(started), ts_ns(finished))
+                if name == workload.final:
+                    last_step[task] = ts_ns(finished)
+            retried += int(attempts > 1)
+        tail = LedgerTail(self.ledger)
+        tail.poll()
+        return Collected(
+            timings,
+            completed,
+            {"steps_with_more_than_one_attempt": retried, "ledger_duplicates": tail.duplicates},
+            handler_timings=tail.timings,
+            last_step_ns=last_step,
+        )
+
+    def server_snapshot(self) -> Any:
+        assert self.pg is not None
+        return self.pg.snapshot()
+
+    def server_delta(self, before: Any, after: Any) -> float:
+        return PgCpu.delta(before, after)
+
+    def counters(self) -> dict[str, float]:
+        commits = self.conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()[0]
+        wal = self.conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')").fetchone()
+        return {"xact_commit": float(commits), "wal_bytes": float(wal[0])}
+
+    def vacuum(self) -> None:
+        self.conn.execute("VACUUM ANALYZE")
+
+    def start_sampler(self) -> Any:
+        sampler = WaitSampler(self.url)
+        sampler.start()
+        return sampler
+
+    def stop_sampler(self, sampler: Any) -> dict[str, Any]:
+        sampler.stop_event.set()
+        sampler.join(timeout=10)
+        return dict(sampler.result())
+
+    def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+
+
+# peers ----------------------------------------------------------------------------------------
+
+
+class PeerSystem(System):
+    """Peers: completion and timings come from the ledger file."""
+
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self.tail = LedgerTail(self.ledger)
+
+    def done(self, workload: Workload, ids: list[str]) -> int:
+        self.tail.poll()
+        return sum(1 for i in ids if workload.final in self.tail.timings.get(i, {}))
+
+    def collect(self, workload: Workload, ids: list[str]) -> Collected:
+        self.tail.poll()
+        completed = {
+            i: self.tail.timings[i][workload.final][1]
+            for i in ids
+            if workload.final in self.tail.timings.get(i, {})
+        }
+        return Collected(self.tail.timings, completed, {"ledger_duplicates": self.tail.duplicates})
+
+    def redis_client(self) -> Any:
+        import redis
+
+        url = self.args.redis_url
+        return redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+
+    def redis_info(self) -> dict[str, Any]:
+        client = self.redis_client()
+        info: dict[str, Any] = {"version": client.info("server").get("redis_version")}
+        for key in ("appendonly", "appendfsync", "save"):
+            try:
+                info[key] = client.config_get(key).get(key)
+            except Exception as exc:
+                info[key] = f"unreadable: {exc.__class__.__name__}"
+        return info
+
+    def delete_redis_prefix(self, prefix: str) -> int:
+        client = self.redis_client()
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+        return len(keys)
+
+
+class DramatiqSystem(PeerSystem):
+    key = "dramatiq"
+    server_processes = ("beam.smp", "redis-server")
+
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self.description = (
+            f"python -m dramatiq bench._bench_peers_dramatiq --processes {self.args.processes} "
+            f"--threads {self.args.threads}; RabbitmqBroker(confirm_delivery=True); "
+            "GroupCallbacks on Redis"
+        )
+        self.module: Any = None
+        self.broker: Any = None
+        self.actors: Any = None
+
+    @contextlib.contextmanager
+    def channel(self) -> Any:
+        import pika
+
+        params = pika.URLParameters(self.args.rabbitmq_url)
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.blocked_connection_timeout = 10
+        connection = pika.BlockingConnection(params)
+        try:
+            yield connection.channel()
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def queue_names(self) -> list[str]:
+        queue = self.module.QUEUE
+        return [queue, f"{queue}.DQ", f"{queue}.XQ"]
+
+    def setup(self) -> None:
+        try:
+            from bench import _bench_peers_dramatiq
+        except ImportError as exc:
+            raise UnavailableError(f"import failed: {exc}") from exc
+        self.module = _bench_peers_dramatiq
+        try:
+            with self.channel() as channel:
+                props = channel.connection._impl.server_properties
+                version = props.get("version", b"")
+                rabbit = {"version": version.decode() if isinstance(version, bytes) else version}
+        except Exception as exc:
+            raise UnavailableError(f"RabbitMQ: {exc.__class__.__name__}: {exc}") from exc
+        try:
+            self.info = {"rabbitmq": rabbit, "redis": self.redis_info()}
+        except Exception as exc:
+            raise UnavailableError(f"Redis: {exc.__class__.__name__}: {exc}") from exc
+        self.cleanup()
+        self.broker = self.module.make_broker(self.args.rabbitmq_url, self.args.redis_url)
+        self.actors = self.module.Actors(self.broker)
+
+    def start_workers(self) -> None:
+        env = clean_env() | {
+            "BENCH_DRAMATIQ_WORKER": "1",
+            "BENCH_RABBITMQ_URL": self.args.rabbitmq_url,
+            "BENCH_REDIS_URL": self.args.redis_url,
+            "BENCH_LEDGER": str(self.ledger),
+            "PYTHONUNBUFFERED": "1",
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "bench._bench_peers_dramatiq",
+            "--processes",
+            str(self.args.processes),
+            "--threads",
+            str(self.args.threads),
+            "--path",
+            str(REPO_ROOT),
+        ]
+        worker = Worker(self.key, command, env, self.logdir / f"{self.key}.log")
+        worker.start()
+        self.workers = [worker]
+
+    def ready(self) -> bool:
+        self.check_alive()
+        return (
+            self.workers[0].log_count("Worker process is ready for action") >= self.args.processes
+        )
+
+    def submit(self, workload: Workload, workflow_id: str) -> str:
+        self.actors.submit(workload.key, workflow_id)
+        return workflow_id
+
+    def close(self) -> None:
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                self.broker.close()
+
+    def cleanup(self) -> None:
+        if self.module is None:
+            return
+        with self.channel() as channel:
+            for name in self.queue_names():
+                channel.queue_delete(queue=name)
+        self.delete_redis_prefix(self.module.REDIS_PREFIX)
+
+
+class CelerySystem(PeerSystem):
+    key = "celery"
+    server_processes = ("redis-server",)
+
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self.module: Any = None
+        self.ready_file = self.workdir / "celery.ready"
+        self.ready_file.write_bytes(b"")
+        if self.args.celery_pool == "threads":
+            self.shape = [("threads", self.args.threads)] * self.args.processes
+        else:
+            self.shape = [("prefork", self.args.processes * self.args.threads)]
+        self.description = " + ".join(
+            f"celery -A bench._bench_peers_celery worker --pool {pool} --concurrency {n}"
+            for pool, n in self.shape
+        )
+
+    def setup(self) -> None:
+        os.environ["BENCH_REDIS_URL"] = self.args.redis_url
+        try:
+            from bench import _bench_peers_celery
+        except ImportError as exc:
+            raise UnavailableError(f"celery is not installed or failed to import: {exc}") from exc
+        self.module = _bench_peers_celery
+        try:
+            self.info = {"redis": self.redis_info()}
+        except Exception as exc:
+            raise UnavailableError(f"Redis: {exc.__class__.__name__}: {exc}") from exc
+        self.cleanup()
+
+    def start_workers(self) -> None:
+        env = clean_env() | {
+            "BENCH_REDIS_URL": self.args.redis_url,
+            "BENCH_LEDGER": str(self.ledger),
+            "BENCH_READY_FILE": str(self.ready_file),
+            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.workers = []
+        for index, (pool, concurrency) in enumerate(self.shape, start=1):
+            command = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench._bench_peers_celery",
+                "worker",
+                "--pool",
+                pool,
+                "--concurrency",
+                str(concurrency),
+                "-n",
+                f"wfbench{index}@%h",
+                "-Q",
+                self.module.QUEUE,
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                "WARNING",
+            ]
+            label = f"{self.key}-{index}"
+            worker = Worker(label, command, env, self.logdir / f"{label}.log")
+            worker.start()
+            self.workers.append(worker)
+
+    def ready(self) -> bool:
+        self.check_alive()
+        lines = self.ready_file.read_text().splitlines()
+        return len(lines) >= len(self.workers)
+
+    def submit(self, workload: Workload, workflow_id: str) -> str:
+        self.module.submit(workload.key, workflow_id)
+        return workflow_id
+
+    def close(self) -> None:
+        if self.module is not None:
+            with contextlib.suppress(Exception):
+                self.module.app.close()
+
+    def cleanup(self) -> None:
+        if self.module is not None:
+            self.delete_redis_prefix(self.module.REDIS_PREFIX)
+
+
+def make_system(key: str, args: argparse.Namespace, logdir: Path, workdir: Path) -> System:
+    if key == "tasker-inline":
+        return TaskerSystem("inline", args, logdir, workdir)
+    if key == "tasker-decoupled":
+        return TaskerSystem("decoupled", args, logdir, workdir)
+    if key == "dramatiq":
+        return DramatiqSystem(args, logdir, workdir)
+    if key == "celery":
+        return CelerySystem(args, logdir, workdir)
+    raise ValueError(key)
+
+
+# -- phases -------------------------------------------------------------------------------------
+
+
+def wait_done(
+    system: System, workload: Workload, ids: list[str], timeout_s: float, poll_s: float
+) -> int:
+    """Poll until every workflow in ``ids`` completed; returns the detection time (ns)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = system.done(workload, ids)
+        if done >= len(ids):
+            return time.time_ns()
+        system.check_alive()
+        if time.monotonic() >= deadline:
+            raise BenchError(
+                f"{system.key} {workload.key}: only {done}/{len(ids)} workflows completed "
+                f"after {timeout_s:.0f} s."
+            )
+        time.sleep(poll_s)
+
+
+def summarize_handoffs(workload: Workload, timings: Timings | None, ids: list[str]) -> Any:
+    if timings is None:
+        return None
+    return percentiles(handoffs_ms(workload, timings, ids))
+
+
+def run_warmup(system: System, workload: Workload, count: int, tag: str, timeout: float) -> None:
+    ids = [system.submit(workload, f"{tag}-warm-{workload.key}-{i}") for i in range(count)]
+    wait_done(system, workload, ids, timeout, 0.02)
+
+
+def run_throughput(
+    system: System, workload: Workload, count: int, tag: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    if isinstance(system, TaskerSystem):
+        system.vacuum()
+    time.sleep(args.settle)
+    sampler = system.start_sampler()
+    counters_before = system.counters()
+    worker_before = system.worker_cpu()
+    server_before = system.server_snapshot()
+    driver_before = time.process_time()
+    began_ns = time.time_ns()
+    ids = [system.submit(workload, f"{tag}-tp-{workload.key}-{i}") for i in range(count)]
+    submitted_ns = time.time_ns()
+    detected_ns = wait_done(system, workload, ids, args.phase_timeout, 0.05)
+    worker_after = system.worker_cpu()
+    server_after = system.server_snapshot()
+    driver_cpu = time.process_time() - driver_before
+    counters_after = system.counters()
+    waits = system.stop_sampler(sampler) if sampler is not None else None
+    got = system.collect(workload, ids)
+    finished_ns = max(got.completed_ns.values())
+    wall_s = (finished_ns - began_ns) / 1e9
+    steps = count * workload.steps
+    worker_s = worker_after - worker_before
+    server_s = system.server_delta(server_before, server_after)
+    result: dict[str, Any] = {
+        "workflows": count,
+        "steps": steps,
+        "submit_seconds": (submitted_ns - began_ns) / 1e9,
+        "submit_workflows_per_s": count / ((submitted_ns - began_ns) / 1e9),
+        "wall_seconds": wall_s,
+        "workflows_per_s": count / wall_s,
+        "steps_per_s": steps / wall_s,
+        "detected_after_s": (detected_ns - began_ns) / 1e9,
+        "completion_after_submit_start_ms": percentiles(
+            [(ns - began_ns) / 1e6 for ns in got.completed_ns.values()]
+        ),
+        "handoff_ms": summarize_handoffs(workload, got.timings, ids),
+        "handoff_ms_handler_ledger": summarize_handoffs(workload, got.handler_timings, ids),
+        "cpu_seconds": {"worker": worker_s, "server": server_s, "driver": driver_cpu},
+        "cpu_ms_per_step": {
+            "worker": 1000 * worker_s / steps,
+            "server": 1000 * server_s / steps,
+            "total": 1000 * (worker_s + server_s) / steps,
+        },
+        "cpu_window_s": (detected_ns - began_ns) / 1e9,
+        "server_processes": list(system.server_processes),
+        "checks": got.extra,
+    }
+    if got.last_step_ns:
+        last = max(got.last_step_ns.values())
+        result["last_step_finished_after_s"] = (last - began_ns) / 1e9
+    if counters_before and counters_after:
+        result["db_per_step"] = {
+            "commits": (counters_after["xact_commit"] - counters_before["xact_commit"]) / steps,
+            "wal_bytes": (counters_after["wal_bytes"] - counters_before["wal_bytes"]) / steps,
+            "note": "includes the client's submits and the driver's polling; WAL is cluster-wide",
+        }
+    if waits is not None:
+        result["pg_activity"] = waits
+    return result
+
+
+def run_latency(
+    system: System, workload: Workload, count: int, tag: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    time.sleep(args.settle)
+    submitted: dict[str, int] = {}
+    ids: list[str] = []
+    for i in range(count):
+        began = time.time_ns()
+        workflow = system.submit(workload, f"{tag}-lat-{workload.key}-{i}")
+        submitted[workflow] = began
+        ids.append(workflow)
+        wait_done(system, workload, [workflow], args.phase_timeout, 0.01)
+        time.sleep(args.latency_gap_ms / 1000)
+    got = system.collect(workload, ids)
+    e2e = [(got.completed_ns[i] - submitted[i]) / 1e6 for i in ids if i in got.completed_ns]
+    result: dict[str, Any] = {
+        "workflows": count,
+        "gap_ms": args.latency_gap_ms,
+        "e2e_ms": percentiles(e2e),
+        "handoff_ms": summarize_handoffs(workload, got.timings, ids),
+        "handoff_ms_handler_ledger": summarize_handoffs(workload, got.handler_timings, ids),
+        "first_step_start_ms": percentiles(
+            [
+                (got.timings[i][workload.root][0] - submitted[i]) / 1e6
+                for i in ids
+                if workload.root in got.timings.get(i, {})
+            ]
+        ),
+        "checks": got.extra,
+    }
+    if got.last_step_ns:
+        result["e2e_to_last_step_finished_ms"] = percentiles(
+            [(got.last_step_ns[i] - submitted[i]) / 1e6 for i in ids if i in got.last_step_ns]
+        )
+    return result
+
+
+def run_system(system: System, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"status": "ok", "description": system.description, "workloads": {}}
+    try:
+        system.setup()
+    except UnavailableError as exc:
+        print(f"[{system.key}] unavailable: {exc}", flush=True)
+        return {"status": "unavailable", "error": str(exc), "description": system.description}
+    entry["service"] = system.info
+    try:
+        boot = time.monotonic()
+        system.start_workers()
+        wait_until(system.ready, args.boot_timeout, f"{system.key} workers to be ready", 0.1)
+        entry["boot_seconds"] = round(time.monotonic() - boot, 2)
+        print(f"[{system.key}] workers ready in {entry['boot_seconds']} s", flush=True)
+        for key in args.workloads:
+            workload = WORKLOADS[key]
+            run_warmup(system, workload, args.warmup[key], tag, args.phase_timeout)
+            count = args.throughput_workflows[key]
+            tp = run_throughput(system, workload, count, tag, args)
+            print(
+                f"[{system.key}] {key} throughput: {count} workflows, "
+                f"{tp['workflows_per_s']:.1f} wf/s, {tp['steps_per_s']:.0f} steps/s, "
+                f"handoff p50 {tp['handoff_ms'].get('p50', float('nan')):.1f} ms, "
+                f"CPU {tp['cpu_ms_per_step']['total']:.2f} ms/step",
+                flush=True,
+            )
+            lat = run_latency(system, workload, args.latency_workflows, tag, args)
+            print(
+                f"[{system.key}] {key} latency: e2e p50 {lat['e2e_ms'].get('p50', 0):.1f} ms, "
+                f"p95 {lat['e2e_ms'].get('p95', 0):.1f} ms, handoff p50 "
+                f"{lat['handoff_ms'].get('p50', float('nan')):.2f} ms",
+                flush=True,
+            )
+            entry["workloads"][key] = {"throughput": tp, "latency": lat}
+    except Exception as exc:
+        entry["status"] = "error"
+        entry["error"] = f"{exc.__class__.__name__}: {exc}"
+        print(f"[{system.key}] failed: {entry['error']}", flush=True)
+    finally:
+        entry["worker_stop"] = system.stop_workers()
+        entry["worker_log_issues"] = {w.label: log_issues(w.log) for w in system.workers}
+        system.close()
+        try:
+            system.cleanup()
+        except Exception as exc:
+            entry["cleanup_error"] = f"{exc.__class__.__name__}: {exc}"
+    return entry
+
+
+# -- machine information and report -------------------------------------------------------------
+
+
+def machine(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.broker_throughput import machine_info
+
+    info = machine_info()
+    for name in EXTRA_PACKAGES:
+        try:
+            info["packages"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info["packages"][name] = None
+    info["psutil_cpu_percent_1s_at_start"] = psutil.cpu_percent(interval=1.0)
+    return info
+
+
+def fsync_probe(results: dict[str, Any]) -> dict[str, Any]:
+    from bench.broker_throughput import pg_test_fsync
+
+    data_dir = None
+    for entry in results.values():
+        data_dir = data_dir or entry.get("service", {}).get("data_directory")
+    return pg_test_fsync(data_dir)
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def metric(results: dict[str, Any], system: str, workload: str, path: tuple[str, ...]) -> Any:
+    node: Any = results.get(system, {}).get("workloads", {}).get(workload)
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def table_rows(results: dict[str, Any], args: argparse.Namespace) -> list[list[str]]:
+    rows = []
+    for system in args.systems:
+        entry = results[system]
+        if entry["status"] == "unavailable":
+            rows.append([system, "-", "unavailable: " + entry.get("error", "")[:60]])
+            continue
+        for key in args.workloads:
+            w = entry["workloads"].get(key)
+            if w is None:
+                rows.append([system, key, entry["status"]])
+                continue
+            tp, lat = w["throughput"], w["latency"]
+            rows.append(
+                [
+                    system,
+                    key,
+                    fmt(tp["workflows_per_s"], 1),
+                    fmt(tp["steps_per_s"]),
+                    fmt(lat["e2e_ms"].get("p50"), 1),
+                    fmt(lat["e2e_ms"].get("p95"), 1),
+                    fmt(lat["handoff_ms"].get("p50"), 2),
+                    fmt(lat["handoff_ms"].get("p95"), 2),
+                    fmt(tp["handoff_ms"].get("p50"), 1),
+                    fmt(tp["handoff_ms"].get("p95"), 1),
+                    fmt(tp["cpu_ms_per_step"]["worker"], 2),
+                    fmt(tp["cpu_ms_per_step"]["server"], 2),
+                    fmt(tp["cpu_ms_per_step"]["total"], 2),
+                ]
+            )
+    return rows
+
+
+def render_table(results: dict[str, Any], args: argparse.Namespace) -> str:
+    header = [
+        "system",
+        "wl",
+        "wf/s",
+        "steps/s",
+        "e2e p50",
+        "e2e p95",
+        "hand p50",
+        "hand p95",
+        "burst hand p50",
+        "burst hand p95",
+        "CPU wrk",
+        "CPU srv",
+        "CPU tot",
+    ]
+    rows = [header, *table_rows(results, args)]
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(header))]
+    lines = []
+    for index, row in enumerate(rows):
+        lines.append(" | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        if index == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """Tasker-inline against each peer (and Tasker-decoupled against each peer, for the JSON)."""
+    ratios: dict[str, Any] = {}
+    specs = {
+        "w1_steps_per_s": ("w1", ("throughput", "steps_per_s"), False),
+        "w2_steps_per_s": ("w2", ("throughput", "steps_per_s"), False),
+        "w3_steps_per_s": ("w3", ("throughput", "steps_per_s"), False),
+        "w1_handoff_p50_ms": ("w1", ("latency", "handoff_ms", "p50"), True),
+        "w1_e2e_p50_ms": ("w1", ("latency", "e2e_ms", "p50"), True),
+        "w1_cpu_ms_per_step": ("w1", ("throughput", "cpu_ms_per_step", "total"), True),
+    }
+    for ours in ("tasker-inline", "tasker-decoupled"):
+        for peer in ("dramatiq", "celery"):
+            pair: dict[str, Any] = {}
+            for name, (workload, path, lower_is_better) in specs.items():
+                a = metric(results, ours, workload, path)
+                b = metric(results, peer, workload, path)
+                pair[name] = {
+                    ours: a,
+                    peer: b,
+                    "ratio": (a / b) if a is not None and b else None,
+                    "lower_is_better": lower_is_better,
+                }
+            ratios[f"{ours}_vs_{peer}"] = pair
+    return ratios
+
+
+def render_ratios(ratios: dict[str, Any]) -> str:
+    lines = ["Ratios (tasker-inline / peer; throughput: >1 is faster, handoff: <1 is faster):"]
+    for peer in ("dramatiq", "celery"):
+        pair = ratios.get(f"tasker-inline_vs_{peer}", {})
+        parts = []
+        for name in ("w1_steps_per_s", "w2_steps_per_s", "w1_handoff_p50_ms"):
+            value = pair.get(name, {}).get("ratio")
+            parts.append(f"{name} {'n/a' if value is None else f'{value:.2f}x'}")
+        label = "Dramatiq+RabbitMQ" if peer == "dramatiq" else "Celery+Redis"
+        lines.append(f"  vs {label}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated subset of " + ",".join(SYSTEMS) + " (run in this order)",
+    )
+    parser.add_argument("--workloads", default="w1,w2,w3", help="subset of w1,w2,w3")
+    parser.add_argument(
+        "--quick", action="store_true", help="40/40/5 workflows, 10 sequential; no pg_test_fsync"
+    )
+    parser.add_argument("--workflows", type=int, default=200, help="W1/W2 throughput workflows")
+    parser.add_argument("--fanout-workflows", type=int, default=10, help="W3 throughput workflows")
+    parser.add_argument("--latency-workflows", type=int, default=30)
+    parser.add_argument("--latency-gap-ms", type=float, default=20.0)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument(
+        "--celery-pool",
+        choices=("threads", "prefork"),
+        default="threads",
+        help="threads: PROCESSES workers of --pool threads --concurrency THREADS; "
+        "prefork: one worker with --concurrency PROCESSES*THREADS",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=DEFAULT_DATABASE_URL,
+        help="base URL; each Tasker mode uses <dbname>_<mode>, dropped and re-created "
+        "(the name must contain 'bench')",
+    )
+    parser.add_argument("--rabbitmq-url", default=DEFAULT_RABBITMQ_URL)
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument("--no-fsync-probe", action="store_true")
+    parser.add_argument("--settle", type=float, default=1.0, help="pause before each phase (s)")
+    parser.add_argument("--phase-timeout", type=float, default=300.0)
+    parser.add_argument("--boot-timeout", type=float, default=90.0)
+    parser.add_argument("--stop-timeout", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.workflows, args.fanout_workflows, args.latency_workflows = 40, 5, 10
+        args.no_fsync_probe = True
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown system(s): {', '.join(sorted(unknown))}")
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if set(args.workloads) - set(WORKLOADS):
+        parser.error("--workloads takes w1, w2, w3")
+    args.throughput_workflows = {
+        "w1": args.workflows,
+        "w2": args.workflows,
+        "w3": args.fanout_workflows,
+    }
+    args.warmup = {"w1": 5, "w2": 5, "w3": 1}
+    for url, what in (
+        (args.database_url, "--database-url"),
+        (args.rabbitmq_url, "--rabbitmq-url"),
+        (args.redis_url, "--redis-url"),
+    ):
+        require_local(url, what)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    logdir = args.results_dir / f"workflows_{stamp}_logs"
+    logdir.mkdir()
+    report: dict[str, Any] = {
+        "started_at": dt.datetime.now(dt.UTC).isoformat(),
+        "argv": sys.argv,
+        "config": {
+            "systems": args.systems,
+            "workloads": {k: WORKLOADS[k].title for k in args.workloads},
+            "throughput_workflows": args.throughput_workflows,
+            "latency_workflows": args.latency_workflows,
+            "latency_gap_ms": args.latency_gap_ms,
+            "warmup_workflows": args.warmup,
+            "processes": args.processes,
+            "threads": args.threads,
+            "celery_pool": args.celery_pool,
+            "urls": {
+                "database": redact(args.database_url),
+                "rabbitmq": redact(args.rabbitmq_url),
+                "redis": redact(args.redis_url),
+            },
+        },
+        "machine": machine(args),
+    }
+    results: dict[str, Any] = {}
+    report["results"] = results
+    with tempfile.TemporaryDirectory(prefix="tasker-wfbench-") as tmp:
+        for key in args.systems:
+            system = make_system(key, args, logdir, Path(tmp))
+            print(f"[{key}] {system.description}", flush=True)
+            results[key] = run_system(system, args, stamp)
+    if not args.no_fsync_probe and any(k.startswith("tasker") for k in results):
+        print("[machine] pg_test_fsync -s 1 ...", flush=True)
+        report["machine"]["pg_test_fsync"] = fsync_probe(results)
+    report["ratios"] = compute_ratios(results)
+    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat()
+    table = render_table(results, args)
+    ratio_text = render_ratios(report["ratios"])
+    report["table"] = [*table.splitlines(), "", *ratio_text.splitlines()]
+    path = args.results_dir / f"workflows_{stamp}.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print()
+    print(
+        f"throughput: {args.workflows} workflows (W3: {args.fanout_workflows}) submitted back to "
+        f"back; latency: {args.latency_workflows} one after another. Times in ms, CPU in ms/step "
+        "(throughput phase). 'hand' = handoff in the sequential phase, 'burst hand' = in the "
+        "throughput phase."
+    )
+    print(table)
+    print()
+    print(ratio_text)
+    print(f"\nlogs: {logdir}\nresults: {path}")
+    return 0 if all(e["status"] == "ok" for e in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
