@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import signal
@@ -456,6 +457,8 @@ class TaskerSystem(System):
             f"TASKER_ENV=production, TASKER_ENGINE__RESULT_PROCESSING={mode}"
         )
         self.conn: Any = None
+        self.driver_queries = 0  # the driver's own transactions on the benchmark db
+        self.idle_rates: dict[str, float] = {}
         self.client: Any = None
         self.pg: PgCpu | None = None
         self.flows: Any = None
@@ -558,6 +561,7 @@ class TaskerSystem(System):
         return str(handle.task_uuid)
 
     def done(self, workload: Workload, ids: list[str]) -> int:
+        self.driver_queries += 1
         complete, failed = self.conn.execute(
             "SELECT count(*) FILTER (WHERE state = 'complete'), "
             "       count(*) FILTER (WHERE state = ANY(%s)) "
@@ -588,12 +592,32 @@ class TaskerSystem(System):
                 if name == workload.final:
                     last_step[task] = ts_ns(finished)
             retried += int(attempts > 1)
+        self.driver_queries += 2
+        step_rows, task_rows, final_rows = self.conn.execute(
+            "SELECT (SELECT count(*) FROM tasker.workflow_step_transitions x "
+            "        JOIN tasker.workflow_steps s USING (workflow_step_uuid) "
+            "        WHERE s.task_uuid = ANY(%(ids)s::uuid[])), "
+            "       (SELECT count(*) FROM tasker.task_transitions "
+            "        WHERE task_uuid = ANY(%(ids)s::uuid[])), "
+            "       (SELECT count(*) FROM tasker.finalization_attempts "
+            "        WHERE task_uuid = ANY(%(ids)s::uuid[]))",
+            {"ids": ids},
+        ).fetchone()
+        steps = len(ids) * workload.steps
         tail = LedgerTail(self.ledger)
         tail.poll()
         return Collected(
             timings,
             completed,
-            {"steps_with_more_than_one_attempt": retried, "ledger_duplicates": tail.duplicates},
+            {
+                "steps_with_more_than_one_attempt": retried,
+                "ledger_duplicates": tail.duplicates,
+                "audit_rows_per_step": {
+                    "workflow_step_transitions": step_rows / steps,
+                    "task_transitions": task_rows / steps,
+                    "finalization_attempts": final_rows / steps,
+                },
+            },
             handler_timings=tail.timings,
             last_step_ns=last_step,
         )
@@ -606,11 +630,39 @@ class TaskerSystem(System):
         return PgCpu.delta(before, after)
 
     def counters(self) -> dict[str, float]:
-        commits = self.conn.execute(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-        ).fetchone()[0]
-        wal = self.conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')").fetchone()
-        return {"xact_commit": float(commits), "wal_bytes": float(wal[0])}
+        row = self.conn.execute(
+            "SELECT xact_commit, tup_inserted, tup_updated, tup_deleted, tup_returned, "
+            "       tup_fetched, pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0') "
+            "FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        names = ("xact_commit", "tup_inserted", "tup_updated", "tup_deleted", "tup_returned")
+        values = {name: float(value) for name, value in zip(names, row, strict=False)}
+        values["tup_fetched"] = float(row[5])
+        values["wal_bytes"] = float(row[6])
+        values["driver_queries"] = float(self.driver_queries)
+        for table, writes, seq_scans, seq_read, idx_fetch in self.conn.execute(
+            "SELECT schemaname || '.' || relname, n_tup_ins + n_tup_upd + n_tup_del, "
+            "       seq_scan, seq_tup_read, coalesce(idx_tup_fetch, 0) "
+            "FROM pg_stat_user_tables"
+        ).fetchall():
+            values[f"rows_written:{table}"] = float(writes)
+            values[f"seq_scans:{table}"] = float(seq_scans)
+            values[f"rows_seq_read:{table}"] = float(seq_read)
+            values[f"rows_idx_fetched:{table}"] = float(idx_fetch)
+        self.driver_queries += 2
+        return values
+
+    def measure_idle_rates(self, delay_s: float) -> dict[str, float]:
+        """Counter rates of the idle workers (their polling), to subtract from phases."""
+        time.sleep(delay_s)
+        before, began = self.counters(), time.monotonic()
+        time.sleep(delay_s)
+        after = self.counters()
+        elapsed = time.monotonic() - began
+        rates = {k: (after[k] - before.get(k, 0.0)) / elapsed for k in after}
+        rates["xact_commit"] -= rates.pop("driver_queries")
+        self.idle_rates = {k: v for k, v in rates.items() if v}
+        return self.idle_rates
 
     def vacuum(self) -> None:
         self.conn.execute("VACUUM ANALYZE")
@@ -861,9 +913,20 @@ class CelerySystem(PeerSystem):
         return workflow_id
 
     def close(self) -> None:
-        if self.module is not None:
-            with contextlib.suppress(Exception):
-                self.module.app.close()
+        if self.module is None:
+            return
+        # The client subscribed to the result of every workflow it sent (Celery's Redis result
+        # backend does that for each AsyncResult). Drop them while the interpreter is alive, so
+        # their __del__ does not try to unsubscribe during interpreter shutdown.
+        backend = self.module.app.backend
+        with contextlib.suppress(Exception):
+            for mapping in backend._pending_results:
+                mapping.clear()
+            gc.collect()
+        with contextlib.suppress(Exception):
+            backend.result_consumer.stop()
+        with contextlib.suppress(Exception):
+            self.module.app.close()
 
     def cleanup(self) -> None:
         if self.module is not None:
@@ -919,9 +982,12 @@ def run_throughput(
 ) -> dict[str, Any]:
     if isinstance(system, TaskerSystem):
         system.vacuum()
-    time.sleep(args.settle)
+        time.sleep(max(args.settle, args.stats_delay))  # earlier phases' statistics flushed
+    else:
+        time.sleep(args.settle)
     sampler = system.start_sampler()
     counters_before = system.counters()
+    counters_before_t = time.monotonic()
     worker_before = system.worker_cpu()
     server_before = system.server_snapshot()
     driver_before = time.process_time()
@@ -932,8 +998,11 @@ def run_throughput(
     worker_after = system.worker_cpu()
     server_after = system.server_snapshot()
     driver_cpu = time.process_time() - driver_before
-    counters_after = system.counters()
     waits = system.stop_sampler(sampler) if sampler is not None else None
+    if counters_before:
+        time.sleep(args.stats_delay)  # idle backends report their statistics up to 10 s late
+    counters_after = system.counters()
+    counters_window_s = time.monotonic() - counters_before_t
     got = system.collect(workload, ids)
     finished_ns = max(got.completed_ns.values())
     wall_s = (finished_ns - began_ns) / 1e9
@@ -968,10 +1037,40 @@ def run_throughput(
         last = max(got.last_step_ns.values())
         result["last_step_finished_after_s"] = (last - began_ns) / 1e9
     if counters_before and counters_after:
+        delta = {k: counters_after[k] - counters_before.get(k, 0.0) for k in counters_after}
+        driver = delta.pop("driver_queries") + (waits or {}).get("samples", 0)
+        idle = getattr(system, "idle_rates", {})
+        idle_commits = idle.get("xact_commit", 0.0) * counters_window_s
+
+        def by_table(prefix: str) -> dict[str, float]:
+            return {
+                k.split(":", 1)[1]: round(v / steps, 2)
+                for k, v in sorted(delta.items(), key=lambda kv: -kv[1])
+                if k.startswith(prefix + ":") and v
+            }
+
         result["db_per_step"] = {
-            "commits": (counters_after["xact_commit"] - counters_before["xact_commit"]) / steps,
-            "wal_bytes": (counters_after["wal_bytes"] - counters_before["wal_bytes"]) / steps,
-            "note": "includes the client's submits and the driver's polling; WAL is cluster-wide",
+            "commits": (delta["xact_commit"] - driver - idle_commits) / steps,
+            "commits_raw": delta["xact_commit"] / steps,
+            "driver_queries_subtracted": driver,
+            "idle_commits_subtracted": idle_commits,
+            "counters_window_s": counters_window_s,
+            "reliable": args.stats_delay >= 10,
+            "rows_inserted": delta["tup_inserted"] / steps,
+            "rows_updated": delta["tup_updated"] / steps,
+            "rows_deleted": delta["tup_deleted"] / steps,
+            "rows_returned": delta["tup_returned"] / steps,
+            "rows_written_by_table": by_table("rows_written"),
+            "seq_scans_by_table": by_table("seq_scans"),
+            "rows_seq_read_by_table": by_table("rows_seq_read"),
+            "rows_idx_fetched_by_table": by_table("rows_idx_fetched"),
+            "wal_bytes": delta["wal_bytes"] / steps,
+            "note": "from pg_stat_database/pg_stat_user_tables of the benchmark db, read "
+            "--stats-delay s before and after the phase (an idle backend reports its "
+            "statistics up to 10 s late; below 10 s the numbers are not reliable); includes "
+            "the client's submits; 'commits' subtracts the driver's own queries and the "
+            "workers' idle polling (rate measured before the first workload); rows and WAL "
+            "are not corrected (WAL is cluster-wide)",
         }
     if waits is not None:
         result["pg_activity"] = waits
@@ -1029,6 +1128,8 @@ def run_system(system: System, args: argparse.Namespace, tag: str) -> dict[str, 
         wait_until(system.ready, args.boot_timeout, f"{system.key} workers to be ready", 0.1)
         entry["boot_seconds"] = round(time.monotonic() - boot, 2)
         print(f"[{system.key}] workers ready in {entry['boot_seconds']} s", flush=True)
+        if isinstance(system, TaskerSystem) and args.stats_delay > 0:
+            entry["idle_db_rates_per_s"] = system.measure_idle_rates(args.stats_delay)
         for key in args.workloads:
             workload = WORKLOADS[key]
             run_warmup(system, workload, args.warmup[key], tag, args.phase_timeout)
@@ -1239,6 +1340,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--no-fsync-probe", action="store_true")
     parser.add_argument("--settle", type=float, default=1.0, help="pause before each phase (s)")
+    parser.add_argument(
+        "--stats-delay",
+        type=float,
+        default=None,
+        help="Tasker: wait before and after a throughput phase before reading pg_stat_* "
+        "counters (s); idle backends report statistics up to 10 s late (default 11; "
+        "--quick: 0)",
+    )
     parser.add_argument("--phase-timeout", type=float, default=300.0)
     parser.add_argument("--boot-timeout", type=float, default=90.0)
     parser.add_argument("--stop-timeout", type=float, default=30.0)
@@ -1246,6 +1355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.workflows, args.fanout_workflows, args.latency_workflows = 40, 5, 10
         args.no_fsync_probe = True
+    if args.stats_delay is None:
+        args.stats_delay = 0.0 if args.quick else 11.0
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:

@@ -163,22 +163,29 @@ CREATE TABLE tasker.tasks_dlq (
 CREATE UNIQUE INDEX tasks_dlq_pending_idx ON tasker.tasks_dlq (task_uuid)
     WHERE resolution_status = 'pending';
 
+-- The functions below are PL/pgSQL, not SQL: PL/pgSQL caches its statements' plans per session,
+-- while a non-inlined SQL function is planned again on every call, which cost more than running
+-- it.
+
 -- Append transitions and move the current-row markers (callers hold the rows' locks).
 CREATE FUNCTION tasker.record_task_transition_v1(
     p_task uuid, p_from text, p_to text, p_metadata jsonb
-) RETURNS void LANGUAGE sql AS $$
-    WITH old AS (
-        UPDATE tasker.task_transitions SET most_recent = false
-        WHERE task_uuid = p_task AND most_recent
-        RETURNING sort_key
-    )
+) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    previous integer;
+BEGIN
+    UPDATE tasker.task_transitions SET most_recent = false
+    WHERE task_uuid = p_task AND most_recent
+    RETURNING sort_key INTO previous;
     INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, metadata, sort_key)
-    SELECT p_task, p_from, p_to, p_metadata, coalesce((SELECT max(sort_key) FROM old), 0) + 1
+    VALUES (p_task, p_from, p_to, p_metadata, coalesce(previous, 0) + 1);
+END
 $$;
 
 CREATE FUNCTION tasker.record_step_transitions_v1(
     p_steps uuid[], p_from text[], p_to text, p_metadata jsonb
-) RETURNS void LANGUAGE sql AS $$
+) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
     WITH old AS (
         UPDATE tasker.workflow_step_transitions SET most_recent = false
         WHERE workflow_step_uuid = ANY (p_steps) AND most_recent
@@ -188,7 +195,8 @@ CREATE FUNCTION tasker.record_step_transitions_v1(
         (workflow_step_uuid, from_state, to_state, metadata, sort_key)
     SELECT moved.step, moved.from_state, p_to, p_metadata, coalesce(old.sort_key, 0) + 1
     FROM unnest(p_steps, p_from) AS moved(step, from_state)
-    LEFT JOIN old ON old.workflow_step_uuid = moved.step
+    LEFT JOIN old ON old.workflow_step_uuid = moved.step;
+END
 $$;
 
 -- Step readiness (seed-spec 3.1), from the state kept on the step rows.
@@ -197,7 +205,9 @@ RETURNS TABLE (
     workflow_step_uuid uuid, name text, current_state text, dependencies_satisfied boolean,
     retry_eligible boolean, ready_for_execution boolean, next_retry_at timestamptz,
     total_parents integer, completed_parents integer, attempts integer, max_attempts integer
-) LANGUAGE sql STABLE AS $$
+) LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
     SELECT s.workflow_step_uuid, s.name::text, s.state,
            coalesce(p.total, 0) = coalesce(p.completed, 0),
            s.attempts = 0 OR (s.retryable AND s.attempts < s.max_attempts),
@@ -216,7 +226,8 @@ RETURNS TABLE (
         JOIN tasker.workflow_steps parent ON parent.workflow_step_uuid = e.from_step_uuid
         WHERE e.to_step_uuid = s.workflow_step_uuid
     ) p ON true
-    WHERE s.task_uuid = p_task
+    WHERE s.task_uuid = p_task;
+END
 $$;
 
 -- Task execution context with the later (TAS-222) rules of seed-spec 4.1.
@@ -226,43 +237,46 @@ RETURNS TABLE (
     enqueued_for_orchestration integer, enqueued_as_error integer, waiting_for_retry integer,
     completed integer, failed integer, ready integer, execution_status text,
     recommended_action text, next_retry_at timestamptz
-) LANGUAGE sql STABLE AS $$
-    WITH r AS (SELECT * FROM tasker.step_readiness_v1(p_task)),
-    c AS (
+) LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY
+    WITH c AS (
         SELECT count(*)::integer AS total,
-               count(*) FILTER (WHERE current_state = 'pending')::integer AS pending,
-               count(*) FILTER (WHERE current_state = 'enqueued')::integer AS enqueued,
-               count(*) FILTER (WHERE current_state = 'in_progress')::integer AS in_progress,
-               count(*) FILTER (WHERE current_state = 'enqueued_for_orchestration')::integer
+               count(*) FILTER (WHERE r.current_state = 'pending')::integer AS pending,
+               count(*) FILTER (WHERE r.current_state = 'enqueued')::integer AS enqueued,
+               count(*) FILTER (WHERE r.current_state = 'in_progress')::integer AS in_progress,
+               count(*) FILTER (WHERE r.current_state = 'enqueued_for_orchestration')::integer
                    AS efo,
-               count(*) FILTER (WHERE current_state = 'enqueued_as_error_for_orchestration')
+               count(*) FILTER (WHERE r.current_state = 'enqueued_as_error_for_orchestration')
                    ::integer AS eaefo,
-               count(*) FILTER (WHERE current_state = 'waiting_for_retry')::integer AS wfr,
-               count(*) FILTER (WHERE current_state IN ('complete', 'resolved_manually'))
+               count(*) FILTER (WHERE r.current_state = 'waiting_for_retry')::integer AS wfr,
+               count(*) FILTER (WHERE r.current_state IN ('complete', 'resolved_manually'))
                    ::integer AS completed,
-               count(*) FILTER (WHERE current_state = 'error')::integer AS failed,
-               count(*) FILTER (WHERE ready_for_execution)::integer AS ready,
-               min(next_retry_at) FILTER (WHERE current_state = 'waiting_for_retry')
+               count(*) FILTER (WHERE r.current_state = 'error')::integer AS failed,
+               count(*) FILTER (WHERE r.ready_for_execution)::integer AS ready,
+               min(r.next_retry_at) FILTER (WHERE r.current_state = 'waiting_for_retry')
                    AS next_retry_at
-        FROM r
+        FROM tasker.step_readiness_v1(p_task) r
     )
-    SELECT total, pending, enqueued, in_progress, efo, eaefo, wfr, completed, failed, ready,
+    SELECT c.total, c.pending, c.enqueued, c.in_progress, c.efo, c.eaefo, c.wfr, c.completed,
+           c.failed, c.ready,
            CASE
-               WHEN failed > 0 THEN 'blocked_by_failures'
-               WHEN ready > 0 THEN 'has_ready_steps'
-               WHEN in_progress + enqueued + efo + eaefo > 0 THEN 'processing'
-               WHEN completed = total AND total > 0 THEN 'all_complete'
+               WHEN c.failed > 0 THEN 'blocked_by_failures'
+               WHEN c.ready > 0 THEN 'has_ready_steps'
+               WHEN c.in_progress + c.enqueued + c.efo + c.eaefo > 0 THEN 'processing'
+               WHEN c.completed = c.total AND c.total > 0 THEN 'all_complete'
                ELSE 'waiting_for_dependencies'
            END,
            CASE
-               WHEN failed > 0 THEN 'handle_failures'
-               WHEN ready > 0 THEN 'execute_ready_steps'
-               WHEN in_progress + enqueued + efo + eaefo > 0 THEN 'wait_for_completion'
-               WHEN completed = total AND total > 0 THEN 'finalize_task'
+               WHEN c.failed > 0 THEN 'handle_failures'
+               WHEN c.ready > 0 THEN 'execute_ready_steps'
+               WHEN c.in_progress + c.enqueued + c.efo + c.eaefo > 0 THEN 'wait_for_completion'
+               WHEN c.completed = c.total AND c.total > 0 THEN 'finalize_task'
                ELSE 'wait_for_dependencies'
            END,
-           next_retry_at
-    FROM c
+           c.next_retry_at
+    FROM c;
+END
 $$;
 
 -- Atomic finalization claim: one holder per task while its lease lasts; every attempt audited.
