@@ -169,7 +169,14 @@ class _TemplateRegistrar(Middleware):
         with self.pgmq.pool.connection() as conn:
             for flow in flows:
                 register_template(conn, flow)
+            autovacuum = conn.execute("SHOW autovacuum").fetchone()
         logger.info("Registered %d workflow template(s)", len(flows))
+        if autovacuum and autovacuum[0] == "off":
+            logger.warning(
+                "autovacuum is off on this PostgreSQL: queue tables bloat and the planner's "
+                "statistics go stale, which makes every step slower. Turn it on, or run "
+                "VACUUM ANALYZE on the pgmq and tasker schemas regularly."
+            )
 
 
 def install(
