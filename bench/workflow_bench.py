@@ -1030,6 +1030,11 @@ def run_throughput(
             "total": 1000 * (worker_s + server_s) / steps,
         },
         "cpu_window_s": (detected_ns - began_ns) / 1e9,
+        # how much of the machine the system under test got: well below ~0.8 means other
+        # processes were competing for the cores during this phase
+        "share_of_cores_used": (worker_s + server_s)
+        / ((detected_ns - began_ns) / 1e9)
+        / len(os.sched_getaffinity(0)),
         "server_processes": list(system.server_processes),
         "checks": got.extra,
     }
@@ -1115,7 +1120,15 @@ def run_latency(
 
 
 def run_system(system: System, args: argparse.Namespace, tag: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"status": "ok", "description": system.description, "workloads": {}}
+    from bench.broker_throughput import git_revision
+
+    entry: dict[str, Any] = {
+        "status": "ok",
+        "description": system.description,
+        "workloads": {},
+        # the tree can change under a long run (other people commit): record it per system
+        "git_at_setup": git_revision(),
+    }
     try:
         system.setup()
     except UnavailableError as exc:

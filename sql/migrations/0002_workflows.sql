@@ -279,6 +279,62 @@ BEGIN
 END
 $$;
 
+-- A worker's claim in one round trip: lock the step, compare-and-swap enqueued -> in_progress
+-- (or re-claim a redelivered step whose worker died) with attempts + 1, record the transition,
+-- and return the task context and the results of every completed ancestor, by step name.
+CREATE FUNCTION tasker.claim_step_v1(p_step uuid, p_redelivered boolean)
+RETURNS TABLE (
+    outcome text, state text, attempt integer, max_attempts integer, name text, inputs jsonb,
+    task_context jsonb, correlation_id uuid, parent_results jsonb
+) LANGUAGE plpgsql AS $$
+DECLARE
+    s record;
+BEGIN
+    SELECT ws.state, ws.attempts, ws.max_attempts, ws.name, ws.inputs, t.context,
+           t.correlation_id AS correlation, ws.task_uuid
+    INTO s
+    FROM tasker.workflow_steps ws JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
+    WHERE ws.workflow_step_uuid = p_step
+    FOR UPDATE OF ws;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'missing', NULL::text, NULL::integer, NULL::integer, NULL::text,
+            NULL::jsonb, NULL::jsonb, NULL::uuid, NULL::jsonb;
+        RETURN;
+    END IF;
+    IF s.state = 'in_progress' AND p_redelivered AND s.attempts >= s.max_attempts THEN
+        RETURN QUERY SELECT 'exhausted', s.state, s.attempts, s.max_attempts, s.name::text,
+            s.inputs, s.context, s.correlation, NULL::jsonb;
+        RETURN;
+    END IF;
+    IF NOT (s.state = 'enqueued' OR (s.state = 'in_progress' AND p_redelivered)) THEN
+        RETURN QUERY SELECT 'skipped', s.state, s.attempts, s.max_attempts, s.name::text,
+            s.inputs, s.context, s.correlation, NULL::jsonb;
+        RETURN;
+    END IF;
+    UPDATE tasker.workflow_steps
+    SET state = 'in_progress', attempts = attempts + 1, last_attempted_at = clock_timestamp(),
+        started_at = clock_timestamp(), finished_at = NULL
+    WHERE workflow_step_uuid = p_step;
+    PERFORM tasker.record_step_transitions_v1(
+        ARRAY[p_step], ARRAY[s.state], 'in_progress',
+        jsonb_build_object('attempt', s.attempts + 1, 'reclaimed', s.state = 'in_progress'));
+    RETURN QUERY
+    WITH RECURSIVE ancestors AS (
+        SELECT e.from_step_uuid FROM tasker.workflow_step_edges e WHERE e.to_step_uuid = p_step
+        UNION
+        SELECT e.from_step_uuid FROM tasker.workflow_step_edges e
+        JOIN ancestors a ON e.to_step_uuid = a.from_step_uuid
+    )
+    SELECT 'claimed', s.state, s.attempts + 1, s.max_attempts, s.name::text, s.inputs,
+           s.context, s.correlation,
+           coalesce((SELECT jsonb_object_agg(p.name, p.results->'result')
+                     FROM ancestors a
+                     JOIN tasker.workflow_steps p ON p.workflow_step_uuid = a.from_step_uuid
+                     WHERE p.task_uuid = s.task_uuid  -- lets the planner use the task index
+                       AND p.state IN ('complete', 'resolved_manually')), '{}'::jsonb);
+END
+$$;
+
 -- Atomic finalization claim: one holder per task while its lease lasts; every attempt audited.
 CREATE FUNCTION tasker.claim_finalization_v1(p_task uuid, p_holder text, p_lease_seconds integer)
 RETURNS TABLE (claimed boolean, held_by text, message text) LANGUAGE plpgsql AS $$

@@ -104,33 +104,10 @@ RETURNING s.workflow_step_uuid, s.name, old.state
 SELECT execution_status, next_retry_at, total, completed, failed
 FROM tasker.task_execution_context_v1(%(task)s)
 
--- The worker's claim: lock the step and read what it needs in one round trip.
--- name: lock_step_for_claim
-SELECT s.state, s.attempts, s.max_attempts, s.name, s.inputs, t.context, t.correlation_id,
-       t.task_uuid
-FROM tasker.workflow_steps s
-JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-WHERE s.workflow_step_uuid = %(step)s
-FOR UPDATE OF s
-
--- name: start_step
-UPDATE tasker.workflow_steps
-SET state = 'in_progress', attempts = attempts + 1, last_attempted_at = clock_timestamp(),
-    started_at = clock_timestamp(), finished_at = NULL
-WHERE workflow_step_uuid = %(step)s
-RETURNING attempts
-
--- Results of every completed ancestor (transitive), by step name.
--- name: ancestor_results
-WITH RECURSIVE ancestors AS (
-    SELECT from_step_uuid FROM tasker.workflow_step_edges WHERE to_step_uuid = %(step)s
-    UNION
-    SELECT e.from_step_uuid FROM tasker.workflow_step_edges e
-    JOIN ancestors a ON e.to_step_uuid = a.from_step_uuid
-)
-SELECT s.name, s.results->'result'
-FROM ancestors a JOIN tasker.workflow_steps s ON s.workflow_step_uuid = a.from_step_uuid
-WHERE s.state IN ('complete', 'resolved_manually')
+-- name: claim_step
+SELECT outcome, state, attempt, max_attempts, name, inputs, task_context, correlation_id,
+       parent_results
+FROM tasker.claim_step_v1(%(step)s, %(redelivered)s)
 
 -- Fenced by state and attempt: a worker that lost the step to a re-claim records nothing.
 -- name: finish_step

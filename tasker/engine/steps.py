@@ -50,21 +50,19 @@ class StepOutcome:
 def claim_step(
     conn: Any, namespace: str, workflow: str, task_uuid: str, step_uuid: str, *, redelivered: bool
 ) -> Claim:
-    """Claim the step for this worker (one transaction on ``conn``)."""
-    with conn.transaction():
-        row = conn.execute(q("lock_step_for_claim"), {"step": step_uuid}).fetchone()
-        if row is None:
-            return Claim(None, "step does not exist")
-        state, attempts, max_attempts, name, inputs, task_context, correlation, _ = row
-        if state == "in_progress" and redelivered:
-            if attempts >= max_attempts:  # its worker died on the last allowed attempt
-                return Claim(None, "attempts exhausted by dead workers", exhausted=True)
-            logger.warning("Re-claiming step %s: its previous worker died", step_uuid)
-        elif state != "enqueued":
-            return Claim(None, f"step is {state}")
-        attempt = conn.execute(q("start_step"), {"step": step_uuid}).fetchone()[0]
-        move_steps(conn, [step_uuid], [state], "in_progress", attempt=attempt)
-        parents = dict(conn.execute(q("ancestor_results"), {"step": step_uuid}).fetchall())
+    """Claim the step for this worker: one statement (``tasker.claim_step_v1``)."""
+    row = conn.execute(
+        q("claim_step"), {"step": step_uuid, "redelivered": redelivered}
+    ).fetchone()
+    outcome, state, attempt, max_attempts, name, inputs, task_context, correlation, parents = row
+    if outcome == "missing":
+        return Claim(None, "step does not exist")
+    if outcome == "exhausted":  # its worker died on the last allowed attempt
+        return Claim(None, "attempts exhausted by dead workers", exhausted=True)
+    if outcome == "skipped":
+        return Claim(None, f"step is {state}")
+    if state == "in_progress":
+        logger.warning("Re-claimed step %s: its previous worker died", step_uuid)
     context = StepContext(
         task_uuid=task_uuid,
         step_uuid=step_uuid,
