@@ -29,8 +29,11 @@ lint: setup  ## ruff and mypy (strict on tasker/)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-bench: setup  ## broker benchmark against RabbitMQ and Redis (see bench/README.md)
+bench: setup  ## benchmarks against Dramatiq (RabbitMQ, Redis) and Celery (see bench/README.md)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/broker_throughput.py
+	$(BIN)/python bench/claim_latency.py
+	$(BIN)/python bench/workflow_bench.py
 
 clean:
 	rm -rf $(VENV) .tasker .mypy_cache .ruff_cache .pytest_cache
