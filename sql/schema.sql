@@ -185,6 +185,7 @@ INDEX workflow_steps_task_idx: CREATE INDEX workflow_steps_task_idx ON tasker.wo
 INDEX workflow_steps_task_uuid_named_step_uuid_key: CREATE UNIQUE INDEX workflow_steps_task_uuid_named_step_uuid_key ON tasker.workflow_steps USING btree (task_uuid, named_step_uuid)
 FUNCTION tasker.claim_finalization_v1(p_task uuid, p_holder text, p_lease_seconds integer) RETURNS TABLE(claimed boolean, held_by text, message text) -- body md5 f7647e65d67b47626a3c0da0bf47ea1d
 FUNCTION tasker.claim_step_v1(p_step uuid, p_redelivered boolean) RETURNS TABLE(outcome text, state text, attempt integer, max_attempts integer, name text, inputs jsonb, task_context jsonb, correlation_id uuid, parent_results jsonb) -- body md5 025e5bf94bf019277960089448a1eac2
+FUNCTION tasker.complete_step_v1(p_step uuid, p_attempt integer, p_results jsonb) RETURNS TABLE(outcome text, task_uuid uuid, namespace text, workflow text, enqueued uuid[], enqueued_names text[]) -- body md5 4e93432ea7dbcdc2eb1e04ee5a28e41e
 FUNCTION tasker.extend_finalization_v1(p_task uuid, p_holder text, p_lease_seconds integer) RETURNS boolean -- body md5 cc7052ce39d437a90560263ed9f7bf1a
 FUNCTION tasker.record_step_transitions_v1(p_steps uuid[], p_from text[], p_to text, p_metadata jsonb) RETURNS void -- body md5 c664754a306f2d25528bd0e112326a7a
 FUNCTION tasker.record_task_transition_v1(p_task uuid, p_from text, p_to text, p_metadata jsonb) RETURNS void -- body md5 aece6dde46bf491527d28a3bf5c55888

@@ -335,6 +335,91 @@ BEGIN
 END
 $$;
 
+-- The inline fast path of a successful step, in one round trip: record the result (fenced by the
+-- attempt), complete the step, and under the task row lock move the task forward: enqueue the
+-- steps that became ready (returned, so the caller sends their messages in this transaction), or
+-- mark the task ready for finalization. Anything else (a sibling failed, retries pending) is
+-- left to the caller ('evaluate'), which runs the general path with the task already locked.
+CREATE FUNCTION tasker.complete_step_v1(p_step uuid, p_attempt integer, p_results jsonb)
+RETURNS TABLE (
+    outcome text, task_uuid uuid, namespace text, workflow text, enqueued uuid[],
+    enqueued_names text[]
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_task uuid;
+    v_state text;
+    v_namespace text;
+    v_workflow text;
+    v_status text;
+    v_steps uuid[];
+    v_names text[];
+    v_from text[];
+BEGIN
+    UPDATE tasker.workflow_steps ws
+    SET state = 'complete', results = p_results, finished_at = clock_timestamp(),
+        processed_at = clock_timestamp()
+    WHERE ws.workflow_step_uuid = p_step AND ws.state = 'in_progress' AND ws.attempts = p_attempt
+    RETURNING ws.task_uuid INTO v_task;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'lost', NULL::uuid, NULL::text, NULL::text, NULL::uuid[],
+            NULL::text[];
+        RETURN;
+    END IF;
+    PERFORM tasker.record_step_transitions_v1(
+        ARRAY[p_step], ARRAY['in_progress'], 'complete',
+        jsonb_build_object('attempt', p_attempt, 'via', '["enqueued_for_orchestration"]'::jsonb));
+    SELECT t.state, ns.name, nt.name INTO v_state, v_namespace, v_workflow
+    FROM tasker.tasks t
+    JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
+    JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
+    WHERE t.task_uuid = v_task
+    FOR UPDATE OF t;
+    IF v_state IN ('complete', 'error', 'cancelled', 'resolved_manually', 'blocked_by_failures')
+    THEN
+        RETURN QUERY SELECT 'late', v_task, v_namespace, v_workflow, NULL::uuid[], NULL::text[];
+        RETURN;
+    END IF;
+    SELECT c.execution_status INTO v_status FROM tasker.task_execution_context_v1(v_task) c;
+    IF v_status = 'processing' AND v_state = 'steps_in_process' THEN
+        RETURN QUERY SELECT 'processing', v_task, v_namespace, v_workflow, NULL::uuid[],
+            NULL::text[];
+        RETURN;
+    END IF;
+    IF v_status = 'has_ready_steps' AND v_state = 'steps_in_process' THEN
+        WITH ready AS (
+            SELECT r.workflow_step_uuid FROM tasker.step_readiness_v1(v_task) r
+            WHERE r.ready_for_execution
+        ), old AS (
+            SELECT ws.workflow_step_uuid, ws.state FROM tasker.workflow_steps ws
+            JOIN ready USING (workflow_step_uuid)
+            WHERE ws.state IN ('pending', 'waiting_for_retry')
+            FOR UPDATE OF ws
+        ), moved AS (
+            UPDATE tasker.workflow_steps ws SET state = 'enqueued', next_retry_at = NULL
+            FROM old WHERE ws.workflow_step_uuid = old.workflow_step_uuid
+            RETURNING ws.workflow_step_uuid, ws.name::text AS name, old.state AS from_state
+        )
+        SELECT array_agg(moved.workflow_step_uuid), array_agg(moved.name),
+               array_agg(moved.from_state)
+        INTO v_steps, v_names, v_from FROM moved;
+        IF v_steps IS NOT NULL THEN
+            PERFORM tasker.record_step_transitions_v1(v_steps, v_from, 'enqueued', '{}'::jsonb);
+            RETURN QUERY SELECT 'enqueued', v_task, v_namespace, v_workflow, v_steps, v_names;
+            RETURN;
+        END IF;
+    END IF;
+    IF v_status = 'all_complete' AND v_state = 'steps_in_process' THEN
+        UPDATE tasker.tasks SET state = 'evaluating_results' WHERE tasks.task_uuid = v_task;
+        PERFORM tasker.record_task_transition_v1(v_task, v_state, 'evaluating_results',
+            '{"reason": "all steps complete"}'::jsonb);
+        RETURN QUERY SELECT 'finalize', v_task, v_namespace, v_workflow, NULL::uuid[],
+            NULL::text[];
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT 'evaluate', v_task, v_namespace, v_workflow, NULL::uuid[], NULL::text[];
+END
+$$;
+
 -- Atomic finalization claim: one holder per task while its lease lasts; every attempt audited.
 CREATE FUNCTION tasker.claim_finalization_v1(p_task uuid, p_holder text, p_lease_seconds integer)
 RETURNS TABLE (claimed boolean, held_by text, message text) LANGUAGE plpgsql AS $$

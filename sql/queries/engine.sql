@@ -109,6 +109,10 @@ SELECT outcome, state, attempt, max_attempts, name, inputs, task_context, correl
        parent_results
 FROM tasker.claim_step_v1(%(step)s, %(redelivered)s)
 
+-- name: complete_step_fast
+SELECT outcome, task_uuid, namespace, workflow, enqueued, enqueued_names
+FROM tasker.complete_step_v1(%(step)s, %(attempt)s, %(results)s::jsonb)
+
 -- Fenced by state and attempt: a worker that lost the step to a re-claim records nothing.
 -- name: finish_step
 UPDATE tasker.workflow_steps

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from tasker.engine.messages import Sender, StepMessage
 from tasker.engine.sql import q
 from tasker.engine.transitions import move_steps
 
-__all__ = ["enqueue_ready_steps"]
+__all__ = ["enqueue_ready_steps", "step_messages"]
 
 
 def enqueue_ready_steps(
@@ -25,12 +26,18 @@ def enqueue_ready_steps(
     if not moved:
         return 0
     move_steps(conn, [r[0] for r in moved], [r[2] for r in moved], "enqueued")
-    queue = f"worker_{namespace}_queue"
     sender.send_steps(
-        conn,
-        [
-            StepMessage(queue, f"tasker.{namespace}.{workflow}.{name}", str(task_uuid), str(step))
-            for step, name, _ in moved
-        ],
+        conn, step_messages(namespace, workflow, task_uuid, [(r[0], r[1]) for r in moved])
     )
     return len(moved)
+
+
+def step_messages(
+    namespace: str, workflow: str, task_uuid: Any, steps: Sequence[tuple[Any, str]]
+) -> list[StepMessage]:
+    """The messages that run ``steps`` (``(step_uuid, name)`` pairs) of a task."""
+    queue = f"worker_{namespace}_queue"
+    return [
+        StepMessage(queue, f"tasker.{namespace}.{workflow}.{name}", str(task_uuid), str(step))
+        for step, name in steps
+    ]

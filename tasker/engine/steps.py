@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tasker.engine.messages import PROCESS_RESULT, Sender
+from tasker.engine.enqueue import step_messages
+from tasker.engine.messages import FINALIZE, PROCESS_RESULT, Sender
 from tasker.engine.payloads import encode_json
-from tasker.engine.results import process_result
+from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.sql import q
 from tasker.engine.transitions import move_steps
 from tasker.exceptions import PayloadError
@@ -51,9 +52,7 @@ def claim_step(
     conn: Any, namespace: str, workflow: str, task_uuid: str, step_uuid: str, *, redelivered: bool
 ) -> Claim:
     """Claim the step for this worker: one statement (``tasker.claim_step_v1``)."""
-    row = conn.execute(
-        q("claim_step"), {"step": step_uuid, "redelivered": redelivered}
-    ).fetchone()
+    row = conn.execute(q("claim_step"), {"step": step_uuid, "redelivered": redelivered}).fetchone()
     outcome, state, attempt, max_attempts, name, inputs, task_context, correlation, parents = row
     if outcome == "missing":
         return Claim(None, "step does not exist")
@@ -145,6 +144,8 @@ def record_outcome(
     inline: bool,
 ) -> bool:
     """Store the outcome and process it (inline) or hand it on; False if the step was lost."""
+    if outcome.success and inline:
+        return _complete_inline(conn, sender, step_uuid, attempt, outcome)
     to = "enqueued_for_orchestration" if outcome.success else "enqueued_as_error_for_orchestration"
     row = conn.execute(
         q("finish_step"),
@@ -157,6 +158,31 @@ def record_outcome(
         return False
     move_steps(conn, [step_uuid], ["in_progress"], to, attempt=attempt)
     _hand_on(conn, sender, row[0], step_uuid, inline=inline)
+    return True
+
+
+def _complete_inline(
+    conn: Any, sender: Sender, step_uuid: str, attempt: int, outcome: StepOutcome
+) -> bool:
+    """The fast path of a success: one call of ``tasker.complete_step_v1``, then the messages."""
+    params = {"step": step_uuid, "attempt": attempt, "results": outcome.document}
+    result, task_uuid, namespace, workflow, steps, names = conn.execute(
+        q("complete_step_fast"), params
+    ).fetchone()
+    if result == "lost":
+        logger.warning(
+            "Step %s attempt %d lost its claim; its outcome is dropped", step_uuid, attempt
+        )
+        return False
+    if result == "enqueued":
+        sender.send_steps(
+            conn,
+            step_messages(namespace, workflow, task_uuid, list(zip(steps, names, strict=True))),
+        )
+    elif result == "finalize":
+        sender.send_stage(conn, FINALIZE, str(task_uuid))
+    elif result == "evaluate":  # the general path, with the task row already locked
+        reevaluate_task(conn, sender, task_uuid)
     return True
 
 
