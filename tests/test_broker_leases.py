@@ -3,7 +3,6 @@ and a worker that lost its lease cannot ack the copy someone else is running."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -110,4 +109,3 @@ def test_consumer_returns_within_its_timeout_when_prefetch_is_full(database_url:
     finally:
         consumer.close()
         broker.close()
-    _ = threading  # the consumer is driven from this thread only

@@ -11,7 +11,6 @@ from typing import Any
 import dramatiq
 import psycopg
 import pytest
-from dramatiq.message import Message
 
 import tasker
 from tasker.brokers.pgmq import PGMQBroker
@@ -240,4 +239,3 @@ def test_the_same_step_message_delivered_twice_records_one_result(
         )
         == 1
     )
-    _ = Message  # keep the import for readers: messages are plain Dramatiq messages
