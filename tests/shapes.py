@@ -113,3 +113,27 @@ def descendants(shape: Mapping[str, list[str]], start: str) -> set[str]:
         frontier = {n for n, deps in shape.items() if frontier & set(deps)} - found
         found |= frontier
     return found
+
+
+def assert_parents_finished_first(database_url: str, task_uuid: str) -> None:
+    """No step of the task started before every parent finished and was marked complete
+    (database timestamps)."""
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        early = conn.execute(
+            """
+            SELECT child.name, parent.name
+            FROM tasker.workflow_step_edges e
+            JOIN tasker.workflow_steps child ON child.workflow_step_uuid = e.to_step_uuid
+            JOIN tasker.workflow_steps parent ON parent.workflow_step_uuid = e.from_step_uuid
+            WHERE child.task_uuid = %s
+              AND (child.started_at < parent.finished_at
+                   OR child.started_at < (SELECT max(t.created_at)
+                                          FROM tasker.workflow_step_transitions t
+                                          WHERE t.workflow_step_uuid = parent.workflow_step_uuid
+                                            AND t.to_state = 'complete'))
+            """,
+            (task_uuid,),
+        ).fetchall()
+    assert early == []

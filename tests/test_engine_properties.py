@@ -7,7 +7,6 @@ import itertools
 from collections.abc import Iterator
 
 import dramatiq
-import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 import tasker
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.runtime.workflows import bind_workflow, install
-from tests.shapes import Recorder, build_flow, expected_values
+from tests.shapes import Recorder, assert_parents_finished_first, build_flow, expected_values
 
 _names = itertools.count()
 
@@ -61,20 +60,4 @@ def test_random_dags_complete_in_dependency_order(
     assert status.state == "complete"
     assert {s.name: s.result["value"] for s in status.steps} == expected_values(shape)
     assert sorted(recorder.names()) == sorted(shape)
-    with psycopg.connect(database_url) as conn:
-        early = conn.execute(
-            """
-            SELECT child.name, parent.name
-            FROM tasker.workflow_step_edges e
-            JOIN tasker.workflow_steps child ON child.workflow_step_uuid = e.to_step_uuid
-            JOIN tasker.workflow_steps parent ON parent.workflow_step_uuid = e.from_step_uuid
-            WHERE child.task_uuid = %s
-              AND (child.started_at < parent.finished_at
-                   OR child.started_at < (SELECT max(t.created_at)
-                                          FROM tasker.workflow_step_transitions t
-                                          WHERE t.workflow_step_uuid = parent.workflow_step_uuid
-                                            AND t.to_state = 'complete'))
-            """,
-            (handle.task_uuid,),
-        ).fetchall()
-    assert early == []
+    assert_parents_finished_first(database_url, handle.task_uuid)

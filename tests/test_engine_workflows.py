@@ -12,7 +12,14 @@ import pytest
 import tasker
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.runtime.workflows import bind_workflow, install
-from tests.shapes import SHAPES, Recorder, build_flow, descendants, expected_values
+from tests.shapes import (
+    SHAPES,
+    Recorder,
+    assert_parents_finished_first,
+    build_flow,
+    descendants,
+    expected_values,
+)
 
 
 @pytest.fixture
@@ -42,22 +49,6 @@ def run_flow(broker: PGMQBroker, client: tasker.Client) -> Iterator[Any]:
         worker.stop()
 
 
-def step_parents_done_before_start(database_url: str, task_uuid: str) -> None:
-    """No step started before all its parents completed (database timestamps)."""
-    with psycopg.connect(database_url) as conn:
-        late = conn.execute(
-            """
-            SELECT child.name, parent.name
-            FROM tasker.workflow_step_edges e
-            JOIN tasker.workflow_steps child ON child.workflow_step_uuid = e.to_step_uuid
-            JOIN tasker.workflow_steps parent ON parent.workflow_step_uuid = e.from_step_uuid
-            WHERE child.task_uuid = %s AND child.started_at < parent.finished_at
-            """,
-            (task_uuid,),
-        ).fetchall()
-    assert late == []
-
-
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_happy_path(shape: str, run_flow: Any, database_url: str) -> None:
     recorder = Recorder()
@@ -66,7 +57,7 @@ def test_happy_path(shape: str, run_flow: Any, database_url: str) -> None:
     expected = expected_values(SHAPES[shape])
     assert {s.name: s.result["value"] for s in status.steps} == expected
     assert sorted(recorder.names()) == sorted(SHAPES[shape])  # each step ran exactly once
-    step_parents_done_before_start(database_url, status.task_uuid)
+    assert_parents_finished_first(database_url, status.task_uuid)
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -98,7 +89,7 @@ def test_retryable_failures_succeed_later_after_the_backoff(
     for _name, waited_at, re_enqueued_at, backoff in waits:
         assert backoff == pytest.approx(0.4)  # 0.2 s x 2^1 after the first attempt, no jitter
         assert (re_enqueued_at - waited_at).total_seconds() >= backoff - 0.01
-    step_parents_done_before_start(database_url, status.task_uuid)
+    assert_parents_finished_first(database_url, status.task_uuid)
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
