@@ -492,13 +492,12 @@ class PGMQBroker(Broker):
             rows = conn.execute(self.statement("extend_leases", names), params).fetchall()
         return {row[0] for row in rows}
 
-    def delete_in_transaction(self, conn: _Connection, message: PGMQMessageProxy) -> bool:
+    def delete_in_transaction(self, conn: _Connection, message: PGMQMessageProxy) -> None:
         """Delete a delivered message on the caller's connection, so the ack commits with the
-        caller's transaction; set ``message.settled`` after the commit. False if the lease was
-        lost (the message was delivered again)."""
+        caller's transaction (set ``message.settled`` after the commit). Fenced by ``read_ct``: a
+        lost lease deletes nothing. The result is not read, so it pipelines."""
         params = {"msg_ids": [message.msg_id], "read_cts": [message.read_ct]}
-        rows = conn.execute(self.statement("ack_many", message.pgmq_names), params).fetchall()
-        return bool(rows)
+        conn.execute(self.statement("ack_many", message.pgmq_names), params)
 
     def poison_reason(self, read_ct: int, headers: dict[str, Any]) -> str | None:
         """Why a delivery must be dead-lettered instead of run, or None.
