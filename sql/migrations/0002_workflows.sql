@@ -279,6 +279,67 @@ BEGIN
 END
 $$;
 
+-- Create a task in one round trip: the task row (idempotent on its identity hash), its steps,
+-- edges and first transitions; the root steps move to enqueued and are returned, so the caller
+-- sends their messages in the same transaction. Steps are given in dependency order.
+CREATE FUNCTION tasker.create_task_v1(
+    p_named_task uuid, p_context jsonb, p_identity text, p_priority integer, p_correlation uuid,
+    p_parent_correlation uuid, p_initiator text, p_source_system text, p_reason text,
+    p_tags jsonb, p_steps text[], p_retryable boolean[], p_max_attempts integer[],
+    p_inputs jsonb[], p_edge_parents text[], p_edge_children text[]
+) RETURNS TABLE (task_uuid uuid, created boolean, enqueued uuid[], enqueued_names text[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_task uuid;
+    v_steps uuid[];
+    v_names text[];
+BEGIN
+    INSERT INTO tasker.tasks AS t (named_task_uuid, context, identity_hash, priority,
+        correlation_id, parent_correlation_id, initiator, source_system, reason, tags, state)
+    VALUES (p_named_task, p_context, p_identity, p_priority, p_correlation,
+        p_parent_correlation, p_initiator, p_source_system, p_reason, p_tags, 'steps_in_process')
+    ON CONFLICT (identity_hash) DO NOTHING
+    RETURNING t.task_uuid INTO v_task;
+    IF v_task IS NULL THEN
+        RETURN QUERY SELECT t.task_uuid, false, NULL::uuid[], NULL::text[]
+            FROM tasker.tasks t WHERE t.identity_hash = p_identity;
+        RETURN;
+    END IF;
+    INSERT INTO tasker.named_steps (name) SELECT unnest(p_steps) ON CONFLICT (name) DO NOTHING;
+    INSERT INTO tasker.workflow_steps
+        (task_uuid, named_step_uuid, name, retryable, max_attempts, inputs)
+    SELECT v_task, ns.named_step_uuid, s.name, s.retryable, s.max_attempts, s.inputs
+    FROM unnest(p_steps, p_retryable, p_max_attempts, p_inputs)
+        AS s(name, retryable, max_attempts, inputs)
+    JOIN tasker.named_steps ns ON ns.name = s.name;
+    INSERT INTO tasker.workflow_step_edges (from_step_uuid, to_step_uuid)
+    SELECT parent.workflow_step_uuid, child.workflow_step_uuid
+    FROM unnest(p_edge_parents, p_edge_children) AS e(parent, child)
+    JOIN tasker.workflow_steps parent ON parent.task_uuid = v_task AND parent.name = e.parent
+    JOIN tasker.workflow_steps child ON child.task_uuid = v_task AND child.name = e.child;
+    INSERT INTO tasker.workflow_step_transitions (workflow_step_uuid, from_state, to_state,
+        sort_key)
+    SELECT ws.workflow_step_uuid, NULL, 'pending', 1
+    FROM tasker.workflow_steps ws WHERE ws.task_uuid = v_task;
+    WITH roots AS (
+        UPDATE tasker.workflow_steps ws SET state = 'enqueued'
+        WHERE ws.task_uuid = v_task AND ws.name <> ALL (coalesce(p_edge_children, '{}'))
+        RETURNING ws.workflow_step_uuid, ws.name::text AS name
+    )
+    SELECT array_agg(roots.workflow_step_uuid), array_agg(roots.name)
+    INTO v_steps, v_names FROM roots;
+    PERFORM tasker.record_step_transitions_v1(
+        v_steps, array_fill('pending'::text, ARRAY[cardinality(v_steps)]), 'enqueued',
+        '{}'::jsonb);
+    PERFORM tasker.record_task_transition_v1(v_task, NULL, 'pending', '{}'::jsonb);
+    PERFORM tasker.record_task_transition_v1(v_task, 'pending', 'steps_in_process',
+        jsonb_build_object(
+            'via', '["initializing", "enqueuing_steps", "steps_in_process"]'::jsonb,
+            'reason', format('created; %s step(s) enqueued', cardinality(v_steps))));
+    RETURN QUERY SELECT v_task, true, v_steps, v_names;
+END
+$$;
+
 -- A worker's claim in one round trip: lock the step, compare-and-swap enqueued -> in_progress
 -- (or re-claim a redelivered step whose worker died) with attempts + 1, record the transition,
 -- and return the task context and the results of every completed ancestor, by step name.

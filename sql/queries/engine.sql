@@ -24,39 +24,14 @@ ORDER BY string_to_array(regexp_replace(nt.version, '[^0-9.]', '', 'g'), '.')::i
          nt.created_at DESC
 LIMIT 1
 
--- name: upsert_named_steps
-INSERT INTO tasker.named_steps (name)
-SELECT unnest(%(names)s::text[])
-ON CONFLICT (name) DO NOTHING
-
--- name: insert_task
-INSERT INTO tasker.tasks (named_task_uuid, context, identity_hash, priority, correlation_id,
-                          parent_correlation_id, initiator, source_system, reason, tags, state)
-VALUES (%(named_task_uuid)s, %(context)s::jsonb, %(identity_hash)s, %(priority)s,
-        %(correlation_id)s, %(parent_correlation_id)s, %(initiator)s, %(source_system)s,
-        %(reason)s, %(tags)s::jsonb, %(state)s)
-ON CONFLICT (identity_hash) DO NOTHING
-RETURNING task_uuid
-
--- name: task_by_identity
-SELECT task_uuid FROM tasker.tasks WHERE identity_hash = %(identity_hash)s
-
--- name: insert_steps
-INSERT INTO tasker.workflow_steps
-    (task_uuid, named_step_uuid, name, retryable, max_attempts, inputs)
-SELECT %(task)s, ns.named_step_uuid, s.name, s.retryable, s.max_attempts, s.inputs
-FROM unnest(%(names)s::text[], %(retryable)s::boolean[], %(max_attempts)s::int[],
-            %(inputs)s::jsonb[]) AS s(name, retryable, max_attempts, inputs)
-JOIN tasker.named_steps ns ON ns.name = s.name
-RETURNING workflow_step_uuid, name
-
--- name: insert_edges
-INSERT INTO tasker.workflow_step_edges (from_step_uuid, to_step_uuid)
-SELECT * FROM unnest(%(parents)s::uuid[], %(children)s::uuid[])
-
--- name: insert_initial_step_transitions
-INSERT INTO tasker.workflow_step_transitions (workflow_step_uuid, from_state, to_state, sort_key)
-SELECT unnest(%(steps)s::uuid[]), NULL, 'pending', 1
+-- name: create_task
+SELECT task_uuid, created, enqueued, enqueued_names
+FROM tasker.create_task_v1(
+    %(named_task_uuid)s, %(context)s::jsonb, %(identity_hash)s, %(priority)s,
+    %(correlation_id)s, %(parent_correlation_id)s, %(initiator)s, %(source_system)s,
+    %(reason)s, %(tags)s::jsonb, %(steps)s::text[], %(retryable)s::boolean[],
+    %(max_attempts)s::int[], %(inputs)s::jsonb[], %(edge_parents)s::text[],
+    %(edge_children)s::text[])
 
 -- name: record_task_transition
 SELECT tasker.record_task_transition_v1(%(task)s, %(from)s, %(to)s, %(metadata)s::jsonb)

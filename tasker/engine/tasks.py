@@ -12,14 +12,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tasker.engine.enqueue import enqueue_ready_steps
+from tasker.engine.enqueue import step_messages
 from tasker.engine.messages import Sender
 from tasker.engine.payloads import encode_json
 from tasker.engine.sql import q
 from tasker.engine.templates import Template, find_template
-from tasker.engine.transitions import move_task
 from tasker.exceptions import PayloadError
-from tasker.workflow.definition import Workflow, WorkflowDefinitionError
+from tasker.workflow.definition import Workflow
+from tasker.workflow.states import check_task_path
 
 __all__ = ["TaskHandle", "TaskRequest", "create_task", "identity_hash"]
 
@@ -79,72 +79,54 @@ def _validate(request: TaskRequest) -> str:
 
 
 def create_task(conn: Any, sender: Sender, request: TaskRequest) -> TaskHandle:
-    """Create the task and enqueue its ready steps in one transaction on ``conn``."""
+    """Create the task and enqueue its root steps in one transaction on ``conn``.
+
+    One call of ``tasker.create_task_v1`` writes the task, its steps, edges and transitions; the
+    root steps' messages are sent in the same transaction.
+    """
     context_json = _validate(request)
     template = find_template(conn, request.namespace, request.name, request.version)
-    flow = Workflow.from_template(template.configuration, resolve_handlers=False, register=False)
+    flow = _definition(template)
     identity = identity_hash(template, context_json, request.idempotency_key)
-    with conn.transaction():
-        row = conn.execute(
-            q("insert_task"),
-            {
-                "named_task_uuid": template.named_task_uuid,
-                "context": context_json,
-                "identity_hash": identity,
-                "priority": request.priority,
-                "correlation_id": request.correlation_id or str(uuid.uuid4()),
-                "parent_correlation_id": request.parent_correlation_id,
-                "initiator": request.initiator,
-                "source_system": request.source_system,
-                "reason": request.reason,
-                "tags": json.dumps(request.tags or {}),
-                "state": "pending",
-            },
-        ).fetchone()
-        if row is None:
-            existing = conn.execute(q("task_by_identity"), {"identity_hash": identity}).fetchone()
-            return TaskHandle(str(existing[0]), flow.namespace, flow.name, flow.version, False)
-        task_uuid = row[0]
-        _insert_steps(conn, task_uuid, flow)
-        conn.execute(
-            q("record_task_transition"),
-            {"task": task_uuid, "from": None, "to": "pending", "metadata": "{}"},
-        )
-        sent = enqueue_ready_steps(conn, sender, task_uuid, flow.namespace, flow.name)
-        if sent == 0:
-            raise WorkflowDefinitionError(f"{flow!r} has no step without dependencies.")
-        move_task(
-            conn,
-            task_uuid,
-            "pending",
-            "initializing",
-            "enqueuing_steps",
-            "steps_in_process",
-            reason=f"created; {sent} step(s) enqueued",
-        )
-    return TaskHandle(str(task_uuid), flow.namespace, flow.name, flow.version, True)
-
-
-def _insert_steps(conn: Any, task_uuid: Any, flow: Workflow) -> None:
+    check_task_path("pending", "initializing", "enqueuing_steps", "steps_in_process")
     steps = list(flow.steps.values())
-    names = [s.name for s in steps]
-    conn.execute(q("upsert_named_steps"), {"names": names})
-    rows = conn.execute(
-        q("insert_steps"),
-        {
-            "task": task_uuid,
-            "names": names,
-            "retryable": [s.retryable for s in steps],
-            "max_attempts": [s.max_attempts for s in steps],
-            "inputs": [json.dumps(dict(s.inputs)) for s in steps],
-        },
-    ).fetchall()
-    ids = {name: step_uuid for step_uuid, name in rows}
-    parents, children = [], []
-    for step in steps:
-        for parent in step.depends_on:
-            parents.append(ids[parent])
-            children.append(ids[step.name])
-    if parents:
-        conn.execute(q("insert_edges"), {"parents": parents, "children": children})
-    conn.execute(q("insert_initial_step_transitions"), {"steps": list(ids.values())})
+    edges = [(parent, step.name) for step in steps for parent in step.depends_on]
+    params = {
+        "named_task_uuid": template.named_task_uuid,
+        "context": context_json,
+        "identity_hash": identity,
+        "priority": request.priority,
+        "correlation_id": request.correlation_id or str(uuid.uuid4()),
+        "parent_correlation_id": request.parent_correlation_id,
+        "initiator": request.initiator,
+        "source_system": request.source_system,
+        "reason": request.reason,
+        "tags": json.dumps(request.tags or {}),
+        "steps": [s.name for s in steps],
+        "retryable": [s.retryable for s in steps],
+        "max_attempts": [s.max_attempts for s in steps],
+        "inputs": [json.dumps(dict(s.inputs)) for s in steps],
+        "edge_parents": [parent for parent, _ in edges],
+        "edge_children": [child for _, child in edges],
+    }
+    with conn.transaction():
+        task_uuid, created, roots, names = conn.execute(q("create_task"), params).fetchone()
+        if created:
+            pairs = list(zip(roots, names, strict=True))
+            sender.send_steps(conn, step_messages(flow.namespace, flow.name, task_uuid, pairs))
+    return TaskHandle(str(task_uuid), flow.namespace, flow.name, flow.version, bool(created))
+
+
+_DEFINITIONS: dict[Any, tuple[dict[str, Any], Workflow]] = {}
+
+
+def _definition(template: Template) -> Workflow:
+    """The template's workflow, parsed once per template version (checked by equality)."""
+    cached = _DEFINITIONS.get(template.named_task_uuid)
+    if cached is not None and cached[0] == template.configuration:
+        return cached[1]
+    flow = Workflow.from_template(template.configuration, resolve_handlers=False, register=False)
+    if len(_DEFINITIONS) > 1000:
+        _DEFINITIONS.clear()
+    _DEFINITIONS[template.named_task_uuid] = (template.configuration, flow)
+    return flow
