@@ -45,8 +45,19 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench._common import (  # noqa: E402
+    BenchError,
+    fmt,
+    log_issues,
+    redact,
+    require_local,
+    wait_until,
+)
+
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
-LOCAL_HOSTS = {None, "", "127.0.0.1", "localhost", "::1"}
 POLL_S = 0.05
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_PROCESSES = {
@@ -65,11 +76,6 @@ PACKAGES = (
     "redis",
     "msgspec",
 )
-ISSUE_PATTERN = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
-
-
-class BenchError(RuntimeError):
-    """A phase could not complete (timeout, worker died, broker refused)."""
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -80,20 +86,6 @@ def load_actors_module() -> ModuleType:
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     return importlib.import_module("bench._bench_actors")
-
-
-def require_local(url: str, what: str) -> None:
-    host = urlsplit(url).hostname
-    if host not in LOCAL_HOSTS:
-        raise SystemExit(f"{what} must point at 127.0.0.1 (got host {host!r}).")
-
-
-def redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -120,14 +112,6 @@ def percentiles(values: list[float]) -> dict[str, float]:
         "max": max(values),
         "mean": statistics.fmean(values),
     }
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = POLL_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise BenchError(f"Timed out after {timeout_s:.0f} s waiting for {what}.")
-        time.sleep(interval_s)
 
 
 # -- /proc accounting ---------------------------------------------------------------------------
@@ -273,16 +257,6 @@ class Worker:
             "stop_s": round(time.monotonic() - began, 3),
             "killed": killed,
         }
-
-
-def log_issues(path: Path, limit: int = 20) -> dict[str, Any]:
-    """Warning/error lines of a worker log (and how many there were)."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return {"count": 0, "lines": []}
-    hits = [line for line in lines if ISSUE_PATTERN.search(line)]
-    return {"count": len(hits), "lines": hits[:limit]}
 
 
 # -- broker adapters ----------------------------------------------------------------------------
@@ -889,10 +863,6 @@ def ratio(value: float | None, base: float | None) -> str:
     if value is None or not base:
         return "n/a"
     return f"{value / base:.2f}x"
-
-
-def fmt(value: float | None, digits: int = 0) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
 def table_rows(results: dict[str, Any], brokers: list[str]) -> list[list[str]]:

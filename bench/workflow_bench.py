@@ -53,9 +53,16 @@ from bench._bench_ledger import (  # noqa: E402
     handoffs_ms,
     percentiles,
 )
+from bench._common import (  # noqa: E402
+    BenchError,
+    fmt,
+    log_issues,
+    redact,
+    require_local,
+    wait_until,
+)
 
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
-LOCAL_HOSTS = {None, "", "127.0.0.1", "localhost", "::1"}
 SYSTEMS = ("tasker-inline", "tasker-decoupled", "dramatiq", "celery")
 DEFAULT_DATABASE_URL = "postgresql://root@127.0.0.1:5432/tasker_wfbench"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672"
@@ -65,28 +72,11 @@ TERMINAL_ERROR_STATES = ("error", "blocked_by_failures", "cancelled")
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
-class BenchError(RuntimeError):
-    """A phase could not complete (timeout, worker died, service refused)."""
-
-
 class UnavailableError(RuntimeError):
     """A system cannot run here (service down, package missing)."""
 
 
 # -- small helpers ------------------------------------------------------------------------------
-
-
-def require_local(url: str, what: str) -> None:
-    host = urlsplit(url).hostname
-    if host not in LOCAL_HOSTS:
-        raise SystemExit(f"{what} must point at 127.0.0.1 (got host {host!r}).")
-
-
-def redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
 def with_database(url: str, name: str) -> str:
@@ -97,14 +87,6 @@ def ts_ns(value: dt.datetime) -> int:
     """A timestamptz as integer nanoseconds since the epoch, without float rounding."""
     delta = value - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise BenchError(f"Timed out after {timeout_s:.0f} s waiting for {what}.")
-        time.sleep(interval_s)
 
 
 def cpu_of(proc: psutil.Process) -> float:
@@ -212,19 +194,6 @@ class Worker:
             "stop_s": round(time.monotonic() - began, 3),
             "killed": killed,
         }
-
-
-def log_issues(path: Path, limit: int = 20) -> dict[str, Any]:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return {"count": 0, "lines": []}
-    hits = [
-        line
-        for line in lines
-        if any(word in line for word in ("WARNING", "ERROR", "CRITICAL", "Traceback"))
-    ]
-    return {"count": len(hits), "lines": hits[:limit]}
 
 
 def clean_env() -> dict[str, str]:
@@ -1201,10 +1170,6 @@ def fsync_probe(results: dict[str, Any]) -> dict[str, Any]:
     for entry in results.values():
         data_dir = data_dir or entry.get("service", {}).get("data_directory")
     return pg_test_fsync(data_dir)
-
-
-def fmt(value: float | None, digits: int = 0) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
 def metric(results: dict[str, Any], system: str, workload: str, path: tuple[str, ...]) -> Any:
