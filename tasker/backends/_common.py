@@ -11,13 +11,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tasker.db.connection import make_pool
+from tasker.db.queries import load_queries, render
 from tasker.exceptions import ConfigurationError, DatabaseError, MigrationError
 
 __all__ = ["POLL_INITIAL_S", "POLL_MAX_S", "LazyPool", "poll_until"]
@@ -110,3 +113,14 @@ def poll_until(probe: Callable[[], bool], timeout_ms: float | None) -> bool:
             pause = min(delay, remaining)
         time.sleep(pause)
         delay = min(delay * 2, POLL_MAX_S)
+
+
+def query(name: str) -> str:
+    """The backends' statement ``name`` (``sql/queries/backends.sql``)."""
+    return load_queries("backends")[name]
+
+
+@cache
+def delete_expired(table: str) -> str:
+    """The statement that deletes a batch of expired rows of ``tasker.<table>``."""
+    return render("backends", "delete_expired", table=sql.Identifier("tasker", table))

@@ -21,7 +21,7 @@ import psycopg
 from dramatiq.rate_limits import RateLimiterBackend
 from psycopg_pool import ConnectionPool
 
-from tasker.backends._common import LazyPool, poll_until
+from tasker.backends._common import LazyPool, delete_expired, poll_until, query
 
 __all__ = ["ADVISORY_LOCK_CLASS", "DEFAULT_CLEANUP_EVERY", "PostgresRateLimiterBackend"]
 
@@ -34,94 +34,8 @@ ADVISORY_LOCK_CLASS = 0x7A5C_0001
 _BIGINT_MIN = -(2**63)
 _BIGINT_MAX = 2**63 - 1
 
-ADD = """
-INSERT INTO tasker.dramatiq_rate_limits AS r (key, value, expires_at)
-VALUES (%(key)s, %(value)s, clock_timestamp() + %(ttl)s * interval '1 millisecond')
-ON CONFLICT (key) DO UPDATE
-SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at
-WHERE r.expires_at <= clock_timestamp()
-RETURNING true
-"""
-
 # Absent or expired counts as 0. Used when ``delta`` alone is within the bounds.
-UPSERT_DELTA = """
-INSERT INTO tasker.dramatiq_rate_limits AS r (key, value, expires_at)
-VALUES (%(key)s, %(delta)s, clock_timestamp() + %(ttl)s * interval '1 millisecond')
-ON CONFLICT (key) DO UPDATE
-SET value = CASE WHEN r.expires_at > clock_timestamp() THEN r.value ELSE 0 END + EXCLUDED.value,
-    expires_at = EXCLUDED.expires_at
-WHERE CASE WHEN r.expires_at > clock_timestamp() THEN r.value ELSE 0 END + EXCLUDED.value
-      BETWEEN %(lower)s AND %(upper)s
-RETURNING true
-"""
-
 # Used when ``delta`` alone is out of bounds: only a live row can make the change valid.
-UPDATE_LIVE_DELTA = """
-UPDATE tasker.dramatiq_rate_limits
-SET value = value + %(delta)s,
-    expires_at = clock_timestamp() + %(ttl)s * interval '1 millisecond'
-WHERE key = %(key)s AND expires_at > clock_timestamp()
-  AND value + %(delta)s BETWEEN %(lower)s AND %(upper)s
-RETURNING true
-"""
-
-LOCK_KEYS = """
-SELECT pg_advisory_xact_lock(%(lock_class)s, hashed.h)
-FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(%(keys)s::text[]) AS k) AS hashed
-ORDER BY hashed.h
-"""
-
-INCR_AND_SUM = """
-WITH live AS (
-    SELECT key, value FROM tasker.dramatiq_rate_limits
-    WHERE key = ANY (%(locked)s::text[]) AND expires_at > clock_timestamp()
-)
-INSERT INTO tasker.dramatiq_rate_limits AS r (key, value, expires_at)
-SELECT %(key)s, %(amount)s, clock_timestamp() + %(ttl)s * interval '1 millisecond'
-WHERE (SELECT COALESCE(sum(value), 0) FROM live WHERE key = %(key)s) + %(amount)s
-      <= %(maximum)s
-  AND (SELECT COALESCE(sum(value), 0) FROM live WHERE key = ANY (%(keys)s::text[]))
-      + %(amount)s <= %(maximum)s
-ON CONFLICT (key) DO UPDATE
-SET value = CASE WHEN r.expires_at > clock_timestamp() THEN r.value ELSE 0 END + EXCLUDED.value,
-    expires_at = EXCLUDED.expires_at
-WHERE CASE WHEN r.expires_at > clock_timestamp() THEN r.value ELSE 0 END + EXCLUDED.value
-      <= %(maximum)s
-RETURNING true
-"""
-
-NOTIFY = """
-INSERT INTO tasker.dramatiq_rate_limit_events (key, expires_at)
-VALUES (%(key)s, clock_timestamp() + %(ttl)s * interval '1 millisecond')
-"""
-
-HAS_EVENT = """
-SELECT EXISTS (
-    SELECT 1 FROM tasker.dramatiq_rate_limit_events
-    WHERE key = %(key)s AND expires_at > clock_timestamp()
-)
-"""
-
-DELETE_EXPIRED_LIMITS = """
-DELETE FROM tasker.dramatiq_rate_limits
-WHERE ctid = ANY (ARRAY(
-    SELECT ctid FROM tasker.dramatiq_rate_limits
-    WHERE expires_at <= clock_timestamp()
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-))
-"""
-
-DELETE_EXPIRED_EVENTS = """
-DELETE FROM tasker.dramatiq_rate_limit_events
-WHERE ctid = ANY (ARRAY(
-    SELECT ctid FROM tasker.dramatiq_rate_limit_events
-    WHERE expires_at <= clock_timestamp()
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-))
-"""
-
 Keys = Callable[[], Iterable[str]] | Iterable[str]
 
 
@@ -153,7 +67,7 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
 
     def add(self, key: str, value: int, ttl: int) -> bool:
         """Set ``key`` to ``value`` for ``ttl`` ms unless it holds an unexpired value."""
-        return self._write(ADD, {"key": key, "value": value, "ttl": int(ttl)})
+        return self._write(query("add"), {"key": key, "value": value, "ttl": int(ttl)})
 
     def incr(self, key: str, amount: int, maximum: int, ttl: int) -> bool:
         """Add ``amount`` to ``key`` (0 when absent) unless the result exceeds ``maximum``.
@@ -185,8 +99,10 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         }
         with self._db.connection() as conn:
             with conn.transaction():
-                conn.execute(LOCK_KEYS, {"lock_class": ADVISORY_LOCK_CLASS, "keys": locked})
-                done = conn.execute(INCR_AND_SUM, params).fetchone() is not None
+                conn.execute(
+                    query("lock_keys"), {"lock_class": ADVISORY_LOCK_CLASS, "keys": locked}
+                )
+                done = conn.execute(query("incr_and_sum"), params).fetchone() is not None
             self._maybe_cleanup(conn)
         return done
 
@@ -198,19 +114,19 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
 
         def probe() -> bool:
             with self._db.connection() as conn:
-                row = conn.execute(HAS_EVENT, {"key": key}).fetchone()
+                row = conn.execute(query("has_event"), {"key": key}).fetchone()
             return bool(row and row[0])
 
         return poll_until(probe, timeout)
 
     def wait_notify(self, key: str, ttl: int) -> None:
         """Publish a notification on ``key`` that waiters see for ``ttl`` ms."""
-        self._write(NOTIFY, {"key": key, "ttl": int(ttl)})
+        self._write(query("notify"), {"key": key, "ttl": int(ttl)})
 
     def _adjust(self, key: str, delta: int, lower: int, upper: int, ttl: int) -> bool:
-        query = UPSERT_DELTA if lower <= delta <= upper else UPDATE_LIVE_DELTA
+        statement = query("upsert_delta" if lower <= delta <= upper else "update_live_delta")
         params = {"key": key, "delta": delta, "lower": lower, "upper": upper, "ttl": int(ttl)}
-        return self._write(query, params)
+        return self._write(statement, params)
 
     def _write(self, query: str, params: dict[str, Any]) -> bool:
         with self._db.connection() as conn:
@@ -221,5 +137,5 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
 
     def _maybe_cleanup(self, conn: psycopg.Connection[Any]) -> None:
         if next(self._writes) % self._cleanup_every == 0:
-            conn.execute(DELETE_EXPIRED_LIMITS, {"limit": CLEANUP_BATCH})
-            conn.execute(DELETE_EXPIRED_EVENTS, {"limit": CLEANUP_BATCH})
+            conn.execute(delete_expired("dramatiq_rate_limits"), {"limit": CLEANUP_BATCH})
+            conn.execute(delete_expired("dramatiq_rate_limit_events"), {"limit": CLEANUP_BATCH})

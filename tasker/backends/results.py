@@ -16,7 +16,7 @@ from dramatiq.results import ResultBackend, ResultMissing, ResultTimeout
 from dramatiq.results.backend import DEFAULT_TIMEOUT, Missing
 from psycopg_pool import ConnectionPool
 
-from tasker.backends._common import LazyPool, poll_until
+from tasker.backends._common import LazyPool, delete_expired, poll_until, query
 
 __all__ = ["DEFAULT_CLEANUP_BATCH", "DEFAULT_CLEANUP_EVERY", "PostgresResultBackend"]
 
@@ -24,28 +24,6 @@ __all__ = ["DEFAULT_CLEANUP_BATCH", "DEFAULT_CLEANUP_EVERY", "PostgresResultBack
 DEFAULT_CLEANUP_EVERY = 100
 #: Most expired results deleted by one cleanup.
 DEFAULT_CLEANUP_BATCH = 500
-
-STORE_RESULT = """
-INSERT INTO tasker.dramatiq_results (message_key, result, expires_at)
-VALUES (%(key)s, %(result)s, clock_timestamp() + %(ttl)s * interval '1 millisecond')
-ON CONFLICT (message_key) DO UPDATE
-SET result = EXCLUDED.result, expires_at = EXCLUDED.expires_at
-"""
-
-GET_RESULT = """
-SELECT result FROM tasker.dramatiq_results
-WHERE message_key = %(key)s AND expires_at > clock_timestamp()
-"""
-
-DELETE_EXPIRED_RESULTS = """
-DELETE FROM tasker.dramatiq_results
-WHERE ctid = ANY (ARRAY(
-    SELECT ctid FROM tasker.dramatiq_results
-    WHERE expires_at <= clock_timestamp()
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-))
-"""
 
 
 class PostgresResultBackend(ResultBackend):
@@ -118,7 +96,7 @@ class PostgresResultBackend(ResultBackend):
 
     def _get(self, message_key: str) -> Any:
         with self._db.connection() as conn:
-            row = conn.execute(GET_RESULT, {"key": message_key}).fetchone()
+            row = conn.execute(query("get_result"), {"key": message_key}).fetchone()
         if row is None:
             return Missing
         return self.encoder.decode(bytes(row[0]))
@@ -126,6 +104,6 @@ class PostgresResultBackend(ResultBackend):
     def _store(self, message_key: str, result: Any, ttl: int) -> None:
         params = {"key": message_key, "result": self.encoder.encode(result), "ttl": int(ttl)}
         with self._db.connection() as conn:
-            conn.execute(STORE_RESULT, params)
+            conn.execute(query("store_result"), params)
             if next(self._stores) % self._cleanup_every == 0:
-                conn.execute(DELETE_EXPIRED_RESULTS, {"limit": DEFAULT_CLEANUP_BATCH})
+                conn.execute(delete_expired("dramatiq_results"), {"limit": DEFAULT_CLEANUP_BATCH})
