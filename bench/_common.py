@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,3 +56,36 @@ def log_issues(path: Path, limit: int = 20) -> dict[str, Any]:
 def fmt(value: float | None, digits: int = 0) -> str:
     """A number for a table cell ('-' when missing)."""
     return "-" if value is None else f"{value:,.{digits}f}"
+
+
+@contextlib.contextmanager
+def rabbitmq_channel(url: str) -> Any:
+    """A short-lived pika channel to the local RabbitMQ (fails fast when it is down)."""
+    import pika
+
+    params = pika.URLParameters(url)
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    params.blocked_connection_timeout = 10
+    connection = pika.BlockingConnection(params)
+    try:
+        yield connection.channel()
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
+
+
+def dramatiq_command(*modules: str, processes: int, threads: int, path: Path) -> list[str]:
+    """``python -m dramatiq MODULES --processes P --threads T --path PATH``."""
+    return [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        *modules,
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        "--path",
+        str(path),
+    ]

@@ -52,6 +52,7 @@ from bench._common import (  # noqa: E402
     BenchError,
     fmt,
     log_issues,
+    rabbitmq_channel,
     redact,
     require_local,
     wait_until,
@@ -496,20 +497,8 @@ class RabbitmqAdapter(Adapter):
         queue = self.actors.QUEUE
         return queue, f"{queue}.DQ", f"{queue}.XQ"
 
-    @contextlib.contextmanager
     def channel(self) -> Any:
-        import pika
-
-        params = pika.URLParameters(self.args.rabbitmq_url)
-        params.connection_attempts = 1
-        params.socket_timeout = 5
-        params.blocked_connection_timeout = 10
-        connection = pika.BlockingConnection(params)
-        try:
-            yield connection.channel()
-        finally:
-            with contextlib.suppress(Exception):
-                connection.close()
+        return rabbitmq_channel(self.args.rabbitmq_url)
 
     def probe(self) -> None:
         with self.channel() as channel:

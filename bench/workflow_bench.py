@@ -55,8 +55,10 @@ from bench._bench_ledger import (  # noqa: E402
 )
 from bench._common import (  # noqa: E402
     BenchError,
+    dramatiq_command,
     fmt,
     log_issues,
+    rabbitmq_channel,
     redact,
     require_local,
     wait_until,
@@ -492,19 +494,13 @@ class TaskerSystem(System):
             "BENCH_LEDGER": str(self.ledger),
             "PYTHONUNBUFFERED": "1",
         }
-        command = [
-            sys.executable,
-            "-m",
-            "dramatiq",
+        command = dramatiq_command(
             "tasker.actors",
             "bench._bench_flows",
-            "--processes",
-            str(self.args.processes),
-            "--threads",
-            str(self.args.threads),
-            "--path",
-            str(REPO_ROOT),
-        ]
+            processes=self.args.processes,
+            threads=self.args.threads,
+            path=REPO_ROOT,
+        )
         worker = Worker(self.key, command, env, self.logdir / f"{self.key}.log")
         worker.start()
         self.workers = [worker]
@@ -717,20 +713,8 @@ class DramatiqSystem(PeerSystem):
         self.broker: Any = None
         self.actors: Any = None
 
-    @contextlib.contextmanager
     def channel(self) -> Any:
-        import pika
-
-        params = pika.URLParameters(self.args.rabbitmq_url)
-        params.connection_attempts = 1
-        params.socket_timeout = 5
-        params.blocked_connection_timeout = 10
-        connection = pika.BlockingConnection(params)
-        try:
-            yield connection.channel()
-        finally:
-            with contextlib.suppress(Exception):
-                connection.close()
+        return rabbitmq_channel(self.args.rabbitmq_url)
 
     def queue_names(self) -> list[str]:
         queue = self.module.QUEUE
@@ -765,18 +749,12 @@ class DramatiqSystem(PeerSystem):
             "BENCH_LEDGER": str(self.ledger),
             "PYTHONUNBUFFERED": "1",
         }
-        command = [
-            sys.executable,
-            "-m",
-            "dramatiq",
+        command = dramatiq_command(
             "bench._bench_peers_dramatiq",
-            "--processes",
-            str(self.args.processes),
-            "--threads",
-            str(self.args.threads),
-            "--path",
-            str(REPO_ROOT),
-        ]
+            processes=self.args.processes,
+            threads=self.args.threads,
+            path=REPO_ROOT,
+        )
         worker = Worker(self.key, command, env, self.logdir / f"{self.key}.log")
         worker.start()
         self.workers = [worker]
