@@ -21,7 +21,7 @@ from tasker.engine.status import TaskStatus, task_status
 from tasker.engine.tasks import TaskHandle, TaskRequest, create_task
 from tasker.engine.templates import register_template
 from tasker.exceptions import TaskTimeoutError
-from tasker.runtime.workflows import BrokerSender
+from tasker.runtime.sender import BrokerSender
 from tasker.settings import Settings
 from tasker.workflow.definition import Workflow
 

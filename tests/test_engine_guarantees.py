@@ -162,7 +162,7 @@ def test_ten_concurrent_finalizers_make_exactly_one_final_transition(
         database_url, "SELECT count(*) FROM tasker.finalization_attempts WHERE action = 'claim'"
     )
     assert attempts >= 12  # every attempt is audited
-    from tasker.runtime.workflows import FinalizationClaim
+    from tasker.middleware.finalization import FinalizationClaim
 
     claims = next(m for m in broker.middleware if isinstance(m, FinalizationClaim))
     assert claims.attempts >= 1 and claims.contention >= 1  # the worker's finalizer backed off

@@ -8,27 +8,63 @@ outcome, processing it (inline mode) and acknowledging the queue message are one
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import logging
-import traceback
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tasker.engine.enqueue import step_messages
 from tasker.engine.messages import FINALIZE, PROCESS_RESULT, Sender
-from tasker.engine.payloads import encode_json
+from tasker.engine.outcomes import StepOutcome, run_handler
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.sql import q
 from tasker.engine.transitions import move_steps
-from tasker.exceptions import PayloadError
-from tasker.workflow.definition import PermanentError, RetryableError, StepContext
+from tasker.workflow.definition import StepContext
 
-__all__ = ["Claim", "StepOutcome", "claim_step", "record_outcome", "run_handler"]
+__all__ = [
+    "Claim",
+    "Connect",
+    "Delivery",
+    "StepRunner",
+    "claim_step",
+    "execute_step",
+    "record_exhausted",
+    "record_outcome",
+]
 
 logger = logging.getLogger(__name__)
+
+
+Connect = Callable[[], AbstractContextManager[Any]]
+
+
+class Delivery(Protocol):
+    """The queue message that asked for a step run, as the engine needs to see it."""
+
+    @property
+    def redelivered(self) -> bool:
+        """True when an earlier delivery of this message was not settled (its worker died)."""
+        ...
+
+    def settle_in(self, conn: Any) -> None:
+        """Remove the message inside ``conn``'s open transaction (it commits with the outcome)."""
+        ...
+
+    def mark_settled(self) -> None:
+        """After that commit: the broker must not acknowledge the message again."""
+        ...
+
+
+@dataclass(frozen=True)
+class StepRunner:
+    """What is fixed per step actor: whose step it is, its handler, how results are processed."""
+
+    namespace: str
+    workflow: str
+    handler: Callable[[StepContext], Any]
+    inline: bool = True
 
 
 @dataclass(frozen=True)
@@ -38,14 +74,6 @@ class Claim:
     context: StepContext | None
     skipped: str = ""
     exhausted: bool = False
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """What a handler produced, as stored in ``workflow_steps.results``."""
-
-    success: bool
-    document: str
 
 
 def claim_step(
@@ -78,60 +106,46 @@ def claim_step(
     return Claim(context)
 
 
-def run_handler(handler: Callable[[StepContext], Any], context: StepContext) -> StepOutcome:
-    """Run the handler and turn its return value or exception into a stored outcome."""
-    try:
-        value = handler(context)
-        if inspect.isawaitable(value):
-            value = asyncio.run(_await(value))
-        return StepOutcome(True, _document(True, value, None, context))
-    except RetryableError as exc:
-        error = _error(exc, retryable=True, retry_after=exc.retry_after)
-    except PermanentError as exc:
-        error = _error(exc, retryable=False)
-    except Exception as exc:  # any other exception is a retryable failure (seed-spec 9.5)
-        error = _error(exc, retryable=True)
-    except BaseException as exc:  # Dramatiq's TimeLimitExceeded and Shutdown are BaseException
-        if type(exc).__name__ not in ("TimeLimitExceeded", "Shutdown"):
-            raise
-        error = _error(exc, retryable=True, error_type="timeout")
-    return StepOutcome(False, _document(False, None, error, context))
-
-
-async def _await(value: Any) -> Any:
-    return await value
-
-
-def _error(
-    exc: BaseException,
+def execute_step(
+    runner: StepRunner,
+    connect: Connect,
+    sender: Sender,
     *,
-    retryable: bool,
-    retry_after: float | None = None,
-    error_type: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "message": str(exc) or type(exc).__name__,
-        "error_type": error_type or type(exc).__name__,
-        "retryable": retryable,
-        "retry_after": retry_after,
-        "backtrace": traceback.format_exception(exc)[-20:],
-    }
+    task_uuid: str,
+    step_uuid: str,
+    delivery: Delivery,
+) -> None:
+    """The whole step sequence for one delivery: claim, run the handler, record, settle.
 
-
-def _document(success: bool, value: Any, error: dict[str, Any] | None, context: StepContext) -> str:
-    document = {
-        "success": success,
-        "result": value,
-        "error": error,
-        "metadata": {"attempt": context.attempt, "retryable": bool(error and error["retryable"])},
-    }
-    try:
-        return encode_json(document, f"result of step {context.step_name!r}")
-    except PayloadError as exc:
-        failure = {"message": str(exc), "error_type": "PayloadError", "retryable": False}
-        document.update(success=False, result=None, error=failure)
-        document["metadata"] = {"attempt": context.attempt, "retryable": False}
-        return json.dumps(document)
+    ``connect()`` lends a connection (a pool's ``connection``); the handler runs outside any
+    transaction; the outcome, its processing (inline mode) and the message's removal commit
+    together.
+    """
+    with connect() as conn:
+        claim = claim_step(
+            conn,
+            runner.namespace,
+            runner.workflow,
+            task_uuid,
+            step_uuid,
+            redelivered=delivery.redelivered,
+        )
+        if claim.exhausted:
+            with conn.transaction():
+                record_exhausted(conn, sender, step_uuid, inline=runner.inline)
+                delivery.settle_in(conn)
+            delivery.mark_settled()
+            return
+    if claim.context is None:
+        logger.info("Skipping step %s: %s", step_uuid, claim.skipped)
+        return
+    outcome = run_handler(runner.handler, claim.context)
+    with connect() as conn, conn.transaction():
+        record_outcome(
+            conn, sender, step_uuid, claim.context.attempt, outcome, inline=runner.inline
+        )
+        delivery.settle_in(conn)
+    delivery.mark_settled()
 
 
 def record_outcome(

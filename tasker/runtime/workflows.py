@@ -1,56 +1,44 @@
-"""Workflows as Dramatiq actors: one actor per step, plus the four orchestration stages.
+"""Workflows as Dramatiq actors: one thin actor per step, plus the four orchestration stages.
 
 * Every step of every :class:`~tasker.workflow.definition.Workflow` becomes an actor named
-  ``tasker.<namespace>.<workflow>.<step>`` on the queue ``worker_<namespace>_queue``.
+  ``tasker.<namespace>.<workflow>.<step>`` on the queue ``worker_<namespace>_queue``; the actor
+  hands its delivery to :func:`tasker.engine.steps.execute_step`, which does the rest.
 * The stages run on the orchestration queues: task requests, step (re-)enqueueing, result
   processing (decoupled mode) and finalization (under an atomic claim, applied by
-  :class:`FinalizationClaim`).
-* Workers register the templates of the workflows they run when they boot.
+  :class:`~tasker.middleware.finalization.FinalizationClaim`).
+* Workers register the templates of the workflows they run when they boot
+  (:class:`~tasker.middleware.templates.TemplateRegistrar`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 import psycopg
-from dramatiq.broker import Broker, MessageProxy
 from dramatiq.errors import ConnectionClosed
-from dramatiq.message import Message
-from dramatiq.middleware import CurrentMessage, Middleware, SkipMessage
+from dramatiq.middleware import CurrentMessage
 
 from tasker.brokers.pgmq import PGMQBroker, PGMQMessageProxy
-from tasker.engine.finalize import (
-    DEFAULT_CLAIM_LEASE_S,
-    claim_finalization,
-    finalize_task,
-    release_finalization,
-)
+from tasker.engine.finalize import DEFAULT_CLAIM_LEASE_S, finalize_task
 from tasker.engine.messages import (
     FINALIZE,
     PROCESS_RESULT,
     STEP_ENQUEUE,
     TASK_REQUEST,
     OrchestrationStage,
-    StepMessage,
 )
 from tasker.engine.results import process_result, reevaluate_task
-from tasker.engine.steps import claim_step, record_exhausted, record_outcome, run_handler
+from tasker.engine.steps import StepRunner, execute_step
 from tasker.engine.tasks import TaskRequest, create_task
-from tasker.engine.templates import register_template
-from tasker.workflow.definition import (
-    StepDefinition,
-    Workflow,
-    on_step_declared,
-    registered_workflows,
-)
+from tasker.middleware.finalization import FinalizationClaim
+from tasker.middleware.templates import TemplateRegistrar
+from tasker.runtime.sender import BrokerSender
+from tasker.workflow.definition import StepDefinition, Workflow, on_step_declared
 
-__all__ = ["BrokerSender", "FinalizationClaim", "bind_workflow", "install"]
+__all__ = ["BrokerSender", "FinalizationClaim", "bind_step", "bind_workflow", "install"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,120 +53,6 @@ def _retry_on_infrastructure(retries: int, exc: BaseException) -> bool:
     )
 
 
-class BrokerSender:
-    """Sends engine messages through a PGMQBroker on the caller's connection."""
-
-    def __init__(self, broker: PGMQBroker) -> None:
-        self.broker = broker
-
-    def send_steps(self, conn: Any, steps: Sequence[StepMessage]) -> None:
-        messages: list[Message[Any]] = []
-        for step in steps:
-            self.broker.declare_queue(step.queue)
-            messages.append(
-                Message(
-                    queue_name=step.queue,
-                    actor_name=step.actor,
-                    args=(step.task_uuid, step.step_uuid),
-                    kwargs={},
-                    options={},
-                )
-            )
-        with self.broker.use_connection(conn):
-            if len(messages) == 1:
-                self.broker.enqueue(messages[0])
-            elif messages:
-                self.broker.enqueue_batch(messages)
-
-    def send_stage(
-        self, conn: Any, stage: OrchestrationStage, *args: Any, delay_ms: int = 0
-    ) -> None:
-        self.broker.declare_queue(stage.queue)
-        message: Message[Any] = Message(
-            queue_name=stage.queue, actor_name=stage.actor, args=args, kwargs={}, options={}
-        )
-        with self.broker.use_connection(conn):
-            self.broker.enqueue(message, delay=delay_ms or None)
-
-
-class FinalizationClaim(Middleware):
-    """Runs actors with ``finalization_claim=True`` only under the task's finalization claim.
-
-    A finalizer that finds the claim held elsewhere skips (counted as contention) and schedules
-    one re-check after the lease, in case the holder dies before finishing.
-    """
-
-    def __init__(self, broker: PGMQBroker, *, lease_s: int = DEFAULT_CLAIM_LEASE_S) -> None:
-        self.pgmq = broker
-        self.lease_s = lease_s
-        self.attempts = 0
-        self.contention = 0
-        self._lock = threading.Lock()
-        self._local = threading.local()
-
-    @property
-    def actor_options(self) -> set[str]:
-        return {"finalization_claim"}
-
-    def _wants_claim(self, broker: Broker, message: MessageProxy) -> bool:
-        actor = broker.get_actor(message.actor_name)
-        return bool(actor.options.get("finalization_claim", False))
-
-    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        if not self._wants_claim(broker, message):
-            return
-        task_uuid = message.args[0]
-        holder = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
-        with self.pgmq.pool.connection() as conn:
-            result = claim_finalization(conn, task_uuid, holder, self.lease_s)
-            with self._lock:
-                self.attempts += 1
-                if not result.claimed:
-                    self.contention += 1
-            if not result.claimed:
-                BrokerSender(self.pgmq).send_stage(
-                    conn, FINALIZE, task_uuid, delay_ms=self.lease_s * 1000
-                )
-                raise SkipMessage(f"finalization of {task_uuid} is claimed by {result.held_by}")
-        self._local.claim = (task_uuid, holder)
-
-    def after_process_message(
-        self,
-        broker: Broker,
-        message: MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
-    ) -> None:
-        claim = getattr(self._local, "claim", None)
-        if claim is None:
-            return
-        self._local.claim = None
-        with self.pgmq.pool.connection() as conn:
-            release_finalization(conn, *claim)
-
-
-class _TemplateRegistrar(Middleware):
-    """Registers the templates of this process's workflows when a worker boots."""
-
-    def __init__(self, broker: PGMQBroker) -> None:
-        self.pgmq = broker
-
-    def after_worker_boot(self, broker: Broker, worker: Any) -> None:
-        flows = registered_workflows()
-        with self.pgmq.pool.connection() as conn:
-            for flow in flows:
-                register_template(conn, flow)
-            autovacuum = conn.execute("SHOW autovacuum").fetchone()
-        logger.info("Registered %d workflow template(s)", len(flows))
-        if autovacuum and autovacuum[0] == "off":
-            logger.warning(
-                "autovacuum is off on this PostgreSQL: queue tables bloat and the planner's "
-                "statistics go stale, which makes every step slower. Turn it on, or run "
-                "VACUUM ANALYZE on the pgmq and tasker schemas regularly."
-            )
-
-
 def install(
     broker: PGMQBroker,
     *,
@@ -191,7 +65,7 @@ def install(
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
     broker.add_middleware(FinalizationClaim(broker, lease_s=finalization_lease_s))
-    broker.add_middleware(_TemplateRegistrar(broker))
+    broker.add_middleware(TemplateRegistrar(broker))
     sender = BrokerSender(broker)
     _declare_stages(broker, sender)
     if bind_workflows:
@@ -240,6 +114,26 @@ def _declare_stages(broker: PGMQBroker, sender: BrokerSender) -> None:
             logger.info("Task %s finalized: %s", task_uuid, final)
 
 
+class _Delivery:
+    """The engine's view (:class:`tasker.engine.steps.Delivery`) of the message being run."""
+
+    def __init__(self, broker: PGMQBroker, message: Any) -> None:
+        self._broker = broker
+        self._message = message
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(getattr(self._message, "redelivered", False))
+
+    def settle_in(self, conn: Any) -> None:
+        if isinstance(self._message, PGMQMessageProxy):
+            self._broker.delete_in_transaction(conn, self._message)
+
+    def mark_settled(self) -> None:
+        if isinstance(self._message, PGMQMessageProxy):
+            self._message.settled = True
+
+
 def bind_step(
     broker: PGMQBroker,
     sender: BrokerSender,
@@ -252,32 +146,21 @@ def bind_step(
     actor_name = flow.actor_name(step.name)
     if actor_name in broker.actors or step.handler is None:
         return
-    handler = step.handler
+    runner = StepRunner(flow.namespace, flow.name, step.handler, inline=inline)
     options: dict[str, Any] = {}
     if step.timeout is not None:
         options["time_limit"] = int(step.timeout * 1000)
 
     def run(task_uuid: str, step_uuid: str) -> None:
-        message = CurrentMessage.get_current_message()
-        redelivered = bool(getattr(message, "redelivered", False))
-        with broker.pool.connection() as conn:
-            claim = claim_step(
-                conn, flow.namespace, flow.name, task_uuid, step_uuid, redelivered=redelivered
-            )
-            if claim.exhausted:
-                with conn.transaction():
-                    record_exhausted(conn, sender, step_uuid, inline=inline)
-                    _settle(broker, conn, message)
-                _mark_settled(message)
-                return
-        if claim.context is None:
-            logger.info("Skipping step %s: %s", step_uuid, claim.skipped)
-            return
-        outcome = run_handler(handler, claim.context)
-        with broker.pool.connection() as conn, conn.transaction():
-            record_outcome(conn, sender, step_uuid, claim.context.attempt, outcome, inline=inline)
-            _settle(broker, conn, message)
-        _mark_settled(message)
+        delivery = _Delivery(broker, CurrentMessage.get_current_message())
+        execute_step(
+            runner,
+            broker.pool.connection,
+            sender,
+            task_uuid=task_uuid,
+            step_uuid=step_uuid,
+            delivery=delivery,
+        )
 
     run.__name__ = step.name
     dramatiq.actor(
@@ -288,15 +171,3 @@ def bind_step(
         retry_when=_retry_on_infrastructure,
         **options,
     )(run)
-
-
-def _mark_settled(message: Any) -> None:
-    """After the commit: the broker must not ack this message again."""
-    if isinstance(message, PGMQMessageProxy):
-        message.settled = True
-
-
-def _settle(broker: PGMQBroker, conn: Any, message: Any) -> None:
-    """Delete the step's queue message inside the completion transaction (ack with the commit)."""
-    if isinstance(message, PGMQMessageProxy):
-        broker.delete_in_transaction(conn, message)
