@@ -3,6 +3,7 @@
 The server is ``$TEST_DATABASE_URL`` when set (CI sets it to the system PostgreSQL 15), else
 the embedded PostgreSQL 18 under ``.tasker/pgdata-test``. Once per session a template database is
 migrated; every test gets its own database cloned from it, so tests are isolated and fast.
+Tests that stop or restart PostgreSQL use ``private_postgres`` instead: a server of their own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.db.migrate import migrate
+from tests.private_postgres import PrivatePostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,3 +158,25 @@ def restart_server(server_url: str) -> Any:
         )
 
     return restart
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A started PostgreSQL server of this test's own, free to stop, crash and restart.
+
+    Same major version as the suite's server; stopped and deleted after the test, pass or fail.
+    """
+    server = PrivatePostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def private_database_url(private_postgres: PrivatePostgres) -> str:
+    """A migrated database (PGMQ and the tasker schema) on the test's private server."""
+    url = private_postgres.create_database("tasker")
+    migrate(url)
+    return url
