@@ -9,14 +9,27 @@ writes the task, its steps and the first messages in one transaction, optionally
 
     with psycopg.connect(url) as conn:             # inside your own transaction
         client.submit("fulfillment", "process_order", context=..., connection=conn)
+
+Every error a client raises is a :class:`~tasker.exceptions.TaskerError`: an unreachable database
+is a :class:`~tasker.exceptions.DatabaseUnavailableError` after at most ``database.timeout_s``
+seconds (5 by default), naming the setting to check.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import psycopg
+from psycopg_pool import PoolTimeout
+
 from tasker.brokers.pgmq import PGMQBroker
+from tasker.db.connection import DEFAULT_TIMEOUT_S
+from tasker.db.errors import database_error, is_transient
 from tasker.engine.status import TaskStatus, task_status
 from tasker.engine.tasks import TaskHandle, TaskRequest, create_task
 from tasker.engine.templates import register_template
@@ -27,12 +40,15 @@ from tasker.workflow.definition import Workflow
 
 __all__ = ["Client"]
 
+logger = logging.getLogger(__name__)
+
 
 class Client:
     """Submit workflows, read their status, wait for them.
 
     ``Client()`` reads settings (``TASKER_ENV``, ``TASKER_DATABASE__URL``); ``Client(url=...)``
-    uses that database with default broker settings.
+    uses that database with default broker settings; ``timeout_s`` bounds connecting and waiting
+    for a pooled connection (default: ``database.timeout_s``, 5 s).
     """
 
     def __init__(
@@ -41,9 +57,10 @@ class Client:
         *,
         settings: Settings | None = None,
         broker: PGMQBroker | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         if broker is None:
-            broker = _broker(url, settings)
+            broker = _broker(url, settings, timeout_s)
         self.broker = broker
         self._sender = BrokerSender(broker)
 
@@ -63,7 +80,8 @@ class Client:
 
         A duplicate (same identity) returns the existing task with ``created=False``. With
         ``connection``, the task starts inside the caller's transaction: rolled back, nothing
-        exists and nothing was sent.
+        exists and nothing was sent. Without it, a submit that loses its connection is repeated
+        once on a fresh one; the repeat finds the task if the first try created it.
         """
         request = TaskRequest(
             namespace=namespace,
@@ -74,14 +92,24 @@ class Client:
             priority=priority,
             **fields,
         )
+        nonce = str(uuid.uuid4())
         if connection is not None:
-            return create_task(connection, self._sender, request)
-        with self.broker.pool.connection() as conn:
-            return create_task(conn, self._sender, request)
+            with self._translated():
+                return create_task(connection, self._sender, request, nonce=nonce)
+        for attempt in (1, 2):
+            try:
+                with self.broker.pool.connection() as conn:
+                    return create_task(conn, self._sender, request, nonce=nonce)
+            except psycopg.Error as exc:
+                if attempt == 2 or isinstance(exc, PoolTimeout) or not is_transient(exc):
+                    raise self._error(exc) from exc
+                logger.warning("Submit lost its connection (%s); repeating it once", exc)
+                self.broker.pool.check()  # drop the other connections that died meanwhile
+        raise AssertionError("unreachable")
 
     def status(self, task_uuid: str) -> TaskStatus:
         """The task's state with every step."""
-        with self.broker.pool.connection() as conn:
+        with self._connection() as conn:
             return task_status(conn, task_uuid)
 
     def wait(self, task_uuid: str, timeout: float = 30.0, *, interval: float = 0.05) -> TaskStatus:
@@ -101,7 +129,7 @@ class Client:
 
     def register(self, flow: Workflow) -> None:
         """Register ``flow``'s template (workers do this at boot; useful in scripts and tests)."""
-        with self.broker.pool.connection() as conn:
+        with self._connection() as conn:
             register_template(conn, flow)
 
     def close(self) -> None:
@@ -114,11 +142,26 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._translated(), self.broker.pool.connection() as conn:
+            yield conn
 
-def _broker(url: str | None, settings: Settings | None) -> PGMQBroker:
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, exc: BaseException) -> Exception:
+        return database_error(exc, url=self.broker.url, timeout_s=self.broker.timeout_s)
+
+
+def _broker(url: str | None, settings: Settings | None, timeout_s: float | None) -> PGMQBroker:
     if url is not None and settings is None:
-        return PGMQBroker(url=url)
+        return PGMQBroker(url=url, timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
     from tasker.runtime.broker import broker_from_settings
     from tasker.settings import load_settings
 
-    return broker_from_settings(settings or load_settings())
+    return broker_from_settings(settings or load_settings(), timeout_s=timeout_s)

@@ -3,17 +3,23 @@
 Every error Tasker raises on purpose is a :class:`TaskerError`, and every message names the fix::
 
     TaskerError
-     ├── ConfigurationError        settings missing or invalid (names the key and the fix)
-     ├── DatabaseError             PostgreSQL unreachable or refused an operation
-     │    └── MigrationError       a migration failed or the schema is out of date
-     ├── QueueNameError            a queue name Tasker cannot map onto PGMQ
-     ├── PayloadError              a payload Tasker cannot store without changing it
-     ├── TemplateNotFoundError     no registered task template with that namespace/name/version
-     ├── TaskNotFoundError         no task with that id
-     └── TaskTimeoutError          a task did not finish within the time waited for it
+     ├── ConfigurationError          settings or arguments missing or invalid (names the key)
+     ├── DatabaseError               PostgreSQL refused an operation
+     │    ├── DatabaseUnavailableError  PostgreSQL cannot be reached (names the URL setting)
+     │    └── MigrationError         a migration failed or the schema is out of date
+     ├── QueueNameError              a queue name Tasker cannot map onto PGMQ
+     ├── PayloadError                a payload Tasker cannot store without changing it
+     ├── WorkflowDefinitionError     a workflow definition or template that cannot run
+     ├── InvalidTransitionError      a state change the state machines do not allow
+     ├── TemplateNotFoundError       no registered task template with that namespace/name/version
+     ├── TaskNotFoundError           no task with that id
+     ├── StepNotFoundError           no step with that name in the task
+     └── TaskTimeoutError            a task did not finish within the time waited for it
 
-Connection loss inside the broker is raised as :class:`dramatiq.errors.ConnectionClosed`, because
-that is the exception Dramatiq's worker knows how to retry.
+Where Dramatiq expects one of its own exception types, Tasker raises a class that is both
+(:mod:`tasker.brokers.errors`): a lost connection inside the broker is a
+:class:`DatabaseUnavailableError` *and* Dramatiq's ``ConnectionClosed``, which Dramatiq's worker
+knows how to retry.
 """
 
 from __future__ import annotations
@@ -21,13 +27,17 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "DatabaseError",
+    "DatabaseUnavailableError",
+    "InvalidTransitionError",
     "MigrationError",
     "PayloadError",
     "QueueNameError",
+    "StepNotFoundError",
     "TaskNotFoundError",
     "TaskTimeoutError",
     "TaskerError",
     "TemplateNotFoundError",
+    "WorkflowDefinitionError",
 ]
 
 
@@ -35,12 +45,16 @@ class TaskerError(Exception):
     """Base class of every error Tasker raises on purpose."""
 
 
-class ConfigurationError(TaskerError):
-    """Settings are missing or invalid; the message names the key and how to fix it."""
+class ConfigurationError(TaskerError, ValueError):
+    """Settings or arguments are missing or invalid; the message names the key and the fix."""
 
 
 class DatabaseError(TaskerError):
-    """PostgreSQL could not be reached or refused an operation."""
+    """PostgreSQL refused an operation."""
+
+
+class DatabaseUnavailableError(DatabaseError):
+    """PostgreSQL could not be reached in time; the message names the URL setting to check."""
 
 
 class MigrationError(DatabaseError):
@@ -55,12 +69,27 @@ class PayloadError(TaskerError, ValueError):
     """A message payload that cannot be stored or read back exactly."""
 
 
+class WorkflowDefinitionError(TaskerError, ValueError):
+    """A workflow definition or template that cannot run; the message names the fix."""
+
+
+class InvalidTransitionError(TaskerError, ValueError):
+    """A state change the task or step state machine does not allow."""
+
+
 class TemplateNotFoundError(TaskerError, LookupError):
     """No registered task template matches; the message says how to register one."""
 
 
 class TaskNotFoundError(TaskerError, LookupError):
     """No task has that id."""
+
+
+class StepNotFoundError(TaskerError, KeyError):
+    """The task has no step with that name."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of its argument
+        return str(self.args[0]) if self.args else "step not found"
 
 
 class TaskTimeoutError(TaskerError, TimeoutError):

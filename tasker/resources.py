@@ -9,6 +9,8 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+from tasker.exceptions import ConfigurationError
+
 __all__ = ["bundled_path"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -20,7 +22,7 @@ def bundled_path(name: str) -> Path:
     for candidate in (_PACKAGE_DIR / "_bundled" / name, _PACKAGE_DIR.parent / name):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(
+    raise ConfigurationError(
         f"Tasker's {name!r} folder is missing from the installation ({_PACKAGE_DIR}); "
         "reinstall the package (pip install --force-reinstall tasker)."
     )

@@ -35,6 +35,7 @@ class DatabaseSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pool_min_size: int = 1
     pool_max_size: int = 16
     statement_timeout_ms: int = 30_000
+    timeout_s: float = 5.0
     application_name: str = "tasker"
 
 
@@ -165,6 +166,7 @@ def _check_values(settings: Settings) -> None:
         "database.pool_min_size": db.pool_min_size,
         "database.pool_max_size": db.pool_max_size,
         "database.statement_timeout_ms": db.statement_timeout_ms,
+        "database.timeout_s": db.timeout_s,
         "broker.visibility_timeout_ms": broker.visibility_timeout_ms,
         "broker.max_lease_ms": broker.max_lease_ms,
         "broker.max_deliveries": broker.max_deliveries,

@@ -66,6 +66,18 @@ def drop_database(server_url: str, name: str) -> None:
         )
 
 
+@pytest.fixture(autouse=True)
+def _restore_tasker_environment() -> Iterator[None]:
+    """The CLI sets TASKER_ENV / TASKER_SETTINGS_FILE for its child processes; undo that (and
+    any other TASKER_* change) after each test so settings never leak into the next one."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("TASKER_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("TASKER_")]:
+        if key not in saved:
+            del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def server_url() -> str:
     """An admin URL of the PostgreSQL server the suite runs against."""

@@ -26,6 +26,31 @@ RETURNING msg_id
 -- name: notify
 SELECT pg_notify(%(channel)s, '')
 
+-- A retry of a delivered message (Dramatiq's Retries middleware re-enqueues the message it is
+-- processing): the delivery is removed and its replacement inserted in one statement, or neither
+-- happens and the delivery comes back when its lease runs out. Fenced by read_ct.
+-- name: replace
+WITH gone AS (
+    DELETE FROM {queue} WHERE msg_id = %(msg_id)s AND read_ct = %(read_ct)s RETURNING msg_id
+)
+INSERT INTO {queue} (vt, message, headers)
+SELECT clock_timestamp() + %(delay_ms)s::bigint * interval '1 millisecond',
+       %(message)s::jsonb, %(headers)s::jsonb
+FROM gone
+RETURNING msg_id
+
+-- Put a delivery back for later without counting it as a handler start (see record_start): its
+-- handler did not crash, it chose to wait (a step claimed by another live worker).
+-- name: defer
+UPDATE {queue}
+SET vt = clock_timestamp() + %(delay_ms)s::bigint * interval '1 millisecond',
+    headers = CASE WHEN %(read_ct)s::int > 1 AND headers ? 'starts'
+                   THEN jsonb_set(headers, ARRAY['starts'],
+                                  to_jsonb(greatest((headers->>'starts')::int - 1, 0)))
+                   ELSE headers END
+WHERE msg_id = %(msg_id)s AND read_ct = %(read_ct)s
+RETURNING msg_id
+
 -- Claim up to `limit` visible messages. `vt <= now()` with ORDER BY vt lets the vt index serve
 -- the scan, so delayed and leased rows ahead of the visible ones cost nothing (pgmq.read's
 -- clock_timestamp() predicate walks all of them).

@@ -77,16 +77,32 @@ RETURNING s.workflow_step_uuid, s.name, old.state
 
 -- name: execution_context
 SELECT execution_status, next_retry_at, total, completed, failed
-FROM tasker.task_execution_context_v1(%(task)s)
+FROM tasker.task_execution_context_v2(%(task)s)
 
 -- name: claim_step
 SELECT outcome, state, attempt, max_attempts, name, inputs, task_context, correlation_id,
-       parent_results
-FROM tasker.claim_step_v1(%(step)s, %(redelivered)s)
+       parent_results, extract(epoch FROM claimed_until - clock_timestamp())::float8 AS lease_left_s
+FROM tasker.claim_step_v2(%(step)s, %(token)s, %(lease_ms)s)
+
+-- The heartbeat of running steps: fenced by the attempt, so a claim that was lost stays lost.
+-- name: extend_step_claims
+UPDATE tasker.workflow_steps AS ws
+SET claimed_until = clock_timestamp() + %(lease_ms)s::bigint * interval '1 millisecond'
+FROM unnest(%(steps)s::uuid[], %(attempts)s::int[]) AS held(step, attempt)
+WHERE ws.workflow_step_uuid = held.step AND ws.state = 'in_progress'
+  AND ws.attempts = held.attempt
+
+-- A forced exit: the steps this process runs may be re-claimed at once.
+-- name: release_step_claims
+UPDATE tasker.workflow_steps AS ws
+SET claimed_until = clock_timestamp()
+FROM unnest(%(steps)s::uuid[], %(attempts)s::int[]) AS held(step, attempt)
+WHERE ws.workflow_step_uuid = held.step AND ws.state = 'in_progress'
+  AND ws.attempts = held.attempt
 
 -- name: complete_step_fast
 SELECT outcome, task_uuid, namespace, workflow, enqueued, enqueued_names
-FROM tasker.complete_step_v1(%(step)s, %(attempt)s, %(results)s::jsonb)
+FROM tasker.complete_step_v2(%(step)s, %(attempt)s, %(results)s::jsonb)
 
 -- Fenced by state and attempt: a worker that lost the step to a re-claim records nothing.
 -- name: finish_step
@@ -95,11 +111,13 @@ SET state = %(to)s, results = %(results)s::jsonb, finished_at = clock_timestamp(
 WHERE workflow_step_uuid = %(step)s AND state = 'in_progress' AND attempts = %(attempt)s
 RETURNING task_uuid
 
--- name: fail_step_without_run
+-- The last resort when an outcome cannot be recorded: the step fails for good without result
+-- processing, and the task is re-evaluated by the step-enqueue stage.
+-- name: fail_step_minimal
 UPDATE tasker.workflow_steps
-SET state = 'enqueued_as_error_for_orchestration', results = %(results)s::jsonb,
-    finished_at = clock_timestamp()
-WHERE workflow_step_uuid = %(step)s AND state = 'in_progress'
+SET state = 'error', results = %(results)s::jsonb, finished_at = clock_timestamp(),
+    processed_at = clock_timestamp()
+WHERE workflow_step_uuid = %(step)s AND state = 'in_progress' AND attempts = %(attempt)s
 RETURNING task_uuid
 
 -- name: lock_step_result

@@ -22,6 +22,7 @@ from dramatiq.rate_limits import RateLimiterBackend
 from psycopg_pool import ConnectionPool
 
 from tasker.backends._common import LazyPool, delete_expired, poll_until, query
+from tasker.exceptions import ConfigurationError
 
 __all__ = ["ADVISORY_LOCK_CLASS", "DEFAULT_CLEANUP_EVERY", "PostgresRateLimiterBackend"]
 
@@ -56,7 +57,7 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         cleanup_every: int = DEFAULT_CLEANUP_EVERY,
     ) -> None:
         if cleanup_every < 1:
-            raise ValueError("cleanup_every must be a positive number of writes, e.g. 100.")
+            raise ConfigurationError("cleanup_every must be a positive number of writes, e.g. 100.")
         self._db = LazyPool(url=url, pool=pool, name="tasker-rate-limits")
         self._cleanup_every = cleanup_every
         self._writes = itertools.count(1)

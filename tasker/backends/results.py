@@ -17,6 +17,7 @@ from dramatiq.results.backend import DEFAULT_TIMEOUT, Missing
 from psycopg_pool import ConnectionPool
 
 from tasker.backends._common import LazyPool, delete_expired, poll_until, query
+from tasker.exceptions import ConfigurationError, TaskerError
 
 __all__ = ["DEFAULT_CLEANUP_BATCH", "DEFAULT_CLEANUP_EVERY", "PostgresResultBackend"]
 
@@ -24,6 +25,20 @@ __all__ = ["DEFAULT_CLEANUP_BATCH", "DEFAULT_CLEANUP_EVERY", "PostgresResultBack
 DEFAULT_CLEANUP_EVERY = 100
 #: Most expired results deleted by one cleanup.
 DEFAULT_CLEANUP_BATCH = 500
+
+
+class ResultMissingError(TaskerError, ResultMissing):
+    """The result is not stored (yet); Dramatiq's ``ResultMissing`` too."""
+
+    def __init__(self, message: object) -> None:  # Dramatiq passes the Message
+        super().__init__(message)  # type: ignore[no-untyped-call]
+
+
+class ResultTimeoutError(TaskerError, ResultTimeout):
+    """Waiting for the result took longer than the timeout; Dramatiq's ``ResultTimeout`` too."""
+
+    def __init__(self, message: object) -> None:  # Dramatiq passes the Message
+        super().__init__(message)  # type: ignore[no-untyped-call]
 
 
 class PostgresResultBackend(ResultBackend):
@@ -55,7 +70,7 @@ class PostgresResultBackend(ResultBackend):
             use_namespace_prefix_keys=use_namespace_prefix_keys,
         )
         if cleanup_every < 1:
-            raise ValueError("cleanup_every must be a positive number of stores, e.g. 100.")
+            raise ConfigurationError("cleanup_every must be a positive number of stores, e.g. 100.")
         self._db = LazyPool(url=url, pool=pool, name="tasker-results")
         self._cleanup_every = cleanup_every
         self._stores = itertools.count(1)
@@ -86,12 +101,12 @@ class PostgresResultBackend(ResultBackend):
             found.append(data)
             return True
 
-        # Dramatiq's error constructors and unwrap_result carry no annotations.
+        # Dramatiq's unwrap_result carries no annotations.
         if not block:
             if not probe():
-                raise ResultMissing(message)  # type: ignore[no-untyped-call]
+                raise ResultMissingError(message)
         elif not poll_until(probe, DEFAULT_TIMEOUT if timeout is None else timeout):
-            raise ResultTimeout(message)  # type: ignore[no-untyped-call]
+            raise ResultTimeoutError(message)
         return self.unwrap_result(found[0])  # type: ignore[no-untyped-call]
 
     def _get(self, message_key: str) -> Any:

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tasker.brokers.errors import BrokerConnectionError
 from tasker.brokers.queue_names import QueueNames
 
 __all__ = ["AckBatcher"]
@@ -47,11 +48,14 @@ class AckBatcher(threading.Thread):
         pending = _PendingAck(msg_id, read_ct)
         with self._cond:
             if self._stopping:
-                raise RuntimeError("the broker is closed")
+                raise BrokerConnectionError("the broker is closed; it cannot acknowledge messages")
             self._pending.setdefault(names.main, (names, []))[1].append(pending)
             self._cond.notify()
         if not pending.done.wait(timeout):
-            raise TimeoutError(f"ack of message {msg_id} did not complete in {timeout}s")
+            raise BrokerConnectionError(
+                f"the ack of message {msg_id} did not complete in {timeout}s; is PostgreSQL "
+                "reachable?"
+            )
         if pending.error is not None:
             raise pending.error
         return pending.deleted

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.common import current_millis
-from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
 from tasker.brokers.encoding import decode_message, encode_message
+from tasker.brokers.errors import connection_closed
 from tasker.brokers.queue_names import QueueNames
 from tasker.exceptions import PayloadError
 
 if TYPE_CHECKING:
     from tasker.brokers.pgmq import PGMQBroker
 
-__all__ = ["PGMQConsumer", "PGMQMessageProxy", "connection_closed"]
+__all__ = ["PGMQConsumer", "PGMQMessageProxy"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,14 @@ class PGMQMessageProxy(MessageProxy):
         self.msg_id = msg_id
         self.read_ct = read_ct
         self.redelivered = read_ct > 1
-        self.settled = False  # deleted inside the handler's own transaction
+        # True once the delivery was disposed of other than by an ack (deleted in the handler's
+        # own transaction, deferred, or replaced by a retry): the consumer must not delete it.
+        self.settled = False
+
+    @property
+    def token(self) -> str:
+        """This delivery's identity: PGMQ queue, message id and delivery count."""
+        return f"{self.pgmq_names.main}:{self.msg_id}:{self.read_ct}"
 
 
 class PGMQConsumer(Consumer):
@@ -222,11 +229,6 @@ class PGMQConsumer(Consumer):
                 len(buffered),
                 exc_info=True,
             )
-
-
-def connection_closed(exc: BaseException) -> ConnectionClosed:
-    """Dramatiq's connection error, which its worker retries (consumer restart, ack retry)."""
-    return ConnectionClosed(exc)  # type: ignore[no-untyped-call]
 
 
 def _pgmq(message: MessageProxy) -> PGMQMessageProxy:

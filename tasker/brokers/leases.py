@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-__all__ = ["HeldMessage", "LeaseKeeper", "LeaseRegistry"]
+__all__ = ["HeldMessage", "LeaseHook", "LeaseKeeper", "LeaseRegistry"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,11 @@ class LeaseRegistry:
                 lambda: len(self._held.get(queue, ())) < limit, timeout=timeout
             )
 
+    def held(self) -> dict[str, list[HeldMessage]]:
+        """Every held delivery, per queue."""
+        with self._lock:
+            return {queue: list(held.values()) for queue, held in self._held.items() if held}
+
     def to_extend(self, max_lease_s: float) -> dict[str, list[HeldMessage]]:
         """Held messages younger than ``max_lease_s``, per queue (older ones are let go)."""
         now = time.monotonic()
@@ -82,6 +88,18 @@ class LeaseRegistry:
 
 
 ExtendFn = Callable[[str, list[HeldMessage]], set[int]]
+
+
+class LeaseHook(Protocol):
+    """Other leases kept alive by the same heartbeat (the workflow engine's step claims)."""
+
+    def extend(self) -> None:
+        """Extend every lease this process holds (called on each heartbeat)."""
+        ...
+
+    def release(self) -> None:
+        """Give every held lease up at once (a forced exit)."""
+        ...
 
 
 class LeaseKeeper(threading.Thread):
@@ -97,6 +115,7 @@ class LeaseKeeper(threading.Thread):
         max_lease_s: float,
         periodic: Callable[[], object] | None = None,
         periodic_every_s: float = 300.0,
+        hooks: Sequence[LeaseHook] = (),
     ) -> None:
         super().__init__(name="tasker-lease-keeper", daemon=True)
         self._registry = registry
@@ -105,6 +124,7 @@ class LeaseKeeper(threading.Thread):
         self._max_lease_s = max_lease_s
         self._periodic = periodic
         self._periodic_every_s = periodic_every_s
+        self._hooks = hooks
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -134,6 +154,11 @@ class LeaseKeeper(threading.Thread):
                 # Usually acked while this beat ran; a lost lease is reported by the late ack.
                 if message.msg_id not in kept:
                     self._registry.release(queue, message.msg_id, message.read_ct)
+        for hook in list(self._hooks):
+            try:
+                hook.extend()
+            except Exception:  # the next beat retries
+                logger.warning("Could not extend leases of %r", hook, exc_info=True)
 
     def _run_periodic(self) -> None:
         assert self._periodic is not None

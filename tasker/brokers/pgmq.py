@@ -28,20 +28,26 @@ from typing import Any
 
 import psycopg
 from dramatiq.broker import Broker, Consumer, MessageProxy
-from dramatiq.errors import QueueJoinTimeout, QueueNotFound
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tasker.brokers.acks import AckBatcher
-from tasker.brokers.consumer import PGMQConsumer, PGMQMessageProxy, connection_closed
+from tasker.brokers.consumer import PGMQConsumer, PGMQMessageProxy
 from tasker.brokers.encoding import encode_message
-from tasker.brokers.leases import HeldMessage, LeaseKeeper, LeaseRegistry
+from tasker.brokers.errors import (
+    DeadLetteredError,
+    QueueJoinTimeoutError,
+    QueueNotFoundError,
+    connection_closed,
+)
+from tasker.brokers.leases import HeldMessage, LeaseHook, LeaseKeeper, LeaseRegistry
 from tasker.brokers.listener import Listener
 from tasker.brokers.queue_names import QueueNames, map_queue_name
-from tasker.db.connection import connection_kwargs, make_pool
+from tasker.db.connection import DEFAULT_TIMEOUT_S, connection_kwargs, make_pool
+from tasker.db.errors import database_error, is_transient
 from tasker.db.queries import render
-from tasker.exceptions import DatabaseError, QueueNameError
+from tasker.exceptions import ConfigurationError, DatabaseError, QueueNameError
 
 __all__ = ["DeadLetteredError", "PGMQBroker", "PGMQConsumer", "PGMQMessageProxy"]
 
@@ -59,10 +65,6 @@ _Connection = psycopg.Connection[Any]
 _current_connection: contextvars.ContextVar[_Connection | None] = contextvars.ContextVar(
     "tasker_broker_connection", default=None
 )
-
-
-class DeadLetteredError(Exception):
-    """Raised by ``join(..., fail_fast=True)`` when a message of the queue was dead-lettered."""
 
 
 class _Lifecycle(Middleware):
@@ -97,6 +99,7 @@ class PGMQBroker(Broker):
       poll_interval_ms: fallback poll of idle consumers.
       dead_message_ttl_s: dead letters older than this are deleted by periodic maintenance.
       auto_create_queues: create PGMQ queues on first use.
+      timeout_s: bounds opening a connection and waiting for a pooled one (seconds).
       durable_consumer_commits: commit claims, acks and lease extensions synchronously. Off by
         default: such a commit lost in a *server* crash only makes a message run again, while
         waiting for the WAL flush adds a disk sync to every claim. Sends are always synchronous.
@@ -119,17 +122,20 @@ class PGMQBroker(Broker):
         dead_message_ttl_s: int = DEFAULT_DEAD_MESSAGE_TTL_S,
         auto_create_queues: bool = True,
         durable_consumer_commits: bool = False,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         pool_max_size: int = 16,
         application_name: str = "tasker-broker",
     ) -> None:
         super().__init__(middleware=middleware)
         if url is None and pool is None:
-            raise ValueError("PGMQBroker needs url= (a PostgreSQL URL) or pool=.")
+            raise ConfigurationError("PGMQBroker needs url= (a PostgreSQL URL) or pool=.")
         if visibility_timeout_ms < 1000:
-            raise ValueError("visibility_timeout_ms must be at least 1000 (one second).")
+            raise ConfigurationError("visibility_timeout_ms must be at least 1000 (one second).")
         heartbeat = heartbeat_interval_ms or visibility_timeout_ms // 4
         if heartbeat * 2 >= visibility_timeout_ms:
-            raise ValueError("heartbeat_interval_ms must be less than half the visibility timeout.")
+            raise ConfigurationError(
+                "heartbeat_interval_ms must be less than half the visibility timeout."
+            )
         map_queue_name("default", namespace)  # validates the namespace now, not at first send
         if url is None and pool is not None and isinstance(pool.conninfo, str):
             url = pool.conninfo  # the listener needs its own connection
@@ -145,6 +151,7 @@ class PGMQBroker(Broker):
         self.dead_message_ttl_s = dead_message_ttl_s
         self.auto_create_queues = auto_create_queues
         self.durable_consumer_commits = durable_consumer_commits
+        self.timeout_s = timeout_s
         self.stopping = threading.Event()
         self.queues: dict[str, QueueNames] = {}
         self._by_pgmq_name: dict[str, str] = {}
@@ -152,6 +159,7 @@ class PGMQBroker(Broker):
         self._pool_max_size = pool_max_size
         self._application_name = application_name
         self._sql_cache: dict[tuple[str, str], str] = {}
+        self.lease_hooks: list[LeaseHook] = []
         self._reset_process_state()
         self.add_middleware(_Lifecycle(self))
 
@@ -204,6 +212,7 @@ class PGMQBroker(Broker):
             max_size=self._pool_max_size,
             application_name=self._application_name,
             synchronous_commit=synchronous_commit,
+            timeout_s=self.timeout_s,
         )
         pool.open(wait=False)
         return pool
@@ -215,7 +224,10 @@ class PGMQBroker(Broker):
         try:
             return self.queues[queue_name]
         except KeyError:
-            raise QueueNotFound(queue_name) from None  # type: ignore[no-untyped-call]
+            raise QueueNotFoundError(
+                f"Queue {queue_name!r} is not declared on this broker; declare it "
+                "(broker.declare_queue) or import the module that defines its actors."
+            ) from None
 
     def statement(self, name: str, names: QueueNames) -> str:
         key = (name, names.main)
@@ -252,6 +264,8 @@ class PGMQBroker(Broker):
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Send ``message`` (after ``delay`` ms); inside ``use_connection`` it joins that
         transaction."""
+        if isinstance(message, PGMQMessageProxy):
+            return self._reschedule(message, delay)
         plain: Message[Any] = getattr(message, "_message", message)
         names = self.names(plain.queue_name)
         self.emit_before("enqueue", plain, delay)
@@ -301,6 +315,57 @@ class PGMQBroker(Broker):
             for message in batch:
                 self.emit_after("enqueue", message, delay)
         return [getattr(m, "_message", m) for m in messages]
+
+    def _reschedule(self, proxy: PGMQMessageProxy, delay: int | None) -> Message[Any]:
+        """Enqueueing a delivered message (a retry): replace the delivery atomically.
+
+        The delivery counts as settled from here on, whatever happens: if the replacement fails,
+        the original stays leased and comes back when its lease runs out.
+        """
+        plain: Message[Any] = proxy._message
+        if proxy.settled:
+            return plain  # already deleted, deferred or replaced
+        proxy.settled = True
+        names = proxy.pgmq_names
+        self.emit_before("enqueue", plain, delay)
+        encoded = encode_message(plain)
+        delay_ms = max(int(delay or 0), 0)
+        params = {
+            "msg_id": proxy.msg_id,
+            "read_ct": proxy.read_ct,
+            "message": encoded.payload,
+            "headers": encoded.headers,
+            "delay_ms": delay_ms,
+            "channel": names.channel,
+        }
+
+        def replace(conn: _Connection) -> None:
+            replaced = conn.execute(self.statement("replace", names), params).fetchone()
+            if replaced is not None and delay_ms == 0 and self.listen:
+                conn.execute(self.statement("notify", names), params)
+
+        self._write(names, replace, transaction=True)
+        self.emit_after("enqueue", plain, delay)
+        return plain
+
+    def defer(self, proxy: PGMQMessageProxy, delay_ms: int) -> bool:
+        """Make a delivered message visible again after ``delay_ms`` without counting a handler
+        start (it waits, it did not crash); the consumer will not acknowledge it.
+
+        Returns False when the delivery's lease was already lost. Raises
+        :class:`~tasker.brokers.errors.BrokerConnectionError` when PostgreSQL cannot be reached
+        (the delivery then comes back when its lease runs out).
+        """
+        proxy.settled = True
+        params = {"msg_id": proxy.msg_id, "read_ct": proxy.read_ct, "delay_ms": max(delay_ms, 0)}
+        try:
+            with self.consumer_pool.connection() as conn:
+                row = conn.execute(self.statement("defer", proxy.pgmq_names), params).fetchone()
+        except psycopg.OperationalError as exc:
+            raise connection_closed(exc) from exc
+        finally:
+            self.leases.release(proxy.pgmq_names.main, proxy.msg_id, proxy.read_ct)
+        return row is not None
 
     @contextlib.contextmanager
     def use_connection(self, conn: _Connection) -> Iterator[_Connection]:
@@ -364,7 +429,7 @@ class PGMQBroker(Broker):
                 raise DeadLetteredError(f"A message of queue {queue_name!r} was dead-lettered.")
             successes = successes + 1 if remaining == (0,) else 0
             if deadline is not None and time.monotonic() >= deadline:
-                raise QueueJoinTimeout(queue_name)  # type: ignore[no-untyped-call]
+                raise QueueJoinTimeoutError(queue_name)
             time.sleep(interval_ms / 1000)
 
     def close(self) -> None:
@@ -429,10 +494,13 @@ class PGMQBroker(Broker):
                     else:
                         action(conn)
                 return
-            except psycopg.OperationalError as exc:
-                if attempt == 2:
+            except psycopg.Error as exc:
+                if not is_transient(exc):
+                    raise database_error(exc, url=self.url) from exc
+                if attempt == 2 or isinstance(exc, PoolTimeout):  # the pool waited its timeout
                     raise connection_closed(exc) from exc
                 logger.warning("Enqueue failed on a broken connection (%s); retrying once", exc)
+                self.pool.check()  # drop the other connections that died meanwhile
 
     def _wake_event(self, names: QueueNames) -> threading.Event | None:
         if not self.listen or self.url is None:
@@ -443,7 +511,10 @@ class PGMQBroker(Broker):
             if self._listener is None:
                 self._listener = Listener(
                     self.url,
-                    connection_kwargs(application_name=self._application_name + "-listen"),
+                    connection_kwargs(
+                        application_name=self._application_name + "-listen",
+                        timeout_s=self.timeout_s,
+                    ),
                 )
             listener = self._listener
         return listener.watch(names.channel)
@@ -457,8 +528,31 @@ class PGMQBroker(Broker):
                     interval_s=self.heartbeat_interval_ms / 1000,
                     max_lease_s=self.max_lease_ms / 1000,
                     periodic=self.expire_dead_letters,
+                    hooks=self.lease_hooks,
                 )
                 self._keeper.start()
+
+    def release_held(self) -> int:
+        """Make every message this process holds visible again at once, and give up the other
+        leases kept by its heartbeat (``lease_hooks``); for a forced exit, where the handlers
+        holding them will not finish. Returns how many messages were released."""
+        released = 0
+        for queue, held in self.leases.held().items():
+            names = self.names(self._by_pgmq_name[queue])
+            params = {"msg_ids": [m.msg_id for m in held], "read_cts": [m.read_ct for m in held]}
+            try:
+                with self.consumer_pool.connection() as conn:
+                    conn.execute(self.statement("release", names), params)
+                released += len(held)
+            except psycopg.Error:
+                logger.warning("Could not release %d lease(s) on %s", len(held), queue)
+            self.leases.forget_queue(queue)
+        for hook in list(self.lease_hooks):
+            try:
+                hook.release()
+            except Exception:
+                logger.warning("Could not release the leases of %r", hook, exc_info=True)
+        return released
 
     def acker(self) -> AckBatcher:
         """The process's ack batcher (started on first use)."""

@@ -3,10 +3,16 @@
 Every connection is autocommit (explicit ``with conn.transaction()`` blocks where atomicity is
 needed), carries an ``application_name``, a statement timeout and an idle-in-transaction timeout,
 so a stuck client can never pin the vacuum horizon of the queue tables.
+
+Pools check a connection before lending it (:func:`check_connection`): a connection whose server
+session ended while it sat idle (a restart, ``pg_terminate_backend``) is replaced instead of
+failing the caller's first statement. One timeout (``timeout_s``) bounds both opening a
+connection and waiting for a pooled one.
 """
 
 from __future__ import annotations
 
+import select
 from typing import Any
 
 import psycopg
@@ -15,6 +21,8 @@ from psycopg_pool import ConnectionPool
 __all__ = [
     "DEFAULT_APPLICATION_NAME",
     "DEFAULT_STATEMENT_TIMEOUT_MS",
+    "DEFAULT_TIMEOUT_S",
+    "check_connection",
     "connect",
     "connection_kwargs",
     "make_pool",
@@ -22,6 +30,8 @@ __all__ = [
 
 DEFAULT_APPLICATION_NAME = "tasker"
 DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
+#: Seconds to open a connection, and to wait for a pooled one (``database.timeout_s``).
+DEFAULT_TIMEOUT_S = 5.0
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
 
 
@@ -30,6 +40,7 @@ def connection_kwargs(
     application_name: str = DEFAULT_APPLICATION_NAME,
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
     synchronous_commit: bool = True,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Keyword arguments for :func:`psycopg.connect` shared by every Tasker connection.
 
@@ -49,7 +60,7 @@ def connection_kwargs(
         "options": options,
         "keepalives": 1,
         "keepalives_idle": 30,
-        "connect_timeout": 10,
+        "connect_timeout": max(round(timeout_s), 1),
     }
 
 
@@ -60,6 +71,23 @@ def connect(url: str, **overrides: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(url, **kwargs)
 
 
+def check_connection(conn: psycopg.Connection[Any]) -> None:
+    """A pool's check before lending ``conn``: raises if its session is gone.
+
+    A healthy idle connection has nothing to read, so it is lent without a round trip. When the
+    server said something while the connection sat idle (the FATAL message of a terminated
+    session, or the end of the stream after a restart), a real check decides.
+    """
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError) as exc:
+        raise psycopg.OperationalError(f"the connection's socket is unusable: {exc}") from exc
+    if readable:
+        ConnectionPool.check_connection(conn)
+
+
 def make_pool(
     url: str,
     *,
@@ -68,9 +96,14 @@ def make_pool(
     application_name: str = DEFAULT_APPLICATION_NAME,
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
     synchronous_commit: bool = True,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     name: str = "tasker",
 ) -> ConnectionPool[psycopg.Connection[Any]]:
-    """Create (but do not open) a thread-safe pool of autocommit connections to ``url``."""
+    """Create (but do not open) a thread-safe pool of autocommit connections to ``url``.
+
+    ``timeout_s`` bounds both opening a connection and waiting for a free one
+    (``psycopg_pool.PoolTimeout`` after that).
+    """
     return ConnectionPool(
         url,
         min_size=min_size,
@@ -79,10 +112,12 @@ def make_pool(
             application_name=application_name,
             statement_timeout_ms=statement_timeout_ms,
             synchronous_commit=synchronous_commit,
+            timeout_s=timeout_s,
         ),
         open=False,
         name=name,
-        timeout=30.0,
+        check=check_connection,
+        timeout=timeout_s,
         max_idle=300.0,
         reconnect_timeout=300.0,
     )

@@ -1,81 +1,235 @@
-"""Run a step's handler and turn what it returned or raised into the document stored for it."""
+"""Run a step's handler and turn whatever it returned or raised into the document stored for it.
+
+This is total: every return value and every exception a handler can produce, ``BaseException``
+included, becomes a :class:`StepOutcome` whose document PostgreSQL's jsonb accepts.
+
+* A returned value is stored as the step's result when it passes the payload rules
+  (:func:`tasker.engine.payloads.encode_json`); otherwise the step fails permanently with error
+  type ``payload_error``, naming where in the value the problem is.
+* ``RetryableError`` (with its ``retry_after``) and any other ``Exception`` are retryable failures,
+  ``PermanentError`` is not (seed-spec 9.5: the error type is the exception's class name).
+* A timeout (Dramatiq's time limit for sync handlers, the step's own deadline for ``async def``
+  handlers) is a retryable ``handler_timeout``; a Dramatiq shutdown notification a retryable
+  ``worker_shutdown``.
+* ``SystemExit``, ``KeyboardInterrupt`` and any other ``BaseException`` are retryable failures too:
+  a handler cannot stop a worker.
+
+Error documents are built defensively: an exception whose ``__str__`` raises, a message with a NUL
+character or a lone surrogate, or a huge traceback still give a storable document.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import json
+import logging
+import math
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tasker.engine.payloads import encode_json
-from tasker.exceptions import PayloadError
 from tasker.workflow.definition import PermanentError, RetryableError, StepContext
 
-__all__ = ["StepOutcome", "run_handler"]
+__all__ = [
+    "HANDLER_TIMEOUT",
+    "OUTCOME_NOT_RECORDABLE",
+    "PAYLOAD_ERROR",
+    "WORKER_DIED",
+    "WORKER_SHUTDOWN",
+    "StepOutcome",
+    "StepTimeoutError",
+    "refused_outcome",
+    "run_handler",
+    "worker_died_outcome",
+]
+
+logger = logging.getLogger(__name__)
+
+HANDLER_TIMEOUT = "handler_timeout"
+WORKER_SHUTDOWN = "worker_shutdown"
+PAYLOAD_ERROR = "payload_error"
+WORKER_DIED = "worker_died"
+OUTCOME_NOT_RECORDABLE = "outcome_not_recordable"
+
+_MAX_MESSAGE_CHARS = 4_000
+_MAX_TRACE_LINES = 20
+_MAX_TRACE_LINE_CHARS = 2_000
+
+
+class StepTimeoutError(Exception):
+    """An ``async def`` handler was cancelled at its step's deadline."""
 
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """What a handler produced, as stored in ``workflow_steps.results``."""
+    """What an attempt produced: its ``workflow_steps.results`` document (JSON text) and, for a
+    failure, the error type and whether the retry rules may run the step again."""
 
     success: bool
     document: str
+    error_type: str | None = None
+    retryable: bool = False
 
 
 def run_handler(handler: Callable[[StepContext], Any], context: StepContext) -> StepOutcome:
-    """Run the handler and turn its return value or exception into a stored outcome."""
+    """Run ``handler`` (sync or ``async def``) and turn what it did into an outcome; never raises.
+
+    An awaitable is run on a fresh event loop and cancelled at ``context.deadline``.
+    """
     try:
         value = handler(context)
         if inspect.isawaitable(value):
-            value = asyncio.run(_await(value))
-        return StepOutcome(True, _document(True, value, None, context))
-    except RetryableError as exc:
-        error = _error(exc, retryable=True, retry_after=exc.retry_after)
-    except PermanentError as exc:
-        error = _error(exc, retryable=False)
-    except Exception as exc:  # any other exception is a retryable failure (seed-spec 9.5)
-        error = _error(exc, retryable=True)
-    except BaseException as exc:  # Dramatiq's TimeLimitExceeded and Shutdown are BaseException
-        if type(exc).__name__ not in ("TimeLimitExceeded", "Shutdown"):
-            raise
-        error = _error(exc, retryable=True, error_type="timeout")
-    return StepOutcome(False, _document(False, None, error, context))
+            value = asyncio.run(_await(value, context.time_left()))
+    except BaseException as exc:  # total: see the module docstring
+        return _failure(exc, context)
+    return _success(value, context)
 
 
-async def _await(value: Any) -> Any:
-    return await value
+async def _await(value: Any, timeout: float | None) -> Any:
+    if timeout is None:
+        return await value
+    try:
+        async with asyncio.timeout(timeout) as scope:
+            return await value
+    except TimeoutError as exc:
+        if scope.expired():
+            raise StepTimeoutError(f"the step exceeded its timeout ({timeout:.3g}s left)") from exc
+        raise
 
 
-def _error(
-    exc: BaseException,
-    *,
-    retryable: bool,
-    retry_after: float | None = None,
-    error_type: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "message": str(exc) or type(exc).__name__,
-        "error_type": error_type or type(exc).__name__,
-        "retryable": retryable,
-        "retry_after": retry_after,
-        "backtrace": traceback.format_exception(exc)[-20:],
-    }
-
-
-def _document(success: bool, value: Any, error: dict[str, Any] | None, context: StepContext) -> str:
+def _success(value: Any, context: StepContext) -> StepOutcome:
     document = {
-        "success": success,
+        "success": True,
         "result": value,
-        "error": error,
-        "metadata": {"attempt": context.attempt, "retryable": bool(error and error["retryable"])},
+        "error": None,
+        "metadata": {"attempt": context.attempt, "retryable": False},
     }
     try:
-        return encode_json(document, f"result of step {context.step_name!r}")
-    except PayloadError as exc:
-        failure = {"message": str(exc), "error_type": "PayloadError", "retryable": False}
-        document.update(success=False, result=None, error=failure)
-        document["metadata"] = {"attempt": context.attempt, "retryable": False}
-        return json.dumps(document)
+        return StepOutcome(True, encode_json(document, "the step's result"))
+    except BaseException as exc:  # PayloadError, or an object whose encoding itself fails
+        return refused_outcome(context.attempt, exc, where="result")
+
+
+def _failure(exc: BaseException, context: StepContext) -> StepOutcome:
+    error_type, retryable, retry_after = _classify(exc)
+    if not isinstance(exc, Exception):
+        logger.warning(
+            "Step %s (%s) raised %s; recorded as a retryable failure (a handler cannot stop a "
+            "worker)",
+            context.step_uuid,
+            context.step_name,
+            error_type,
+        )
+    error = _error(exc, error_type, retryable=retryable, where="handler")
+    error["retry_after"] = retry_after
+    return _failure_outcome(context.attempt, error)
+
+
+def _classify(exc: BaseException) -> tuple[str, bool, float | None]:
+    """``(error_type, retryable, retry_after)`` of a handler's exception."""
+    name = type(exc).__name__
+    if isinstance(exc, RetryableError):
+        return name, True, _seconds(exc.retry_after)
+    if isinstance(exc, PermanentError):
+        return name, False, None
+    if isinstance(exc, StepTimeoutError) or name == "TimeLimitExceeded":
+        return HANDLER_TIMEOUT, True, None
+    if name == "Shutdown":  # Dramatiq's shutdown notification
+        return WORKER_SHUTDOWN, True, None
+    return name, True, None
+
+
+def _seconds(value: Any) -> float | None:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def refused_outcome(attempt: int, exc: BaseException, *, where: str) -> StepOutcome:
+    """A permanent failure for an outcome that cannot be stored as it is.
+
+    ``where`` says what was refused: ``"result"`` (the handler's return value: error type
+    ``payload_error``) or ``"record"`` (the database refused to record the outcome).
+    """
+    error_type = PAYLOAD_ERROR if where == "result" else OUTCOME_NOT_RECORDABLE
+    error = _error(exc, error_type, retryable=False, where=where)
+    return _failure_outcome(attempt, error)
+
+
+def worker_died_outcome(attempt: int) -> StepOutcome:
+    """The permanent failure of a step whose worker died on its last allowed attempt."""
+    error = {
+        "message": "the worker running this step died on its last allowed attempt",
+        "error_type": WORKER_DIED,
+        "retryable": False,
+        "where": "worker",
+    }
+    return _failure_outcome(attempt, error)
+
+
+def minimal_failure_document(attempt: int, exc: BaseException) -> str:
+    """The last-resort document: fixed text plus the (sanitised) name of what went wrong."""
+    error = {
+        "message": "the outcome of this attempt could not be recorded; see the worker's log",
+        "error_type": OUTCOME_NOT_RECORDABLE,
+        "retryable": False,
+        "where": "record",
+        "cause": safe_text(type(exc).__name__, 200),
+    }
+    return _failure_outcome(attempt, error).document
+
+
+def _failure_outcome(attempt: int, error: dict[str, Any]) -> StepOutcome:
+    document = {
+        "success": False,
+        "result": None,
+        "error": error,
+        "metadata": {"attempt": attempt, "retryable": bool(error["retryable"])},
+    }
+    return StepOutcome(
+        False, json.dumps(document), str(error["error_type"]), bool(error["retryable"])
+    )
+
+
+def _error(exc: BaseException, error_type: str, *, retryable: bool, where: str) -> dict[str, Any]:
+    return {
+        "message": _message(exc),
+        "error_type": safe_text(error_type, 200),
+        "retryable": retryable,
+        "retry_after": None,
+        "where": where,
+        "backtrace": _backtrace(exc),
+    }
+
+
+def _message(exc: BaseException) -> str:
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except BaseException:  # a __str__ that raises must not hide the failure
+        text = f"<{name} whose str() raised>"
+    return safe_text(text or name, _MAX_MESSAGE_CHARS)
+
+
+def _backtrace(exc: BaseException) -> list[str]:
+    try:
+        lines = traceback.format_exception(exc)
+    except BaseException:
+        return []
+    return [safe_text(line, _MAX_TRACE_LINE_CHARS) for line in lines[-_MAX_TRACE_LINES:]]
+
+
+def safe_text(value: object, limit: int) -> str:
+    """``value`` as a string jsonb accepts: NUL and lone surrogates escaped, at most ``limit``
+    characters (longer text is cut and marked)."""
+    # str's own methods, not those of a subclass a handler may have made
+    plain = str.replace(value, "\x00", "\\x00") if isinstance(value, str) else type(value).__name__
+    text = plain.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        text = text[:limit] + "...[cut]"
+    return text

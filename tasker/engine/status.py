@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from tasker.engine.sql import q
-from tasker.exceptions import TaskNotFoundError
+from tasker.exceptions import StepNotFoundError, TaskNotFoundError
 
 __all__ = ["StepStatus", "TaskStatus", "task_status"]
 
@@ -56,7 +56,8 @@ class TaskStatus:
         for step in self.steps:
             if step.name == name:
                 return step
-        raise KeyError(name)
+        names = ", ".join(step.name for step in self.steps)
+        raise StepNotFoundError(f"Task {self.task_uuid} has no step {name!r}; its steps: {names}.")
 
 
 def task_status(conn: Any, task_uuid: Any) -> TaskStatus:

@@ -1,51 +1,81 @@
-"""The worker side of a step: claim it, run its handler, record the outcome.
+"""The worker side of a step: claim it, run its handler, record the outcome, settle its message.
 
-The claim is a compare-and-swap ``enqueued -> in_progress`` with ``attempts + 1`` that also reads
-the task context and the results of every completed ancestor. The outcome is recorded fenced by
-the attempt number, so a worker that lost the step to a re-claim records nothing. Recording the
-outcome, processing it (inline mode) and acknowledging the queue message are one transaction.
+:class:`StepExecutor` runs one delivery of a step's message through the whole sequence, and every
+path ends in one of two ways: the step's new state and the removal of the message commit in one
+transaction, or the message is left to come back. Never in between:
+
+1. **Claim** (``tasker.claim_step_v2``, one statement): ``enqueued -> in_progress`` with
+   ``attempts + 1`` and a lease (``claimed_until``) that the worker's heartbeat extends while the
+   handler runs. A delivery that meets a *live* claim of another delivery is deferred until that
+   lease ends (no attempt used); one that meets an *expired* claim re-claims the step (its worker
+   died); the same delivery repeating its claim after a lost connection gets its attempt back.
+2. **Run** the handler, outside any transaction (:func:`~tasker.engine.outcomes.run_handler`,
+   which turns anything the handler does into an outcome).
+3. **Record** the outcome fenced by the attempt, process it (inline mode) and delete the message,
+   in one transaction. Database errors are sorted by :func:`tasker.db.errors.is_transient`:
+   a transient one is retried on a fresh connection for up to ``retry_window_s``, then raised so
+   the message comes back; an error caused by the data fails the step permanently with a
+   document saying why; if even that cannot be written, a fixed minimal document is.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Protocol, TypeVar
 
+from psycopg.rows import class_row
+
+from tasker.db.errors import is_transient
 from tasker.engine.enqueue import step_messages
-from tasker.engine.messages import FINALIZE, PROCESS_RESULT, Sender
-from tasker.engine.outcomes import StepOutcome, run_handler
+from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, Sender
+from tasker.engine.outcomes import (
+    StepOutcome,
+    minimal_failure_document,
+    refused_outcome,
+    run_handler,
+    worker_died_outcome,
+)
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.sql import q
 from tasker.engine.transitions import move_steps
 from tasker.workflow.definition import StepContext
 
 __all__ = [
+    "DEFAULT_RETRY_WINDOW_S",
     "Claim",
+    "ClaimOutcome",
     "Connect",
     "Delivery",
+    "Settlement",
+    "StepExecutor",
     "StepRunner",
     "claim_step",
-    "execute_step",
-    "record_exhausted",
     "record_outcome",
 ]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a claim or a record is retried on fresh connections when the database is in trouble.
+DEFAULT_RETRY_WINDOW_S = 10.0
+_DEFER_MARGIN_S = 0.05
 
 Connect = Callable[[], AbstractContextManager[Any]]
+T = TypeVar("T")
 
 
 class Delivery(Protocol):
     """The queue message that asked for a step run, as the engine needs to see it."""
 
     @property
-    def redelivered(self) -> bool:
-        """True when an earlier delivery of this message was not settled (its worker died)."""
+    def token(self) -> str:
+        """Identifies this delivery (queue, message id, delivery count) across retries."""
         ...
 
     def settle_in(self, conn: Any) -> None:
@@ -56,6 +86,30 @@ class Delivery(Protocol):
         """After that commit: the broker must not acknowledge the message again."""
         ...
 
+    def defer(self, delay_s: float) -> None:
+        """Make the message visible again after ``delay_s`` seconds, using no attempt."""
+        ...
+
+
+class ClaimOutcome(StrEnum):
+    """What ``tasker.claim_step_v2`` answered (see sql/migrations/0003_step_claim_leases.sql)."""
+
+    CLAIMED = "claimed"
+    RECLAIMED = "reclaimed"
+    REPEATED = "repeated"
+    BUSY = "busy"
+    EXHAUSTED = "exhausted"
+    SKIPPED = "skipped"
+    MISSING = "missing"
+
+
+class Settlement(StrEnum):
+    """How :meth:`StepExecutor.execute` left the delivery."""
+
+    RECORDED = "recorded"  # an outcome was recorded and the message removed with it
+    SKIPPED = "skipped"  # nothing to run (the step is done, waiting or gone): acknowledge
+    DEFERRED = "deferred"  # another live claim holds the step: the message comes back later
+
 
 @dataclass(frozen=True)
 class StepRunner:
@@ -64,88 +118,274 @@ class StepRunner:
     namespace: str
     workflow: str
     handler: Callable[[StepContext], Any]
+    timeout: float | None = None
     inline: bool = True
 
 
 @dataclass(frozen=True)
-class Claim:
-    """The result of trying to claim a step: a context to run, or why not."""
+class _ClaimRow:
+    outcome: str
+    state: str | None
+    attempt: int | None
+    max_attempts: int | None
+    name: str | None
+    inputs: Any
+    task_context: Any
+    correlation_id: Any
+    parent_results: Any
+    lease_left_s: float | None
 
-    context: StepContext | None
-    skipped: str = ""
-    exhausted: bool = False
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer to a claim: the context to run with, or why there is nothing to run."""
+
+    outcome: ClaimOutcome
+    state: str | None = None
+    attempt: int | None = None
+    context: StepContext | None = None
+    lease_left_s: float = 0.0
 
 
 def claim_step(
-    conn: Any, namespace: str, workflow: str, task_uuid: str, step_uuid: str, *, redelivered: bool
+    conn: Any, runner: StepRunner, task_uuid: str, step_uuid: str, *, token: str, lease_s: float
 ) -> Claim:
-    """Claim the step for this worker: one statement (``tasker.claim_step_v1``)."""
-    row = conn.execute(q("claim_step"), {"step": step_uuid, "redelivered": redelivered}).fetchone()
-    outcome, state, attempt, max_attempts, name, inputs, task_context, correlation, parents = row
-    if outcome == "missing":
-        return Claim(None, "step does not exist")
-    if outcome == "exhausted":  # its worker died on the last allowed attempt
-        return Claim(None, "attempts exhausted by dead workers", exhausted=True)
-    if outcome == "skipped":
-        return Claim(None, f"step is {state}")
-    if state == "in_progress":
-        logger.warning("Re-claimed step %s: its previous worker died", step_uuid)
+    """Claim the step for the delivery ``token`` with a lease of ``lease_s`` seconds."""
+    params = {"step": step_uuid, "token": token, "lease_ms": int(lease_s * 1000)}
+    with conn.cursor(row_factory=class_row(_ClaimRow)) as cursor:
+        row = cursor.execute(q("claim_step"), params).fetchone()
+    outcome = ClaimOutcome(row.outcome)
+    lease_left = float(row.lease_left_s or 0.0)
+    if outcome not in (ClaimOutcome.CLAIMED, ClaimOutcome.RECLAIMED, ClaimOutcome.REPEATED):
+        return Claim(outcome, row.state, row.attempt, lease_left_s=lease_left)
+    if outcome is ClaimOutcome.RECLAIMED:
+        logger.warning("Re-claimed step %s: its previous worker stopped renewing it", step_uuid)
+    deadline = None
+    if runner.timeout is not None:
+        deadline = datetime.now(UTC) + timedelta(seconds=runner.timeout)
     context = StepContext(
         task_uuid=task_uuid,
         step_uuid=step_uuid,
-        step_name=name,
-        namespace=namespace,
-        workflow=workflow,
-        task_context=task_context,
-        parent_results=parents,
-        inputs=inputs,
-        attempt=attempt,
-        max_attempts=max_attempts,
-        correlation_id=str(correlation),
+        step_name=str(row.name),
+        namespace=runner.namespace,
+        workflow=runner.workflow,
+        task_context=row.task_context,
+        parent_results=row.parent_results,
+        inputs=row.inputs,
+        attempt=int(row.attempt or 0),
+        max_attempts=int(row.max_attempts or 0),
+        correlation_id=str(row.correlation_id),
+        deadline=deadline,
     )
-    return Claim(context)
+    return Claim(outcome, row.state, context.attempt, context, lease_left)
 
 
-def execute_step(
-    runner: StepRunner,
-    connect: Connect,
-    sender: Sender,
-    *,
-    task_uuid: str,
-    step_uuid: str,
-    delivery: Delivery,
-) -> None:
-    """The whole step sequence for one delivery: claim, run the handler, record, settle.
+class _HeldClaims:
+    """The step claims this process's handlers hold, for the heartbeat: step -> (attempt, since)."""
 
-    ``connect()`` lends a connection (a pool's ``connection``); the handler runs outside any
-    transaction; the outcome, its processing (inline mode) and the message's removal commit
-    together.
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[int, float]] = {}
+
+    def hold(self, step_uuid: str, attempt: int) -> None:
+        with self._lock:
+            self._held[step_uuid] = (attempt, time.monotonic())
+
+    def drop(self, step_uuid: str, attempt: int) -> None:
+        with self._lock:
+            if self._held.get(step_uuid, (None,))[0] == attempt:
+                del self._held[step_uuid]
+
+    def snapshot(self, younger_than_s: float | None = None) -> list[tuple[str, int]]:
+        now = time.monotonic()
+        with self._lock:
+            return [
+                (step, attempt)
+                for step, (attempt, since) in self._held.items()
+                if younger_than_s is None or now - since < younger_than_s
+            ]
+
+    def clear(self) -> list[tuple[str, int]]:
+        with self._lock:
+            held = [(step, attempt) for step, (attempt, _) in self._held.items()]
+            self._held.clear()
+        return held
+
+
+class StepExecutor:
+    """Runs step deliveries for one worker process, and keeps their claims alive.
+
+    Parameters:
+      connect: lends a connection (a pool's ``connection``).
+      sender: sends the messages a recorded outcome causes, on the recording connection.
+      lease_s: length of a step claim, renewed by :meth:`extend` (the broker's heartbeat).
+      max_lease_s: claims older than this are no longer renewed, so a hung handler lets go.
+      retry_window_s: how long a claim or a record is retried when the database is in trouble.
+
+    It is also the broker's lease hook (``extend``/``release``), see
+    :class:`tasker.brokers.leases.LeaseHook`.
     """
-    with connect() as conn:
-        claim = claim_step(
-            conn,
-            runner.namespace,
-            runner.workflow,
-            task_uuid,
+
+    def __init__(
+        self,
+        connect: Connect,
+        sender: Sender,
+        *,
+        lease_s: float,
+        max_lease_s: float | None = None,
+        retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
+    ) -> None:
+        self.connect = connect
+        self.sender = sender
+        self.lease_s = lease_s
+        self.max_lease_s = max_lease_s
+        self.retry_window_s = retry_window_s
+        self._held = _HeldClaims()
+
+    def execute(
+        self, runner: StepRunner, *, task_uuid: str, step_uuid: str, delivery: Delivery
+    ) -> Settlement:
+        """Claim, run, record and settle one delivery of the step's message.
+
+        Raises only a transient database error that outlasted ``retry_window_s``: the message is
+        then left for its lease to expire (or for the broker to re-send it), never removed.
+        """
+        claim = self._retrying(
+            "claim",
             step_uuid,
-            redelivered=delivery.redelivered,
+            lambda: self._claim(runner, task_uuid, step_uuid, delivery.token),
         )
-        if claim.exhausted:
-            with conn.transaction():
-                record_exhausted(conn, sender, step_uuid, inline=runner.inline)
-                delivery.settle_in(conn)
+        if claim.outcome is ClaimOutcome.BUSY:
+            delivery.defer(max(claim.lease_left_s, 0.0) + _DEFER_MARGIN_S)
+            return Settlement.DEFERRED
+        if claim.outcome is ClaimOutcome.EXHAUSTED:
+            attempt = int(claim.attempt or 0)
+            return self._settle(runner, step_uuid, attempt, worker_died_outcome(attempt), delivery)
+        if claim.context is None:
+            logger.info("Skipping step %s: %s (%s)", step_uuid, claim.outcome, claim.state)
+            return Settlement.SKIPPED
+        self._held.hold(step_uuid, claim.context.attempt)
+        try:
+            outcome = run_handler(runner.handler, claim.context)
+            return self._settle(runner, step_uuid, claim.context.attempt, outcome, delivery)
+        finally:
+            self._held.drop(step_uuid, claim.context.attempt)
+
+    def _claim(self, runner: StepRunner, task_uuid: str, step_uuid: str, token: str) -> Claim:
+        with self.connect() as conn:
+            return claim_step(conn, runner, task_uuid, step_uuid, token=token, lease_s=self.lease_s)
+
+    def _settle(
+        self,
+        runner: StepRunner,
+        step_uuid: str,
+        attempt: int,
+        outcome: StepOutcome,
+        delivery: Delivery,
+    ) -> Settlement:
+        """Record ``outcome``; if the database refuses it, a permanent failure saying why; if
+        that is refused too, the minimal document. Transient errors propagate."""
+        try:
+            return self._record(runner, step_uuid, attempt, outcome, delivery)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            logger.error(
+                "Step %s attempt %d: the outcome could not be recorded (%s: %s); recording a "
+                "permanent failure instead",
+                step_uuid,
+                attempt,
+                type(exc).__name__,
+                exc,
+            )
+            where = "result" if outcome.success else "record"
+            refused = refused_outcome(attempt, exc, where=where)
+        try:
+            return self._record(runner, step_uuid, attempt, refused, delivery)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            logger.exception("Step %s attempt %d: recording the failure failed", step_uuid, attempt)
+            cause: BaseException = exc
+        return self._retrying(
+            "record", step_uuid, lambda: self._record_minimal(step_uuid, attempt, cause, delivery)
+        )
+
+    def _record(
+        self, runner: StepRunner, step_uuid: str, attempt: int, outcome: StepOutcome, delivery: Any
+    ) -> Settlement:
+        def once() -> Settlement:
+            with self.connect() as conn, conn.transaction():
+                record_outcome(conn, self.sender, step_uuid, attempt, outcome, inline=runner.inline)
+                delivery.settle_in(conn)  # fenced: removes nothing if the lease was lost
             delivery.mark_settled()
-            return
-    if claim.context is None:
-        logger.info("Skipping step %s: %s", step_uuid, claim.skipped)
-        return
-    outcome = run_handler(runner.handler, claim.context)
-    with connect() as conn, conn.transaction():
-        record_outcome(
-            conn, sender, step_uuid, claim.context.attempt, outcome, inline=runner.inline
-        )
-        delivery.settle_in(conn)
-    delivery.mark_settled()
+            return Settlement.RECORDED
+
+        return self._retrying("record", step_uuid, once)
+
+    def _record_minimal(
+        self, step_uuid: str, attempt: int, cause: BaseException, delivery: Delivery
+    ) -> Settlement:
+        document = minimal_failure_document(attempt, cause)
+        params = {"step": step_uuid, "attempt": attempt, "results": document}
+        with self.connect() as conn, conn.transaction():
+            row = conn.execute(q("fail_step_minimal"), params).fetchone()
+            if row is not None:
+                move_steps(
+                    conn,
+                    [step_uuid],
+                    ["in_progress"],
+                    "error",
+                    attempt=attempt,
+                    reason="outcome not recordable",
+                )
+                self.sender.send_stage(conn, STEP_ENQUEUE, str(row[0]))
+            delivery.settle_in(conn)
+        delivery.mark_settled()
+        return Settlement.RECORDED
+
+    def _retrying(self, what: str, step_uuid: str, action: Callable[[], T]) -> T:
+        """Run ``action``; retry transient database errors with backoff within the window."""
+        deadline = time.monotonic() + self.retry_window_s
+        pause = 0.05
+        while True:
+            try:
+                return action()
+            except Exception as exc:
+                if not is_transient(exc) or time.monotonic() + pause > deadline:
+                    raise
+                logger.warning(
+                    "The %s of step %s failed (%s); retrying in %.2fs on a fresh connection",
+                    what,
+                    step_uuid,
+                    exc,
+                    pause,
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+    # -- the heartbeat's lease hook ------------------------------------------------------------
+
+    def extend(self) -> None:
+        """Renew the claims of the handlers running in this process (one statement)."""
+        held = self._held.snapshot(self.max_lease_s)
+        if held:
+            self._write_claims("extend_step_claims", held)
+
+    def release(self) -> None:
+        """Give up every claim at once (a forced exit): the steps may be re-claimed now."""
+        held = self._held.clear()
+        if held:
+            self._write_claims("release_step_claims", held)
+
+    def _write_claims(self, statement: str, held: list[tuple[str, int]]) -> None:
+        params = {
+            "steps": [step for step, _ in held],
+            "attempts": [attempt for _, attempt in held],
+            "lease_ms": int(self.lease_s * 1000),
+        }
+        with self.connect() as conn:
+            conn.execute(q(statement), params)
 
 
 def record_outcome(
@@ -171,14 +411,17 @@ def record_outcome(
         )
         return False
     move_steps(conn, [step_uuid], ["in_progress"], to, attempt=attempt)
-    _hand_on(conn, sender, row[0], step_uuid, inline=inline)
+    if inline:
+        process_result(conn, sender, row[0], step_uuid)
+    else:
+        sender.send_stage(conn, PROCESS_RESULT, str(row[0]), step_uuid)
     return True
 
 
 def _complete_inline(
     conn: Any, sender: Sender, step_uuid: str, attempt: int, outcome: StepOutcome
 ) -> bool:
-    """The fast path of a success: one call of ``tasker.complete_step_v1``, then the messages."""
+    """The fast path of a success: one call of ``tasker.complete_step_v2``, then the messages."""
     params = {"step": step_uuid, "attempt": attempt, "results": outcome.document}
     result, task_uuid, namespace, workflow, steps, names = conn.execute(
         q("complete_step_fast"), params
@@ -198,32 +441,3 @@ def _complete_inline(
     elif result == "evaluate":  # the general path, with the task row already locked
         reevaluate_task(conn, sender, task_uuid)
     return True
-
-
-def record_exhausted(conn: Any, sender: Sender, step_uuid: str, *, inline: bool) -> None:
-    """A step whose workers died on every allowed attempt fails permanently."""
-    document = json.dumps(
-        {
-            "success": False,
-            "result": None,
-            "error": {
-                "message": "the worker running this step died on its last allowed attempt",
-                "error_type": "worker_died",
-                "retryable": False,
-            },
-            "metadata": {"retryable": False},
-        }
-    )
-    row = conn.execute(
-        q("fail_step_without_run"), {"step": step_uuid, "results": document}
-    ).fetchone()
-    if row is not None:
-        move_steps(conn, [step_uuid], ["in_progress"], "enqueued_as_error_for_orchestration")
-        _hand_on(conn, sender, row[0], step_uuid, inline=inline)
-
-
-def _hand_on(conn: Any, sender: Sender, task_uuid: Any, step_uuid: str, *, inline: bool) -> None:
-    if inline:
-        process_result(conn, sender, task_uuid, step_uuid)
-    else:
-        sender.send_stage(conn, PROCESS_RESULT, str(task_uuid), step_uuid)

@@ -53,12 +53,19 @@ class TaskHandle:
     created: bool
 
 
-def identity_hash(template: Template, context_json: str, idempotency_key: str | None) -> str:
-    """The task's identity under the template's strategy (seed-spec 1.3)."""
+def identity_hash(
+    template: Template, context_json: str, idempotency_key: str | None, nonce: str | None = None
+) -> str:
+    """The task's identity under the template's strategy (seed-spec 1.3).
+
+    ``always_unique`` tasks are identified by ``nonce`` (a fresh UUID when None): a caller that
+    retries a submit whose outcome it could not see passes the same nonce, so the retry finds the
+    task the first try created instead of creating a second one.
+    """
     if idempotency_key is not None:
         material = f"key:{template.named_task_uuid}:{idempotency_key}"
     elif template.identity_strategy == "always_unique":
-        return f"unique:{uuid.uuid4()}"
+        return f"unique:{nonce or uuid.uuid4()}"
     elif template.identity_strategy == "caller_provided":
         raise PayloadError(
             f"Task template {template.namespace}/{template.name} uses identity_strategy "
@@ -78,16 +85,18 @@ def _validate(request: TaskRequest) -> str:
     return encode_json(request.context, "task context")
 
 
-def create_task(conn: Any, sender: Sender, request: TaskRequest) -> TaskHandle:
+def create_task(
+    conn: Any, sender: Sender, request: TaskRequest, *, nonce: str | None = None
+) -> TaskHandle:
     """Create the task and enqueue its root steps in one transaction on ``conn``.
 
     One call of ``tasker.create_task_v1`` writes the task, its steps, edges and transitions; the
-    root steps' messages are sent in the same transaction.
+    root steps' messages are sent in the same transaction. ``nonce``: see :func:`identity_hash`.
     """
     context_json = _validate(request)
     template = find_template(conn, request.namespace, request.name, request.version)
     flow = _definition(template)
-    identity = identity_hash(template, context_json, request.idempotency_key)
+    identity = identity_hash(template, context_json, request.idempotency_key, nonce)
     check_task_path("pending", "initializing", "enqueuing_steps", "steps_in_process")
     steps = list(flow.steps.values())
     edges = [(parent, step.name) for step in steps for parent in step.depends_on]

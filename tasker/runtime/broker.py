@@ -15,11 +15,14 @@ from tasker.settings import Settings, load_settings
 __all__ = ["broker_from_settings"]
 
 
-def broker_from_settings(settings: Settings | None = None) -> PGMQBroker:
+def broker_from_settings(
+    settings: Settings | None = None, *, timeout_s: float | None = None
+) -> PGMQBroker:
     """A PGMQBroker configured from settings: Dramatiq's default middleware plus CurrentMessage,
     Results and GroupCallbacks backed by PostgreSQL (no Redis needed).
 
-    No connection is opened here; the broker connects on first use.
+    No connection is opened here; the broker connects on first use. ``timeout_s`` overrides
+    ``database.timeout_s``.
     """
     settings = settings or load_settings()
     logging.getLogger("tasker").setLevel(settings.log_level)
@@ -43,5 +46,6 @@ def broker_from_settings(settings: Settings | None = None) -> PGMQBroker:
         dead_message_ttl_s=b.dead_message_ttl_s,
         auto_create_queues=b.auto_create_queues,
         pool_max_size=settings.database.pool_max_size,
+        timeout_s=settings.database.timeout_s if timeout_s is None else timeout_s,
         application_name=settings.database.application_name,
     )

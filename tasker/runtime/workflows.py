@@ -12,16 +12,18 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import dramatiq
-import psycopg
-from dramatiq.errors import ConnectionClosed
+from dramatiq.errors import Retry
 from dramatiq.middleware import CurrentMessage
 
 from tasker.brokers.pgmq import PGMQBroker, PGMQMessageProxy
+from tasker.db.errors import is_transient
 from tasker.engine.finalize import DEFAULT_CLAIM_LEASE_S, finalize_task
 from tasker.engine.messages import (
     FINALIZE,
@@ -31,26 +33,36 @@ from tasker.engine.messages import (
     OrchestrationStage,
 )
 from tasker.engine.results import process_result, reevaluate_task
-from tasker.engine.steps import StepRunner, execute_step
+from tasker.engine.steps import StepExecutor, StepRunner
 from tasker.engine.tasks import TaskRequest, create_task
+from tasker.exceptions import DatabaseUnavailableError
 from tasker.middleware.finalization import FinalizationClaim
 from tasker.middleware.templates import TemplateRegistrar
 from tasker.runtime.sender import BrokerSender
 from tasker.workflow.definition import StepDefinition, Workflow, on_step_declared
 
-__all__ = ["BrokerSender", "FinalizationClaim", "bind_step", "bind_workflow", "install"]
+__all__ = [
+    "BrokerSender",
+    "FinalizationClaim",
+    "bind_step",
+    "bind_workflow",
+    "install",
+    "step_executor",
+]
 
 logger = logging.getLogger(__name__)
 
-_INFRA_RETRIES = 20
+_MIN_BACKOFF_MS = 500
+_MAX_BACKOFF_MS = 30_000
+_ASYNC_TIME_LIMIT_GRACE_S = 5.0
 Fn = Callable[..., Any]
 
 
-def _retry_on_infrastructure(retries: int, exc: BaseException) -> bool:
-    """Orchestration actors retry only database trouble; everything else is a bug to see."""
-    return retries < _INFRA_RETRIES and isinstance(
-        exc, (psycopg.OperationalError, ConnectionClosed)
-    )
+def _retry_transient(retries: int, exc: BaseException) -> bool:
+    """Step and stage actors retry database trouble for as long as it lasts (each retry replaces
+    the delivery atomically, so nothing is lost meanwhile); anything else is a bug to see in the
+    dead-letter queue, never retried blindly."""
+    return isinstance(exc, DatabaseUnavailableError) or is_transient(exc)
 
 
 def install(
@@ -86,8 +98,9 @@ def _declare_stages(broker: PGMQBroker, sender: BrokerSender) -> None:
             broker=broker,
             actor_name=definition.actor,
             queue_name=definition.queue,
-            max_retries=_INFRA_RETRIES,
-            retry_when=_retry_on_infrastructure,
+            retry_when=_retry_transient,
+            min_backoff=_MIN_BACKOFF_MS,
+            max_backoff=_MAX_BACKOFF_MS,
             **options,
         )
 
@@ -122,8 +135,10 @@ class _Delivery:
         self._message = message
 
     @property
-    def redelivered(self) -> bool:
-        return bool(getattr(self._message, "redelivered", False))
+    def token(self) -> str:
+        if isinstance(self._message, PGMQMessageProxy):
+            return self._message.token
+        return str(getattr(self._message, "message_id", ""))
 
     def settle_in(self, conn: Any) -> None:
         if isinstance(self._message, PGMQMessageProxy):
@@ -132,6 +147,30 @@ class _Delivery:
     def mark_settled(self) -> None:
         if isinstance(self._message, PGMQMessageProxy):
             self._message.settled = True
+
+    def defer(self, delay_s: float) -> None:
+        if isinstance(self._message, PGMQMessageProxy):
+            self._broker.defer(self._message, int(delay_s * 1000))
+        else:  # another broker: let Dramatiq's Retries re-send it
+            raise Retry(delay=int(delay_s * 1000))
+
+
+_EXECUTORS: weakref.WeakKeyDictionary[PGMQBroker, StepExecutor] = weakref.WeakKeyDictionary()
+
+
+def step_executor(broker: PGMQBroker) -> StepExecutor:
+    """The broker's step executor (made on first use; its claims ride the broker's heartbeat)."""
+    executor = _EXECUTORS.get(broker)
+    if executor is None:
+        executor = StepExecutor(
+            broker.pool.connection,
+            BrokerSender(broker),
+            lease_s=broker.visibility_timeout_ms / 1000,
+            max_lease_s=broker.max_lease_ms / 1000,
+        )
+        broker.lease_hooks.append(executor)
+        _EXECUTORS[broker] = executor
+    return executor
 
 
 def bind_step(
@@ -146,28 +185,27 @@ def bind_step(
     actor_name = flow.actor_name(step.name)
     if actor_name in broker.actors or step.handler is None:
         return
-    runner = StepRunner(flow.namespace, flow.name, step.handler, inline=inline)
+    handler = step.handler
+    runner = StepRunner(flow.namespace, flow.name, handler, timeout=step.timeout, inline=inline)
+    executor = step_executor(broker)
     options: dict[str, Any] = {}
     if step.timeout is not None:
-        options["time_limit"] = int(step.timeout * 1000)
+        # Dramatiq interrupts sync handlers at the limit; async ones are cancelled by the engine
+        # at the step's deadline, so Dramatiq's limit only backs that up.
+        grace = _ASYNC_TIME_LIMIT_GRACE_S if inspect.iscoroutinefunction(handler) else 0
+        options["time_limit"] = int((step.timeout + grace) * 1000)
 
     def run(task_uuid: str, step_uuid: str) -> None:
         delivery = _Delivery(broker, CurrentMessage.get_current_message())
-        execute_step(
-            runner,
-            broker.pool.connection,
-            sender,
-            task_uuid=task_uuid,
-            step_uuid=step_uuid,
-            delivery=delivery,
-        )
+        executor.execute(runner, task_uuid=task_uuid, step_uuid=step_uuid, delivery=delivery)
 
     run.__name__ = step.name
     dramatiq.actor(
         broker=broker,
         actor_name=actor_name,
         queue_name=flow.queue_name,
-        max_retries=_INFRA_RETRIES,
-        retry_when=_retry_on_infrastructure,
+        retry_when=_retry_transient,
+        min_backoff=_MIN_BACKOFF_MS,
+        max_backoff=_MAX_BACKOFF_MS,
         **options,
     )(run)

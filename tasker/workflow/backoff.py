@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from tasker.exceptions import WorkflowDefinitionError
+
 __all__ = ["BackoffPolicy", "RetryDecision", "decide_retry"]
 
 
@@ -19,9 +21,14 @@ class BackoffPolicy:
 
     def __post_init__(self) -> None:
         if self.base_seconds < 0 or self.multiplier < 1 or self.max_seconds < 0:
-            raise ValueError("backoff needs base >= 0, multiplier >= 1 and max >= 0")
+            raise WorkflowDefinitionError(
+                "Backoff needs base_seconds >= 0, multiplier >= 1 and max_seconds >= 0, got "
+                f"{self.base_seconds}, {self.multiplier} and {self.max_seconds}."
+            )
         if not 0 <= self.jitter < 1:
-            raise ValueError("backoff jitter must be in [0, 1)")
+            raise WorkflowDefinitionError(
+                f"Backoff jitter must be in [0, 1), got {self.jitter}; 0.1 means +/-10%."
+            )
 
     def delay(self, attempts: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt."""

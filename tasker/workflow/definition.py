@@ -21,9 +21,11 @@ import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tasker.exceptions import WorkflowDefinitionError
 from tasker.workflow.backoff import BackoffPolicy
 
 __all__ = [
@@ -45,10 +47,6 @@ Handler = Callable[["StepContext"], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class WorkflowDefinitionError(ValueError):
-    """A workflow definition or template that cannot run; the message names the fix."""
-
-
 class RetryableError(Exception):
     """Raise from a step to fail this attempt and retry it (``retry_after`` seconds wins over
     the computed backoff)."""
@@ -64,7 +62,12 @@ class PermanentError(Exception):
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a step handler receives."""
+    """What a step handler receives.
+
+    ``deadline`` is when the step's ``timeout`` runs out (UTC; None without a timeout). Dramatiq
+    cannot interrupt blocking calls in C code, so long sync handlers should check
+    :meth:`time_left` between units of work and stop in time (docs/workflows.md).
+    """
 
     task_uuid: str
     step_uuid: str
@@ -77,6 +80,13 @@ class StepContext:
     attempt: int
     max_attempts: int
     correlation_id: str
+    deadline: datetime | None = None
+
+    def time_left(self) -> float | None:
+        """Seconds until ``deadline`` (0.0 once passed), or None when the step has no timeout."""
+        if self.deadline is None:
+            return None
+        return max((self.deadline - datetime.now(UTC)).total_seconds(), 0.0)
 
     @property
     def idempotency_key(self) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from tasker.exceptions import InvalidTransitionError
+
 __all__ = [
     "InvalidTransitionError",
     "StepState",
@@ -106,10 +108,6 @@ _STEP_EDGES: dict[StepState, frozenset[StepState]] = {
     S.RESOLVED_MANUALLY: frozenset(),
 }
 _STEP_CANCELLABLE = frozenset(set(StepState) - {S.COMPLETE, S.CANCELLED, S.RESOLVED_MANUALLY})
-
-
-class InvalidTransitionError(ValueError):
-    """A state change the state machine does not allow."""
 
 
 def _allowed_task(current: TaskState, target: TaskState) -> bool:

@@ -1,0 +1,313 @@
+"""Every outcome path of a step ends in a recorded state, with its message settled in that commit.
+
+The kinds tried here: results the database cannot store (NUL or a lone surrogate in a key or a
+value, at any depth; objects JSON cannot hold; too large; nested too deep), exceptions that cannot
+be printed (``__str__`` raising or returning garbage, NUL or lone surrogates in the message), and
+handlers raising ``BaseException`` subclasses, sync and async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dramatiq
+import psycopg
+import pytest
+
+import tasker
+from tasker.brokers.pgmq import PGMQBroker
+from tasker.runtime.workflows import bind_workflow, install
+from tests.support import scalar
+
+
+@pytest.fixture
+def client(broker: PGMQBroker) -> Iterator[tasker.Client]:
+    install(broker, bind_workflows=False, finalization_lease_s=5)
+    yield tasker.Client(broker=broker)
+
+
+@pytest.fixture
+def worker(broker: PGMQBroker, client: tasker.Client) -> Iterator[dramatiq.Worker]:
+    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
+    yield worker
+    worker.stop()
+
+
+def one_step_flow(name: str, handler: Callable[..., Any], *, max_attempts: int = 1) -> Any:
+    """``only`` runs ``handler``; ``after`` depends on it and must never run if ``only`` fails."""
+    flow = tasker.Workflow("settle", name, version="1.0.0", register=False)
+    flow.step("only", max_attempts=max_attempts)(handler)
+
+    @flow.step(depends_on=["only"])
+    def after(ctx: tasker.StepContext) -> dict[str, Any]:
+        return {"seen": ctx.parent_results["only"]}
+
+    return flow
+
+
+def run(broker: PGMQBroker, client: tasker.Client, worker: Any, flow: Any) -> tasker.TaskStatus:
+    bind_workflow(broker, flow)
+    client.register(flow)
+    worker.start()
+    handle = client.submit("settle", flow.name, {})
+    return client.wait(handle.task_uuid, timeout=30)
+
+
+def assert_settled(database_url: str, status: tasker.TaskStatus) -> None:
+    """No step is left mid-flight and no message of the task is left in any queue."""
+    assert all(s.state not in ("in_progress", "enqueued") for s in status.steps), status
+    left = scalar(database_url, "SELECT count(*) FROM pgmq.q_tasker_worker_settle_queue")
+    assert left == 0
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ exploded")
+
+
+class NotAStringError(Exception):
+    def __str__(self) -> Any:
+        return 42  # noqa: PLE0307 - a __str__ that breaks its contract is the point
+
+
+class NestedWeirdError(Exception):
+    def __str__(self) -> str:
+        raise UnprintableError()
+
+
+class Custom(BaseException):
+    pass
+
+
+def _deep(levels: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+UNSTORABLE_RESULTS = {
+    "nul_in_key": {"a\x00b": 1},
+    "nul_in_nested_key": {"x": [{"k\x00": 1}]},
+    "nul_in_value": {"x": "a\x00"},
+    "surrogate_in_key": {"\ud800": 1},
+    "surrogate_in_nested_value": {"x": {"y": ["ok", "\udfff"]}},
+    "object": {"x": object()},
+    "nan": {"x": float("nan")},
+    "two_mib": {"x": "y" * (2 * 1024 * 1024)},
+    "nested_5000_deep": {"x": _deep(5000)},
+}
+
+
+@pytest.mark.parametrize("result", UNSTORABLE_RESULTS.values(), ids=UNSTORABLE_RESULTS.keys())
+def test_an_unstorable_result_fails_the_step_permanently(
+    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str, result: Any
+) -> None:
+    flow = one_step_flow("unstorable", lambda ctx: result, max_attempts=3)
+    status = run(broker, client, worker, flow)
+    only = status.step("only")
+    assert status.state == "error"
+    assert only.state == "error" and only.attempts == 1  # permanent: no retry
+    assert only.error is not None
+    assert only.error["error_type"] == "payload_error"
+    assert only.error["where"] == "result"
+    assert only.error["retryable"] is False
+    assert status.step("after").state == "pending"  # dependents never run
+    assert_settled(database_url, status)
+
+
+RAISERS: dict[str, BaseException] = {
+    "str_raises": UnprintableError("x"),
+    "str_raises_a_raising_exception": NestedWeirdError(),
+    "str_returns_int": NotAStringError(),
+    "lone_surrogate_message": ValueError("bad \ud800 text"),
+    "nul_message": ValueError("nul \x00 here"),
+    "huge_message": ValueError("m" * 1_000_000),
+    "system_exit": SystemExit(3),
+    "keyboard_interrupt": KeyboardInterrupt(),
+    "generator_exit": GeneratorExit(),
+    "base_exception_subclass": Custom("custom"),
+    "retryable_error_with_nan_retry_after": tasker.RetryableError("x", retry_after=float("nan")),
+}
+
+
+@pytest.mark.parametrize("exc", RAISERS.values(), ids=RAISERS.keys())
+def test_every_handler_exception_is_recorded_as_a_failure(
+    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str, exc: BaseException
+) -> None:
+    def handler(ctx: tasker.StepContext) -> None:
+        raise exc
+
+    status = run(broker, client, worker, one_step_flow("raiser", handler))
+    only = status.step("only")
+    assert status.state == "error"
+    assert only.state == "error" and only.attempts == 1
+    assert only.error is not None
+    assert only.error["where"] == "handler"
+    assert only.error["retryable"] is True  # retryable, but max_attempts=1
+    assert only.error["error_type"] == type(exc).__name__
+    assert isinstance(only.error["message"], str) and only.error["message"]
+    assert len(only.error["message"]) < 5_000
+    assert_settled(database_url, status)
+
+
+@pytest.mark.parametrize("exc", [SystemExit(1), KeyboardInterrupt(), Custom()], ids=repr)
+def test_a_base_exception_is_retried_and_the_worker_keeps_running(
+    broker: PGMQBroker, client: tasker.Client, worker: Any, exc: BaseException
+) -> None:
+    def handler(ctx: tasker.StepContext) -> dict[str, int]:
+        if ctx.attempt == 1:
+            raise exc
+        return {"attempt": ctx.attempt}
+
+    flow = one_step_flow("base", handler, max_attempts=2)
+    flow.backoff = tasker.BackoffPolicy(base_seconds=0.05, jitter=0)
+    status = run(broker, client, worker, flow)
+    assert status.state == "complete"
+    assert status.step("only").attempts == 2
+    assert status.step("after").result == {"seen": {"attempt": 2}}
+    handle = client.submit("settle", "base", {"again": True})  # the same threads still serve
+    assert client.wait(handle.task_uuid, timeout=30).state == "complete"
+
+
+@pytest.mark.parametrize(
+    "exc", [SystemExit(2), asyncio.CancelledError(), Custom(), ValueError("\udc80")], ids=repr
+)
+def test_async_handlers_settle_the_same_way(
+    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str, exc: BaseException
+) -> None:
+    async def handler(ctx: tasker.StepContext) -> None:
+        await asyncio.sleep(0)
+        raise exc
+
+    status = run(broker, client, worker, one_step_flow("async_raiser", handler))
+    only = status.step("only")
+    assert only.state == "error" and only.error is not None
+    assert only.error["error_type"] == type(exc).__name__
+    assert_settled(database_url, status)
+
+
+def test_an_async_handler_is_cancelled_at_its_timeout(
+    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str
+) -> None:
+    seen: list[float | None] = []
+
+    flow = tasker.Workflow("settle", "slow_async", version="1.0.0", register=False)
+
+    @flow.step(timeout=0.5, max_attempts=1)
+    async def only(ctx: tasker.StepContext) -> None:
+        seen.append(ctx.time_left())
+        await asyncio.sleep(60)
+
+    status = run(broker, client, worker, flow)
+    step = status.step("only")
+    assert step.state == "error" and step.error is not None
+    assert step.error["error_type"] == "handler_timeout"
+    assert seen and seen[0] is not None and 0 < seen[0] <= 0.5
+    assert step.finished_at is not None and step.started_at is not None
+    assert (step.finished_at - step.started_at).total_seconds() < 30  # cancelled, not waited out
+    assert_settled(database_url, status)
+
+
+def test_the_context_tells_handlers_their_deadline(
+    broker: PGMQBroker, client: tasker.Client, worker: Any
+) -> None:
+    flow = tasker.Workflow("settle", "deadline", version="1.0.0", register=False)
+
+    @flow.step(timeout=30)
+    def timed(ctx: tasker.StepContext) -> dict[str, Any]:
+        return {"deadline": ctx.deadline is not None, "left": ctx.time_left()}
+
+    @flow.step(depends_on=["timed"])
+    def untimed(ctx: tasker.StepContext) -> dict[str, Any]:
+        return {"deadline": ctx.deadline, "left": ctx.time_left()}
+
+    status = run(broker, client, worker, flow)
+    timed_result = status.step("timed").result
+    assert timed_result["deadline"] is True and 0 < timed_result["left"] <= 30
+    assert status.step("untimed").result == {"deadline": None, "left": None}
+
+
+def test_a_database_refusal_while_recording_fails_the_step_permanently(
+    broker: PGMQBroker,
+    client: tasker.Client,
+    worker: Any,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A value that passes Tasker's checks but that PostgreSQL refuses (here: a failpoint raising
+    what PostgreSQL raises for a NUL) ends as a recorded permanent failure, not a stuck step."""
+    from tasker.engine import steps
+
+    real = steps.record_outcome
+    refusals = []
+
+    def refuse_successes(conn: Any, sender: Any, step: Any, attempt: int, outcome: Any, **kw: Any):
+        if outcome.success:
+            refusals.append(step)
+            raise psycopg.errors.UntranslatableCharacter("unsupported Unicode escape sequence")
+        return real(conn, sender, step, attempt, outcome, **kw)
+
+    monkeypatch.setattr(steps, "record_outcome", refuse_successes)
+    status = run(broker, client, worker, one_step_flow("refused", lambda ctx: {"ok": 1}))
+    only = status.step("only")
+    assert refusals
+    assert status.state == "error" and only.state == "error" and only.attempts == 1
+    assert only.error is not None and only.error["error_type"] == "payload_error"
+    assert "Unicode escape" in only.error["message"]
+    assert_settled(database_url, status)
+
+
+def test_when_even_the_failure_cannot_be_recorded_a_minimal_one_is(
+    broker: PGMQBroker,
+    client: tasker.Client,
+    worker: Any,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tasker.engine import steps
+
+    def always_refuse(*args: Any, **kwargs: Any) -> bool:
+        raise psycopg.errors.DataError("refused")
+
+    monkeypatch.setattr(steps, "record_outcome", always_refuse)
+    status = run(broker, client, worker, one_step_flow("minimal", lambda ctx: {"ok": 1}))
+    only = status.step("only")
+    assert only.state == "error"
+    assert only.error is not None and only.error["error_type"] == "outcome_not_recordable"
+    assert status.state == "error"  # the task was re-evaluated and finished
+    assert status.step("after").state == "pending"
+    assert_settled(database_url, status)
+
+
+def test_a_transient_error_while_recording_is_retried_without_running_the_step_again(
+    broker: PGMQBroker,
+    client: tasker.Client,
+    worker: Any,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tasker.engine import steps
+
+    real = steps.record_outcome
+    failures = iter([True, True])  # the first two records lose their connection
+    runs: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> bool:
+        if next(failures, False):
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "record_outcome", flaky)
+
+    def handler(ctx: tasker.StepContext) -> dict[str, int]:
+        runs.append(ctx.attempt)
+        return {"n": 1}
+
+    status = run(broker, client, worker, one_step_flow("flaky", handler, max_attempts=3))
+    assert status.state == "complete"
+    assert runs == [1]  # recorded on a fresh connection, not re-run
+    assert status.step("only").attempts == 1
+    assert_settled(database_url, status)
