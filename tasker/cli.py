@@ -11,8 +11,6 @@ import importlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -106,15 +104,55 @@ def _add_db_commands(commands: Any) -> None:
 def _add_worker_command(commands: Any) -> None:
     worker = commands.add_parser(
         "worker",
-        help="run Dramatiq worker processes for your actor modules",
-        description="Runs `dramatiq tasker.actors MODULES...` with the database resolved from "
-        "settings (the embedded PostgreSQL is started first when it is used).",
+        help="run and supervise worker processes for your actor modules",
+        description="Supervises PROCESSES worker processes, each running one Dramatiq worker "
+        "with THREADS threads for the actors in MODULES, on the broker of `tasker.actors` "
+        "(built from settings; the embedded PostgreSQL is started first when it is used). A "
+        "worker process that dies is logged and restarted, 0.5 s later and doubling up to 30 s "
+        "while it keeps dying; the other processes keep running. Worker processes stop when this "
+        "process is killed.",
+        epilog="signals: SIGTERM or SIGINT once stops gracefully (running handlers finish, "
+        "prefetched messages go back to their queue, exit code 0); a second one forces the "
+        "stop (held messages are made visible again at once, running handlers are abandoned). "
+        "SIGHUP restarts every worker process gracefully. `tasker -v worker ...` logs at debug "
+        "level. See docs/workers.md.",
     )
     worker.add_argument("modules", nargs="+", help="modules that declare your actors")
-    worker.add_argument("-p", "--processes", type=int, default=None, help="worker processes")
-    worker.add_argument("-t", "--threads", type=int, default=None, help="threads per process")
-    worker.add_argument("-Q", "--queues", nargs="*", default=None, help="only these queues")
-    worker.add_argument("--path", action="append", default=[], help="prepend to sys.path")
+    worker.add_argument(
+        "-p",
+        "--processes",
+        type=_positive_int,
+        default=os.cpu_count() or 1,
+        help="worker processes to run (default: the number of CPUs, %(default)s)",
+    )
+    worker.add_argument(
+        "-t",
+        "--threads",
+        type=_positive_int,
+        default=8,
+        help="worker threads per process (default: %(default)s)",
+    )
+    worker.add_argument(
+        "-Q",
+        "--queues",
+        nargs="+",
+        default=None,
+        metavar="QUEUE",
+        help="consume only these queues (default: every queue of the actors)",
+    )
+    worker.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        help="prepend a directory to sys.path of the worker processes (repeatable)",
+    )
+    worker.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="graceful stop: how long running handlers may take to finish (default: 600)",
+    )
     worker.set_defaults(handler=_cmd_worker)
 
 
@@ -244,34 +282,33 @@ def _cmd_db_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from tasker.runtime.supervisor import WorkerOptions, supervise
+
     env = dict(os.environ, TASKER_DATABASE__URL=_database_url())
-    command = [sys.executable, "-m", "dramatiq", "tasker.actors", *args.modules]
-    if args.processes:
-        command += ["--processes", str(args.processes)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    if args.queues:
-        command += ["--queues", *args.queues]
-    for path in args.path:
-        command += ["--path", path]
-    return run_forwarding_signals(command, env=env)
+    options = WorkerOptions(
+        modules=args.modules,
+        processes=args.processes,
+        threads=args.threads,
+        queues=args.queues,
+        paths=args.path,
+        shutdown_timeout_s=args.shutdown_timeout,
+        verbose=args.verbose,
+    )
+    return supervise(options, env=env)
 
 
-def run_forwarding_signals(command: list[str], *, env: dict[str, str]) -> int:
-    """Run ``command`` as a child, passing SIGTERM/SIGINT/SIGHUP on; return its exit code."""
-    child = subprocess.Popen(command, env=env)
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {value}")
+    return number
 
-    def forward(signum: int, _frame: Any) -> None:
-        child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
-    previous = {
-        s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    }
-    try:
-        return child.wait()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
 
 
 # -- queues and dead letters -------------------------------------------------------------------

@@ -73,8 +73,8 @@ def _start_worker(url: str) -> subprocess.Popen[bytes]:
     command = [
         sys.executable,
         "-m",
-        "dramatiq",
-        "tasker.actors",
+        "tasker.cli",
+        "worker",
         "examples.order_fulfillment.flows",
         "--processes",
         "1",

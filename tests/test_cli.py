@@ -120,9 +120,10 @@ def test_queues_create_makes_queues_without_auto_create(
         )
 
 
-def test_worker_command_runs_dramatiq_and_forwards_sigterm(env: str, tmp_path: Any) -> None:
+def test_worker_command_runs_workers_and_stops_on_sigterm(env: str, tmp_path: Any) -> None:
     import signal
-    import time
+
+    from tests.support import wait_for
 
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
@@ -142,7 +143,11 @@ def test_worker_command_runs_dramatiq_and_forwards_sigterm(env: str, tmp_path: A
             stderr=subprocess.STDOUT,
         )
     try:
-        time.sleep(3)
+        wait_for(
+            lambda: "is ready" in log_path.read_text(errors="replace") or proc.poll() is not None,
+            60,
+            "the worker process to start",
+        )
         assert proc.poll() is None, log_path.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
