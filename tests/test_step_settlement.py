@@ -311,3 +311,67 @@ def test_a_transient_error_while_recording_is_retried_without_running_the_step_a
     assert runs == [1]  # recorded on a fresh connection, not re-run
     assert status.step("only").attempts == 1
     assert_settled(database_url, status)
+
+
+def test_an_interrupt_landing_while_the_outcome_is_recorded_does_not_lose_it(
+    broker: PGMQBroker,
+    client: tasker.Client,
+    worker: Any,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Dramatiq's time limit raises TimeLimitExceeded asynchronously; when the handler returned
+    just before the deadline, it lands in the recording code instead."""
+    from dramatiq.middleware.time_limit import TimeLimitExceeded
+
+    from tasker.engine import steps
+
+    real = steps.record_outcome
+    interrupts = iter([True])
+    runs: list[int] = []
+
+    def interrupted_once(*args: Any, **kwargs: Any) -> bool:
+        if next(interrupts, False):
+            raise TimeLimitExceeded()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "record_outcome", interrupted_once)
+
+    def handler(ctx: tasker.StepContext) -> dict[str, int]:
+        runs.append(ctx.attempt)
+        return {"n": 1}
+
+    status = run(broker, client, worker, one_step_flow("interrupted", handler, max_attempts=3))
+    assert status.state == "complete" and runs == [1]
+    assert_settled(database_url, status)
+
+
+def test_dramatiq_interrupts_python_code_at_the_time_limit_but_not_a_blocking_call(
+    broker: PGMQBroker, client: tasker.Client, worker: Any
+) -> None:
+    """What docs/workflows.md says about sync handlers: the time limit interrupts Python code
+    (checked about once a second), while a blocking call (``time.sleep``, a socket read, a query)
+    runs to its end and the interrupt is raised when it returns."""
+    import time
+
+    flow = tasker.Workflow("settle", "sync_timeouts", version="1.0.0", register=False)
+
+    @flow.step(timeout=1, max_attempts=1)
+    def spins(ctx: tasker.StepContext) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # pure Python: interruptible
+            pass
+
+    @flow.step(timeout=1, max_attempts=1)
+    def blocks(ctx: tasker.StepContext) -> None:
+        time.sleep(3)  # one blocking call: not interruptible
+        time.sleep(60)  # the interrupt is raised before this one starts
+
+    status = run(broker, client, worker, flow)
+    for name, at_least in (("spins", 1.0), ("blocks", 3.0)):
+        step = status.step(name)
+        assert step.state == "error" and step.error is not None, name
+        assert step.error["error_type"] == "handler_timeout", step.error
+        assert step.started_at is not None and step.finished_at is not None
+        took = (step.finished_at - step.started_at).total_seconds()
+        assert at_least <= took < 30, (name, took)

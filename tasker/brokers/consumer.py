@@ -126,7 +126,7 @@ class PGMQConsumer(Consumer):
             self._dead_letter_raw(msg_id, read_ct, str(exc))
             return None
         reason = self.broker.poison_reason(read_ct, headers)
-        if reason is not None:
+        if reason is not None and self.broker.checks_poison(message.actor_name):
             self._dead_letter_raw(msg_id, read_ct, reason)
             return None
         return PGMQMessageProxy(message, self.names, msg_id, read_ct)

@@ -68,10 +68,20 @@ _current_connection: contextvars.ContextVar[_Connection | None] = contextvars.Co
 
 
 class _Lifecycle(Middleware):
-    """Stops fetching as soon as a worker begins shutting down (prefetched work is requeued)."""
+    """Stops fetching as soon as a worker begins shutting down (prefetched work is requeued),
+    and counts the starts of redelivered messages for poison detection.
+
+    Actor option ``poison_check`` (default True): False for actors that bound their own attempts
+    (workflow steps: their claims count attempts and fail the step when they run out), whose
+    messages must never be dead-lettered behind the engine's back.
+    """
 
     def __init__(self, broker: PGMQBroker) -> None:
         self.broker = broker
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"poison_check"}
 
     def before_worker_boot(self, broker: Broker, worker: Any) -> None:
         self.broker.stopping.clear()
@@ -80,7 +90,11 @@ class _Lifecycle(Middleware):
         self.broker.stopping.set()
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        if isinstance(message, PGMQMessageProxy) and message.redelivered:
+        if (
+            isinstance(message, PGMQMessageProxy)
+            and message.redelivered
+            and self.broker.checks_poison(message.actor_name)
+        ):
             self.broker.record_start(message)
 
 
@@ -500,7 +514,7 @@ class PGMQBroker(Broker):
                 if attempt == 2 or isinstance(exc, PoolTimeout):  # the pool waited its timeout
                     raise connection_closed(exc) from exc
                 logger.warning("Enqueue failed on a broken connection (%s); retrying once", exc)
-                self.pool.check()  # drop the other connections that died meanwhile
+                self.pool.drain()  # the repeat gets a new session, not a dying one
 
     def _wake_event(self, names: QueueNames) -> threading.Event | None:
         if not self.listen or self.url is None:
@@ -592,6 +606,11 @@ class PGMQBroker(Broker):
         lost lease deletes nothing. The result is not read, so it pipelines."""
         params = {"msg_ids": [message.msg_id], "read_cts": [message.read_ct]}
         conn.execute(self.statement("ack_many", message.pgmq_names), params)
+
+    def checks_poison(self, actor_name: str) -> bool:
+        """False for actors declared with ``poison_check=False`` (see :class:`_Lifecycle`)."""
+        actor = self.actors.get(actor_name)
+        return actor is None or bool(actor.options.get("poison_check", True))
 
     def poison_reason(self, read_ct: int, headers: dict[str, Any]) -> str | None:
         """Why a delivery must be dead-lettered instead of run, or None.

@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 #: Seconds a claim or a record is retried on fresh connections when the database is in trouble.
 DEFAULT_RETRY_WINDOW_S = 10.0
 _DEFER_MARGIN_S = 0.05
+_MAX_INTERRUPTS = 3
 
 Connect = Callable[[], AbstractContextManager[Any]]
 T = TypeVar("T")
@@ -345,9 +346,15 @@ class StepExecutor:
         return Settlement.RECORDED
 
     def _retrying(self, what: str, step_uuid: str, action: Callable[[], T]) -> T:
-        """Run ``action``; retry transient database errors with backoff within the window."""
+        """Run ``action``; retry transient database errors with backoff within the window.
+
+        An interrupt meant for the handler (Dramatiq's time limit raises ``TimeLimitExceeded``
+        asynchronously, once, and it may land just after the handler returned) is not the
+        action's failure: the action runs again at once, a few times at most.
+        """
         deadline = time.monotonic() + self.retry_window_s
         pause = 0.05
+        interrupts = 0
         while True:
             try:
                 return action()
@@ -361,6 +368,17 @@ class StepExecutor:
                     exc,
                     pause,
                 )
+            except BaseException as exc:  # an asynchronous interrupt, not a database answer
+                interrupts += 1
+                if interrupts > _MAX_INTERRUPTS:
+                    raise
+                logger.warning(
+                    "The %s of step %s was interrupted by %s; repeating it",
+                    what,
+                    step_uuid,
+                    type(exc).__name__,
+                )
+                continue
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
 

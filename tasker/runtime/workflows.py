@@ -204,6 +204,7 @@ def bind_step(
         broker=broker,
         actor_name=actor_name,
         queue_name=flow.queue_name,
+        poison_check=False,  # the claim counts attempts and fails the step when they run out
         retry_when=_retry_transient,
         min_backoff=_MIN_BACKOFF_MS,
         max_backoff=_MAX_BACKOFF_MS,
