@@ -22,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.db.migrate import migrate
 from tests.private_postgres import PrivatePostgres
+from tests.support import InProcessFlows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,6 +136,14 @@ def worker(broker: PGMQBroker) -> Iterator[dramatiq.Worker]:
     worker.start()
     yield worker
     worker.stop()
+
+
+@pytest.fixture
+def flows(broker: PGMQBroker, database_url: str) -> Iterator[InProcessFlows]:
+    """Workflows run by an in-process worker on the test's database (see InProcessFlows)."""
+    runner = InProcessFlows(broker, database_url)
+    yield runner
+    runner.stop()
 
 
 @pytest.fixture

@@ -115,3 +115,46 @@ def send_work(broker: PGMQBroker, key: str, sleep_s: float = 0.0, actor: str = "
     broker.enqueue(
         Message(queue_name="default", actor_name=actor, args=args, kwargs={}, options={})
     )
+
+
+class InProcessFlows:
+    """Workflows run by an in-process Dramatiq worker (4 threads) on a test's database.
+
+    ``register(flow)`` binds the flow's steps and registers its template; ``start(flow)`` also
+    starts the worker (once); ``run(flow, context)`` also submits a task and waits for its final
+    state.
+    """
+
+    def __init__(self, broker: PGMQBroker, url: str) -> None:
+        import dramatiq
+
+        import tasker
+        from tasker.runtime.workflows import install
+
+        install(broker, bind_workflows=False, finalization_lease_s=5)
+        self.broker = broker
+        self.url = url
+        self.client = tasker.Client(broker=broker)
+        self.worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=4)
+        self._started = False
+
+    def register(self, *flows: Any) -> None:
+        from tasker.runtime.workflows import bind_workflow
+
+        for flow in flows:
+            bind_workflow(self.broker, flow)
+            self.client.register(flow)
+
+    def start(self, *flows: Any) -> None:
+        self.register(*flows)
+        if not self._started:
+            self._started = True
+            self.worker.start()
+
+    def run(self, flow: Any, context: dict[str, Any] | None = None, timeout: float = 30) -> Any:
+        self.start(flow)
+        handle = self.client.submit(flow.namespace, flow.name, context or {})
+        return self.client.wait(handle.task_uuid, timeout=timeout)
+
+    def stop(self) -> None:
+        self.worker.stop()

@@ -6,39 +6,19 @@ pending."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-import dramatiq
 import psycopg
-import pytest
 
 import tasker
-from tasker.brokers.pgmq import PGMQBroker
-from tasker.runtime.workflows import bind_workflow, install
 from tests.shapes import DIAMOND, TREE, Recorder, build_flow, descendants
-from tests.support import wait_for
+from tests.support import InProcessFlows, wait_for
 
 
-@pytest.fixture
-def client(broker: PGMQBroker) -> Iterator[tasker.Client]:
-    install(broker, bind_workflows=False, finalization_lease_s=5)
-    yield tasker.Client(broker=broker)
-
-
-@pytest.fixture
-def worker(broker: PGMQBroker, client: tasker.Client) -> Iterator[dramatiq.Worker]:
-    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=4)
-    yield worker
-    worker.stop()
-
-
-def start(broker: PGMQBroker, client: tasker.Client, worker: Any, flow: tasker.Workflow) -> str:
-    bind_workflow(broker, flow)
-    client.register(flow)
-    worker.start()
-    return client.submit("shapes", flow.name, {}).task_uuid
+def start(flows: InProcessFlows, flow: tasker.Workflow) -> str:
+    flows.start(flow)
+    return flows.client.submit("shapes", flow.name, {}).task_uuid
 
 
 def blocked_at(url: str, task_uuid: str) -> datetime:
@@ -52,9 +32,7 @@ def blocked_at(url: str, task_uuid: str) -> datetime:
     return row[0]  # type: ignore[no-any-return]
 
 
-def test_a_running_sibling_finishes_before_the_task_moves_on(
-    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str
-) -> None:
+def test_a_running_sibling_finishes_before_the_task_moves_on(flows: InProcessFlows) -> None:
     release = threading.Event()
     flow = build_flow("slow_sibling", DIAMOND, Recorder(), fail_permanently=frozenset({"branch_b"}))
     slow = flow.steps["branch_c"]
@@ -66,24 +44,24 @@ def test_a_running_sibling_finishes_before_the_task_moves_on(
         return original(ctx)
 
     flow.steps["branch_c"] = type(slow)(**{**slow.__dict__, "handler": held})
-    task = start(broker, client, worker, flow)
-    wait_for(lambda: client.status(task).step("branch_b").state == "error", 30, "branch_b fails")
+    task = start(flows, flow)
+    wait_for(
+        lambda: flows.client.status(task).step("branch_b").state == "error", 30, "branch_b fails"
+    )
     for _ in range(3):  # it stays running while branch_c runs, however often it is looked at
-        status = client.status(task)
+        status = flows.client.status(task)
         assert status.state == "steps_in_process", status.state
         assert status.step("branch_c").state == "in_progress"
     release.set()
-    final = client.wait(task, timeout=30)
+    final = flows.client.wait(task, timeout=30)
     assert final.state == "error"
     assert final.step("branch_c").state == "complete"  # recorded inside a live task
     assert final.step("end").state == "pending"
     finished_c = final.step("branch_c").finished_at
-    assert finished_c is not None and blocked_at(database_url, task) >= finished_c
+    assert finished_c is not None and blocked_at(flows.url, task) >= finished_c
 
 
-def test_a_siblings_retries_run_before_the_task_moves_on(
-    broker: PGMQBroker, client: tasker.Client, worker: Any
-) -> None:
+def test_a_siblings_retries_run_before_the_task_moves_on(flows: InProcessFlows) -> None:
     recorder = Recorder()
     flow = build_flow(
         "retrying_sibling",
@@ -93,8 +71,8 @@ def test_a_siblings_retries_run_before_the_task_moves_on(
         retry_once=frozenset({"branch_c"}),
         backoff=tasker.BackoffPolicy(base_seconds=0.5, jitter=0),
     )
-    task = start(broker, client, worker, flow)
-    final = client.wait(task, timeout=30)
+    task = start(flows, flow)
+    final = flows.client.wait(task, timeout=30)
     assert final.state == "error"
     assert final.step("branch_c").state == "complete"
     assert final.step("branch_c").attempts == 2
@@ -102,13 +80,11 @@ def test_a_siblings_retries_run_before_the_task_moves_on(
     assert ("branch_c", 2) in recorder.runs
 
 
-def test_independent_branches_run_to_their_end(
-    broker: PGMQBroker, client: tasker.Client, worker: Any
-) -> None:
+def test_independent_branches_run_to_their_end(flows: InProcessFlows) -> None:
     recorder = Recorder()
     flow = build_flow("subtree", TREE, recorder, fail_permanently=frozenset({"left"}))
-    task = start(broker, client, worker, flow)
-    final = client.wait(task, timeout=30)
+    task = start(flows, flow)
+    final = flows.client.wait(task, timeout=30)
     below = descendants(TREE, "left")
     assert final.state == "error"
     assert final.step("left").state == "error"

@@ -5,10 +5,8 @@ failed retry."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
-import dramatiq
 import psycopg
 import pytest
 from dramatiq.message import Message
@@ -19,24 +17,11 @@ from tasker.brokers.pgmq import PGMQBroker, PGMQMessageProxy
 from tasker.engine.messages import StepMessage
 from tasker.engine.steps import ClaimOutcome, StepRunner, claim_step
 from tasker.runtime.sender import BrokerSender
-from tasker.runtime.workflows import bind_workflow, install, step_executor
+from tasker.runtime.workflows import step_executor
 from tests.shapes import LINEAR, Recorder, build_flow
-from tests.support import scalar, wait_for
+from tests.support import InProcessFlows, scalar, wait_for
 
 QUEUE = "pgmq.q_tasker_worker_shapes_queue"
-
-
-@pytest.fixture
-def client(broker: PGMQBroker) -> Iterator[tasker.Client]:
-    install(broker, bind_workflows=False, finalization_lease_s=5)
-    yield tasker.Client(broker=broker)
-
-
-@pytest.fixture
-def worker(broker: PGMQBroker, client: tasker.Client) -> Iterator[dramatiq.Worker]:
-    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
-    yield worker
-    worker.stop()
 
 
 def root_step(url: str, task_uuid: str, name: str = "s1") -> str:
@@ -67,7 +52,8 @@ def expire_claim(url: str, step: str) -> None:
         )
 
 
-def test_claim_semantics(broker: PGMQBroker, client: tasker.Client, database_url: str) -> None:
+def test_claim_semantics(flows: InProcessFlows) -> None:
+    client, database_url = flows.client, flows.url
     flow = build_flow("claims", LINEAR, Recorder())
     client.register(flow)
     task = client.submit("shapes", "claims", {}).task_uuid
@@ -108,8 +94,9 @@ def send_copy(broker: PGMQBroker, database_url: str, task: str, step: str, actor
 
 
 def test_a_copy_sent_while_the_step_runs_waits_and_never_runs_it_twice(
-    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str
+    flows: InProcessFlows,
 ) -> None:
+    client, database_url = flows.client, flows.url
     started, release = threading.Event(), threading.Event()
     runs: list[int] = []
     flow = tasker.Workflow("shapes", "busy", version="1.0.0", register=False)
@@ -121,13 +108,11 @@ def test_a_copy_sent_while_the_step_runs_waits_and_never_runs_it_twice(
         assert release.wait(30)
         return {"attempt": ctx.attempt}
 
-    bind_workflow(broker, flow)
-    client.register(flow)
-    worker.start()
+    flows.start(flow)
     task = client.submit("shapes", "busy", {}).task_uuid
     assert started.wait(30)
     step = root_step(database_url, task, "hold")
-    send_copy(broker, database_url, task, step, flow.actor_name("hold"))
+    send_copy(flows.broker, database_url, task, step, flow.actor_name("hold"))
     wait_for(  # the copy was delivered, met the live claim, and was put back for later
         lambda: (
             scalar(database_url, f"SELECT count(*) FROM {QUEUE} WHERE read_ct >= 1") == 2
@@ -144,18 +129,16 @@ def test_a_copy_sent_while_the_step_runs_waits_and_never_runs_it_twice(
     assert client.status(task).step("hold").attempts == 1
 
 
-def test_a_step_whose_worker_died_is_reclaimed_after_its_lease(
-    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str
-) -> None:
+def test_a_step_whose_worker_died_is_reclaimed_after_its_lease(flows: InProcessFlows) -> None:
+    client, database_url = flows.client, flows.url
     recorder = Recorder()
     flow = build_flow("orphan", LINEAR, recorder)
-    bind_workflow(broker, flow)
-    client.register(flow)
+    flows.register(flow)
     task = client.submit("shapes", "orphan", {}).task_uuid
     step = root_step(database_url, task)
     # A worker claims the step and dies: its message is still queued, its claim runs out soon.
     assert claim(database_url, task, step, "dead-worker", lease_s=1.0).attempt == 1
-    worker.start()
+    flows.start()
     status = client.wait(task, timeout=30)
     assert status.state == "complete"
     assert status.step("s1").attempts == 2
@@ -163,15 +146,15 @@ def test_a_step_whose_worker_died_is_reclaimed_after_its_lease(
 
 
 def test_a_step_whose_worker_died_on_its_last_attempt_fails_as_worker_died(
-    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str
+    flows: InProcessFlows,
 ) -> None:
+    client, database_url = flows.client, flows.url
     flow = tasker.Workflow("shapes", "last", version="1.0.0", register=False)
     flow.step("only", max_attempts=1)(lambda ctx: {"ran": True})
-    bind_workflow(broker, flow)
-    client.register(flow)
+    flows.register(flow)
     task = client.submit("shapes", "last", {}).task_uuid
     assert claim(database_url, task, root_step(database_url, task, "only"), "dead", 1.0).attempt
-    worker.start()
+    flows.start()
     status = client.wait(task, timeout=30)
     only = status.step("only")
     assert status.state == "error" and only.state == "error" and only.attempts == 1
@@ -230,8 +213,9 @@ def test_a_failed_retry_never_removes_the_delivery(
 
 
 def test_the_heartbeat_extends_running_claims_and_a_forced_exit_releases_them(
-    broker: PGMQBroker, client: tasker.Client, database_url: str
+    flows: InProcessFlows,
 ) -> None:
+    broker, client, database_url = flows.broker, flows.client, flows.url
     client.register(build_flow("beat", LINEAR, Recorder()))
     task = client.submit("shapes", "beat", {}).task_uuid
     step = root_step(database_url, task)

@@ -9,30 +9,14 @@ handlers raising ``BaseException`` subclasses, sync and async.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import dramatiq
 import psycopg
 import pytest
 
 import tasker
-from tasker.brokers.pgmq import PGMQBroker
-from tasker.runtime.workflows import bind_workflow, install
-from tests.support import scalar
-
-
-@pytest.fixture
-def client(broker: PGMQBroker) -> Iterator[tasker.Client]:
-    install(broker, bind_workflows=False, finalization_lease_s=5)
-    yield tasker.Client(broker=broker)
-
-
-@pytest.fixture
-def worker(broker: PGMQBroker, client: tasker.Client) -> Iterator[dramatiq.Worker]:
-    worker = dramatiq.Worker(broker, worker_timeout=50, worker_threads=2)
-    yield worker
-    worker.stop()
+from tests.support import InProcessFlows, scalar
 
 
 def one_step_flow(name: str, handler: Callable[..., Any], *, max_attempts: int = 1) -> Any:
@@ -47,18 +31,10 @@ def one_step_flow(name: str, handler: Callable[..., Any], *, max_attempts: int =
     return flow
 
 
-def run(broker: PGMQBroker, client: tasker.Client, worker: Any, flow: Any) -> tasker.TaskStatus:
-    bind_workflow(broker, flow)
-    client.register(flow)
-    worker.start()
-    handle = client.submit("settle", flow.name, {})
-    return client.wait(handle.task_uuid, timeout=30)
-
-
-def assert_settled(database_url: str, status: tasker.TaskStatus) -> None:
+def assert_settled(flows: InProcessFlows, status: tasker.TaskStatus) -> None:
     """No step is left mid-flight and no message of the task is left in any queue."""
     assert all(s.state not in ("in_progress", "enqueued") for s in status.steps), status
-    left = scalar(database_url, "SELECT count(*) FROM pgmq.q_tasker_worker_settle_queue")
+    left = scalar(flows.url, "SELECT count(*) FROM pgmq.q_tasker_worker_settle_queue")
     assert left == 0
 
 
@@ -103,10 +79,10 @@ UNSTORABLE_RESULTS = {
 
 @pytest.mark.parametrize("result", UNSTORABLE_RESULTS.values(), ids=UNSTORABLE_RESULTS.keys())
 def test_an_unstorable_result_fails_the_step_permanently(
-    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str, result: Any
+    flows: InProcessFlows, result: Any
 ) -> None:
     flow = one_step_flow("unstorable", lambda ctx: result, max_attempts=3)
-    status = run(broker, client, worker, flow)
+    status = flows.run(flow)
     only = status.step("only")
     assert status.state == "error"
     assert only.state == "error" and only.attempts == 1  # permanent: no retry
@@ -115,7 +91,7 @@ def test_an_unstorable_result_fails_the_step_permanently(
     assert only.error["where"] == "result"
     assert only.error["retryable"] is False
     assert status.step("after").state == "pending"  # dependents never run
-    assert_settled(database_url, status)
+    assert_settled(flows, status)
 
 
 RAISERS: dict[str, BaseException] = {
@@ -135,12 +111,12 @@ RAISERS: dict[str, BaseException] = {
 
 @pytest.mark.parametrize("exc", RAISERS.values(), ids=RAISERS.keys())
 def test_every_handler_exception_is_recorded_as_a_failure(
-    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str, exc: BaseException
+    flows: InProcessFlows, exc: BaseException
 ) -> None:
     def handler(ctx: tasker.StepContext) -> None:
         raise exc
 
-    status = run(broker, client, worker, one_step_flow("raiser", handler))
+    status = flows.run(one_step_flow("raiser", handler))
     only = status.step("only")
     assert status.state == "error"
     assert only.state == "error" and only.attempts == 1
@@ -150,12 +126,12 @@ def test_every_handler_exception_is_recorded_as_a_failure(
     assert only.error["error_type"] == type(exc).__name__
     assert isinstance(only.error["message"], str) and only.error["message"]
     assert len(only.error["message"]) < 5_000
-    assert_settled(database_url, status)
+    assert_settled(flows, status)
 
 
 @pytest.mark.parametrize("exc", [SystemExit(1), KeyboardInterrupt(), Custom()], ids=repr)
 def test_a_base_exception_is_retried_and_the_worker_keeps_running(
-    broker: PGMQBroker, client: tasker.Client, worker: Any, exc: BaseException
+    flows: InProcessFlows, exc: BaseException
 ) -> None:
     def handler(ctx: tasker.StepContext) -> dict[str, int]:
         if ctx.attempt == 1:
@@ -164,34 +140,30 @@ def test_a_base_exception_is_retried_and_the_worker_keeps_running(
 
     flow = one_step_flow("base", handler, max_attempts=2)
     flow.backoff = tasker.BackoffPolicy(base_seconds=0.05, jitter=0)
-    status = run(broker, client, worker, flow)
+    status = flows.run(flow)
     assert status.state == "complete"
     assert status.step("only").attempts == 2
     assert status.step("after").result == {"seen": {"attempt": 2}}
-    handle = client.submit("settle", "base", {"again": True})  # the same threads still serve
-    assert client.wait(handle.task_uuid, timeout=30).state == "complete"
+    handle = flows.client.submit("settle", "base", {"again": True})  # the same threads serve
+    assert flows.client.wait(handle.task_uuid, timeout=30).state == "complete"
 
 
 @pytest.mark.parametrize(
     "exc", [SystemExit(2), asyncio.CancelledError(), Custom(), ValueError("\udc80")], ids=repr
 )
-def test_async_handlers_settle_the_same_way(
-    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str, exc: BaseException
-) -> None:
+def test_async_handlers_settle_the_same_way(flows: InProcessFlows, exc: BaseException) -> None:
     async def handler(ctx: tasker.StepContext) -> None:
         await asyncio.sleep(0)
         raise exc
 
-    status = run(broker, client, worker, one_step_flow("async_raiser", handler))
+    status = flows.run(one_step_flow("async_raiser", handler))
     only = status.step("only")
     assert only.state == "error" and only.error is not None
     assert only.error["error_type"] == type(exc).__name__
-    assert_settled(database_url, status)
+    assert_settled(flows, status)
 
 
-def test_an_async_handler_is_cancelled_at_its_timeout(
-    broker: PGMQBroker, client: tasker.Client, worker: Any, database_url: str
-) -> None:
+def test_an_async_handler_is_cancelled_at_its_timeout(flows: InProcessFlows) -> None:
     seen: list[float | None] = []
 
     flow = tasker.Workflow("settle", "slow_async", version="1.0.0", register=False)
@@ -201,19 +173,17 @@ def test_an_async_handler_is_cancelled_at_its_timeout(
         seen.append(ctx.time_left())
         await asyncio.sleep(60)
 
-    status = run(broker, client, worker, flow)
+    status = flows.run(flow)
     step = status.step("only")
     assert step.state == "error" and step.error is not None
     assert step.error["error_type"] == "handler_timeout"
     assert seen and seen[0] is not None and 0 < seen[0] <= 0.5
     assert step.finished_at is not None and step.started_at is not None
     assert (step.finished_at - step.started_at).total_seconds() < 30  # cancelled, not waited out
-    assert_settled(database_url, status)
+    assert_settled(flows, status)
 
 
-def test_the_context_tells_handlers_their_deadline(
-    broker: PGMQBroker, client: tasker.Client, worker: Any
-) -> None:
+def test_the_context_tells_handlers_their_deadline(flows: InProcessFlows) -> None:
     flow = tasker.Workflow("settle", "deadline", version="1.0.0", register=False)
 
     @flow.step(timeout=30)
@@ -224,18 +194,14 @@ def test_the_context_tells_handlers_their_deadline(
     def untimed(ctx: tasker.StepContext) -> dict[str, Any]:
         return {"deadline": ctx.deadline, "left": ctx.time_left()}
 
-    status = run(broker, client, worker, flow)
+    status = flows.run(flow)
     timed_result = status.step("timed").result
     assert timed_result["deadline"] is True and 0 < timed_result["left"] <= 30
     assert status.step("untimed").result == {"deadline": None, "left": None}
 
 
 def test_a_database_refusal_while_recording_fails_the_step_permanently(
-    broker: PGMQBroker,
-    client: tasker.Client,
-    worker: Any,
-    database_url: str,
-    monkeypatch: pytest.MonkeyPatch,
+    flows: InProcessFlows, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A value that passes Tasker's checks but that PostgreSQL refuses (here: a failpoint raising
     what PostgreSQL raises for a NUL) ends as a recorded permanent failure, not a stuck step."""
@@ -251,21 +217,17 @@ def test_a_database_refusal_while_recording_fails_the_step_permanently(
         return real(conn, sender, step, attempt, outcome, **kw)
 
     monkeypatch.setattr(steps, "record_outcome", refuse_successes)
-    status = run(broker, client, worker, one_step_flow("refused", lambda ctx: {"ok": 1}))
+    status = flows.run(one_step_flow("refused", lambda ctx: {"ok": 1}))
     only = status.step("only")
     assert refusals
     assert status.state == "error" and only.state == "error" and only.attempts == 1
     assert only.error is not None and only.error["error_type"] == "payload_error"
     assert "Unicode escape" in only.error["message"]
-    assert_settled(database_url, status)
+    assert_settled(flows, status)
 
 
 def test_when_even_the_failure_cannot_be_recorded_a_minimal_one_is(
-    broker: PGMQBroker,
-    client: tasker.Client,
-    worker: Any,
-    database_url: str,
-    monkeypatch: pytest.MonkeyPatch,
+    flows: InProcessFlows, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tasker.engine import steps
 
@@ -273,81 +235,62 @@ def test_when_even_the_failure_cannot_be_recorded_a_minimal_one_is(
         raise psycopg.errors.DataError("refused")
 
     monkeypatch.setattr(steps, "record_outcome", always_refuse)
-    status = run(broker, client, worker, one_step_flow("minimal", lambda ctx: {"ok": 1}))
+    status = flows.run(one_step_flow("minimal", lambda ctx: {"ok": 1}))
     only = status.step("only")
     assert only.state == "error"
     assert only.error is not None and only.error["error_type"] == "outcome_not_recordable"
     assert status.state == "error"  # the task was re-evaluated and finished
     assert status.step("after").state == "pending"
-    assert_settled(database_url, status)
+    assert_settled(flows, status)
 
 
-def test_a_transient_error_while_recording_is_retried_without_running_the_step_again(
-    broker: PGMQBroker,
-    client: tasker.Client,
-    worker: Any,
-    database_url: str,
-    monkeypatch: pytest.MonkeyPatch,
+def _time_limit_exceeded() -> BaseException:
+    from dramatiq.middleware.time_limit import TimeLimitExceeded
+
+    return TimeLimitExceeded()
+
+
+RECORDING_HICCUPS = {
+    # the connection is lost twice while recording: repeated on fresh connections
+    "connection_lost_twice": [psycopg.OperationalError("server closed the connection")] * 2,
+    "deadlock": [psycopg.errors.DeadlockDetected("deadlock detected")],
+    # Dramatiq's time limit raises asynchronously; when the handler returned just before the
+    # deadline, the interrupt lands in the recording code instead
+    "time_limit_interrupt": [_time_limit_exceeded()],
+}
+
+
+@pytest.mark.parametrize("errors", RECORDING_HICCUPS.values(), ids=RECORDING_HICCUPS.keys())
+def test_a_passing_error_while_recording_is_repeated_without_running_the_step_again(
+    flows: InProcessFlows, monkeypatch: pytest.MonkeyPatch, errors: list[BaseException]
 ) -> None:
     from tasker.engine import steps
 
     real = steps.record_outcome
-    failures = iter([True, True])  # the first two records lose their connection
+    pending = iter(errors)
     runs: list[int] = []
 
-    def flaky(*args: Any, **kwargs: Any) -> bool:
-        if next(failures, False):
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
+    def hiccup(*args: Any, **kwargs: Any) -> bool:
+        error = next(pending, None)
+        if error is not None:
+            raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(steps, "record_outcome", flaky)
+    monkeypatch.setattr(steps, "record_outcome", hiccup)
 
     def handler(ctx: tasker.StepContext) -> dict[str, int]:
         runs.append(ctx.attempt)
         return {"n": 1}
 
-    status = run(broker, client, worker, one_step_flow("flaky", handler, max_attempts=3))
+    status = flows.run(one_step_flow("hiccup", handler, max_attempts=3))
     assert status.state == "complete"
     assert runs == [1]  # recorded on a fresh connection, not re-run
     assert status.step("only").attempts == 1
-    assert_settled(database_url, status)
-
-
-def test_an_interrupt_landing_while_the_outcome_is_recorded_does_not_lose_it(
-    broker: PGMQBroker,
-    client: tasker.Client,
-    worker: Any,
-    database_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Dramatiq's time limit raises TimeLimitExceeded asynchronously; when the handler returned
-    just before the deadline, it lands in the recording code instead."""
-    from dramatiq.middleware.time_limit import TimeLimitExceeded
-
-    from tasker.engine import steps
-
-    real = steps.record_outcome
-    interrupts = iter([True])
-    runs: list[int] = []
-
-    def interrupted_once(*args: Any, **kwargs: Any) -> bool:
-        if next(interrupts, False):
-            raise TimeLimitExceeded()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(steps, "record_outcome", interrupted_once)
-
-    def handler(ctx: tasker.StepContext) -> dict[str, int]:
-        runs.append(ctx.attempt)
-        return {"n": 1}
-
-    status = run(broker, client, worker, one_step_flow("interrupted", handler, max_attempts=3))
-    assert status.state == "complete" and runs == [1]
-    assert_settled(database_url, status)
+    assert_settled(flows, status)
 
 
 def test_dramatiq_interrupts_python_code_at_the_time_limit_but_not_a_blocking_call(
-    broker: PGMQBroker, client: tasker.Client, worker: Any
+    flows: InProcessFlows,
 ) -> None:
     """What docs/workflows.md says about sync handlers: the time limit interrupts Python code
     (checked about once a second), while a blocking call (``time.sleep``, a socket read, a query)
@@ -367,7 +310,7 @@ def test_dramatiq_interrupts_python_code_at_the_time_limit_but_not_a_blocking_ca
         time.sleep(3)  # one blocking call: not interruptible
         time.sleep(60)  # the interrupt is raised before this one starts
 
-    status = run(broker, client, worker, flow)
+    status = flows.run(flow)
     for name, at_least in (("spins", 1.0), ("blocks", 3.0)):
         step = status.step(name)
         assert step.state == "error" and step.error is not None, name
