@@ -28,8 +28,9 @@ import psycopg
 from psycopg_pool import PoolTimeout
 
 from tasker.brokers.pgmq import PGMQBroker
-from tasker.db.connection import DEFAULT_TIMEOUT_S
+from tasker.db.connection import DEFAULT_TIMEOUT_S, last_connect_error
 from tasker.db.errors import database_error, is_transient
+from tasker.engine.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.status import TaskStatus, task_status
 from tasker.engine.tasks import TaskHandle, TaskRequest, create_task
 from tasker.engine.templates import register_template
@@ -48,7 +49,8 @@ class Client:
 
     ``Client()`` reads settings (``TASKER_ENV``, ``TASKER_DATABASE__URL``); ``Client(url=...)``
     uses that database with default broker settings; ``timeout_s`` bounds connecting and waiting
-    for a pooled connection (default: ``database.timeout_s``, 5 s).
+    for a pooled connection (default: ``database.timeout_s``, 5 s); contexts over
+    ``max_payload_bytes`` bytes of JSON are refused (default: ``engine.max_payload_bytes``, 1 MiB).
     """
 
     def __init__(
@@ -58,10 +60,16 @@ class Client:
         settings: Settings | None = None,
         broker: PGMQBroker | None = None,
         timeout_s: float | None = None,
+        max_payload_bytes: int | None = None,
     ) -> None:
         if broker is None:
             broker = _broker(url, settings, timeout_s)
         self.broker = broker
+        if max_payload_bytes is None:
+            max_payload_bytes = (
+                settings.engine.max_payload_bytes if settings is not None else MAX_PAYLOAD_BYTES
+            )
+        self.max_payload_bytes = max_payload_bytes
         self._sender = BrokerSender(broker)
 
     def submit(
@@ -95,11 +103,23 @@ class Client:
         nonce = str(uuid.uuid4())
         if connection is not None:
             with self._translated():
-                return create_task(connection, self._sender, request, nonce=nonce)
+                return create_task(
+                    connection,
+                    self._sender,
+                    request,
+                    nonce=nonce,
+                    max_context_bytes=self.max_payload_bytes,
+                )
         for attempt in (1, 2):
             try:
                 with self.broker.pool.connection() as conn:
-                    return create_task(conn, self._sender, request, nonce=nonce)
+                    return create_task(
+                        conn,
+                        self._sender,
+                        request,
+                        nonce=nonce,
+                        max_context_bytes=self.max_payload_bytes,
+                    )
             except psycopg.Error as exc:
                 if attempt == 2 or isinstance(exc, PoolTimeout) or not is_transient(exc):
                     raise self._error(exc) from exc
@@ -120,9 +140,11 @@ class Client:
             if status.finished:
                 return status
             if time.monotonic() >= deadline:
+                steps = ", ".join(f"{s.name} {s.state}" for s in status.steps)
                 raise TaskTimeoutError(
-                    f"Task {task_uuid} is still {status.state} after {timeout}s; are workers "
-                    f"running for namespace {status.namespace!r} (tasker worker MODULES)?"
+                    f"Task {task_uuid} is still {status.state} after {timeout}s (steps: {steps}); "
+                    f"are workers running for namespace {status.namespace!r} "
+                    "(tasker worker MODULES)?"
                 )
             time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
             interval = min(interval * 1.5, 0.5)
@@ -155,6 +177,8 @@ class Client:
             raise self._error(exc) from exc
 
     def _error(self, exc: BaseException) -> Exception:
+        if isinstance(exc, PoolTimeout):  # say why no connection came, when the pool knows
+            exc = last_connect_error(self.broker.pool) or exc
         return database_error(exc, url=self.broker.url, timeout_s=self.broker.timeout_s)
 
 

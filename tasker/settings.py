@@ -59,6 +59,7 @@ class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     result_processing: Literal["inline", "decoupled"] = "inline"
     finalization_claim_lease_s: int = 30
+    max_payload_bytes: int = 1024 * 1024
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -174,6 +175,7 @@ def _check_values(settings: Settings) -> None:
         "broker.poll_interval_ms": broker.poll_interval_ms,
         "broker.dead_message_ttl_s": broker.dead_message_ttl_s,
         "engine.finalization_claim_lease_s": settings.engine.finalization_claim_lease_s,
+        "engine.max_payload_bytes": settings.engine.max_payload_bytes,
     }
     for key, value in positive.items():
         if value <= 0:

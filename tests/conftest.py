@@ -139,6 +139,24 @@ def worker(broker: PGMQBroker) -> Iterator[dramatiq.Worker]:
 
 
 @pytest.fixture
+def app_db(database_url: str) -> str:
+    """The test's database with the tables the test actors of tests/workers write to."""
+    from tests.workers.actors import SCHEMA
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return database_url
+
+
+@pytest.fixture
+def producer(app_db: str) -> Iterator[PGMQBroker]:
+    """A broker on ``app_db`` for sending messages to worker subprocesses."""
+    broker = PGMQBroker(url=app_db)
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
 def flows(broker: PGMQBroker, database_url: str) -> Iterator[InProcessFlows]:
     """Workflows run by an in-process worker on the test's database (see InProcessFlows)."""
     runner = InProcessFlows(broker, database_url)

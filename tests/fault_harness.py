@@ -108,7 +108,7 @@ class FaultHarness:
         log.close()
         self.workers.append(proc)
         self.wait(
-            lambda: query(self.url, "SELECT count(*) FROM tasker.named_tasks")[0][0] >= 3,
+            lambda: query(self.url, "SELECT count(*) FROM tasker.named_tasks")[0][0] >= 4,
             60,
             "the workers to register their templates",
         )

@@ -21,20 +21,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def app_db(database_url: str) -> str:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    return database_url
-
-
-@pytest.fixture
-def producer(app_db: str) -> Iterator[PGMQBroker]:
-    broker = PGMQBroker(url=app_db)
-    yield broker
-    broker.close()
-
-
-@pytest.fixture
 def workers(app_db: str, tmp_path: Path) -> Iterator[list[WorkerProcess]]:
     started: list[WorkerProcess] = []
     yield started

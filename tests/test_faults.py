@@ -139,22 +139,15 @@ def test_a_step_that_always_kills_its_worker_fails_after_its_attempts(
     assert runs == [(2,)]  # bounded by max_attempts, not by the broker's max_deliveries
 
 
-def test_a_double_sigterm_releases_running_steps_at_once(harness: FaultHarness) -> None:
+def test_a_double_sigterm_releases_running_steps_at_once_and_gives_their_attempt_back(
+    harness: FaultHarness,
+) -> None:
     supervisor = harness.start_workers(processes=1)
-    task = harness.submit("ledger", {"sleep_s": 30.0})
-    harness.wait(
-        lambda: (
-            query(
-                harness.url,
-                "SELECT count(*) FROM tasker.workflow_steps WHERE task_uuid = %s"
-                " AND state = 'in_progress'",
-                (task,),
-            )[0][0]
-            == 1
-        ),
-        30,
-        "the step to run",
+    task = harness.submit("slow_once")  # one step, max_attempts=1, 30 s on its first run
+    running = (
+        "SELECT count(*) FROM tasker.workflow_steps WHERE task_uuid = %s AND state = 'in_progress'"
     )
+    harness.wait(lambda: query(harness.url, running, (task,))[0][0] == 1, 30, "the step to run")
     os.kill(supervisor.pid, signal.SIGTERM)
     harness.wait(lambda: "graceful stop" in harness.worker_log(), 30, "the graceful stop")
     os.kill(supervisor.pid, signal.SIGTERM)  # the impatient operator's second request
@@ -168,3 +161,10 @@ def test_a_double_sigterm_releases_running_steps_at_once(harness: FaultHarness) 
         (task,),
     )
     assert leased == [(0,)] and claimed == [(0,)]  # visible and re-claimable at once
+    harness.start_workers(processes=1)  # the step runs again as the same attempt
+    harness.settle()
+    assert_clean(harness)
+    step = query(
+        harness.url, "SELECT attempts FROM tasker.workflow_steps WHERE task_uuid = %s", (task,)
+    )
+    assert step == [(1,)]

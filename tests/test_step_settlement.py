@@ -9,6 +9,7 @@ handlers raising ``BaseException`` subclasses, sync and async.
 from __future__ import annotations
 
 import asyncio
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
@@ -318,3 +319,72 @@ def test_dramatiq_interrupts_python_code_at_the_time_limit_but_not_a_blocking_ca
         assert step.started_at is not None and step.finished_at is not None
         took = (step.finished_at - step.started_at).total_seconds()
         assert at_least <= took < 30, (name, took)
+
+
+@pytest.mark.parametrize("retry_after", [10**400, 1e308, float("inf"), -5, "soon", [1]], ids=repr)
+def test_any_retry_after_gives_a_recorded_retry(flows: InProcessFlows, retry_after: Any) -> None:
+    def handler(ctx: tasker.StepContext) -> dict[str, int]:
+        if ctx.attempt == 1:
+            raise tasker.RetryableError("busy", retry_after=retry_after)
+        return {"attempt": ctx.attempt}
+
+    flow = one_step_flow("retry_after", handler, max_attempts=2)
+    flow.backoff = tasker.BackoffPolicy(base_seconds=0.05, max_seconds=0.2, jitter=0)
+    status = flows.run(flow)
+    assert status.state == "complete"
+    assert status.step("only").attempts == 2
+    assert_settled(flows, status)
+
+
+INTERRUPTED_PHASES = {
+    # the handler returned just before its deadline; Dramatiq's interrupt lands while...
+    "checking_the_result": "tasker.engine.outcomes.check_payload",
+    "starting_to_record": "tasker.engine.steps.StepExecutor._settle",
+}
+
+
+@pytest.mark.parametrize("target", INTERRUPTED_PHASES.values(), ids=INTERRUPTED_PHASES.keys())
+def test_an_interrupt_after_the_handler_returned_loses_nothing(
+    flows: InProcessFlows, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    real = pkgutil.resolve_name(target)
+    interrupts = iter([_time_limit_exceeded()])
+    runs: list[int] = []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        error = next(interrupts, None)
+        if error is not None:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, interrupted)
+
+    def handler(ctx: tasker.StepContext) -> dict[str, int]:
+        runs.append(ctx.attempt)
+        return {"n": 1}
+
+    status = flows.run(one_step_flow("late_interrupt", handler, max_attempts=3))
+    assert status.state == "complete" and runs == [1]
+    assert status.step("only").result == {"n": 1}
+    assert_settled(flows, status)
+
+
+def test_a_bug_escaping_the_executor_retries_the_message_instead_of_dead_lettering_it(
+    flows: InProcessFlows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasker.engine.steps import StepExecutor
+
+    real = StepExecutor.execute
+    bugs = iter([ValueError("a bug before the claim")])
+
+    def buggy(self: StepExecutor, *args: Any, **kwargs: Any) -> Any:
+        bug = next(bugs, None)
+        if bug is not None:
+            raise bug
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StepExecutor, "execute", buggy)
+    status = flows.run(one_step_flow("buggy", lambda ctx: {"ok": True}), timeout=60)
+    assert status.state == "complete"
+    dead = scalar(flows.url, "SELECT count(*) FROM pgmq.q_tasker_worker_settle_queue__xq")
+    assert dead == 0

@@ -27,7 +27,6 @@ from tasker.brokers.pgmq import PGMQBroker
 from tasker.runtime.supervisor import Backoff
 from tasker.runtime.worker_process import EXIT_CONFIG
 from tests.support import ROOT, scalar, send_work, wait_for
-from tests.workers.dying import SCHEMA
 
 pytestmark = pytest.mark.slow
 
@@ -138,20 +137,6 @@ class TaskerWorker:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def app_db(database_url: str) -> str:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    return database_url
-
-
-@pytest.fixture
-def producer(app_db: str) -> Iterator[PGMQBroker]:
-    broker = PGMQBroker(url=app_db)
-    yield broker
-    broker.close()
 
 
 @pytest.fixture

@@ -92,10 +92,11 @@ FROM unnest(%(steps)s::uuid[], %(attempts)s::int[]) AS held(step, attempt)
 WHERE ws.workflow_step_uuid = held.step AND ws.state = 'in_progress'
   AND ws.attempts = held.attempt
 
--- A forced exit: the steps this process runs may be re-claimed at once.
+-- A forced exit: the steps this process runs may be re-claimed at once, and get their attempt
+-- back (the worker gave them up; they did not fail).
 -- name: release_step_claims
 UPDATE tasker.workflow_steps AS ws
-SET claimed_until = clock_timestamp()
+SET claimed_until = clock_timestamp(), attempts = ws.attempts - 1
 FROM unnest(%(steps)s::uuid[], %(attempts)s::int[]) AS held(step, attempt)
 WHERE ws.workflow_step_uuid = held.step AND ws.state = 'in_progress'
   AND ws.attempts = held.attempt

@@ -25,4 +25,5 @@ install(
     broker,
     inline=_settings.engine.result_processing == "inline",
     finalization_lease_s=_settings.engine.finalization_claim_lease_s,
+    max_payload_bytes=_settings.engine.max_payload_bytes,
 )

@@ -25,6 +25,7 @@ __all__ = [
     "check_connection",
     "connect",
     "connection_kwargs",
+    "last_connect_error",
     "make_pool",
 ]
 
@@ -88,6 +89,39 @@ def check_connection(conn: psycopg.Connection[Any]) -> None:
         ConnectionPool.check_connection(conn)
 
 
+class _ConnectFailures:
+    """The last error of a pool's connection attempts (None after a success)."""
+
+    def __init__(self) -> None:
+        self.last: psycopg.Error | None = None
+
+
+def _recording_connection_class(failures: _ConnectFailures) -> type[psycopg.Connection[Any]]:
+    """A connection class that notes why the pool's last connection attempt failed, so an error
+    after a pool timeout can say "database x does not exist" instead of only "timed out"."""
+
+    class RecordingConnection(psycopg.Connection[Any]):
+        connect_failures = failures
+
+        @classmethod
+        def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            try:
+                conn = super().connect(*args, **kwargs)
+            except psycopg.Error as exc:
+                failures.last = exc
+                raise
+            failures.last = None
+            return conn
+
+    return RecordingConnection
+
+
+def last_connect_error(pool: ConnectionPool[Any]) -> psycopg.Error | None:
+    """Why the last attempt of a pool made by :func:`make_pool` to connect failed, if it did."""
+    failures = getattr(pool.connection_class, "connect_failures", None)
+    return failures.last if isinstance(failures, _ConnectFailures) else None
+
+
 def make_pool(
     url: str,
     *,
@@ -106,6 +140,7 @@ def make_pool(
     """
     return ConnectionPool(
         url,
+        connection_class=_recording_connection_class(_ConnectFailures()),
         min_size=min_size,
         max_size=max_size,
         kwargs=connection_kwargs(

@@ -20,9 +20,14 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 
-from tasker.exceptions import DatabaseError, DatabaseUnavailableError, MigrationError
+from tasker.exceptions import (
+    DatabaseError,
+    DatabaseUnavailableError,
+    MigrationError,
+    PayloadError,
+)
 
-__all__ = ["database_error", "describe_url", "is_transient"]
+__all__ = ["database_error", "describe_url", "is_data_error", "is_transient"]
 
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "58"})
 _TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03", "55P03", "57014"})
@@ -36,6 +41,15 @@ def is_transient(exc: BaseException) -> bool:
     if state is None:  # raised on the client: lost connection, pool timeout, closed connection
         return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
     return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when PostgreSQL refused a value itself (SQLSTATE class 22 "data exception", or 54
+    "program limit exceeded", such as a jsonb value too large), or Tasker's payload rule did."""
+    if isinstance(exc, PayloadError):
+        return True
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(exc, psycopg.Error) and state is not None and state[:2] in ("22", "54")
 
 
 def describe_url(url: str | None) -> str:
@@ -62,6 +76,12 @@ def database_error(
     * anything else: :class:`DatabaseError`.
     """
     where = describe_url(url)
+    state = getattr(exc, "sqlstate", None) or ""
+    if state[:2] == "28" or state == "3D000":  # authentication, or no such database
+        return DatabaseUnavailableError(
+            f"PostgreSQL at {where} refused the connection: {_first_line(exc)}; fix database.url "
+            "(TASKER_DATABASE__URL)."
+        )
     if is_transient(exc):
         within = f" within {timeout_s:g}s" if timeout_s else ""
         return DatabaseUnavailableError(

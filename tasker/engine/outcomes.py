@@ -4,7 +4,7 @@ This is total: every return value and every exception a handler can produce, ``B
 included, becomes a :class:`StepOutcome` whose document PostgreSQL's jsonb accepts.
 
 * A returned value is stored as the step's result when it passes the payload rules
-  (:func:`tasker.engine.payloads.encode_json`); otherwise the step fails permanently with error
+  (:mod:`tasker.engine.payloads`); otherwise the step fails permanently with error
   type ``payload_error``, naming where in the value the problem is.
 * ``RetryableError`` (with its ``retry_after``) and any other ``Exception`` are retryable failures,
   ``PermanentError`` is not (seed-spec 9.5: the error type is the exception's class name).
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tasker.engine.payloads import encode_json
+from tasker.engine.payloads import MAX_PAYLOAD_BYTES, check_payload, dump_json
 from tasker.workflow.definition import PermanentError, RetryableError, StepContext
 
 __all__ = [
@@ -55,6 +55,7 @@ WORKER_DIED = "worker_died"
 OUTCOME_NOT_RECORDABLE = "outcome_not_recordable"
 
 _MAX_MESSAGE_CHARS = 4_000
+_MAX_INTERRUPTS = 3  # Dramatiq's time limit interrupts a thread once per message
 _MAX_TRACE_LINES = 20
 _MAX_TRACE_LINE_CHARS = 2_000
 
@@ -74,10 +75,16 @@ class StepOutcome:
     retryable: bool = False
 
 
-def run_handler(handler: Callable[[StepContext], Any], context: StepContext) -> StepOutcome:
+def run_handler(
+    handler: Callable[[StepContext], Any],
+    context: StepContext,
+    *,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+) -> StepOutcome:
     """Run ``handler`` (sync or ``async def``) and turn what it did into an outcome; never raises.
 
-    An awaitable is run on a fresh event loop and cancelled at ``context.deadline``.
+    An awaitable is run on a fresh event loop and cancelled at ``context.deadline``. A result of
+    more than ``max_bytes`` bytes of JSON is refused.
     """
     try:
         value = handler(context)
@@ -85,7 +92,7 @@ def run_handler(handler: Callable[[StepContext], Any], context: StepContext) -> 
             value = asyncio.run(_await(value, context.time_left()))
     except BaseException as exc:  # total: see the module docstring
         return _failure(exc, context)
-    return _success(value, context)
+    return _success(value, context, max_bytes)
 
 
 async def _await(value: Any, timeout: float | None) -> Any:
@@ -96,21 +103,28 @@ async def _await(value: Any, timeout: float | None) -> Any:
             return await value
     except TimeoutError as exc:
         if scope.expired():
-            raise StepTimeoutError(f"the step exceeded its timeout ({timeout:.3g}s left)") from exc
+            raise StepTimeoutError(
+                "the handler was cancelled at the step's deadline (its timeout ran out)"
+            ) from exc
         raise
 
 
-def _success(value: Any, context: StepContext) -> StepOutcome:
+def _success(value: Any, context: StepContext, max_bytes: int) -> StepOutcome:
     document = {
         "success": True,
         "result": value,
         "error": None,
         "metadata": {"attempt": context.attempt, "retryable": False},
     }
-    try:
-        return StepOutcome(True, encode_json(document, "the step's result"))
-    except BaseException as exc:  # PayloadError, or an object whose encoding itself fails
-        return refused_outcome(context.attempt, exc, where="result")
+    for _ in range(_MAX_INTERRUPTS):
+        try:
+            check_payload(value, "result")
+            return StepOutcome(True, dump_json(document, "the result", limit=max_bytes))
+        except Exception as exc:  # PayloadError, or an object whose inspection itself fails
+            return refused_outcome(context.attempt, exc, where="result")
+        except BaseException:  # an interrupt meant for the handler landed here: check again
+            continue
+    return refused_outcome(context.attempt, RuntimeError("interrupted"), where="result")
 
 
 def _failure(exc: BaseException, context: StepContext) -> StepOutcome:
@@ -145,7 +159,7 @@ def _classify(exc: BaseException) -> tuple[str, bool, float | None]:
 def _seconds(value: Any) -> float | None:
     try:
         seconds = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 

@@ -1,4 +1,19 @@
-"""Encode task contexts and step results for jsonb, refusing what jsonb would change or reject."""
+"""The payload rule: task contexts and step results are exact JSON documents, or refused.
+
+Contexts and results are stored as jsonb, so one rule decides for both, before anything is
+written: a value that would not read back equal is refused with :class:`PayloadError`, naming the
+place inside the value and the fix.
+
+Accepted: ``dict`` with ``str`` keys, ``list``, ``tuple`` (reads back as a ``list``), ``str``,
+``bool``, ``None``, ``int`` within 64 bits, finite ``float``, and their subclasses (an ``IntEnum``
+reads back as its ``int``). Numbers read back numerically equal: jsonb stores ``numeric``, so
+``1e16`` reads back as the int ``10000000000000000`` and ``-0.0`` as ``0``.
+
+Refused: non-``str`` keys, NaN and ±Infinity, NUL characters and lone surrogates (in keys too),
+ints beyond 64 bits, nesting deeper than :data:`MAX_NESTING`, documents larger than the size limit,
+and every other type (``Decimal``, ``bytes``, ``set``, ``datetime``, dataclasses, ...), which a
+JSON encoder would otherwise turn silently into something else.
+"""
 
 from __future__ import annotations
 
@@ -9,69 +24,146 @@ import msgspec
 
 from tasker.exceptions import PayloadError
 
-__all__ = ["MAX_NESTING", "MAX_PAYLOAD_BYTES", "encode_json"]
+__all__ = ["MAX_NESTING", "MAX_PAYLOAD_BYTES", "check_payload", "dump_json", "encode_json"]
 
+#: Default size limit of a context or a result, in bytes of JSON (setting engine.max_payload_bytes).
 MAX_PAYLOAD_BYTES = 1024 * 1024
+#: Deepest nesting of lists and dicts accepted.
 MAX_NESTING = 256
+_INT64 = (-(2**63), 2**63 - 1)
+_MAX_PATH_CHARS = 160
 _encoder = msgspec.json.Encoder()
+
+_HINTS = {
+    "Decimal": "convert it to str (exact) or float",
+    "bytes": "decode it to str, or base64-encode it",
+    "bytearray": "decode it to str, or base64-encode it",
+    "set": "convert it to a list",
+    "frozenset": "convert it to a list",
+    "datetime": "convert it to an ISO 8601 string (.isoformat())",
+    "date": "convert it to an ISO 8601 string (.isoformat())",
+    "time": "convert it to an ISO 8601 string (.isoformat())",
+    "timedelta": "convert it to a number of seconds",
+    "UUID": "convert it to str",
+}
 
 
 def encode_json(value: Any, what: str, *, limit: int = MAX_PAYLOAD_BYTES) -> str:
-    """JSON text of ``value``; raises :class:`PayloadError` naming ``what``, the place inside the
-    value and the fix."""
-    problem = _find_problem(value, what, 0)
-    if problem:
-        raise PayloadError(problem)
+    """JSON text of ``value`` if it passes the payload rule, else :class:`PayloadError` naming
+    ``what`` (e.g. ``result``), the place inside the value and the fix."""
+    check_payload(value, what)
+    return dump_json(value, what, limit=limit)
+
+
+def check_payload(value: Any, what: str) -> None:
+    """Raise :class:`PayloadError` if ``value`` would not read back equal from jsonb."""
+    problem = _problem(value, (), 0)
+    if problem is not None:
+        path, message = problem
+        raise PayloadError(f"{_path(what, path)}: {message}")
+
+
+def dump_json(value: Any, what: str, *, limit: int = MAX_PAYLOAD_BYTES) -> str:
+    """JSON text of a value already checked by :func:`check_payload`, refused above ``limit``
+    bytes."""
     try:
         data = _encoder.encode(value)
-    except Exception as exc:
-        raise PayloadError(
-            f"{what} is not JSON-serialisable ({exc}); use dicts, lists, str, int, float, bool "
-            "and None."
-        ) from None
+    except Exception as exc:  # the rule should have refused it already
+        raise PayloadError(f"{what} is not JSON ({exc})") from None
     if len(data) > limit:
         raise PayloadError(
-            f"{what} is {len(data):,} bytes, over the {limit:,}-byte limit; store large data "
-            "elsewhere and pass a reference."
+            f"{what} is {len(data):,} bytes of JSON, over the {limit:,}-byte limit "
+            "(engine.max_payload_bytes); store large data elsewhere and pass a reference."
         )
     return data.decode("utf-8")
 
 
-def _find_problem(value: Any, where: str, depth: int) -> str | None:
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{where} contains {value!r}, which JSON cannot store; use null or a string."
+Problem = tuple[tuple[Any, ...], str]
+
+
+def _problem(value: Any, path: tuple[Any, ...], depth: int) -> Problem | None:
+    """The first place in ``value`` that breaks the rule, and what is wrong there."""
+    if value is None or isinstance(value, bool):
+        return None
     if isinstance(value, str):
-        return _text_problem(value, where)
-    if depth >= MAX_NESTING and isinstance(value, (dict, list, tuple)):
-        return f"{where} is nested more than {MAX_NESTING} levels deep; flatten it."
-    if isinstance(value, dict):
-        for key, item in value.items():
-            inside = f"{where}[{_show(key)}]"
-            found = _text_problem(key, f"{inside} (the key)") if isinstance(key, str) else None
-            found = found or _find_problem(item, inside, depth + 1)
-            if found:
-                return found
-    elif isinstance(value, (list, tuple)):
+        return _text_problem(value, path)
+    if isinstance(value, int):
+        if _INT64[0] <= value <= _INT64[1]:
+            return None
+        return path, "int beyond 64 bits, which jsonb cannot hold exactly; convert it to str"
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return None
+        return path, f"{value!r} is not JSON; use null or a string"
+    if isinstance(value, (dict, list, tuple)):
+        if depth >= MAX_NESTING:
+            return path, f"nested more than {MAX_NESTING} levels deep; flatten it"
+        if isinstance(value, dict):
+            return _dict_problem(value, path, depth)
         for index, item in enumerate(value):
-            found = _find_problem(item, f"{where}[{index}]", depth + 1)
+            found = _problem(item, (*path, index), depth + 1)
             if found:
                 return found
+        return None
+    name = type(value).__name__
+    hint = _HINTS.get(name, "convert it to a dict, list, str, int, float, bool or None")
+    return path, f"{name} is not JSON; {hint}"
+
+
+def _dict_problem(value: dict[Any, Any], path: tuple[Any, ...], depth: int) -> Problem | None:
+    for key, item in value.items():
+        if not isinstance(key, str):
+            return (
+                (*path, _KeyOf(key)),
+                f"key {_safe_repr(key)} is a {type(key).__name__}; JSON keys are strings, so "
+                "it would read back as a str: convert it to str",
+            )
+        found = _text_problem(key, (*path, key), what="key")
+        found = found or _problem(item, (*path, key), depth + 1)
+        if found:
+            return found
     return None
 
 
-def _text_problem(text: str, where: str) -> str | None:
+def _text_problem(text: str, path: tuple[Any, ...], *, what: str = "text") -> Problem | None:
     if "\x00" in text:
-        return f"{where} contains a NUL character (\\u0000), which PostgreSQL rejects; remove it."
+        return path, f"the {what} contains a NUL character (\\u0000), which PostgreSQL rejects"
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return (
-            f"{where} contains a lone surrogate, which is not valid Unicode and which PostgreSQL "
-            "rejects; decode the text properly or remove it."
-        )
+        return path, f"the {what} contains a lone surrogate, which is not valid Unicode"
     return None
 
 
-def _show(key: Any) -> str:
-    text = repr(key)
+class _KeyOf:
+    """Marks a non-str key in a path (shown as ``{key}``)."""
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+
+
+def _path(what: str, path: tuple[Any, ...]) -> str:
+    """``result["items"][3]["price"]``; a very long path keeps its start and end."""
+    parts = [f"[{part}]" if isinstance(part, int) else f"[{_safe_repr(part)}]" for part in path]
+    text = what + "".join(parts)
+    if len(text) > _MAX_PATH_CHARS:
+        head = what + "".join(parts[:3])
+        tail = "".join(parts[-3:])
+        text = f"{head}...({len(parts) - 6} more)...{tail}"
+    return text
+
+
+def _safe_repr(part: Any) -> str:
+    if isinstance(part, _KeyOf):
+        return "{" + _safe_repr(part.key) + "}"
+    if isinstance(part, str):
+        shown = str.__str__(part)
+        if len(shown) > 40:
+            shown = shown[:37] + "..."
+        escaped = shown.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+        return f'"{escaped}"'
+    try:
+        text = repr(part)
+    except Exception:
+        text = f"<{type(part).__name__}>"
     return text if len(text) <= 40 else text[:37] + "..."

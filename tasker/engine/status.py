@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -62,6 +63,12 @@ class TaskStatus:
 
 def task_status(conn: Any, task_uuid: Any) -> TaskStatus:
     """The task and all its steps; :class:`TaskNotFoundError` if there is no such task."""
+    try:
+        uuid.UUID(str(task_uuid))
+    except ValueError:
+        raise TaskNotFoundError(
+            f"{task_uuid!r} is not a task id: task ids are UUIDs, as returned by submit()."
+        ) from None
     row = conn.execute(q("task_status"), {"task": task_uuid}).fetchone()
     if row is None:
         raise TaskNotFoundError(f"No task {task_uuid}; check the id returned by submit().")

@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar
 
 from psycopg.rows import class_row
 
-from tasker.db.errors import is_transient
+from tasker.db.errors import is_data_error, is_transient
 from tasker.engine.enqueue import step_messages
 from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, Sender
 from tasker.engine.outcomes import (
@@ -42,6 +42,7 @@ from tasker.engine.outcomes import (
     run_handler,
     worker_died_outcome,
 )
+from tasker.engine.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.sql import q
 from tasker.engine.transitions import move_steps
@@ -163,7 +164,10 @@ def claim_step(
         logger.warning("Re-claimed step %s: its previous worker stopped renewing it", step_uuid)
     deadline = None
     if runner.timeout is not None:
-        deadline = datetime.now(UTC) + timedelta(seconds=runner.timeout)
+        try:
+            deadline = datetime.now(UTC) + timedelta(seconds=runner.timeout)
+        except OverflowError:  # a timeout of centuries is no timeout
+            deadline = None
     context = StepContext(
         task_uuid=task_uuid,
         step_uuid=step_uuid,
@@ -222,6 +226,7 @@ class StepExecutor:
       lease_s: length of a step claim, renewed by :meth:`extend` (the broker's heartbeat).
       max_lease_s: claims older than this are no longer renewed, so a hung handler lets go.
       retry_window_s: how long a claim or a record is retried when the database is in trouble.
+      max_payload_bytes: results larger than this (bytes of JSON) fail the step (payload_error).
 
     It is also the broker's lease hook (``extend``/``release``), see
     :class:`tasker.brokers.leases.LeaseHook`.
@@ -235,8 +240,10 @@ class StepExecutor:
         lease_s: float,
         max_lease_s: float | None = None,
         retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         self.connect = connect
+        self.max_payload_bytes = max_payload_bytes
         self.sender = sender
         self.lease_s = lease_s
         self.max_lease_s = max_lease_s
@@ -267,10 +274,35 @@ class StepExecutor:
             return Settlement.SKIPPED
         self._held.hold(step_uuid, claim.context.attempt)
         try:
-            outcome = run_handler(runner.handler, claim.context)
-            return self._settle(runner, step_uuid, claim.context.attempt, outcome, delivery)
+            return self._run_and_settle(runner, step_uuid, claim.context, delivery)
         finally:
             self._held.drop(step_uuid, claim.context.attempt)
+
+    def _run_and_settle(
+        self, runner: StepRunner, step_uuid: str, context: StepContext, delivery: Delivery
+    ) -> Settlement:
+        """Run the handler once, then record its outcome whatever lands in between.
+
+        Dramatiq's time limit interrupts the thread asynchronously, once per message; when the
+        handler returned just before its deadline, the interrupt lands here, and recording starts
+        over (it is fenced and idempotent).
+        """
+        outcome: StepOutcome | None = None
+        interrupt: BaseException | None = None
+        for _ in range(_MAX_INTERRUPTS):
+            try:
+                if outcome is None:
+                    outcome = run_handler(runner.handler, context, max_bytes=self.max_payload_bytes)
+                return self._settle(runner, step_uuid, context.attempt, outcome, delivery)
+            except Exception:
+                raise  # transient (the message comes back); _settle handles every other error
+            except BaseException as exc:
+                logger.warning(
+                    "Step %s: %r landed while recording; recording again", step_uuid, exc
+                )
+                interrupt = exc
+        assert interrupt is not None
+        raise interrupt
 
     def _claim(self, runner: StepRunner, task_uuid: str, step_uuid: str, token: str) -> Claim:
         with self.connect() as conn:
@@ -299,7 +331,7 @@ class StepExecutor:
                 type(exc).__name__,
                 exc,
             )
-            where = "result" if outcome.success else "record"
+            where = "result" if outcome.success and is_data_error(exc) else "record"
             refused = refused_outcome(attempt, exc, where=where)
         try:
             return self._record(runner, step_uuid, attempt, refused, delivery)
@@ -391,7 +423,9 @@ class StepExecutor:
             self._write_claims("extend_step_claims", held)
 
     def release(self) -> None:
-        """Give up every claim at once (a forced exit): the steps may be re-claimed now."""
+        """Give up every claim at once (a forced exit): the steps may be re-claimed now, as the
+        same attempt (this worker gave them up; they did not fail). A handler still running here
+        can no longer record anything: its attempt is fenced off."""
         held = self._held.clear()
         if held:
             self._write_claims("release_step_claims", held)

@@ -14,7 +14,7 @@ from typing import Any
 
 from tasker.engine.enqueue import step_messages
 from tasker.engine.messages import Sender
-from tasker.engine.payloads import encode_json
+from tasker.engine.payloads import MAX_PAYLOAD_BYTES, check_payload, encode_json
 from tasker.engine.sql import q
 from tasker.engine.templates import Template, find_template
 from tasker.exceptions import PayloadError
@@ -77,23 +77,60 @@ def identity_hash(
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-def _validate(request: TaskRequest) -> str:
-    if not isinstance(request.context, dict):
-        raise PayloadError("Task context must be a JSON object (a dict).")
-    if not -100 <= request.priority <= 100:
-        raise PayloadError(f"priority must be between -100 and 100, got {request.priority}.")
-    return encode_json(request.context, "task context")
+#: The longest idempotency key accepted, in characters.
+MAX_KEY_CHARS = 255
+
+
+def _validate(request: TaskRequest, max_bytes: int) -> str:
+    """The context as JSON text, once every field of the request passed its check."""
+    context: Any = request.context  # typed as a dict, but callers pass anything
+    if not isinstance(context, dict):
+        kind = type(context).__name__
+        raise PayloadError(f"The task context must be a JSON object (a dict), got {kind}.")
+    priority = request.priority
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
+        raise PayloadError(f"priority must be a whole number from -100 to 100, got {priority!r}.")
+    _check_text("idempotency_key", request.idempotency_key, MAX_KEY_CHARS)
+    for field in ("correlation_id", "parent_correlation_id"):
+        value = getattr(request, field)
+        if value is not None:
+            try:
+                uuid.UUID(str(value))
+            except ValueError:
+                raise PayloadError(f"{field} must be a UUID, got {value!r}.") from None
+    for field in ("initiator", "source_system", "reason"):
+        _check_text(field, getattr(request, field), 128)
+    if request.tags is not None and not isinstance(request.tags, dict):
+        raise PayloadError("tags must be a JSON object (a dict).")
+    check_payload(request.tags or {}, "tags")
+    return encode_json(request.context, "context", limit=max_bytes)
+
+
+def _check_text(field: str, value: Any, limit: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise PayloadError(f"{field} must be a string, got {type(value).__name__} {value!r}.")
+    if not value or len(value) > limit:
+        raise PayloadError(f"{field} must have 1 to {limit} characters, got {len(value)}.")
+    check_payload(value, field)
 
 
 def create_task(
-    conn: Any, sender: Sender, request: TaskRequest, *, nonce: str | None = None
+    conn: Any,
+    sender: Sender,
+    request: TaskRequest,
+    *,
+    nonce: str | None = None,
+    max_context_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> TaskHandle:
     """Create the task and enqueue its root steps in one transaction on ``conn``.
 
     One call of ``tasker.create_task_v1`` writes the task, its steps, edges and transitions; the
     root steps' messages are sent in the same transaction. ``nonce``: see :func:`identity_hash`.
+    Raises :class:`PayloadError` for a bad request before anything is written.
     """
-    context_json = _validate(request)
+    context_json = _validate(request, max_context_bytes)
     template = find_template(conn, request.namespace, request.name, request.version)
     flow = _definition(template)
     identity = identity_hash(template, context_json, request.idempotency_key, nonce)

@@ -32,6 +32,7 @@ from tasker.engine.messages import (
     TASK_REQUEST,
     OrchestrationStage,
 )
+from tasker.engine.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.steps import StepExecutor, StepRunner
 from tasker.engine.tasks import TaskRequest, create_task
@@ -58,6 +59,15 @@ _ASYNC_TIME_LIMIT_GRACE_S = 5.0
 Fn = Callable[..., Any]
 
 
+def _retry_step(retries: int, exc: BaseException) -> bool:
+    """A step message is never dead-lettered: the step executor records every outcome it can,
+    so what escapes it is transient database trouble, or a bug that a later delivery may not meet
+    (its claim counts the attempts, and fails the step when they run out)."""
+    if not (isinstance(exc, DatabaseUnavailableError) or is_transient(exc)):
+        logger.error("A step actor raised %r; its message is retried later", exc)
+    return True
+
+
 def _retry_transient(retries: int, exc: BaseException) -> bool:
     """Step and stage actors retry database trouble for as long as it lasts (each retry replaces
     the delivery atomically, so nothing is lost meanwhile); anything else is a bug to see in the
@@ -71,9 +81,12 @@ def install(
     inline: bool = True,
     finalization_lease_s: int = DEFAULT_CLAIM_LEASE_S,
     bind_workflows: bool = True,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> BrokerSender:
     """Declare the orchestration actors on ``broker``; with ``bind_workflows``, every workflow
-    step defined in this process, now or later, becomes an actor on it."""
+    step defined in this process, now or later, becomes an actor on it. Step results over
+    ``max_payload_bytes`` bytes of JSON fail their step."""
+    step_executor(broker).max_payload_bytes = max_payload_bytes
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
     broker.add_middleware(FinalizationClaim(broker, lease_s=finalization_lease_s))
@@ -205,7 +218,7 @@ def bind_step(
         actor_name=actor_name,
         queue_name=flow.queue_name,
         poison_check=False,  # the claim counts attempts and fails the step when they run out
-        retry_when=_retry_transient,
+        retry_when=_retry_step,
         min_backoff=_MIN_BACKOFF_MS,
         max_backoff=_MAX_BACKOFF_MS,
         **options,

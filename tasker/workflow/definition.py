@@ -204,12 +204,14 @@ class Workflow:
     ) -> Callable[[F], F]:
         """Declare the decorated function as a step (sync or ``async def``)."""
 
+        parents = _step_names(depends_on, f"depends_on of step {name!r}" if name else "depends_on")
+
         def decorate(fn: F) -> F:
             self.add_step(
                 StepDefinition(
                     name=name or fn.__name__,
                     handler_path=f"{fn.__module__}:{fn.__qualname__}",
-                    depends_on=tuple(depends_on),
+                    depends_on=parents,
                     max_attempts=max_attempts,
                     retryable=retryable,
                     timeout=timeout,
@@ -228,10 +230,7 @@ class Workflow:
         _check_name("step name", step.name)
         if step.name in self.steps:
             raise WorkflowDefinitionError(f"{self!r} already has a step named {step.name!r}.")
-        if step.max_attempts < 1:
-            raise WorkflowDefinitionError(f"Step {step.name!r}: max_attempts must be at least 1.")
-        if step.timeout is not None and step.timeout <= 0:
-            raise WorkflowDefinitionError(f"Step {step.name!r}: timeout must be positive.")
+        _check_step_settings(step)
         missing = [d for d in step.depends_on if d not in self.steps]
         if missing:
             raise WorkflowDefinitionError(
@@ -312,6 +311,70 @@ class Workflow:
         return cls.from_template(data, resolve_handlers=resolve_handlers)
 
 
+#: The longest step timeout accepted, in seconds (30 days).
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
+#: The most attempts a step may have.
+MAX_ATTEMPTS = 1000
+
+
+def _check_step_settings(step: StepDefinition) -> None:
+    where = f"Step {step.name!r}"
+    attempts = step.max_attempts
+    if isinstance(attempts, bool) or not isinstance(attempts, int):
+        raise WorkflowDefinitionError(
+            f"{where}: max_attempts must be a whole number, got {attempts!r}."
+        )
+    if not 1 <= attempts <= MAX_ATTEMPTS:
+        raise WorkflowDefinitionError(
+            f"{where}: max_attempts must be between 1 and {MAX_ATTEMPTS}, got {attempts}."
+        )
+    if not isinstance(step.retryable, bool):
+        raise WorkflowDefinitionError(f"{where}: retryable must be true or false.")
+    timeout = step.timeout
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout <= MAX_TIMEOUT_S  # NaN fails this too
+    ):
+        raise WorkflowDefinitionError(
+            f"{where}: timeout must be a number of seconds above 0 and at most "
+            f"{MAX_TIMEOUT_S:.0f} (30 days), got {timeout!r}."
+        )
+    _step_names(step.depends_on, f"depends_on of step {step.name!r}")
+    if step.handler is not None:
+        _check_handler(step.name, step.handler)
+
+
+def _step_names(value: Any, what: str) -> tuple[str, ...]:
+    """``value`` as a tuple of step names; a plain string is refused (it is not a list)."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise WorkflowDefinitionError(
+            f"{what} must be a list of step names, got {value!r}; write [{value!r}] for one."
+        )
+    names = tuple(value)
+    for name in names:
+        if not isinstance(name, str):
+            raise WorkflowDefinitionError(f"{what} must list step names, got {name!r}.")
+    return names
+
+
+def _check_handler(name: str, handler: Any) -> None:
+    if not callable(handler):
+        raise WorkflowDefinitionError(f"Step {name!r}: its handler {handler!r} is not callable.")
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: nothing to check
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise WorkflowDefinitionError(
+            f"Step {name!r}: its handler must take one argument, the StepContext "
+            f"(def {getattr(handler, '__name__', 'handler')}(ctx): ...), but its signature is "
+            f"{signature}."
+        ) from None
+
+
 def _check_name(what: str, value: str) -> None:
     if not isinstance(value, str) or not _NAME.match(value):
         raise WorkflowDefinitionError(
@@ -339,7 +402,7 @@ def _step_from_template(raw: Mapping[str, Any], resolve: bool) -> StepDefinition
     return StepDefinition(
         name=raw["name"],
         handler_path=path,
-        depends_on=tuple(raw.get("dependencies") or ()),
+        depends_on=_step_names(raw.get("dependencies") or (), f"dependencies of {raw['name']!r}"),
         max_attempts=int(retry.get("max_attempts", 3)),
         retryable=bool(retry.get("retryable", True)),
         timeout=raw.get("timeout_seconds"),

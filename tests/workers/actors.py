@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS test_exec_log (
     kind text NOT NULL, key text NOT NULL, pid int NOT NULL, read_ct int,
     at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS test_ledger (key text PRIMARY KEY, pid int NOT NULL);
+CREATE TABLE IF NOT EXISTS test_deaths (key text PRIMARY KEY, pid int NOT NULL);
 """
 
 

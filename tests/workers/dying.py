@@ -20,10 +20,7 @@ from tests.workers.actors import _execute, _log
 if os.environ.get("TEST_WORKER_EXIT_AT_BOOT") == "1":
     os._exit(1)
 
-SCHEMA = (
-    actors.SCHEMA
-    + "CREATE TABLE IF NOT EXISTS test_deaths (key text PRIMARY KEY, pid int NOT NULL);"
-)
+SCHEMA = actors.SCHEMA  # test_deaths is created there too
 
 
 def _first_death(key: str) -> bool:

@@ -100,3 +100,28 @@ def doomed(ctx: tasker.StepContext) -> None:
         (ctx.task_uuid, ctx.step_name, ctx.attempt, os.getpid()),
     )
     os._exit(1)
+
+
+slow_once = tasker.Workflow("faults", "slow_once", version="1.0.0")
+
+
+@slow_once.step(max_attempts=1)
+def patient(ctx: tasker.StepContext) -> dict[str, Any]:
+    """Sleeps 30 s the first time it runs for its task, so a test can stop its worker mid-step."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with psycopg.connect(os.environ["TASKER_DATABASE__URL"], autocommit=True) as conn:
+                earlier = conn.execute(
+                    "SELECT count(*) FROM fault_exec_log WHERE task_uuid = %s", (ctx.task_uuid,)
+                ).fetchone()
+            break
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    first = earlier is not None and earlier[0] == 0
+    result = _run(ctx)
+    if first:
+        time.sleep(30)
+    return result
