@@ -183,3 +183,18 @@ def test_errors_raised_on_bad_input_are_tasker_errors(producer: PGMQBroker) -> N
     for check in checks:
         with pytest.raises(tasker.TaskerError):
             check()
+
+
+def test_a_pool_whose_sessions_all_died_serves_the_next_call_at_once(
+    producer: PGMQBroker, database_url: str
+) -> None:
+    """psycopg_pool's own check sleeps 0, 1, 2, 4 s... after each dead connection it meets;
+    after a restart that killed every pooled session, callers timed out for minutes."""
+    client = tasker.Client(broker=producer)
+    client.register(build_flow("pool", LINEAR, Recorder()))
+    for round_ in range(15):
+        with producer.pool.connection(), producer.pool.connection(), producer.pool.connection():
+            pass  # three idle sessions in the pool, about to die together
+        terminate_tasker_sessions(database_url)
+        client.submit("shapes", "pool", {"round": round_})  # no PoolTimeout
+    assert scalar(database_url, "SELECT count(*) FROM tasker.tasks") == 15
