@@ -208,4 +208,3 @@ def test_invalid_versions_are_refused_with_the_fix(value: object, message: str) 
 )
 def test_valid_edge_versions_are_accepted(value: str) -> None:
     assert check_version(value) == value
-
