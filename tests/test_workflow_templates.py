@@ -656,3 +656,26 @@ def test_workflows_take_semantic_versions_of_any_length() -> None:
     assert tasker.Workflow("ns", "wf", register=False).version == "0.1.0"
     with pytest.raises(tasker.WorkflowDefinitionError, match=r"e\.g\. '1\.0\.0'"):
         tasker.Workflow("ns", "wf", version="1.0", register=False)
+
+
+def test_the_docs_list_every_field_of_the_schema() -> None:
+    from tasker.workflow import templates
+
+    docs = (Path(__file__).parents[1] / "docs" / "workflows.md").read_text(encoding="utf-8")
+    section = docs[docs.index("## Templates") :]
+    tables = [
+        ("", templates._TEMPLATE),
+        ("", templates._STEP),
+        ("handler.", templates._HANDLER),
+        ("retry.", templates._RETRY),
+        ("", templates._BACKOFF_NUMBERS),
+        ("", templates._LIFECYCLE),
+        ("", templates._STEP_OVERRIDE),
+    ]
+    missing = [
+        f"{prefix}{name}"
+        for prefix, fields in tables
+        for name in fields
+        if f"`{prefix}{name}`" not in section
+    ]
+    assert not missing, f"docs/workflows.md (Templates) does not list {missing}"
