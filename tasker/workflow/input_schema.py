@@ -17,8 +17,6 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from jsonschema import Draft202012Validator, exceptions, validators
-
 from tasker.exceptions import PayloadError, WorkflowDefinitionError
 
 __all__ = ["DEFAULT_DRAFT", "check_input_schema", "context_path", "validate_input"]
@@ -41,6 +39,8 @@ def check_input_schema(schema: object, *, where: str = "input_schema") -> Mappin
             f"{where} must be a JSON Schema object (a mapping such as "
             f"{{type: object, required: [order]}}), got {type(schema).__name__}."
         )
+    from jsonschema import exceptions  # imported when a schema is used, not with tasker
+
     validator_class = _validator_class(schema, where)
     try:
         validator_class.check_schema(schema)
@@ -59,6 +59,8 @@ def validate_input(schema: Mapping[str, Any], context: object) -> None:
     The message names the failing place inside the context and what is wrong; when several
     places fail, the most relevant one (jsonschema's ``best_match``) and the count of the rest.
     """
+    from jsonschema import Draft202012Validator, exceptions, validators
+
     validator_class = validators.validator_for(schema, default=Draft202012Validator)
     errors = list(validator_class(schema).iter_errors(context))
     if not errors:
@@ -76,6 +78,8 @@ def context_path(parts: Iterable[str | int]) -> str:
 
 
 def _validator_class(schema: Mapping[str, Any], where: str) -> Any:
+    from jsonschema import Draft202012Validator, validators
+
     declared = schema.get("$schema")
     if declared is not None and not isinstance(declared, str):
         raise WorkflowDefinitionError(
