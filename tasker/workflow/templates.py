@@ -34,6 +34,8 @@ from tasker.workflow.versions import check_version
 
 __all__ = [
     "ALL_STEPS",
+    "BACKOFF_FIELDS",
+    "DEFAULT_ENVIRONMENT",
     "IDENTITY_STRATEGIES",
     "MAX_ATTEMPTS",
     "MAX_TIMEOUT_S",
