@@ -22,6 +22,7 @@ from tasker.exceptions import (
     TaskNotFoundError,
     TaskTimeoutError,
     TemplateNotFoundError,
+    TemplateWarning,
 )
 from tasker.settings import Settings, load_settings
 from tasker.workflow.backoff import BackoffPolicy
@@ -61,6 +62,7 @@ __all__ = [
     "TaskTimeoutError",
     "TaskerError",
     "TemplateNotFoundError",
+    "TemplateWarning",
     "Workflow",
     "WorkflowDefinitionError",
     "__version__",

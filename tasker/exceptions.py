@@ -16,6 +16,9 @@ Every error Tasker raises on purpose is a :class:`TaskerError`, and every messag
      ├── StepNotFoundError           no step with that name in the task
      └── TaskTimeoutError            a task did not finish within the time waited for it
 
+    UserWarning
+     └── TemplateWarning             a template field accepted but without effect in Tasker
+
 Where Dramatiq expects one of its own exception types, Tasker raises a class that is both
 (:mod:`tasker.brokers.errors`): a lost connection inside the broker is a
 :class:`DatabaseUnavailableError` *and* Dramatiq's ``ConnectionClosed``, which Dramatiq's worker
@@ -37,6 +40,7 @@ __all__ = [
     "TaskTimeoutError",
     "TaskerError",
     "TemplateNotFoundError",
+    "TemplateWarning",
     "WorkflowDefinitionError",
 ]
 
@@ -71,6 +75,12 @@ class PayloadError(TaskerError, ValueError):
 
 class WorkflowDefinitionError(TaskerError, ValueError):
     """A workflow definition or template that cannot run; the message names the fix."""
+
+
+class TemplateWarning(UserWarning):
+    """A task template field that Tasker accepts but that changes nothing (yet); the message
+    names the file and the field. Silence it with ``warnings.filterwarnings("ignore",
+    category=tasker.TemplateWarning)``."""
 
 
 class InvalidTransitionError(TaskerError, ValueError):

@@ -158,6 +158,7 @@ def _exception_classes() -> list[type[BaseException]]:
         for _, value in inspect.getmembers(module, inspect.isclass):
             if (
                 issubclass(value, BaseException)
+                and not issubclass(value, Warning)  # issued with warnings.warn, not raised
                 and value.__module__.startswith("tasker")
                 and value not in raised_by_handlers
             ):

@@ -30,6 +30,7 @@ def test_public_api_is_pinned() -> None:
             "TaskTimeoutError",
             "TaskerError",
             "TemplateNotFoundError",
+            "TemplateWarning",
             "Workflow",
             "WorkflowDefinitionError",
             "__version__",

@@ -30,11 +30,11 @@ def test_cycles_in_templates_are_rejected_with_the_steps_named() -> None:
     template = {
         "name": "wf",
         "namespace_name": "ns",
-        "version": "1",
+        "version": "1.0.0",
         "steps": [
-            {"name": "a", "dependencies": ["c"]},
-            {"name": "b", "dependencies": ["a"]},
-            {"name": "c", "dependencies": ["b"]},
+            {"name": "a", "handler": {"callable": "m:a"}, "dependencies": ["c"]},
+            {"name": "b", "handler": {"callable": "m:b"}, "dependencies": ["a"]},
+            {"name": "c", "handler": {"callable": "m:c"}, "dependencies": ["b"]},
         ],
     }
     with pytest.raises(tasker.WorkflowDefinitionError, match=r"cycle.*\['a', 'b', 'c'\]"):
@@ -46,7 +46,7 @@ def test_cycles_in_templates_are_rejected_with_the_steps_named() -> None:
     [
         ({"namespace": "Bad-NS"}, "Namespace"),
         ({"name": ""}, "Workflow name"),
-        ({"version": "x" * 20}, "Version"),
+        ({"version": "x" * 20}, "version"),
         ({"identity_strategy": "sometimes"}, "identity_strategy"),
     ],
 )
@@ -60,7 +60,7 @@ def test_unknown_handler_in_a_template_is_a_clear_error() -> None:
     template = {
         "name": "wf",
         "namespace_name": "ns",
-        "version": "1",
+        "version": "1.0.0",
         "steps": [{"name": "a", "handler": {"callable": "tests.nowhere:fn"}}],
     }
     with pytest.raises(tasker.WorkflowDefinitionError, match="Cannot import handler"):

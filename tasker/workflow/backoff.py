@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -20,6 +21,16 @@ class BackoffPolicy:
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
+        for name in ("base_seconds", "multiplier", "max_seconds", "jitter"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise WorkflowDefinitionError(
+                    f"Backoff {name} must be a finite number, got {value!r}."
+                )
         if self.base_seconds < 0 or self.multiplier < 1 or self.max_seconds < 0:
             raise WorkflowDefinitionError(
                 "Backoff needs base_seconds >= 0, multiplier >= 1 and max_seconds >= 0, got "

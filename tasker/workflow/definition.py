@@ -10,26 +10,43 @@ A :class:`Workflow` is a DAG of named steps. It is written with decorators::
     @flow.step(depends_on=["validate_order"], max_attempts=3)
     def reserve_inventory(ctx: StepContext) -> dict: ...
 
-or loaded from a YAML task template in the seed's format (handlers named ``module:function``).
-Definitions are validated (unknown dependencies, cycles, bad names) before anything is written.
+or loaded from a YAML task template in the seed's format (handlers named ``module:function``),
+checked by the strict schema of :mod:`tasker.workflow.templates`. Definitions are validated
+(types, unknown fields, dependencies, cycles, names, semantic versions) before anything is
+written; nothing is coerced.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tasker.exceptions import WorkflowDefinitionError
+from tasker.exceptions import TemplateWarning, WorkflowDefinitionError
 from tasker.workflow.backoff import BackoffPolicy
+from tasker.workflow.input_schema import check_input_schema
+from tasker.workflow.templates import (
+    BACKOFF_FIELDS,
+    IDENTITY_STRATEGIES,
+    MAX_ATTEMPTS,
+    MAX_TIMEOUT_S,
+    check_json_mapping,
+    check_template,
+    read_template_file,
+)
+from tasker.workflow.versions import check_version
 
 __all__ = [
     "IDENTITY_STRATEGIES",
+    "MAX_ATTEMPTS",
+    "MAX_TIMEOUT_S",
     "PermanentError",
     "RetryableError",
     "StepContext",
@@ -39,9 +56,7 @@ __all__ = [
     "registered_workflows",
 ]
 
-IDENTITY_STRATEGIES = ("strict", "caller_provided", "always_unique")
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_VERSION = re.compile(r"^[0-9A-Za-z.+-]{1,16}$")
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 
 Handler = Callable[["StepContext"], Any]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -118,15 +133,10 @@ class StepDefinition:
     handler: Handler | None = field(default=None, compare=False, repr=False)
 
     def to_template(self) -> dict[str, Any]:
+        """This step in the template format (``retry`` holds its own backoff, if it has one)."""
         retry: dict[str, Any] = {"retryable": self.retryable, "max_attempts": self.max_attempts}
         if self.backoff is not None:
-            retry.update(
-                backoff="exponential",
-                backoff_base_ms=int(self.backoff.base_seconds * 1000),
-                backoff_multiplier=self.backoff.multiplier,
-                max_backoff_ms=int(self.backoff.max_seconds * 1000),
-                jitter=self.backoff.jitter,
-            )
+            retry.update(backoff="exponential", **_backoff_fields(self.backoff))
         step: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
@@ -140,7 +150,12 @@ class StepDefinition:
 
 
 class Workflow:
-    """A named, versioned DAG of steps in a namespace."""
+    """A named, versioned DAG of steps in a namespace.
+
+    ``version`` is a semantic version (:mod:`tasker.workflow.versions`). ``input_schema`` is a
+    JSON Schema for task contexts (checked here, enforced by the engine at submit);
+    ``metadata`` is free-form JSON kept in the template.
+    """
 
     def __init__(
         self,
@@ -151,26 +166,22 @@ class Workflow:
         description: str = "",
         identity_strategy: str = "strict",
         backoff: BackoffPolicy | None = None,
+        input_schema: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
         register: bool = True,
     ) -> None:
         _check_name("namespace", namespace)
         _check_name("workflow name", name)
-        if not _VERSION.match(version):
-            raise WorkflowDefinitionError(
-                f"Version {version!r} is invalid: use up to 16 characters of letters, digits, "
-                "'.', '+' or '-' (for example '1.0.0')."
-            )
-        if identity_strategy not in IDENTITY_STRATEGIES:
-            raise WorkflowDefinitionError(
-                f"identity_strategy {identity_strategy!r} is unknown; use one of "
-                f"{', '.join(IDENTITY_STRATEGIES)}."
-            )
+        check_version(version)
+        _check_workflow_settings(description, identity_strategy, backoff, input_schema, metadata)
         self.namespace = namespace
         self.name = name
         self.version = version
         self.description = description
         self.identity_strategy = identity_strategy
-        self.backoff = backoff or BackoffPolicy()
+        self.backoff = backoff if backoff is not None else BackoffPolicy()
+        self.input_schema: Mapping[str, Any] | None = copy.deepcopy(input_schema)
+        self.metadata: Mapping[str, Any] = copy.deepcopy(dict(metadata or {}))
         self.steps: dict[str, StepDefinition] = {}
         if register:
             _register(self)
@@ -205,6 +216,8 @@ class Workflow:
         """Declare the decorated function as a step (sync or ``async def``)."""
 
         parents = _step_names(depends_on, f"depends_on of step {name!r}" if name else "depends_on")
+        if inputs is not None:
+            check_json_mapping(inputs, f"inputs of step {name!r}" if name else "inputs")
 
         def decorate(fn: F) -> F:
             self.add_step(
@@ -216,7 +229,7 @@ class Workflow:
                     retryable=retryable,
                     timeout=timeout,
                     backoff=backoff,
-                    inputs=dict(inputs or {}),
+                    inputs=dict(inputs) if inputs is not None else {},
                     description=(inspect.getdoc(fn) or "").split("\n")[0],
                     handler=fn,
                 )
@@ -249,77 +262,176 @@ class Workflow:
         _check_acyclic({s.name: s.depends_on for s in self.steps.values()}, repr(self))
 
     def step_policy(self, step: str) -> BackoffPolicy:
+        """The backoff policy of ``step``: its own, else the workflow's."""
         return self.steps[step].backoff or self.backoff
 
     def to_template(self) -> dict[str, Any]:
-        """The task template (seed format) stored in the database for clients and the API."""
+        """The task template (seed format) stored in the database for clients and the API.
+
+        It is the definition as resolved for the environment it was loaded in (no
+        ``environments``), and it loads back (:meth:`from_template`) to an equal definition.
+        """
         self.validate()
-        return {
+        template: dict[str, Any] = {
             "name": self.name,
             "namespace_name": self.namespace,
             "version": self.version,
             "description": self.description,
             "identity_strategy": self.identity_strategy,
-            "backoff": {
-                "backoff_base_ms": int(self.backoff.base_seconds * 1000),
-                "backoff_multiplier": self.backoff.multiplier,
-                "max_backoff_ms": int(self.backoff.max_seconds * 1000),
-                "jitter": self.backoff.jitter,
-            },
+            "backoff": _backoff_fields(self.backoff),
             "steps": [s.to_template() for s in self.steps.values()],
         }
+        if self.input_schema is not None:
+            template["input_schema"] = copy.deepcopy(self.input_schema)
+        if self.metadata:
+            template["metadata"] = copy.deepcopy(self.metadata)
+        return template
 
     @classmethod
     def from_template(
-        cls, template: Mapping[str, Any], *, resolve_handlers: bool = True, register: bool = True
+        cls,
+        template: Mapping[str, Any],
+        *,
+        resolve_handlers: bool = True,
+        register: bool = True,
+        environment: str | None = None,
     ) -> Workflow:
-        """Build a workflow from a template mapping (``resolve_handlers`` imports the handlers)."""
-        try:
-            flow = cls(
-                template["namespace_name"],
-                template["name"],
-                str(template.get("version", "0.1.0")),
-                description=template.get("description", ""),
-                identity_strategy=template.get("identity_strategy", "strict"),
-                backoff=_policy(template.get("backoff")),
-                register=False,
-            )
-            steps = list(template["steps"])
-        except (KeyError, TypeError) as exc:
-            raise WorkflowDefinitionError(
-                f"Task template is missing {exc}; it needs name, namespace_name, version and steps."
-            ) from None
-        declared = {s.get("name") for s in steps}
-        for raw in _topological(steps, declared):
-            flow.add_step(_step_from_template(raw, resolve_handlers))
-        flow.validate()
-        if register:
-            _register(flow)
-        return flow
+        """Build a workflow from a template mapping, checked by the strict template schema.
+
+        ``resolve_handlers`` imports the handlers. ``environment`` picks the ``environments``
+        overrides to apply (default: ``TASKER_ENV``, else ``"development"``). Fields accepted
+        without effect are reported with a :class:`~tasker.exceptions.TemplateWarning`.
+        """
+        return _load(
+            cls,
+            template,
+            source="task template",
+            resolve=resolve_handlers,
+            register=register,
+            environment=environment,
+        )
 
     @classmethod
-    def from_yaml(cls, path: str | Path, *, resolve_handlers: bool = True) -> Workflow:
-        """Load a YAML task template (seed format) whose handlers are ``module:function``."""
-        import yaml
+    def from_yaml(
+        cls,
+        path: str | Path,
+        *,
+        resolve_handlers: bool = True,
+        register: bool = True,
+        environment: str | None = None,
+    ) -> Workflow:
+        """Load a YAML task template (seed format) whose handlers are ``module:function``.
 
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise WorkflowDefinitionError(f"Cannot read task template {path}: {exc}") from exc
-        if not isinstance(data, Mapping):
-            raise WorkflowDefinitionError(f"Task template {path} is not a YAML mapping.")
-        return cls.from_template(data, resolve_handlers=resolve_handlers)
+        As :meth:`from_template`; every message names the file.
+        """
+        return _load(
+            cls,
+            read_template_file(path),
+            source=str(path),
+            resolve=resolve_handlers,
+            register=register,
+            environment=environment,
+        )
 
 
-#: The longest step timeout accepted, in seconds (30 days).
-MAX_TIMEOUT_S = 30 * 24 * 3600.0
-#: The most attempts a step may have.
-MAX_ATTEMPTS = 1000
+def _check_workflow_settings(
+    description: object,
+    identity_strategy: object,
+    backoff: object,
+    input_schema: object,
+    metadata: object,
+) -> None:
+    if not isinstance(description, str):
+        raise WorkflowDefinitionError(f"description must be a string, got {description!r}.")
+    if identity_strategy not in IDENTITY_STRATEGIES:
+        raise WorkflowDefinitionError(
+            f"identity_strategy {identity_strategy!r} is unknown; use one of "
+            f"{', '.join(IDENTITY_STRATEGIES)}."
+        )
+    if backoff is not None and not isinstance(backoff, BackoffPolicy):
+        raise WorkflowDefinitionError(
+            f"backoff must be a tasker.BackoffPolicy, got {type(backoff).__name__}."
+        )
+    if input_schema is not None:
+        check_json_mapping(input_schema, "input_schema")
+        check_input_schema(input_schema)
+    if metadata is not None:
+        check_json_mapping(metadata, "metadata")
+
+
+def _load(
+    cls: type[Workflow],
+    raw: object,
+    *,
+    source: str,
+    resolve: bool,
+    register: bool,
+    environment: str | None,
+) -> Workflow:
+    checked = check_template(raw, environment=environment, source=source)
+    try:
+        flow = _build(cls, checked.template, resolve)
+    except WorkflowDefinitionError as exc:
+        raise WorkflowDefinitionError(f"{source}: {exc}") from exc.__cause__
+    for note in checked.notes:
+        warnings.warn(note, TemplateWarning, stacklevel=3)
+    if register:
+        _register(flow)
+    return flow
+
+
+def _build(cls: type[Workflow], template: Mapping[str, Any], resolve: bool) -> Workflow:
+    """The workflow of a template that passed the schema (types and fields are known good)."""
+    flow = cls(
+        template["namespace_name"],
+        template["name"],
+        template["version"],
+        description=template.get("description", ""),
+        identity_strategy=template.get("identity_strategy", "strict"),
+        backoff=_policy(template.get("backoff", {}), BackoffPolicy()),
+        input_schema=template.get("input_schema"),
+        metadata=template.get("metadata"),
+        register=False,
+    )
+    steps = {raw["name"]: raw for raw in template["steps"]}
+    order = _check_acyclic(
+        {name: tuple(raw.get("dependencies", ())) for name, raw in steps.items()}, "task template"
+    )
+    for name in order:
+        flow.add_step(_step_from_template(steps[name], resolve, flow.backoff))
+    flow.validate()
+    return flow
 
 
 def _check_step_settings(step: StepDefinition) -> None:
     where = f"Step {step.name!r}"
-    attempts = step.max_attempts
+    _check_attempts(where, step.max_attempts)
+    if not isinstance(step.retryable, bool):
+        raise WorkflowDefinitionError(
+            f"{where}: retryable must be True or False, got {step.retryable!r}."
+        )
+    _check_timeout(where, step.timeout)
+    _step_names(step.depends_on, f"depends_on of step {step.name!r}")
+    if not isinstance(step.handler_path, str) or not step.handler_path:
+        raise WorkflowDefinitionError(
+            f"{where}: handler_path must name the handler as 'module:function', got "
+            f"{step.handler_path!r}."
+        )
+    if step.backoff is not None and not isinstance(step.backoff, BackoffPolicy):
+        raise WorkflowDefinitionError(
+            f"{where}: backoff must be a tasker.BackoffPolicy or None, got "
+            f"{type(step.backoff).__name__}."
+        )
+    check_json_mapping(step.inputs, f"{where}: inputs")
+    if not isinstance(step.description, str):
+        raise WorkflowDefinitionError(
+            f"{where}: description must be a string, got {step.description!r}."
+        )
+    if step.handler is not None:
+        _check_handler(step.name, step.handler)
+
+
+def _check_attempts(where: str, attempts: object) -> None:
     if isinstance(attempts, bool) or not isinstance(attempts, int):
         raise WorkflowDefinitionError(
             f"{where}: max_attempts must be a whole number, got {attempts!r}."
@@ -328,9 +440,9 @@ def _check_step_settings(step: StepDefinition) -> None:
         raise WorkflowDefinitionError(
             f"{where}: max_attempts must be between 1 and {MAX_ATTEMPTS}, got {attempts}."
         )
-    if not isinstance(step.retryable, bool):
-        raise WorkflowDefinitionError(f"{where}: retryable must be true or false.")
-    timeout = step.timeout
+
+
+def _check_timeout(where: str, timeout: object) -> None:
     if timeout is not None and (
         isinstance(timeout, bool)
         or not isinstance(timeout, (int, float))
@@ -340,9 +452,6 @@ def _check_step_settings(step: StepDefinition) -> None:
             f"{where}: timeout must be a number of seconds above 0 and at most "
             f"{MAX_TIMEOUT_S:.0f} (30 days), got {timeout!r}."
         )
-    _step_names(step.depends_on, f"depends_on of step {step.name!r}")
-    if step.handler is not None:
-        _check_handler(step.name, step.handler)
 
 
 def _step_names(value: Any, what: str) -> tuple[str, ...]:
@@ -355,6 +464,8 @@ def _step_names(value: Any, what: str) -> tuple[str, ...]:
     for name in names:
         if not isinstance(name, str):
             raise WorkflowDefinitionError(f"{what} must list step names, got {name!r}.")
+        if names.count(name) > 1:
+            raise WorkflowDefinitionError(f"{what} lists {name!r} more than once.")
     return names
 
 
@@ -383,33 +494,54 @@ def _check_name(what: str, value: str) -> None:
         )
 
 
-def _policy(raw: Mapping[str, Any] | None) -> BackoffPolicy | None:
-    if not raw:
-        return None
+def _policy(raw: Mapping[str, Any], base: BackoffPolicy) -> BackoffPolicy:
+    """The policy ``raw`` (template fields in ms) describes; fields it omits come from ``base``."""
     return BackoffPolicy(
-        base_seconds=float(raw.get("backoff_base_ms", 1000)) / 1000,
-        multiplier=float(raw.get("backoff_multiplier", 2.0)),
-        max_seconds=float(raw.get("max_backoff_ms", 300_000)) / 1000,
-        jitter=float(raw.get("jitter", 0.1)),
+        base_seconds=raw["backoff_base_ms"] / 1000
+        if "backoff_base_ms" in raw
+        else base.base_seconds,
+        multiplier=raw.get("backoff_multiplier", base.multiplier),
+        max_seconds=raw["max_backoff_ms"] / 1000 if "max_backoff_ms" in raw else base.max_seconds,
+        jitter=raw.get("jitter", base.jitter),
     )
 
 
-def _step_from_template(raw: Mapping[str, Any], resolve: bool) -> StepDefinition:
-    handler = raw.get("handler") or {}
-    path = handler.get("callable", "")
-    retry = raw.get("retry") or {}
-    has_backoff = any(k in retry for k in ("backoff_base_ms", "max_backoff_ms"))
+def _ms(seconds: float) -> int | float:
+    """``seconds`` in milliseconds: a whole number when that reads back exactly."""
+    whole = round(seconds * 1000)
+    return whole if whole / 1000 == seconds else seconds * 1000
+
+
+def _backoff_fields(policy: BackoffPolicy) -> dict[str, Any]:
+    return {
+        "backoff_base_ms": _ms(policy.base_seconds),
+        "backoff_multiplier": policy.multiplier,
+        "max_backoff_ms": _ms(policy.max_seconds),
+        "jitter": policy.jitter,
+    }
+
+
+def _step_from_template(
+    raw: Mapping[str, Any], resolve: bool, workflow_backoff: BackoffPolicy
+) -> StepDefinition:
+    """The step of a template step that passed the schema."""
+    handler = raw["handler"]
+    retry = raw.get("retry", {})
+    try:
+        function = resolve_handler(handler["callable"]) if resolve else None
+    except WorkflowDefinitionError as exc:
+        raise WorkflowDefinitionError(f"step {raw['name']!r}: {exc}") from exc.__cause__
     return StepDefinition(
         name=raw["name"],
-        handler_path=path,
-        depends_on=_step_names(raw.get("dependencies") or (), f"dependencies of {raw['name']!r}"),
-        max_attempts=int(retry.get("max_attempts", 3)),
-        retryable=bool(retry.get("retryable", True)),
+        handler_path=handler["callable"],
+        depends_on=tuple(raw.get("dependencies", ())),
+        max_attempts=retry.get("max_attempts", 3),
+        retryable=retry.get("retryable", True),
         timeout=raw.get("timeout_seconds"),
-        backoff=_policy(retry) if has_backoff else None,
-        inputs=dict(handler.get("initialization") or {}),
+        backoff=_policy(retry, workflow_backoff) if retry.keys() & set(BACKOFF_FIELDS) else None,
+        inputs=dict(handler.get("initialization", {})),
         description=raw.get("description", ""),
-        handler=resolve_handler(path) if resolve else None,
+        handler=function,
     )
 
 
@@ -432,24 +564,6 @@ def resolve_handler(path: str) -> Handler:
         raise WorkflowDefinitionError(f"Handler {path!r} is not callable.")
     handler: Handler = target
     return handler
-
-
-def _topological(steps: list[Mapping[str, Any]], declared: set[Any]) -> list[Mapping[str, Any]]:
-    """Order template steps so dependencies come first; reject unknown deps and cycles."""
-    graph: dict[str, tuple[str, ...]] = {}
-    by_name: dict[str, Mapping[str, Any]] = {}
-    for raw in steps:
-        name = raw.get("name")
-        if not isinstance(name, str):
-            raise WorkflowDefinitionError("Every template step needs a 'name'.")
-        deps = tuple(raw.get("dependencies") or ())
-        unknown = [d for d in deps if d not in declared]
-        if unknown:
-            raise WorkflowDefinitionError(f"Step {name!r} depends on unknown steps {unknown}.")
-        if name in by_name:
-            raise WorkflowDefinitionError(f"Two template steps are named {name!r}.")
-        graph[name], by_name[name] = deps, raw
-    return [by_name[n] for n in _check_acyclic(graph, "task template")]
 
 
 def _check_acyclic(graph: Mapping[str, tuple[str, ...]], owner: str) -> list[str]:

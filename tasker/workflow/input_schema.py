@@ -1,0 +1,97 @@
+"""A workflow's ``input_schema``: a JSON Schema its task contexts must satisfy.
+
+:func:`check_input_schema` runs when a definition is loaded (the schema itself must be valid, for
+the draft its ``$schema`` names, or draft 2020-12 without one). :func:`validate_input` is what the
+engine calls on a submitted context; it raises :class:`~tasker.exceptions.PayloadError` naming
+the place inside the context::
+
+    context["order"]["qty"]: -1 is less than the minimum of 1
+
+``format`` keywords are annotations only (jsonschema's default): ``"format": "email"`` does not
+reject a string that is not an e-mail address.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from tasker.exceptions import PayloadError, WorkflowDefinitionError
+
+__all__ = ["DEFAULT_DRAFT", "check_input_schema", "context_path", "validate_input"]
+
+#: The JSON Schema draft of a schema without ``$schema``.
+DEFAULT_DRAFT = "https://json-schema.org/draft/2020-12/schema"
+
+
+class _Unknown:
+    """Stands for a ``$schema`` that names no draft jsonschema knows."""
+
+
+def check_input_schema(schema: object, *, where: str = "input_schema") -> Mapping[str, Any]:
+    """``schema`` if it is a valid JSON Schema object; else a :class:`WorkflowDefinitionError`.
+
+    ``where`` starts the message (for example ``"order.yaml: input_schema"``).
+    """
+    if not isinstance(schema, Mapping):
+        raise WorkflowDefinitionError(
+            f"{where} must be a JSON Schema object (a mapping such as "
+            f"{{type: object, required: [order]}}), got {type(schema).__name__}."
+        )
+    from jsonschema import exceptions  # imported when a schema is used, not with tasker
+
+    validator_class = _validator_class(schema, where)
+    try:
+        validator_class.check_schema(schema)
+    except exceptions.SchemaError as exc:
+        place = "".join(f"[{json.dumps(part)}]" for part in exc.absolute_path)
+        draft = validator_class.META_SCHEMA.get("$schema", DEFAULT_DRAFT)
+        raise WorkflowDefinitionError(
+            f"{where}{place} is not valid JSON Schema ({draft}): {exc.message}."
+        ) from None
+    return schema
+
+
+def validate_input(schema: Mapping[str, Any], context: object) -> None:
+    """Raise :class:`PayloadError` unless ``context`` satisfies ``schema`` (checked at load).
+
+    The message names the failing place inside the context and what is wrong; when several
+    places fail, the most relevant one (jsonschema's ``best_match``) and the count of the rest.
+    """
+    from jsonschema import Draft202012Validator, exceptions, validators
+
+    validator_class = validators.validator_for(schema, default=Draft202012Validator)
+    errors = list(validator_class(schema).iter_errors(context))
+    if not errors:
+        return
+    error = exceptions.best_match(errors)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    raise PayloadError(f"{context_path(error.absolute_path)}: {error.message}{more}")
+
+
+def context_path(parts: Iterable[str | int]) -> str:
+    """``context["order"]["items"][0]`` for the path ``["order", "items", 0]``."""
+    return "context" + "".join(
+        f"[{part}]" if isinstance(part, int) else f"[{json.dumps(part)}]" for part in parts
+    )
+
+
+def _validator_class(schema: Mapping[str, Any], where: str) -> Any:
+    from jsonschema import Draft202012Validator, validators
+
+    declared = schema.get("$schema")
+    if declared is not None and not isinstance(declared, str):
+        raise WorkflowDefinitionError(
+            f'{where}["$schema"] must be a string naming a JSON Schema draft, got {declared!r}.'
+        )
+    if declared is None:
+        return Draft202012Validator
+    found = validators.validator_for(schema, default=_Unknown)
+    if found is _Unknown:
+        raise WorkflowDefinitionError(
+            f'{where}["$schema"] names no JSON Schema draft Tasker knows ({declared!r}): use '
+            f"{DEFAULT_DRAFT!r} (the default) or another draft's URI, such as "
+            "'http://json-schema.org/draft-07/schema#'."
+        )
+    return found

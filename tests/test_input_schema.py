@@ -1,0 +1,101 @@
+"""A workflow's input_schema: checked when loaded, and the messages of validate_input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import tasker
+from tasker.workflow.input_schema import check_input_schema, context_path, validate_input
+
+ORDER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["order"],
+    "properties": {
+        "order": {
+            "type": "object",
+            "required": ["qty"],
+            "properties": {"qty": {"type": "integer", "minimum": 1}},
+        },
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["sku"],
+                "properties": {"sku": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+def test_a_valid_schema_is_accepted_as_given() -> None:
+    assert check_input_schema(ORDER_SCHEMA) is ORDER_SCHEMA
+
+
+def test_the_declared_draft_is_the_one_checked() -> None:
+    draft4 = {
+        "$schema": "http://json-schema.org/draft-04/schema#",
+        "type": "integer",
+        "minimum": 1,
+        "exclusiveMinimum": True,  # a boolean in draft 4, a number since draft 6
+    }
+    check_input_schema(draft4)
+    without_draft = {key: value for key, value in draft4.items() if key != "$schema"}
+    with pytest.raises(tasker.WorkflowDefinitionError, match=r"2020-12.*not of type 'number'"):
+        check_input_schema(without_draft)
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"type": "integr"}, r"input_schema\[\"type\"\] is not valid JSON Schema"),
+        (
+            {"properties": {"qty": {"minimum": "1"}}},
+            r"input_schema\[\"properties\"\]\[\"qty\"\]\[\"minimum\"\] is not valid.*'1' is not of",
+        ),
+        ({"required": "order"}, r"\[\"required\"\] is not valid"),
+        ({"$schema": "https://example.com/my-draft"}, "names no JSON Schema draft Tasker knows"),
+        ({"$schema": 7}, r"\[\"\$schema\"\] must be a string"),
+        ([{"type": "object"}], "must be a JSON Schema object"),
+        (True, "must be a JSON Schema object"),
+    ],
+)
+def test_invalid_schemas_are_refused_naming_the_place(schema: Any, message: str) -> None:
+    with pytest.raises(tasker.WorkflowDefinitionError, match=message):
+        check_input_schema(schema)
+
+
+def test_a_context_that_satisfies_the_schema_passes() -> None:
+    validate_input(ORDER_SCHEMA, {"order": {"qty": 2}, "items": [{"sku": "a"}]})
+
+
+@pytest.mark.parametrize(
+    ("context", "message"),
+    [
+        ({"order": {"qty": -1}}, 'context["order"]["qty"]: -1 is less than the minimum of 1'),
+        ({}, "context: 'order' is a required property"),
+        ({"order": {"qty": "2"}}, "context[\"order\"][\"qty\"]: '2' is not of type 'integer'"),
+        (
+            {"order": {"qty": 1}, "items": [{"sku": "a"}, {"sku": 5}]},
+            'context["items"][1]["sku"]: 5 is not of type \'string\'',
+        ),
+        ([], "context: [] is not of type 'object'"),
+    ],
+)
+def test_refused_contexts_name_the_path_and_the_problem(context: Any, message: str) -> None:
+    with pytest.raises(tasker.PayloadError) as caught:
+        validate_input(ORDER_SCHEMA, context)
+    assert str(caught.value) == message
+
+
+def test_several_failures_report_the_best_one_and_count_the_rest() -> None:
+    context = {"order": {"qty": 0}, "items": [{"sku": 1}]}
+    with pytest.raises(tasker.PayloadError, match=r"^context\[.*\(and 1 more\)$"):
+        validate_input(ORDER_SCHEMA, context)
+
+
+def test_the_path_quotes_keys_as_json() -> None:
+    assert context_path(["a b", 0, 'say "hi"']) == 'context["a b"][0]["say \\"hi\\""]'
+    assert context_path([]) == "context"
