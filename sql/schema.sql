@@ -32,7 +32,7 @@ TABLE tasker.named_tasks
     named_task_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
     task_namespace_uuid uuid NOT NULL
     name character varying(64) NOT NULL
-    version character varying(16) NOT NULL DEFAULT '0.1.0'::character varying
+    version text NOT NULL DEFAULT '0.1.0'::character varying
     configuration jsonb NOT NULL
     identity_strategy text NOT NULL DEFAULT 'strict'::text
     created_at timestamp with time zone NOT NULL DEFAULT now()
@@ -116,6 +116,8 @@ TABLE tasker.workflow_steps
     processed_at timestamp with time zone
     claimed_until timestamp with time zone
     claim_token text
+    waiting_for text
+    waiting_since timestamp with time zone
 CONSTRAINT dramatiq_rate_limit_events.dramatiq_rate_limit_events_pkey PRIMARY KEY (id)
 CONSTRAINT dramatiq_rate_limits.dramatiq_rate_limits_pkey PRIMARY KEY (key)
 CONSTRAINT dramatiq_results.dramatiq_results_pkey PRIMARY KEY (message_key)
@@ -187,10 +189,11 @@ INDEX workflow_steps_task_idx: CREATE INDEX workflow_steps_task_idx ON tasker.wo
 INDEX workflow_steps_task_uuid_named_step_uuid_key: CREATE UNIQUE INDEX workflow_steps_task_uuid_named_step_uuid_key ON tasker.workflow_steps USING btree (task_uuid, named_step_uuid)
 FUNCTION tasker.claim_finalization_v1(p_task uuid, p_holder text, p_lease_seconds integer) RETURNS TABLE(claimed boolean, held_by text, message text) -- body md5 f7647e65d67b47626a3c0da0bf47ea1d
 FUNCTION tasker.claim_step_v1(p_step uuid, p_redelivered boolean) RETURNS TABLE(outcome text, state text, attempt integer, max_attempts integer, name text, inputs jsonb, task_context jsonb, correlation_id uuid, parent_results jsonb) -- body md5 025e5bf94bf019277960089448a1eac2
-FUNCTION tasker.claim_step_v2(p_step uuid, p_token text, p_lease_ms integer) RETURNS TABLE(outcome text, state text, attempt integer, max_attempts integer, name text, inputs jsonb, task_context jsonb, correlation_id uuid, parent_results jsonb, claimed_until timestamp with time zone) -- body md5 d8c89ca9b28577b4be52268486c5d541
+FUNCTION tasker.claim_step_v2(p_step uuid, p_token text, p_lease_ms integer) RETURNS TABLE(outcome text, state text, attempt integer, max_attempts integer, name text, inputs jsonb, task_context jsonb, correlation_id uuid, parent_results jsonb, claimed_until timestamp with time zone) -- body md5 b9abc0b2a7e63d60f28b108289ca4d7f
 FUNCTION tasker.complete_step_v1(p_step uuid, p_attempt integer, p_results jsonb) RETURNS TABLE(outcome text, task_uuid uuid, namespace text, workflow text, enqueued uuid[], enqueued_names text[]) -- body md5 4e93432ea7dbcdc2eb1e04ee5a28e41e
-FUNCTION tasker.complete_step_v2(p_step uuid, p_attempt integer, p_results jsonb) RETURNS TABLE(outcome text, task_uuid uuid, namespace text, workflow text, enqueued uuid[], enqueued_names text[]) -- body md5 6fc8c43b414064f9128aece5042a4fd8
+FUNCTION tasker.complete_step_v2(p_step uuid, p_attempt integer, p_results jsonb) RETURNS TABLE(outcome text, task_uuid uuid, namespace text, workflow text, version text, enqueued uuid[], enqueued_names text[]) -- body md5 ab119b31c16e47112e04423e699bfe12
 FUNCTION tasker.create_task_v1(p_named_task uuid, p_context jsonb, p_identity text, p_priority integer, p_correlation uuid, p_parent_correlation uuid, p_initiator text, p_source_system text, p_reason text, p_tags jsonb, p_steps text[], p_retryable boolean[], p_max_attempts integer[], p_inputs jsonb[], p_edge_parents text[], p_edge_children text[]) RETURNS TABLE(task_uuid uuid, created boolean, enqueued uuid[], enqueued_names text[]) -- body md5 be5733d40cc66f15c8931376c0cc2b6b
+FUNCTION tasker.create_task_v2(p_named_task uuid, p_context jsonb, p_identity text, p_priority integer, p_correlation uuid, p_parent_correlation uuid, p_initiator text, p_source_system text, p_reason text, p_tags jsonb, p_steps text[], p_retryable boolean[], p_max_attempts integer[], p_inputs jsonb[], p_edge_parents text[], p_edge_children text[]) RETURNS TABLE(task_uuid uuid, version text, created boolean, conflict boolean, enqueued uuid[], enqueued_names text[]) -- body md5 51083a9a33005c70f724b406954ef53b
 FUNCTION tasker.extend_finalization_v1(p_task uuid, p_holder text, p_lease_seconds integer) RETURNS boolean -- body md5 cc7052ce39d437a90560263ed9f7bf1a
 FUNCTION tasker.record_step_transitions_v1(p_steps uuid[], p_from text[], p_to text, p_metadata jsonb) RETURNS void -- body md5 c664754a306f2d25528bd0e112326a7a
 FUNCTION tasker.record_task_transition_v1(p_task uuid, p_from text, p_to text, p_metadata jsonb) RETURNS void -- body md5 aece6dde46bf491527d28a3bf5c55888

@@ -149,10 +149,14 @@ class Client:
             time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
             interval = min(interval * 1.5, 0.5)
 
-    def register(self, flow: Workflow) -> None:
-        """Register ``flow``'s template (workers do this at boot; useful in scripts and tests)."""
+    def register(self, flow: Workflow, *, allow_replace: bool = False) -> None:
+        """Register ``flow``'s template (workers do this at boot; useful in scripts and tests).
+
+        Raises :class:`~tasker.exceptions.TemplateConflictError` when that version is registered
+        with another definition, unless ``allow_replace``.
+        """
         with self._connection() as conn:
-            register_template(conn, flow)
+            register_template(conn, flow, allow_replace=allow_replace)
 
     def close(self) -> None:
         """Close the client's connections."""

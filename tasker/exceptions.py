@@ -10,8 +10,10 @@ Every error Tasker raises on purpose is a :class:`TaskerError`, and every messag
      ├── QueueNameError              a queue name Tasker cannot map onto PGMQ
      ├── PayloadError                a payload Tasker cannot store without changing it
      ├── WorkflowDefinitionError     a workflow definition or template that cannot run
+     │    └── TemplateConflictError  a version registered again with another definition
      ├── InvalidTransitionError      a state change the state machines do not allow
      ├── TemplateNotFoundError       no registered task template with that namespace/name/version
+     ├── IdempotencyConflictError    an idempotency key reused with another context
      ├── TaskNotFoundError           no task with that id
      ├── StepNotFoundError           no step with that name in the task
      └── TaskTimeoutError            a task did not finish within the time waited for it
@@ -31,6 +33,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailableError",
+    "IdempotencyConflictError",
     "InvalidTransitionError",
     "MigrationError",
     "PayloadError",
@@ -39,6 +42,7 @@ __all__ = [
     "TaskNotFoundError",
     "TaskTimeoutError",
     "TaskerError",
+    "TemplateConflictError",
     "TemplateNotFoundError",
     "TemplateWarning",
     "WorkflowDefinitionError",
@@ -85,6 +89,21 @@ class TemplateWarning(UserWarning):
 
 class InvalidTransitionError(TaskerError, ValueError):
     """A state change the task or step state machine does not allow."""
+
+
+class TemplateConflictError(WorkflowDefinitionError):
+    """A template version registered again with a different definition; bump the version."""
+
+
+class IdempotencyConflictError(TaskerError):
+    """An idempotency key reused with a different context (the HTTP API answers 409).
+
+    ``task_uuid`` is the task the key already names.
+    """
+
+    def __init__(self, message: str, *, task_uuid: str) -> None:
+        super().__init__(message)
+        self.task_uuid = task_uuid
 
 
 class TemplateNotFoundError(TaskerError, LookupError):

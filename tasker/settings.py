@@ -60,6 +60,7 @@ class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     result_processing: Literal["inline", "decoupled"] = "inline"
     finalization_claim_lease_s: int = 30
     max_payload_bytes: int = 1024 * 1024
+    allow_template_replace: bool = False
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

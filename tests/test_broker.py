@@ -15,6 +15,7 @@ from dramatiq.middleware import AgeLimit, Retries
 
 from tasker.brokers.pgmq import DeadLetteredError, PGMQBroker
 from tasker.exceptions import QueueNameError
+from tests.support import wait_for
 
 
 def rows(db: psycopg.Connection[Any], table: str) -> int:
@@ -100,7 +101,7 @@ def test_retry_delay_has_millisecond_precision(broker: PGMQBroker, worker: drama
     assert 0.68 <= times[1] - times[0] < 2.0
 
 
-def test_age_limit_and_unknown_actor_are_dead_lettered(
+def test_a_message_past_its_age_limit_is_dead_lettered(
     broker: PGMQBroker, worker: dramatiq.Worker, db: psycopg.Connection[Any]
 ) -> None:
     @dramatiq.actor(max_age=1)
@@ -109,14 +110,39 @@ def test_age_limit_and_unknown_actor_are_dead_lettered(
 
     message = too_old.message().copy(message_timestamp=int(time.time() * 1000) - 60_000)
     broker.enqueue(message)
-    broker.enqueue(too_old.message().copy(actor_name="nobody_knows_me"))
     broker.join(too_old.queue_name, timeout=10_000)
     actors = {
         row[0]
         for row in db.execute("SELECT headers->>'actor' FROM pgmq.q_tasker_default__xq").fetchall()
     }
-    assert actors == {"too_old", "nobody_knows_me"}
+    assert actors == {"too_old"}
     assert any(isinstance(m, AgeLimit) for m in broker.middleware)
+
+
+def test_a_message_for_an_unknown_actor_waits_for_a_worker_that_has_it(
+    broker: PGMQBroker, worker: dramatiq.Worker, db: psycopg.Connection[Any]
+) -> None:
+    """A rolling deploy: the message is neither run nor dead-lettered; it comes back with a
+    growing delay, counted neither as a start nor as a delivery, until the actor exists."""
+    seen: list[int] = []
+    broker.declare_queue("default")
+    broker.enqueue(
+        dramatiq.Message(
+            queue_name="default", actor_name="arrives_later", args=(7,), kwargs={}, options={}
+        )
+    )
+    bounces = "SELECT coalesce((headers->>'bounces')::int, 0) FROM pgmq.q_tasker_default"
+    wait_for(lambda: (db.execute(bounces).fetchone() or (0,))[0] >= 2, 20, "two bounces")
+    row = db.execute("SELECT headers->>'returned', read_ct FROM pgmq.q_tasker_default").fetchone()
+    assert row is not None and int(row[0]) == row[1]  # every delivery was given back
+    assert db.execute("SELECT count(*) FROM pgmq.q_tasker_default__xq").fetchone() == (0,)
+
+    @dramatiq.actor(actor_name="arrives_later")
+    def arrives_later(value: int) -> None:  # the new worker version, deployed
+        seen.append(value)
+
+    broker.join("default", timeout=30_000)
+    assert seen == [7]
 
 
 def test_undecodable_payload_is_dead_lettered_and_others_keep_flowing(

@@ -108,7 +108,7 @@ DIFFERENT: dict[str, Edit] = {
     "step backoff cap": set_in("charge", "retry", "max_backoff_ms", value=1000),
     "step jitter": set_in("charge", "retry", "jitter", value=0.5),
     "workflow backoff": lambda t: t.update(backoff={"backoff_base_ms": 10}),
-    "identity_strategy": lambda t: t.update(identity_strategy="always_unique"),
+    "identity_strategy": lambda t: t.update(identity_strategy="strict"),
     "input_schema added": lambda t: t.update(input_schema={"type": "object"}),
 }
 

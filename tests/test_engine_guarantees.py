@@ -44,12 +44,16 @@ def count(url: str, query: str, *params: Any) -> int:
     return int(row[0])
 
 
-def test_submit_is_idempotent(broker: PGMQBroker, client: tasker.Client, database_url: str) -> None:
-    register(broker, client, build_flow("idem", LINEAR, Recorder()))
+def test_submit_is_idempotent_with_a_key_or_a_strict_template(
+    broker: PGMQBroker, client: tasker.Client, database_url: str
+) -> None:
+    flow = build_flow("idem", LINEAR, Recorder())
+    flow.identity_strategy = "strict"  # one task per context (the default: one per submit)
+    register(broker, client, flow)
     first = client.submit("shapes", "idem", {"order": 1})
     again = client.submit("shapes", "idem", {"order": 1})
     keyed = client.submit("shapes", "idem", {"order": 2}, idempotency_key="abc")
-    keyed_again = client.submit("shapes", "idem", {"order": 3}, idempotency_key="abc")
+    keyed_again = client.submit("shapes", "idem", {"order": 2}, idempotency_key="abc")
     other = client.submit("shapes", "idem", {"order": 2})
     assert first.created and not again.created and first.task_uuid == again.task_uuid
     assert keyed.task_uuid == keyed_again.task_uuid and not keyed_again.created

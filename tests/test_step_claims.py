@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import dramatiq
 import psycopg
 import pytest
 from dramatiq.message import Message
@@ -172,13 +173,15 @@ def deliver(broker: PGMQBroker, queue: str = "default") -> PGMQMessageProxy:
     raise AssertionError("no message was delivered")
 
 
-def plain_message() -> Message[Any]:
+def plain_message(broker: PGMQBroker) -> Message[Any]:
+    if "a" not in broker.actors:  # a message of an unknown actor would wait for one
+        dramatiq.actor(actor_name="a", broker=broker)(lambda n: None)
     return Message(queue_name="default", actor_name="a", args=(1,), kwargs={}, options={})
 
 
 def test_a_retry_replaces_the_delivery_atomically(broker: PGMQBroker, database_url: str) -> None:
     broker.declare_queue("default")
-    broker.enqueue(plain_message())
+    broker.enqueue(plain_message(broker))
     proxy = deliver(broker)
     proxy.options["retries"] = 1
     broker.enqueue(proxy, delay=60_000)  # what Dramatiq's Retries middleware does
@@ -197,7 +200,7 @@ def test_a_failed_retry_never_removes_the_delivery(
     broker: PGMQBroker, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     broker.declare_queue("default")
-    broker.enqueue(plain_message())
+    broker.enqueue(plain_message(broker))
     proxy = deliver(broker)
 
     def down(*args: Any, **kwargs: Any) -> None:
@@ -237,7 +240,7 @@ def test_a_forced_exit_makes_held_messages_visible_at_once(
     broker: PGMQBroker, database_url: str
 ) -> None:
     broker.declare_queue("default")
-    broker.enqueue(plain_message())
+    broker.enqueue(plain_message(broker))
     deliver(broker)
     assert scalar(database_url, "SELECT count(*) FROM pgmq.q_tasker_default WHERE vt > now()") == 1
     assert broker.release_held() == 1

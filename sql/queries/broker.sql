@@ -40,16 +40,28 @@ FROM gone
 RETURNING msg_id
 
 -- Put a delivery back for later without counting it as a handler start (see record_start): its
--- handler did not crash, it chose to wait (a step claimed by another live worker).
+-- handler did not crash, it chose to wait (a step claimed by another live worker). "returned"
+-- counts the deliveries given back on purpose, which poison detection does not hold against it.
 -- name: defer
 UPDATE {queue}
 SET vt = clock_timestamp() + %(delay_ms)s::bigint * interval '1 millisecond',
-    headers = CASE WHEN %(read_ct)s::int > 1 AND headers ? 'starts'
-                   THEN jsonb_set(headers, ARRAY['starts'],
-                                  to_jsonb(greatest((headers->>'starts')::int - 1, 0)))
-                   ELSE headers END
+    headers = coalesce(headers, jsonb_build_object())
+        || jsonb_build_object('returned', coalesce((headers->>'returned')::int, 0) + 1)
+        || CASE WHEN %(read_ct)s::int > 1 AND headers ? 'starts'
+                THEN jsonb_build_object('starts', greatest((headers->>'starts')::int - 1, 0))
+                ELSE jsonb_build_object() END
 WHERE msg_id = %(msg_id)s AND read_ct = %(read_ct)s
 RETURNING msg_id
+
+-- A message for an actor this worker does not have (a rolling deploy): back to the queue for a
+-- worker that has it, later.
+-- name: bounce
+UPDATE {queue}
+SET vt = clock_timestamp() + %(delay_ms)s::bigint * interval '1 millisecond',
+    headers = coalesce(headers, jsonb_build_object())
+        || jsonb_build_object('bounces', coalesce((headers->>'bounces')::int, 0) + 1,
+                              'returned', coalesce((headers->>'returned')::int, 0) + 1)
+WHERE msg_id = %(msg_id)s AND read_ct = %(read_ct)s
 
 -- Claim up to `limit` visible messages. `vt <= now()` with ORDER BY vt lets the vt index serve
 -- the scan, so delayed and leased rows ahead of the visible ones cost nothing (pgmq.read's

@@ -5,28 +5,35 @@ INSERT INTO tasker.task_namespaces (name) VALUES (%(namespace)s)
 ON CONFLICT (name) DO UPDATE SET name = excluded.name
 RETURNING task_namespace_uuid
 
--- name: upsert_named_task
+-- name: insert_named_task
 INSERT INTO tasker.named_tasks
     (task_namespace_uuid, name, version, configuration, identity_strategy)
 VALUES (%(namespace_uuid)s, %(name)s, %(version)s, %(configuration)s::jsonb, %(identity)s)
-ON CONFLICT (task_namespace_uuid, name, version) DO UPDATE
-    SET configuration = excluded.configuration, identity_strategy = excluded.identity_strategy,
-        updated_at = now()
+ON CONFLICT (task_namespace_uuid, name, version) DO NOTHING
 RETURNING named_task_uuid
 
--- name: find_template
+-- name: lock_named_task
+SELECT named_task_uuid, configuration
+FROM tasker.named_tasks
+WHERE task_namespace_uuid = %(namespace_uuid)s AND name = %(name)s AND version = %(version)s
+FOR UPDATE
+
+-- name: replace_named_task
+UPDATE tasker.named_tasks
+SET configuration = %(configuration)s::jsonb, identity_strategy = %(identity)s, updated_at = now()
+WHERE named_task_uuid = %(named_task)s
+
+-- Every registered version of a template (the latest is chosen by semver precedence in Python).
+-- name: template_versions
 SELECT nt.named_task_uuid, nt.version, nt.configuration, nt.identity_strategy
 FROM tasker.named_tasks nt
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
 WHERE ns.name = %(namespace)s AND nt.name = %(name)s
   AND (%(version)s::text IS NULL OR nt.version = %(version)s::text)
-ORDER BY string_to_array(regexp_replace(nt.version, '[^0-9.]', '', 'g'), '.')::int[] DESC,
-         nt.created_at DESC
-LIMIT 1
 
 -- name: create_task
-SELECT task_uuid, created, enqueued, enqueued_names
-FROM tasker.create_task_v1(
+SELECT task_uuid, version, created, conflict, enqueued, enqueued_names
+FROM tasker.create_task_v2(
     %(named_task_uuid)s, %(context)s::jsonb, %(identity_hash)s, %(priority)s,
     %(correlation_id)s, %(parent_correlation_id)s, %(initiator)s, %(source_system)s,
     %(reason)s, %(tags)s::jsonb, %(steps)s::text[], %(retryable)s::boolean[],
@@ -102,7 +109,7 @@ WHERE ws.workflow_step_uuid = held.step AND ws.state = 'in_progress'
   AND ws.attempts = held.attempt
 
 -- name: complete_step_fast
-SELECT outcome, task_uuid, namespace, workflow, enqueued, enqueued_names
+SELECT outcome, task_uuid, namespace, workflow, version, enqueued, enqueued_names
 FROM tasker.complete_step_v2(%(step)s, %(attempt)s, %(results)s::jsonb)
 
 -- Fenced by state and attempt: a worker that lost the step to a re-claim records nothing.
@@ -152,9 +159,23 @@ SELECT tasker.release_finalization_v1(%(task)s, %(holder)s)
 -- name: extend_finalization
 SELECT tasker.extend_finalization_v1(%(task)s, %(holder)s, %(lease_s)s)
 
+-- name: task_version
+SELECT ns.name AS namespace, nt.name AS workflow, nt.version
+FROM tasker.tasks t
+JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
+JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
+WHERE t.task_uuid = %(task)s
+
+-- A step whose message waits for a worker that has its handler (only while nothing runs it).
+-- name: mark_step_waiting
+UPDATE tasker.workflow_steps
+SET waiting_for = %(why)s, waiting_since = coalesce(waiting_since, clock_timestamp())
+WHERE workflow_step_uuid = %(step)s AND state = 'enqueued'
+  AND waiting_for IS DISTINCT FROM %(why)s
+
 -- name: task_status
-SELECT t.task_uuid, t.state, ns.name, nt.name, nt.version, t.context, t.requested_at,
-       t.completed_at, t.correlation_id, t.priority
+SELECT t.task_uuid, t.state, ns.name AS namespace, nt.name AS workflow, nt.version, t.context,
+       t.requested_at, t.completed_at, t.correlation_id, t.priority
 FROM tasker.tasks t
 JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
@@ -162,6 +183,6 @@ WHERE t.task_uuid = %(task)s
 
 -- name: step_statuses
 SELECT workflow_step_uuid, name, state, attempts, max_attempts, results, started_at,
-       finished_at, next_retry_at
+       finished_at, next_retry_at, waiting_for, waiting_since
 FROM tasker.workflow_steps WHERE task_uuid = %(task)s
 ORDER BY workflow_step_uuid

@@ -26,4 +26,5 @@ install(
     inline=_settings.engine.result_processing == "inline",
     finalization_lease_s=_settings.engine.finalization_claim_lease_s,
     max_payload_bytes=_settings.engine.max_payload_bytes,
+    allow_template_replace=_settings.engine.allow_template_replace,
 )

@@ -31,6 +31,9 @@ __all__ = ["PGMQConsumer", "PGMQMessageProxy"]
 
 logger = logging.getLogger(__name__)
 
+_BOUNCE_FIRST_MS = 1_000
+_BOUNCE_MAX_MS = 30_000
+
 
 class PGMQMessageProxy(MessageProxy):
     """A delivered message with its PGMQ identity (``msg_id``, ``read_ct``)."""
@@ -125,11 +128,28 @@ class PGMQConsumer(Consumer):
         except (PayloadError, ValueError) as exc:
             self._dead_letter_raw(msg_id, read_ct, str(exc))
             return None
+        if message.actor_name not in self.broker.actors:
+            self._put_back_unknown(msg_id, read_ct, message, headers)
+            return None
         reason = self.broker.poison_reason(read_ct, headers)
         if reason is not None and self.broker.checks_poison(message.actor_name):
             self._dead_letter_raw(msg_id, read_ct, reason)
             return None
         return PGMQMessageProxy(message, self.names, msg_id, read_ct)
+
+    def _put_back_unknown(
+        self, msg_id: int, read_ct: int, message: Message[Any], headers: dict[str, Any]
+    ) -> None:
+        """A message for an actor this worker does not have is not run nor dead-lettered: it goes
+        back to its queue for a worker that has the actor (a rolling deploy), 1 s later, doubling
+        up to 30 s, counted neither as a start nor as a delivery (``returned``)."""
+        bounces = int(headers.get("bounces", 0))
+        delay_ms = min(_BOUNCE_FIRST_MS * 2 ** min(bounces, 10), _BOUNCE_MAX_MS)
+        self.broker.note_unknown_actor(message)
+        params = {"msg_id": msg_id, "read_ct": read_ct, "delay_ms": delay_ms}
+        with self.broker.consumer_pool.connection() as conn:
+            conn.execute(self.broker.statement("bounce", self.names), params)
+        self.broker.leases.release(self.names.main, msg_id, read_ct)
 
     def _dead_letter_raw(self, msg_id: int, read_ct: int, reason: str) -> None:
         logger.error("Dead-lettering message %s of %s: %s", msg_id, self.names.dramatiq, reason)

@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -174,6 +174,8 @@ class PGMQBroker(Broker):
         self._application_name = application_name
         self._sql_cache: dict[tuple[str, str], str] = {}
         self.lease_hooks: list[LeaseHook] = []
+        #: Called with each message put back because no actor of this broker has its name.
+        self.unknown_actor_hooks: list[Callable[[Message[Any]], object]] = []
         self._reset_process_state()
         self.add_middleware(_Lifecycle(self))
 
@@ -185,6 +187,7 @@ class PGMQBroker(Broker):
         self._pool: ConnectionPool[_Connection] | None = self._external_pool
         self._consumer_pool: ConnectionPool[_Connection] | None = self._external_pool
         self._created: set[str] = set()
+        self._unknown_logged: set[str] = set()
         self.leases = LeaseRegistry()
         self._keeper: LeaseKeeper | None = None
         self._listener: Listener | None = None
@@ -607,6 +610,25 @@ class PGMQBroker(Broker):
         params = {"msg_ids": [message.msg_id], "read_cts": [message.read_ct]}
         conn.execute(self.statement("ack_many", message.pgmq_names), params)
 
+    def note_unknown_actor(self, message: Message[Any]) -> None:
+        """A message for an actor this broker does not have was put back: log it once per actor
+        and tell the ``unknown_actor_hooks``."""
+        with self._state_lock:
+            first = message.actor_name not in self._unknown_logged
+            self._unknown_logged.add(message.actor_name)
+        if first:
+            logger.warning(
+                "No actor %r here: its messages on %r go back to the queue for a worker that has "
+                "it (a rolling deploy?), with a growing delay",
+                message.actor_name,
+                message.queue_name,
+            )
+        for hook in list(self.unknown_actor_hooks):
+            try:
+                hook(message)
+            except Exception:
+                logger.debug("An unknown-actor hook failed", exc_info=True)
+
     def checks_poison(self, actor_name: str) -> bool:
         """False for actors declared with ``poison_check=False`` (see :class:`_Lifecycle`)."""
         actor = self.actors.get(actor_name)
@@ -626,8 +648,9 @@ class PGMQBroker(Broker):
                 f"its handler started {started} times without finishing (max_deliveries="
                 f"{self.max_deliveries}): the workers processing it keep dying"
             )
-        if read_ct > max(100, 10 * self.max_deliveries):
-            return f"delivered {read_ct} times without being acknowledged"
+        delivered = read_ct - int(headers.get("returned", 0))  # put back on purpose: not held
+        if delivered > max(100, 10 * self.max_deliveries):
+            return f"delivered {delivered} times without being acknowledged"
         return None
 
     def record_start(self, message: PGMQMessageProxy) -> None:

@@ -8,12 +8,13 @@ from typing import Any
 from tasker.engine.messages import Sender, StepMessage
 from tasker.engine.sql import q
 from tasker.engine.transitions import move_steps
+from tasker.workflow.definition import step_actor_name
 
 __all__ = ["enqueue_ready_steps", "step_messages"]
 
 
 def enqueue_ready_steps(
-    conn: Any, sender: Sender, task_uuid: Any, namespace: str, workflow: str
+    conn: Any, sender: Sender, task_uuid: Any, *, namespace: str, workflow: str, version: str
 ) -> int:
     """Move every ready step to ``enqueued`` and send its message; returns how many.
 
@@ -27,17 +28,25 @@ def enqueue_ready_steps(
         return 0
     move_steps(conn, [r[0] for r in moved], [r[2] for r in moved], "enqueued")
     sender.send_steps(
-        conn, step_messages(namespace, workflow, task_uuid, [(r[0], r[1]) for r in moved])
+        conn,
+        step_messages(namespace, workflow, version, task_uuid, [(r[0], r[1]) for r in moved]),
     )
     return len(moved)
 
 
 def step_messages(
-    namespace: str, workflow: str, task_uuid: Any, steps: Sequence[tuple[Any, str]]
+    namespace: str,
+    workflow: str,
+    version: str,
+    task_uuid: Any,
+    steps: Sequence[tuple[Any, str]],
 ) -> list[StepMessage]:
-    """The messages that run ``steps`` (``(step_uuid, name)`` pairs) of a task."""
+    """The messages that run ``steps`` (``(step_uuid, name)`` pairs) of a task, addressed to the
+    actors of the task's workflow version."""
     queue = f"worker_{namespace}_queue"
     return [
-        StepMessage(queue, f"tasker.{namespace}.{workflow}.{name}", str(task_uuid), str(step))
+        StepMessage(
+            queue, step_actor_name(namespace, workflow, version, name), str(task_uuid), str(step)
+        )
         for step, name in steps
     ]

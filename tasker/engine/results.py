@@ -31,6 +31,7 @@ class _LockedTask:
     state: str
     namespace: str
     workflow: str
+    version: str
     named_task_uuid: Any
 
     def definition(self, conn: Any) -> Workflow:
@@ -44,8 +45,8 @@ def _lock_task(conn: Any, task_uuid: Any) -> _LockedTask | None:
     row = conn.execute(q("lock_task"), {"task": task_uuid}).fetchone()
     if row is None:
         return None
-    state, namespace, name, _version, named_task_uuid = row
-    return _LockedTask(task_uuid, state, namespace, name, named_task_uuid)
+    state, namespace, name, version, named_task_uuid = row
+    return _LockedTask(task_uuid, state, namespace, name, version, named_task_uuid)
 
 
 def process_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) -> str | None:
@@ -142,7 +143,14 @@ def advance_task(conn: Any, sender: Sender, task: _LockedTask) -> str | None:
         sender.send_stage(conn, FINALIZE, str(task.task_uuid))
         return final
     if status == "has_ready_steps":
-        enqueue_ready_steps(conn, sender, task.task_uuid, task.namespace, task.workflow)
+        enqueue_ready_steps(
+            conn,
+            sender,
+            task.task_uuid,
+            namespace=task.namespace,
+            workflow=task.workflow,
+            version=task.version,
+        )
         path = (*evaluating, "enqueuing_steps", "steps_in_process")
         return move_task(conn, task.task_uuid, current.value, *path, reason="steps enqueued")
     if status == "all_complete":

@@ -7,16 +7,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from psycopg.rows import class_row
+
 from tasker.engine.sql import q
 from tasker.exceptions import StepNotFoundError, TaskNotFoundError
+from tasker.workflow.states import TaskState
 
 __all__ = ["StepStatus", "TaskStatus", "task_status"]
-
-FINAL_STATES = frozenset({"complete", "error", "cancelled", "resolved_manually"})
 
 
 @dataclass(frozen=True)
 class StepStatus:
+    """One step of a task as stored.
+
+    ``waiting_for`` says why a step's message waits (no live worker has its handler, during a
+    rolling deploy), since ``waiting_since``; both are None otherwise.
+    """
+
     step_uuid: str
     name: str
     state: str
@@ -27,10 +34,14 @@ class StepStatus:
     started_at: datetime | None
     finished_at: datetime | None
     next_retry_at: datetime | None
+    waiting_for: str | None = None
+    waiting_since: datetime | None = None
 
 
 @dataclass(frozen=True)
 class TaskStatus:
+    """A task with every step; ``finished`` once it is in a final state."""
+
     task_uuid: str
     state: str
     namespace: str
@@ -46,19 +57,49 @@ class TaskStatus:
     @property
     def finished(self) -> bool:
         """True in a final state (complete, error, cancelled, resolved_manually)."""
-        return self.state in FINAL_STATES
+        return TaskState(self.state).terminal
 
     @property
     def succeeded(self) -> bool:
-        return self.state == "complete"
+        """True when the task is ``complete``."""
+        return self.state == TaskState.COMPLETE
 
     def step(self, name: str) -> StepStatus:
-        """The step called ``name``."""
+        """The step called ``name``; :class:`StepNotFoundError` if the task has none."""
         for step in self.steps:
             if step.name == name:
                 return step
         names = ", ".join(step.name for step in self.steps)
         raise StepNotFoundError(f"Task {self.task_uuid} has no step {name!r}; its steps: {names}.")
+
+
+@dataclass(frozen=True)
+class _TaskRow:
+    task_uuid: Any
+    state: str
+    namespace: str
+    workflow: str
+    version: str
+    context: dict[str, Any]
+    requested_at: datetime
+    completed_at: datetime | None
+    correlation_id: Any
+    priority: int
+
+
+@dataclass(frozen=True)
+class _StepRow:
+    workflow_step_uuid: Any
+    name: str
+    state: str
+    attempts: int
+    max_attempts: int
+    results: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    next_retry_at: datetime | None
+    waiting_for: str | None
+    waiting_since: datetime | None
 
 
 def task_status(conn: Any, task_uuid: Any) -> TaskStatus:
@@ -69,40 +110,40 @@ def task_status(conn: Any, task_uuid: Any) -> TaskStatus:
         raise TaskNotFoundError(
             f"{task_uuid!r} is not a task id: task ids are UUIDs, as returned by submit()."
         ) from None
-    row = conn.execute(q("task_status"), {"task": task_uuid}).fetchone()
-    if row is None:
+    with conn.cursor(row_factory=class_row(_TaskRow)) as cursor:
+        task = cursor.execute(q("task_status"), {"task": task_uuid}).fetchone()
+    if task is None:
         raise TaskNotFoundError(f"No task {task_uuid}; check the id returned by submit().")
-    rows = conn.execute(q("step_statuses"), {"task": task_uuid}).fetchall()
-    steps = tuple(_step_status(*step) for step in rows)
-    task, state, namespace, name, version, context, requested, completed, correlation, prio = row
+    with conn.cursor(row_factory=class_row(_StepRow)) as cursor:
+        steps = cursor.execute(q("step_statuses"), {"task": task_uuid}).fetchall()
     return TaskStatus(
-        str(task),
-        state,
-        namespace,
-        name,
-        version,
-        context,
-        requested,
-        completed,
-        str(correlation),
-        prio,
-        steps,
+        task_uuid=str(task.task_uuid),
+        state=task.state,
+        namespace=task.namespace,
+        name=task.workflow,
+        version=task.version,
+        context=task.context,
+        requested_at=task.requested_at,
+        completed_at=task.completed_at,
+        correlation_id=str(task.correlation_id),
+        priority=task.priority,
+        steps=tuple(_step_status(step) for step in steps),
     )
 
 
-def _step_status(*row: Any) -> StepStatus:
-    """A step_statuses row: uuid, name, state, attempts, max_attempts, results, 3 timestamps."""
-    step_uuid, name, state, attempts, max_attempts, results, started, finished, retry_at = row
-    document = results or {}
+def _step_status(row: _StepRow) -> StepStatus:
+    document = row.results or {}
     return StepStatus(
-        str(step_uuid),
-        name,
-        state,
-        attempts,
-        max_attempts,
-        document.get("result"),
-        document.get("error"),
-        started,
-        finished,
-        retry_at,
+        step_uuid=str(row.workflow_step_uuid),
+        name=row.name,
+        state=row.state,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        result=document.get("result"),
+        error=document.get("error"),
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        next_retry_at=row.next_retry_at,
+        waiting_for=row.waiting_for,
+        waiting_since=row.waiting_since,
     )

@@ -58,7 +58,9 @@ __all__ = [
     "StepExecutor",
     "StepRunner",
     "claim_step",
+    "mark_step_waiting",
     "record_outcome",
+    "task_version",
 ]
 
 logger = logging.getLogger(__name__)
@@ -475,7 +477,7 @@ def _complete_inline(
 ) -> bool:
     """The fast path of a success: one call of ``tasker.complete_step_v2``, then the messages."""
     params = {"step": step_uuid, "attempt": attempt, "results": outcome.document}
-    result, task_uuid, namespace, workflow, steps, names = conn.execute(
+    result, task_uuid, namespace, workflow, version, steps, names = conn.execute(
         q("complete_step_fast"), params
     ).fetchone()
     if result == "lost":
@@ -486,10 +488,24 @@ def _complete_inline(
     if result == "enqueued":
         sender.send_steps(
             conn,
-            step_messages(namespace, workflow, task_uuid, list(zip(steps, names, strict=True))),
+            step_messages(
+                namespace, workflow, version, task_uuid, list(zip(steps, names, strict=True))
+            ),
         )
     elif result == "finalize":
         sender.send_stage(conn, FINALIZE, str(task_uuid))
     elif result == "evaluate":  # the general path, with the task row already locked
         reevaluate_task(conn, sender, task_uuid)
     return True
+
+
+def task_version(conn: Any, task_uuid: str) -> str | None:
+    """The template version a task was created from (None: no such task)."""
+    row = conn.execute(q("task_version"), {"task": task_uuid}).fetchone()
+    return None if row is None else str(row[2])
+
+
+def mark_step_waiting(conn: Any, step_uuid: str, why: str) -> None:
+    """Show on an ``enqueued`` step why its message waits (``waiting_for``, ``waiting_since``);
+    the claim clears both."""
+    conn.execute(q("mark_step_waiting"), {"step": step_uuid, "why": why})

@@ -17,8 +17,9 @@ from tasker.engine.messages import Sender
 from tasker.engine.payloads import MAX_PAYLOAD_BYTES, check_payload, encode_json
 from tasker.engine.sql import q
 from tasker.engine.templates import Template, find_template
-from tasker.exceptions import PayloadError
+from tasker.exceptions import IdempotencyConflictError, PayloadError
 from tasker.workflow.definition import Workflow
+from tasker.workflow.input_schema import validate_input
 from tasker.workflow.states import check_task_path
 
 __all__ = ["TaskHandle", "TaskRequest", "create_task", "identity_hash"]
@@ -56,14 +57,16 @@ class TaskHandle:
 def identity_hash(
     template: Template, context_json: str, idempotency_key: str | None, nonce: str | None = None
 ) -> str:
-    """The task's identity under the template's strategy (seed-spec 1.3).
+    """The task's identity under the template's strategy (seed-spec 1.3; decision 0006).
 
-    ``always_unique`` tasks are identified by ``nonce`` (a fresh UUID when None): a caller that
-    retries a submit whose outcome it could not see passes the same nonce, so the retry finds the
-    task the first try created instead of creating a second one.
+    * An idempotency key names one task per (namespace, workflow name), whatever the version.
+    * ``always_unique`` (the default) tasks are identified by ``nonce`` (a fresh UUID when None):
+      a caller that retries a submit whose outcome it could not see passes the same nonce, so the
+      retry finds the task the first try created instead of creating a second one.
+    * ``strict`` tasks are identified by their context, per template version.
     """
     if idempotency_key is not None:
-        material = f"key:{template.named_task_uuid}:{idempotency_key}"
+        material = f"key:{template.namespace}/{template.name}:{idempotency_key}"
     elif template.identity_strategy == "always_unique":
         return f"unique:{nonce or uuid.uuid4()}"
     elif template.identity_strategy == "caller_provided":
@@ -133,6 +136,8 @@ def create_task(
     context_json = _validate(request, max_context_bytes)
     template = find_template(conn, request.namespace, request.name, request.version)
     flow = _definition(template)
+    if flow.input_schema is not None:
+        validate_input(flow.input_schema, request.context)
     identity = identity_hash(template, context_json, request.idempotency_key, nonce)
     check_task_path("pending", "initializing", "enqueuing_steps", "steps_in_process")
     steps = list(flow.steps.values())
@@ -156,11 +161,20 @@ def create_task(
         "edge_children": [child for _, child in edges],
     }
     with conn.transaction():
-        task_uuid, created, roots, names = conn.execute(q("create_task"), params).fetchone()
+        row = conn.execute(q("create_task"), params).fetchone()
+        task_uuid, version, created, conflict, roots, names = row
+        if conflict and request.idempotency_key is not None:
+            raise IdempotencyConflictError(
+                f"Idempotency key {request.idempotency_key!r} already names task {task_uuid} "
+                f"of {flow.namespace}/{flow.name}, submitted with another context. Submit the "
+                "same context to get that task back, or use a new key for a new task.",
+                task_uuid=str(task_uuid),
+            )
         if created:
             pairs = list(zip(roots, names, strict=True))
-            sender.send_steps(conn, step_messages(flow.namespace, flow.name, task_uuid, pairs))
-    return TaskHandle(str(task_uuid), flow.namespace, flow.name, flow.version, bool(created))
+            messages = step_messages(flow.namespace, flow.name, flow.version, task_uuid, pairs)
+            sender.send_steps(conn, messages)
+    return TaskHandle(str(task_uuid), flow.namespace, flow.name, version, bool(created))
 
 
 _DEFINITIONS: dict[Any, tuple[dict[str, Any], Workflow]] = {}

@@ -1,4 +1,12 @@
-"""Task templates in the database: workers register theirs, clients create tasks from them."""
+"""Task templates in the database: workers register theirs, clients create tasks from them.
+
+A template is keyed by (namespace, name, version). Registering a version again with a different
+definition (another step, edge, retry or timeout setting: see
+:func:`tasker.workflow.shape.definition_shape`) is refused with :class:`TemplateConflictError`:
+tasks already created from that version would otherwise run against a definition they were not
+created from. Bump the version, or allow replacing while iterating (``allow_replace``, the
+``engine.allow_template_replace`` setting, on by default in development only).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasker.engine.sql import q
-from tasker.exceptions import TemplateNotFoundError
+from tasker.exceptions import TaskerError, TemplateConflictError, TemplateNotFoundError
 from tasker.workflow.definition import Workflow
+from tasker.workflow.shape import definition_shape
+from tasker.workflow.versions import version_key
 
 __all__ = ["Template", "find_template", "register_template"]
 
@@ -25,35 +35,74 @@ class Template:
     identity_strategy: str
 
 
-def register_template(conn: Any, flow: Workflow) -> Any:
-    """Insert or update ``flow``'s template; returns its ``named_task_uuid``."""
-    configuration = json.dumps(flow.to_template())
+def register_template(conn: Any, flow: Workflow, *, allow_replace: bool = False) -> Any:
+    """Store ``flow``'s template; returns its ``named_task_uuid``.
+
+    Raises :class:`TemplateConflictError` when the same version is stored with a different
+    definition, unless ``allow_replace``.
+    """
+    template = flow.to_template()
+    params = {
+        "name": flow.name,
+        "version": flow.version,
+        "configuration": json.dumps(template),
+        "identity": flow.identity_strategy,
+    }
     with conn.transaction():
         row = conn.execute(q("upsert_namespace"), {"namespace": flow.namespace}).fetchone()
-        named = conn.execute(
-            q("upsert_named_task"),
-            {
-                "namespace_uuid": row[0],
-                "name": flow.name,
-                "version": flow.version,
-                "configuration": configuration,
-                "identity": flow.identity_strategy,
-            },
-        ).fetchone()
-    return named[0]
+        params["namespace_uuid"] = row[0]
+        inserted = conn.execute(q("insert_named_task"), params).fetchone()
+        if inserted is not None:
+            return inserted[0]
+        named_task, stored = conn.execute(q("lock_named_task"), params).fetchone()
+        differences = _differences(stored, template)
+        if differences and not allow_replace:
+            raise TemplateConflictError(
+                f"Task template {flow.namespace}/{flow.name} version {flow.version} is already "
+                f"registered with a different definition ({differences}). Bump the version "
+                "(tasks created from the stored one keep running it), or set "
+                "engine.allow_template_replace = true (TASKER_ENGINE__ALLOW_TEMPLATE_REPLACE) "
+                "while you iterate in development."
+            )
+        conn.execute(q("replace_named_task"), {**params, "named_task": named_task})
+    return named_task
+
+
+def _differences(stored: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two definitions' shapes, in a few words ("" when nothing does)."""
+    try:
+        old_shape = definition_shape(stored)
+    except Exception:  # stored by an older release in a form this one no longer reads
+        return "the stored definition cannot be read by this release"
+    new_shape = definition_shape(new)
+    keys = old_shape.keys() | new_shape.keys()
+    changed = sorted(key for key in keys if old_shape.get(key) != new_shape.get(key))
+    return ", ".join(f"{key} differ" for key in changed)
 
 
 def find_template(conn: Any, namespace: str, name: str, version: str | None) -> Template:
-    """The registered template (latest version when ``version`` is None)."""
-    row = conn.execute(
-        q("find_template"), {"namespace": namespace, "name": name, "version": version}
-    ).fetchone()
-    if row is None:
+    """The registered template: ``version``, or the latest release by semantic-version
+    precedence (the latest pre-release when no release is registered)."""
+    rows = conn.execute(
+        q("template_versions"), {"namespace": namespace, "name": name, "version": version}
+    ).fetchall()
+    if not rows:
         wanted = f"{namespace}/{name}" + (f" version {version}" if version else "")
         raise TemplateNotFoundError(
             f"No task template {wanted} is registered; start a worker that defines it "
-            "(workers register their templates at boot) or call "
-            "tasker.engine.templates.register_template()."
+            "(workers register their templates at boot) or call Client.register(flow)."
         )
-    named_task_uuid, found_version, configuration, identity = row
+    named_task_uuid, found_version, configuration, identity = max(rows, key=_precedence)
     return Template(named_task_uuid, namespace, name, found_version, configuration, identity)
+
+
+def _precedence(row: tuple[Any, ...]) -> tuple[int, int, Any]:
+    """Releases before pre-releases (``2.0.0-rc.1`` is chosen only when asked for by version, or
+    when no release exists), then semantic-version precedence; a version an older release stored
+    that is not semver (``"1.0"``) sorts below every semver one."""
+    try:
+        key = version_key(row[1])
+    except TaskerError:
+        return (0, 0, str(row[1]))
+    is_release = key[3][0]
+    return (1, is_release, key)

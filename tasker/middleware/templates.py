@@ -1,35 +1,62 @@
-"""Register the workflow templates of a worker process when it boots."""
+"""Register the workflow templates of a worker process before it starts consuming."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+import psycopg
 from dramatiq.broker import Broker
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, MiddlewareError
 
 from tasker.brokers.pgmq import PGMQBroker
+from tasker.db.errors import database_error
 from tasker.engine.templates import register_template
+from tasker.exceptions import DatabaseUnavailableError, TemplateConflictError
 from tasker.workflow.definition import registered_workflows
 
-__all__ = ["TemplateRegistrar"]
+__all__ = ["RegistrationUnavailableError", "TemplateConflictAtBootError", "TemplateRegistrar"]
 
 logger = logging.getLogger(__name__)
 
 
+class TemplateConflictAtBootError(TemplateConflictError, MiddlewareError):
+    """A worker defines a workflow version that is registered with another definition: it does
+    not start (Dramatiq lets a middleware error stop the boot)."""
+
+
+class RegistrationUnavailableError(DatabaseUnavailableError, MiddlewareError):
+    """The templates could not be registered at boot because PostgreSQL could not be reached:
+    the worker does not start (``tasker worker`` starts it again, with backoff)."""
+
+
 class TemplateRegistrar(Middleware):
-    """Stores the template of every workflow defined in this process at worker boot, so clients
-    (which need no handler code) can create tasks from them."""
+    """Stores the template of every workflow defined in this process when a worker boots, so
+    clients (which need no handler code) can create tasks from them.
 
-    def __init__(self, broker: PGMQBroker) -> None:
+    A worker whose definition of a version differs from the stored one refuses to start
+    (:class:`TemplateConflictAtBootError`, see :mod:`tasker.engine.templates`), unless
+    ``allow_replace`` (the ``engine.allow_template_replace`` setting).
+    """
+
+    def __init__(self, broker: PGMQBroker, *, allow_replace: bool = False) -> None:
         self.pgmq = broker
+        self.allow_replace = allow_replace
 
-    def after_worker_boot(self, broker: Broker, worker: Any) -> None:
+    def before_worker_boot(self, broker: Broker, worker: Any) -> None:
         flows = registered_workflows()
-        with self.pgmq.pool.connection() as conn:
-            for flow in flows:
-                register_template(conn, flow)
-            autovacuum = conn.execute("SHOW autovacuum").fetchone()
+        try:
+            with self.pgmq.pool.connection() as conn:
+                for flow in flows:
+                    register_template(conn, flow, allow_replace=self.allow_replace)
+                autovacuum = conn.execute("SHOW autovacuum").fetchone()
+        except TemplateConflictError as exc:
+            logger.critical("%s", exc)
+            raise TemplateConflictAtBootError(str(exc)) from exc
+        except psycopg.Error as exc:
+            error = database_error(exc, url=self.pgmq.url, timeout_s=self.pgmq.timeout_s)
+            logger.critical("Could not register the workflow templates: %s", error)
+            raise RegistrationUnavailableError(str(error)) from exc
         logger.info("Registered %d workflow template(s)", len(flows))
         if autovacuum and autovacuum[0] == "off":
             logger.warning(

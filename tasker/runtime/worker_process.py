@@ -165,6 +165,8 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
 
     import dramatiq
 
+    from tasker.exceptions import DatabaseUnavailableError, TemplateConflictError
+
     random.seed()  # children must not share the parent's sequence (jittered backoffs)
     for path in reversed(args.path):
         sys.path.insert(0, path)
@@ -181,7 +183,9 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
         queues = set(args.queues) if args.queues else None
         worker = dramatiq.Worker(broker, queues=queues, worker_threads=args.threads)
         worker.start()
-    except dramatiq.BrokerConnectionError:
+    except TemplateConflictError:  # logged by the registrar; restarting cannot help
+        raise _BootError(EXIT_CONFIG) from None
+    except (dramatiq.BrokerConnectionError, DatabaseUnavailableError):
         logger.exception("The broker could not connect.")
         raise _BootError(EXIT_CONNECT) from None
     return broker, worker

@@ -44,6 +44,7 @@ from tasker.workflow.templates import (
 from tasker.workflow.versions import check_version
 
 __all__ = [
+    "DEFAULT_IDENTITY_STRATEGY",
     "IDENTITY_STRATEGIES",
     "MAX_ATTEMPTS",
     "MAX_TIMEOUT_S",
@@ -53,8 +54,15 @@ __all__ = [
     "StepDefinition",
     "Workflow",
     "WorkflowDefinitionError",
+    "legacy_step_actor_name",
     "registered_workflows",
+    "step_actor_name",
 ]
+
+#: Every submit creates a new task unless it carries an idempotency key (decision 0006); a
+#: template may choose ``strict`` (one task per context) or ``caller_provided`` (a key required).
+DEFAULT_IDENTITY_STRATEGY = "always_unique"
+
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 
@@ -164,7 +172,7 @@ class Workflow:
         version: str = "0.1.0",
         *,
         description: str = "",
-        identity_strategy: str = "strict",
+        identity_strategy: str = DEFAULT_IDENTITY_STRATEGY,
         backoff: BackoffPolicy | None = None,
         input_schema: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -199,8 +207,8 @@ class Workflow:
         return f"worker_{self.namespace}_queue"
 
     def actor_name(self, step: str) -> str:
-        """The Dramatiq actor that runs ``step``."""
-        return f"tasker.{self.namespace}.{self.name}.{step}"
+        """The Dramatiq actor that runs ``step`` of this version."""
+        return step_actor_name(self.namespace, self.name, self.version, step)
 
     def step(
         self,
@@ -334,6 +342,20 @@ class Workflow:
         )
 
 
+def step_actor_name(namespace: str, workflow: str, version: str, step: str) -> str:
+    """The Dramatiq actor of one step of one workflow version:
+    ``tasker.<namespace>.<workflow>@<version>.<step>``, so that a worker that loads two versions
+    runs each version's own handler."""
+    return f"tasker.{namespace}.{workflow}@{version}.{step}"
+
+
+def legacy_step_actor_name(namespace: str, workflow: str, step: str) -> str:
+    """The unversioned actor name that step messages carried before versions were part of it:
+    ``tasker.<namespace>.<workflow>.<step>`` (workers still accept them, see
+    :mod:`tasker.runtime.workflows`)."""
+    return f"tasker.{namespace}.{workflow}.{step}"
+
+
 def _check_workflow_settings(
     description: object,
     identity_strategy: object,
@@ -387,7 +409,7 @@ def _build(cls: type[Workflow], template: Mapping[str, Any], resolve: bool) -> W
         template["name"],
         template["version"],
         description=template.get("description", ""),
-        identity_strategy=template.get("identity_strategy", "strict"),
+        identity_strategy=template.get("identity_strategy", DEFAULT_IDENTITY_STRATEGY),
         backoff=_policy(template.get("backoff", {}), BackoffPolicy()),
         input_schema=template.get("input_schema"),
         metadata=template.get("metadata"),

@@ -1,4 +1,5 @@
--- Step claims with a lease, and tasks that move on only when nothing of theirs still runs.
+-- Step claims with a lease, tasks that move on only when nothing of theirs still runs, versioned
+-- templates and idempotency keys that hold across versions.
 --
 -- * A claim records the delivery that took it (claim_token) and lasts until claimed_until, which
 --   the worker's heartbeat extends while the handler runs. Another delivery of the step's
@@ -9,10 +10,18 @@
 -- * The execution context gives running and scheduled work precedence over failures: a task
 --   whose step failed keeps running its other branches and their retries, and is blocked only
 --   when nothing of it runs or waits for a retry any more (docs/decisions/0005).
+-- * Template versions are semantic-version strings of any length (they were varchar(16)).
+-- * A step whose message waits for a worker that has its handler (a rolling deploy) says so in
+--   waiting_for / waiting_since until it is claimed.
+-- * create_task_v2 tells a repeated idempotency key with another context apart (docs/decisions/0006).
+
+ALTER TABLE tasker.named_tasks ALTER COLUMN version TYPE text;
 
 ALTER TABLE tasker.workflow_steps
     ADD COLUMN claimed_until timestamptz,
-    ADD COLUMN claim_token text;
+    ADD COLUMN claim_token text,
+    ADD COLUMN waiting_for text,
+    ADD COLUMN waiting_since timestamptz;
 
 -- outcome: 'claimed' (from enqueued), 'reclaimed' (the previous claim's lease ran out),
 -- 'repeated' (the same delivery asked again), 'busy' (a live claim holds the step until
@@ -64,7 +73,8 @@ BEGIN
         UPDATE tasker.workflow_steps
         SET state = 'in_progress', attempts = v_attempt, last_attempted_at = v_now,
             started_at = v_now, finished_at = NULL,
-            claimed_until = v_now + p_lease_ms * interval '1 millisecond', claim_token = p_token
+            claimed_until = v_now + p_lease_ms * interval '1 millisecond', claim_token = p_token,
+            waiting_for = NULL, waiting_since = NULL
         WHERE workflow_step_uuid = p_step;
         PERFORM tasker.record_step_transitions_v1(
             ARRAY[p_step], ARRAY[s.state], 'in_progress',
@@ -149,7 +159,7 @@ $$;
 -- the task (v1 let the planner scan every step ever recorded).
 CREATE FUNCTION tasker.complete_step_v2(p_step uuid, p_attempt integer, p_results jsonb)
 RETURNS TABLE (
-    outcome text, task_uuid uuid, namespace text, workflow text, enqueued uuid[],
+    outcome text, task_uuid uuid, namespace text, workflow text, version text, enqueued uuid[],
     enqueued_names text[]
 ) LANGUAGE plpgsql AS $$
 DECLARE
@@ -157,6 +167,7 @@ DECLARE
     v_state text;
     v_namespace text;
     v_workflow text;
+    v_version text;
     v_status text;
     v_steps uuid[];
     v_names text[];
@@ -168,14 +179,14 @@ BEGIN
     WHERE ws.workflow_step_uuid = p_step AND ws.state = 'in_progress' AND ws.attempts = p_attempt
     RETURNING ws.task_uuid INTO v_task;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'lost', NULL::uuid, NULL::text, NULL::text, NULL::uuid[],
+        RETURN QUERY SELECT 'lost', NULL::uuid, NULL::text, NULL::text, NULL::text, NULL::uuid[],
             NULL::text[];
         RETURN;
     END IF;
     PERFORM tasker.record_step_transitions_v1(
         ARRAY[p_step], ARRAY['in_progress'], 'complete',
         jsonb_build_object('attempt', p_attempt, 'via', '["enqueued_for_orchestration"]'::jsonb));
-    SELECT t.state, ns.name, nt.name INTO v_state, v_namespace, v_workflow
+    SELECT t.state, ns.name, nt.name, nt.version INTO v_state, v_namespace, v_workflow, v_version
     FROM tasker.tasks t
     JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
     JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
@@ -183,12 +194,12 @@ BEGIN
     FOR UPDATE OF t;
     IF v_state IN ('complete', 'error', 'cancelled', 'resolved_manually', 'blocked_by_failures')
     THEN
-        RETURN QUERY SELECT 'late', v_task, v_namespace, v_workflow, NULL::uuid[], NULL::text[];
+        RETURN QUERY SELECT 'late', v_task, v_namespace, v_workflow, v_version, NULL::uuid[], NULL::text[];
         RETURN;
     END IF;
     SELECT c.execution_status INTO v_status FROM tasker.task_execution_context_v2(v_task) c;
     IF v_status = 'processing' AND v_state = 'steps_in_process' THEN
-        RETURN QUERY SELECT 'processing', v_task, v_namespace, v_workflow, NULL::uuid[],
+        RETURN QUERY SELECT 'processing', v_task, v_namespace, v_workflow, v_version, NULL::uuid[],
             NULL::text[];
         RETURN;
     END IF;
@@ -211,7 +222,7 @@ BEGIN
         INTO v_steps, v_names, v_from FROM moved;
         IF v_steps IS NOT NULL THEN
             PERFORM tasker.record_step_transitions_v1(v_steps, v_from, 'enqueued', '{}'::jsonb);
-            RETURN QUERY SELECT 'enqueued', v_task, v_namespace, v_workflow, v_steps, v_names;
+            RETURN QUERY SELECT 'enqueued', v_task, v_namespace, v_workflow, v_version, v_steps, v_names;
             RETURN;
         END IF;
     END IF;
@@ -219,10 +230,38 @@ BEGIN
         UPDATE tasker.tasks SET state = 'evaluating_results' WHERE tasks.task_uuid = v_task;
         PERFORM tasker.record_task_transition_v1(v_task, v_state, 'evaluating_results',
             '{"reason": "all steps complete"}'::jsonb);
-        RETURN QUERY SELECT 'finalize', v_task, v_namespace, v_workflow, NULL::uuid[],
+        RETURN QUERY SELECT 'finalize', v_task, v_namespace, v_workflow, v_version, NULL::uuid[],
             NULL::text[];
         RETURN;
     END IF;
-    RETURN QUERY SELECT 'evaluate', v_task, v_namespace, v_workflow, NULL::uuid[], NULL::text[];
+    RETURN QUERY SELECT 'evaluate', v_task, v_namespace, v_workflow, v_version, NULL::uuid[], NULL::text[];
+END
+$$;
+
+-- create_task_v1, plus the version of the task's template and, for a task that exists already,
+-- whether it was asked for with another context (a reused idempotency key): conflict.
+CREATE FUNCTION tasker.create_task_v2(
+    p_named_task uuid, p_context jsonb, p_identity text, p_priority integer, p_correlation uuid,
+    p_parent_correlation uuid, p_initiator text, p_source_system text, p_reason text,
+    p_tags jsonb, p_steps text[], p_retryable boolean[], p_max_attempts integer[],
+    p_inputs jsonb[], p_edge_parents text[], p_edge_children text[]
+) RETURNS TABLE (
+    task_uuid uuid, version text, created boolean, conflict boolean, enqueued uuid[],
+    enqueued_names text[]
+) LANGUAGE plpgsql AS $$
+DECLARE
+    c record;
+BEGIN
+    SELECT * INTO c
+    FROM tasker.create_task_v1(p_named_task, p_context, p_identity, p_priority, p_correlation,
+        p_parent_correlation, p_initiator, p_source_system, p_reason, p_tags, p_steps,
+        p_retryable, p_max_attempts, p_inputs, p_edge_parents, p_edge_children);
+    -- a statement of its own: it sees the task the call above may have inserted
+    RETURN QUERY
+    SELECT c.task_uuid, nt.version, c.created,
+           NOT c.created AND t.context IS DISTINCT FROM p_context, c.enqueued, c.enqueued_names
+    FROM tasker.tasks t
+    JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
+    WHERE t.task_uuid = c.task_uuid;
 END
 $$;
