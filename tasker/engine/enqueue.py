@@ -9,6 +9,7 @@ from tasker.engine.messages import Sender, StepMessage
 from tasker.engine.sql import q
 from tasker.engine.transitions import move_steps
 from tasker.workflow.definition import step_actor_name
+from tasker.workflow.states import StepState
 
 __all__ = ["enqueue_ready_steps", "step_messages"]
 
@@ -26,7 +27,7 @@ def enqueue_ready_steps(
     moved = conn.execute(q("enqueue_steps"), {"steps": ready}).fetchall()
     if not moved:
         return 0
-    move_steps(conn, [r[0] for r in moved], [r[2] for r in moved], "enqueued")
+    move_steps(conn, [r[0] for r in moved], [r[2] for r in moved], StepState.ENQUEUED)
     sender.send_steps(
         conn,
         step_messages(namespace, workflow, version, task_uuid, [(r[0], r[1]) for r in moved]),

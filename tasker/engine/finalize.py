@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasker.engine.sql import q
+from tasker.engine.sql_outcomes import ExecutionStatus
 from tasker.engine.transitions import move_task
 from tasker.workflow.states import TaskState
 
@@ -60,22 +61,21 @@ def finalize_task(conn: Any, task_uuid: Any) -> str | None:
         if current.terminal:
             return None
         if current is TaskState.BLOCKED_BY_FAILURES:
-            return move_task(conn, task_uuid, current.value, "error", reason="give up")
+            return move_task(conn, task_uuid, current, TaskState.ERROR, reason="give up")
         status = conn.execute(q("execution_context"), {"task": task_uuid}).fetchone()[0]
-        if status == "all_complete":
-            path = () if current is TaskState.EVALUATING_RESULTS else ("evaluating_results",)
+        path = () if current is TaskState.EVALUATING_RESULTS else (TaskState.EVALUATING_RESULTS,)
+        if status == ExecutionStatus.ALL_COMPLETE:
             return move_task(
-                conn, task_uuid, current.value, *path, "complete", reason="all steps complete"
+                conn, task_uuid, current, *path, TaskState.COMPLETE, reason="all steps complete"
             )
-        if status == "blocked_by_failures":
-            path = () if current is TaskState.EVALUATING_RESULTS else ("evaluating_results",)
+        if status == ExecutionStatus.BLOCKED_BY_FAILURES:
             return move_task(
                 conn,
                 task_uuid,
-                current.value,
+                current,
                 *path,
-                "blocked_by_failures",
-                "error",
+                TaskState.BLOCKED_BY_FAILURES,
+                TaskState.ERROR,
                 reason="a step failed permanently",
             )
         return None

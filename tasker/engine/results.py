@@ -15,10 +15,11 @@ from typing import Any
 from tasker.engine.enqueue import enqueue_ready_steps
 from tasker.engine.messages import FINALIZE, STEP_ENQUEUE, Sender
 from tasker.engine.sql import q
+from tasker.engine.sql_outcomes import ExecutionStatus
 from tasker.engine.transitions import move_steps, move_task
 from tasker.workflow.backoff import BackoffPolicy, decide_retry
 from tasker.workflow.definition import Workflow
-from tasker.workflow.states import TaskState
+from tasker.workflow.states import StepState, TaskState
 
 __all__ = ["advance_task", "process_result"]
 
@@ -59,10 +60,10 @@ def process_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) ->
         if step is None:
             return None
         state = step[0]
-        if state == "enqueued_for_orchestration":
+        if state == StepState.ENQUEUED_FOR_ORCHESTRATION:
             conn.execute(q("complete_step"), {"step": step_uuid})
-            move_steps(conn, [step_uuid], [state], "complete")
-        elif state == "enqueued_as_error_for_orchestration":
+            move_steps(conn, [step_uuid], [state], StepState.COMPLETE)
+        elif state == StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION:
             _apply_failure(conn, sender, task, step_uuid, step)
         else:
             return None  # already processed: a duplicate result message
@@ -91,8 +92,8 @@ def _apply_failure(
         move_steps(
             conn,
             [step_uuid],
-            ["enqueued_as_error_for_orchestration"],
-            "waiting_for_retry",
+            [StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION],
+            StepState.WAITING_FOR_RETRY,
             backoff_seconds=decision.delay_seconds,
             reason=decision.reason,
         )
@@ -103,8 +104,8 @@ def _apply_failure(
         move_steps(
             conn,
             [step_uuid],
-            ["enqueued_as_error_for_orchestration"],
-            "error",
+            [StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION],
+            StepState.ERROR,
             reason=decision.reason,
         )
 
@@ -131,18 +132,18 @@ def advance_task(conn: Any, sender: Sender, task: _LockedTask) -> str | None:
         q("execution_context"), {"task": task.task_uuid}
     ).fetchone()
     evaluating = _to_evaluating(current)
-    if status == "blocked_by_failures":
+    if status == ExecutionStatus.BLOCKED_BY_FAILURES:
         final = move_task(
             conn,
             task.task_uuid,
-            current.value,
+            current,
             *evaluating,
-            "blocked_by_failures",
+            TaskState.BLOCKED_BY_FAILURES,
             reason="a step failed permanently",
         )
         sender.send_stage(conn, FINALIZE, str(task.task_uuid))
         return final
-    if status == "has_ready_steps":
+    if status == ExecutionStatus.HAS_READY_STEPS:
         enqueue_ready_steps(
             conn,
             sender,
@@ -151,21 +152,19 @@ def advance_task(conn: Any, sender: Sender, task: _LockedTask) -> str | None:
             workflow=task.workflow,
             version=task.version,
         )
-        path = (*evaluating, "enqueuing_steps", "steps_in_process")
-        return move_task(conn, task.task_uuid, current.value, *path, reason="steps enqueued")
-    if status == "all_complete":
-        final = move_task(
-            conn, task.task_uuid, current.value, *evaluating, reason="all steps complete"
-        )
+        path = (*evaluating, TaskState.ENQUEUING_STEPS, TaskState.STEPS_IN_PROCESS)
+        return move_task(conn, task.task_uuid, current, *path, reason="steps enqueued")
+    if status == ExecutionStatus.ALL_COMPLETE:
+        final = move_task(conn, task.task_uuid, current, *evaluating, reason="all steps complete")
         sender.send_stage(conn, FINALIZE, str(task.task_uuid))
         return final
-    if status == "processing":
+    if status == ExecutionStatus.PROCESSING:
         return current.value
     return _wait_for_retry(conn, sender, task, current, next_retry_at)
 
 
-def _to_evaluating(current: TaskState) -> tuple[str, ...]:
-    return () if current is TaskState.EVALUATING_RESULTS else ("evaluating_results",)
+def _to_evaluating(current: TaskState) -> tuple[TaskState, ...]:
+    return () if current is TaskState.EVALUATING_RESULTS else (TaskState.EVALUATING_RESULTS,)
 
 
 def _wait_for_retry(
@@ -177,9 +176,9 @@ def _wait_for_retry(
         move_task(
             conn,
             task.task_uuid,
-            current.value,
+            current,
             *_to_evaluating(current),
-            "waiting_for_retry",
+            TaskState.WAITING_FOR_RETRY,
             reason="waiting for a retry's backoff",
         )
     if next_retry_at is not None:

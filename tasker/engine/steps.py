@@ -45,8 +45,10 @@ from tasker.engine.outcomes import (
 from tasker.engine.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.sql import q
+from tasker.engine.sql_outcomes import ClaimOutcome, CompletionOutcome
 from tasker.engine.transitions import move_steps
 from tasker.workflow.definition import StepContext
+from tasker.workflow.states import StepState
 
 __all__ = [
     "DEFAULT_RETRY_WINDOW_S",
@@ -93,18 +95,6 @@ class Delivery(Protocol):
     def defer(self, delay_s: float) -> None:
         """Make the message visible again after ``delay_s`` seconds, using no attempt."""
         ...
-
-
-class ClaimOutcome(StrEnum):
-    """What ``tasker.claim_step_v2`` answered (see sql/migrations/0003_step_claim_leases.sql)."""
-
-    CLAIMED = "claimed"
-    RECLAIMED = "reclaimed"
-    REPEATED = "repeated"
-    BUSY = "busy"
-    EXHAUSTED = "exhausted"
-    SKIPPED = "skipped"
-    MISSING = "missing"
 
 
 class Settlement(StrEnum):
@@ -369,8 +359,8 @@ class StepExecutor:
                 move_steps(
                     conn,
                     [step_uuid],
-                    ["in_progress"],
-                    "error",
+                    [StepState.IN_PROGRESS],
+                    StepState.ERROR,
                     attempt=attempt,
                     reason="outcome not recordable",
                 )
@@ -454,7 +444,11 @@ def record_outcome(
     """Store the outcome and process it (inline) or hand it on; False if the step was lost."""
     if outcome.success and inline:
         return _complete_inline(conn, sender, step_uuid, attempt, outcome)
-    to = "enqueued_for_orchestration" if outcome.success else "enqueued_as_error_for_orchestration"
+    to = (
+        StepState.ENQUEUED_FOR_ORCHESTRATION
+        if outcome.success
+        else StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION
+    )
     row = conn.execute(
         q("finish_step"),
         {"step": step_uuid, "to": to, "results": outcome.document, "attempt": attempt},
@@ -464,7 +458,7 @@ def record_outcome(
             "Step %s attempt %d lost its claim; its outcome is dropped", step_uuid, attempt
         )
         return False
-    move_steps(conn, [step_uuid], ["in_progress"], to, attempt=attempt)
+    move_steps(conn, [step_uuid], [StepState.IN_PROGRESS], to, attempt=attempt)
     if inline:
         process_result(conn, sender, row[0], step_uuid)
     else:
@@ -480,21 +474,21 @@ def _complete_inline(
     result, task_uuid, namespace, workflow, version, steps, names = conn.execute(
         q("complete_step_fast"), params
     ).fetchone()
-    if result == "lost":
+    if result == CompletionOutcome.LOST:
         logger.warning(
             "Step %s attempt %d lost its claim; its outcome is dropped", step_uuid, attempt
         )
         return False
-    if result == "enqueued":
+    if result == CompletionOutcome.ENQUEUED:
         sender.send_steps(
             conn,
             step_messages(
                 namespace, workflow, version, task_uuid, list(zip(steps, names, strict=True))
             ),
         )
-    elif result == "finalize":
+    elif result == CompletionOutcome.FINALIZE:
         sender.send_stage(conn, FINALIZE, str(task_uuid))
-    elif result == "evaluate":  # the general path, with the task row already locked
+    elif result == CompletionOutcome.EVALUATE:  # the general path, with the task row already locked
         reevaluate_task(conn, sender, task_uuid)
     return True
 

@@ -20,7 +20,7 @@ from tasker.engine.templates import Template, find_template
 from tasker.exceptions import IdempotencyConflictError, PayloadError
 from tasker.workflow.definition import Workflow
 from tasker.workflow.input_schema import validate_input
-from tasker.workflow.states import check_task_path
+from tasker.workflow.states import TaskState, check_task_path
 
 __all__ = ["TaskHandle", "TaskRequest", "create_task", "identity_hash"]
 
@@ -139,7 +139,12 @@ def create_task(
     if flow.input_schema is not None:
         validate_input(flow.input_schema, request.context)
     identity = identity_hash(template, context_json, request.idempotency_key, nonce)
-    check_task_path("pending", "initializing", "enqueuing_steps", "steps_in_process")
+    check_task_path(
+        TaskState.PENDING,
+        TaskState.INITIALIZING,
+        TaskState.ENQUEUING_STEPS,
+        TaskState.STEPS_IN_PROCESS,
+    )
     steps = list(flow.steps.values())
     edges = [(parent, step.name) for step in steps for parent in step.depends_on]
     params = {
