@@ -48,7 +48,8 @@ SELECT tasker.record_step_transitions_v1(%(steps)s::uuid[], %(from)s::text[], %(
                                          %(metadata)s::jsonb)
 
 -- name: lock_task
-SELECT t.state, ns.name, nt.name, nt.version, nt.named_task_uuid
+SELECT t.task_uuid, t.state, ns.name AS namespace, nt.name AS workflow, nt.version,
+       nt.named_task_uuid
 FROM tasker.tasks t
 JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
