@@ -25,7 +25,8 @@ WHERE named_task_uuid = %(named_task)s
 
 -- Every registered version of a template (the latest is chosen by semver precedence in Python).
 -- name: template_versions
-SELECT nt.named_task_uuid, nt.version, nt.configuration, nt.identity_strategy
+SELECT nt.named_task_uuid, ns.name AS namespace, nt.name, nt.version, nt.configuration,
+       nt.identity_strategy
 FROM tasker.named_tasks nt
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
 WHERE ns.name = %(namespace)s AND nt.name = %(name)s
@@ -81,7 +82,7 @@ FROM (
     FOR UPDATE
 ) AS old
 WHERE s.workflow_step_uuid = old.workflow_step_uuid
-RETURNING s.workflow_step_uuid, s.name, old.state
+RETURNING s.workflow_step_uuid, s.name, old.state AS from_state
 
 -- name: execution_context
 SELECT execution_status, next_retry_at, total, completed, failed

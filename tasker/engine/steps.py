@@ -130,6 +130,38 @@ class _ClaimRow:
     lease_left_s: float | None
 
 
+_CLAIM_ROW = class_row(_ClaimRow)
+
+
+@dataclass(frozen=True)
+class _Completion:
+    """What ``tasker.complete_step_v2`` answered (``outcome`` is a :class:`CompletionOutcome`)
+    and, for ``enqueued``, the steps it enqueued."""
+
+    outcome: str
+    task_uuid: Any
+    namespace: str | None
+    workflow: str | None
+    version: str | None
+    enqueued: list[Any] | None
+    enqueued_names: list[str] | None
+
+
+_COMPLETION = class_row(_Completion)
+
+
+@dataclass(frozen=True)
+class _TaskVersion:
+    """The template a task was created from (statement ``task_version``)."""
+
+    namespace: str
+    workflow: str
+    version: str
+
+
+_TASK_VERSION = class_row(_TaskVersion)
+
+
 @dataclass(frozen=True)
 class Claim:
     """The answer to a claim: the context to run with, or why there is nothing to run."""
@@ -146,7 +178,7 @@ def claim_step(
 ) -> Claim:
     """Claim the step for the delivery ``token`` with a lease of ``lease_s`` seconds."""
     params = {"step": step_uuid, "token": token, "lease_ms": int(lease_s * 1000)}
-    with conn.cursor(row_factory=class_row(_ClaimRow)) as cursor:
+    with conn.cursor(row_factory=_CLAIM_ROW) as cursor:
         row = cursor.execute(q("claim_step"), params).fetchone()
     outcome = ClaimOutcome(row.outcome)
     lease_left = float(row.lease_left_s or 0.0)
@@ -471,32 +503,33 @@ def _complete_inline(
 ) -> bool:
     """The fast path of a success: one call of ``tasker.complete_step_v2``, then the messages."""
     params = {"step": step_uuid, "attempt": attempt, "results": outcome.document}
-    result, task_uuid, namespace, workflow, version, steps, names = conn.execute(
-        q("complete_step_fast"), params
-    ).fetchone()
-    if result == CompletionOutcome.LOST:
+    with conn.cursor(row_factory=_COMPLETION) as cursor:
+        done: _Completion = cursor.execute(q("complete_step_fast"), params).fetchone()
+    if done.outcome == CompletionOutcome.LOST:
         logger.warning(
             "Step %s attempt %d lost its claim; its outcome is dropped", step_uuid, attempt
         )
         return False
-    if result == CompletionOutcome.ENQUEUED:
+    if done.outcome == CompletionOutcome.ENQUEUED:
+        pairs = list(zip(done.enqueued or (), done.enqueued_names or (), strict=True))
         sender.send_steps(
             conn,
             step_messages(
-                namespace, workflow, version, task_uuid, list(zip(steps, names, strict=True))
+                str(done.namespace), str(done.workflow), str(done.version), done.task_uuid, pairs
             ),
         )
-    elif result == CompletionOutcome.FINALIZE:
-        sender.send_stage(conn, FINALIZE, str(task_uuid))
-    elif result == CompletionOutcome.EVALUATE:  # the general path, with the task row already locked
-        reevaluate_task(conn, sender, task_uuid)
+    elif done.outcome == CompletionOutcome.FINALIZE:
+        sender.send_stage(conn, FINALIZE, str(done.task_uuid))
+    elif done.outcome == CompletionOutcome.EVALUATE:  # the general path; the task is locked
+        reevaluate_task(conn, sender, done.task_uuid)
     return True
 
 
 def task_version(conn: Any, task_uuid: str) -> str | None:
     """The template version a task was created from (None: no such task)."""
-    row = conn.execute(q("task_version"), {"task": task_uuid}).fetchone()
-    return None if row is None else str(row[2])
+    with conn.cursor(row_factory=_TASK_VERSION) as cursor:
+        row: _TaskVersion | None = cursor.execute(q("task_version"), {"task": task_uuid}).fetchone()
+    return None if row is None else str(row.version)
 
 
 def mark_step_waiting(conn: Any, step_uuid: str, why: str) -> None:
