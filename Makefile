@@ -25,9 +25,10 @@ test: setup  ## set up and run the test suite (embedded PostgreSQL 18 unless TES
 test-pg15: setup  ## the test suite against the system PostgreSQL 15
 	TEST_DATABASE_URL=$(PG15_URL) $(BIN)/pytest
 
-lint: setup  ## ruff and mypy (strict on tasker/)
+lint: setup  ## ruff, mypy (strict on tasker/) and the import contracts (pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: setup  ## benchmarks against Dramatiq (RabbitMQ, Redis) and Celery (see bench/README.md)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from tasker.exceptions import TaskerError
+from tasker.workflow.states import StepState
 
 __all__ = ["run_demo"]
 
 _REPO = Path(__file__).resolve().parent.parent
 _TIMEOUT_S = 90.0
 _LOG = _REPO / ".tasker" / "demo-worker.log"
+_SHOWN_STATES = frozenset({StepState.COMPLETE, StepState.WAITING_FOR_RETRY, StepState.ERROR})
 
 
 def run_demo(*, orders: int = 5) -> int:
@@ -111,12 +113,12 @@ def _follow(client: Any, tasks: list[str]) -> bool:
             for step in status.steps:
                 if seen.get((status.task_uuid, step.name)) != step.state:
                     seen[(status.task_uuid, step.name)] = step.state
-                    if step.state in ("complete", "waiting_for_retry", "error"):
+                    if step.state in _SHOWN_STATES:
                         changed.append((step.finished_at, status.context["order_id"], step))
         for _, order, step in sorted(changed, key=lambda c: (c[0] is None, c[0], c[1])):
             print(f"  order {order}  {step.name:<18} {_describe_step(step)}")
         if all(s.finished for s in statuses):
-            done: int = sum(s.state == "complete" for s in statuses)
+            done: int = sum(s.succeeded for s in statuses)
             print(f"{done}/{len(tasks)} orders complete")
             return done == len(tasks)
         time.sleep(0.05)
@@ -124,9 +126,9 @@ def _follow(client: Any, tasks: list[str]) -> bool:
 
 
 def _describe_step(step: Any) -> str:
-    if step.state == "waiting_for_retry":
+    if step.state == StepState.WAITING_FOR_RETRY:
         return f"retrying: {step.error['message']} (attempt {step.attempts} failed)"
-    if step.state == "error":
+    if step.state == StepState.ERROR:
         return f"FAILED: {step.error['message']}"
     return f"complete (attempt {step.attempts})"
 

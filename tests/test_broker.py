@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -10,9 +11,11 @@ from typing import Any
 import dramatiq
 import psycopg
 import pytest
+from dramatiq.broker import MessageProxy
 from dramatiq.errors import QueueJoinTimeout, QueueNotFound
 from dramatiq.middleware import AgeLimit, Retries
 
+from tasker.brokers.consumer import PGMQMessageProxy
 from tasker.brokers.pgmq import DeadLetteredError, PGMQBroker
 from tasker.exceptions import QueueNameError
 from tests.support import wait_for
@@ -322,3 +325,43 @@ def test_wakeup_latency_is_low_with_listen(broker: PGMQBroker, worker: dramatiq.
 
 def test_retries_middleware_is_present(broker: PGMQBroker) -> None:
     assert any(isinstance(m, Retries) for m in broker.middleware)
+
+
+def test_a_consumer_ignores_messages_it_did_not_deliver(
+    broker: PGMQBroker, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Dramatiq's broker contract: ack, nack and requeue of a message the consumer did not
+    deliver (a plain Message, another broker's proxy) change nothing, as with Dramatiq's RabbitMQ
+    and Redis consumers; a requeue skips them and requeues the rest."""
+
+    @dramatiq.actor
+    def job() -> None: ...
+
+    job.send()
+    consumer = broker.consume(job.queue_name, prefetch=1, timeout=500)
+    visible = "SELECT count(*) FROM pgmq.q_tasker_default WHERE vt <= clock_timestamp()"
+    try:
+        delivery = next(consumer)
+        assert isinstance(delivery, PGMQMessageProxy)
+        plain = delivery._message
+        foreign = MessageProxy(plain)  # the same message, as another broker delivered it
+        caplog.set_level(logging.DEBUG, logger="tasker.brokers.consumer")
+        for message in (plain, foreign):
+            consumer.ack(message)
+            consumer.nack(message)
+        consumer.requeue([plain, foreign])
+        assert rows(db, "q_tasker_default") == 1 and rows(db, "q_tasker_default__xq") == 0
+        assert db.execute(visible).fetchone() == (0,)  # still leased to its delivery
+        assert broker.leases.count("tasker_default") == 1
+        ignored = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+        assert sum("PGMQ did not deliver" in text for text in ignored) == 6
+
+        consumer.requeue([foreign, delivery, plain])  # the delivery is requeued, the rest skipped
+        assert db.execute(visible).fetchone() == (1,)
+        assert broker.leases.count("tasker_default") == 0
+        again = next(consumer)
+        assert isinstance(again, PGMQMessageProxy) and again.msg_id == delivery.msg_id
+        consumer.ack(again)
+        assert rows(db, "q_tasker_default") == 0
+    finally:
+        consumer.close()

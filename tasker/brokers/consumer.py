@@ -59,6 +59,9 @@ class PGMQConsumer(Consumer):
 
     ``__next__`` runs in the consumer thread, ``ack``/``nack`` in worker threads and ``requeue`` in
     the main thread; shared state is the broker's lease registry and a locked read-ahead buffer.
+
+    As Dramatiq's own consumers do, ``ack``, ``nack`` and ``requeue`` ignore (and log at debug)
+    a message this consumer did not deliver: anything but a :class:`PGMQMessageProxy`.
     """
 
     def __init__(
@@ -181,7 +184,9 @@ class PGMQConsumer(Consumer):
 
     def ack(self, message: MessageProxy) -> None:
         """Delete the message (fenced by its delivery's ``read_ct``)."""
-        proxy = _pgmq(message)
+        proxy = _delivered(message, "ack")
+        if proxy is None:
+            return
         if proxy.settled:
             self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)
             return
@@ -198,7 +203,9 @@ class PGMQConsumer(Consumer):
 
     def nack(self, message: MessageProxy) -> None:
         """Move the message, with its final options and the error, to the dead-letter queue."""
-        proxy = _pgmq(message)
+        proxy = _delivered(message, "nack")
+        if proxy is None:
+            return
         error = proxy._exception
         encoded = encode_message(
             proxy._message,
@@ -224,7 +231,7 @@ class PGMQConsumer(Consumer):
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
         """Make unprocessed messages visible again at once (graceful shutdown)."""
-        proxies = [_pgmq(m) for m in messages]
+        proxies = [p for p in (_delivered(m, "requeue") for m in messages) if p is not None]
         if not proxies:
             return
         params = {
@@ -251,7 +258,11 @@ class PGMQConsumer(Consumer):
             )
 
 
-def _pgmq(message: MessageProxy) -> PGMQMessageProxy:
-    if not isinstance(message, PGMQMessageProxy):
-        raise TypeError(f"PGMQConsumer got a message it did not deliver: {message!r}")
-    return message
+def _delivered(message: object, action: str) -> PGMQMessageProxy | None:
+    """``message`` if a PGMQ consumer delivered it; else None, logged: Dramatiq's contract is
+    that a consumer ignores what it did not deliver (a plain ``Message``, another broker's
+    proxy)."""
+    if isinstance(message, PGMQMessageProxy):
+        return message
+    logger.debug("Ignoring the %s of a message PGMQ did not deliver: %r", action, message)
+    return None

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from tasker.db.embedded import embedded_url
 from tasker.exceptions import ConfigurationError
-from tasker.settings import DatabaseSettings
 
-__all__ = ["resolve_database_url"]
+__all__ = ["DatabaseLocation", "resolve_database_url"]
 
 
-def resolve_database_url(database: DatabaseSettings, *, keep_embedded_running: bool = False) -> str:
+class DatabaseLocation(Protocol):
+    """Where the database is, as this module reads it (``tasker.settings.DatabaseSettings`` is
+    one): declared here so the db layer does not import the settings above it."""
+
+    @property
+    def url(self) -> str:
+        """A PostgreSQL URL; empty for none."""
+        ...
+
+    @property
+    def allow_embedded(self) -> bool:
+        """Whether the embedded PostgreSQL may stand in when no URL is set."""
+        ...
+
+    @property
+    def embedded_dir(self) -> str:
+        """The embedded PostgreSQL's data directory."""
+        ...
+
+
+def resolve_database_url(database: DatabaseLocation, *, keep_embedded_running: bool = False) -> str:
     """The configured URL, or the embedded PostgreSQL's when no URL is set and it is allowed."""
     if database.url:
         return database.url

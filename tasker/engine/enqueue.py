@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from psycopg.rows import class_row
 
 from tasker.engine.messages import Sender, StepMessage
 from tasker.engine.sql import q
 from tasker.engine.transitions import move_steps
 from tasker.workflow.definition import step_actor_name
+from tasker.workflow.states import StepState
 
 __all__ = ["enqueue_ready_steps", "step_messages"]
+
+
+@dataclass(frozen=True)
+class _MovedStep:
+    """A step the statement ``enqueue_steps`` moved to ``enqueued``, and the state it left."""
+
+    workflow_step_uuid: Any
+    name: str
+    from_state: str
+
+
+_MOVED_STEP = class_row(_MovedStep)
 
 
 def enqueue_ready_steps(
@@ -23,14 +39,14 @@ def enqueue_ready_steps(
     ready = [row[0] for row in conn.execute(q("ready_steps"), {"task": task_uuid}).fetchall()]
     if not ready:
         return 0
-    moved = conn.execute(q("enqueue_steps"), {"steps": ready}).fetchall()
+    with conn.cursor(row_factory=_MOVED_STEP) as cursor:
+        moved: list[_MovedStep] = cursor.execute(q("enqueue_steps"), {"steps": ready}).fetchall()
     if not moved:
         return 0
-    move_steps(conn, [r[0] for r in moved], [r[2] for r in moved], "enqueued")
-    sender.send_steps(
-        conn,
-        step_messages(namespace, workflow, version, task_uuid, [(r[0], r[1]) for r in moved]),
-    )
+    steps = [m.workflow_step_uuid for m in moved]
+    move_steps(conn, steps, [m.from_state for m in moved], StepState.ENQUEUED)
+    pairs = [(m.workflow_step_uuid, m.name) for m in moved]
+    sender.send_steps(conn, step_messages(namespace, workflow, version, task_uuid, pairs))
     return len(moved)
 
 

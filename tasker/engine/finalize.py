@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg.rows import class_row
+
 from tasker.engine.sql import q
+from tasker.engine.sql_outcomes import ExecutionStatus
+from tasker.engine.task_rows import execution_context, lock_task
 from tasker.engine.transitions import move_task
 from tasker.workflow.states import TaskState
 
@@ -21,19 +25,25 @@ DEFAULT_CLAIM_LEASE_S = 30
 
 @dataclass(frozen=True)
 class ClaimResult:
+    """The answer of ``tasker.claim_finalization_v1``: whether this holder got the claim, who
+    holds it, and the audit message."""
+
     claimed: bool
     held_by: str | None
     message: str
+
+
+_CLAIM_RESULT = class_row(ClaimResult)
 
 
 def claim_finalization(
     conn: Any, task_uuid: Any, holder: str, lease_s: int = DEFAULT_CLAIM_LEASE_S
 ) -> ClaimResult:
     """Try to become the task's finalizer."""
-    row = conn.execute(
-        q("claim_finalization"), {"task": task_uuid, "holder": holder, "lease_s": lease_s}
-    ).fetchone()
-    return ClaimResult(bool(row[0]), row[1], row[2])
+    params = {"task": task_uuid, "holder": holder, "lease_s": lease_s}
+    with conn.cursor(row_factory=_CLAIM_RESULT) as cursor:
+        result: ClaimResult = cursor.execute(q("claim_finalization"), params).fetchone()
+    return result
 
 
 def extend_finalization(
@@ -53,29 +63,28 @@ def release_finalization(conn: Any, task_uuid: Any, holder: str) -> bool:
 def finalize_task(conn: Any, task_uuid: Any) -> str | None:
     """Set the final state if the task is finished; returns it (None: nothing to finalize)."""
     with conn.transaction():
-        row = conn.execute(q("lock_task"), {"task": task_uuid}).fetchone()
-        if row is None:
+        task = lock_task(conn, task_uuid)
+        if task is None:
             return None
-        current = TaskState(row[0])
+        current = TaskState(task.state)
         if current.terminal:
             return None
         if current is TaskState.BLOCKED_BY_FAILURES:
-            return move_task(conn, task_uuid, current.value, "error", reason="give up")
-        status = conn.execute(q("execution_context"), {"task": task_uuid}).fetchone()[0]
-        if status == "all_complete":
-            path = () if current is TaskState.EVALUATING_RESULTS else ("evaluating_results",)
+            return move_task(conn, task_uuid, current, TaskState.ERROR, reason="give up")
+        status = execution_context(conn, task_uuid).execution_status
+        path = () if current is TaskState.EVALUATING_RESULTS else (TaskState.EVALUATING_RESULTS,)
+        if status == ExecutionStatus.ALL_COMPLETE:
             return move_task(
-                conn, task_uuid, current.value, *path, "complete", reason="all steps complete"
+                conn, task_uuid, current, *path, TaskState.COMPLETE, reason="all steps complete"
             )
-        if status == "blocked_by_failures":
-            path = () if current is TaskState.EVALUATING_RESULTS else ("evaluating_results",)
+        if status == ExecutionStatus.BLOCKED_BY_FAILURES:
             return move_task(
                 conn,
                 task_uuid,
-                current.value,
+                current,
                 *path,
-                "blocked_by_failures",
-                "error",
+                TaskState.BLOCKED_BY_FAILURES,
+                TaskState.ERROR,
                 reason="a step failed permanently",
             )
         return None

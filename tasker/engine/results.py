@@ -12,13 +12,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from psycopg.rows import class_row
+
 from tasker.engine.enqueue import enqueue_ready_steps
 from tasker.engine.messages import FINALIZE, STEP_ENQUEUE, Sender
 from tasker.engine.sql import q
+from tasker.engine.sql_outcomes import ExecutionStatus
+from tasker.engine.task_rows import LockedTask, execution_context, lock_task
 from tasker.engine.transitions import move_steps, move_task
 from tasker.workflow.backoff import BackoffPolicy, decide_retry
 from tasker.workflow.definition import Workflow
-from tasker.workflow.states import TaskState
+from tasker.workflow.states import StepState, TaskState
 
 __all__ = ["advance_task", "process_result"]
 
@@ -26,43 +30,35 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class _LockedTask:
-    task_uuid: Any
+class _StepResult:
+    """A step's recorded outcome, locked for processing (statement ``lock_step_result``)."""
+
     state: str
-    namespace: str
-    workflow: str
-    version: str
-    named_task_uuid: Any
-
-    def definition(self, conn: Any) -> Workflow:
-        """The task's workflow definition (read only when a failure needs its retry policy)."""
-        row = conn.execute(q("template_configuration"), {"named_task": self.named_task_uuid})
-        configuration = row.fetchone()[0]
-        return Workflow.from_template(configuration, resolve_handlers=False, register=False)
+    attempts: int
+    max_attempts: int
+    retryable: bool
+    name: str
+    results: dict[str, Any] | None
 
 
-def _lock_task(conn: Any, task_uuid: Any) -> _LockedTask | None:
-    row = conn.execute(q("lock_task"), {"task": task_uuid}).fetchone()
-    if row is None:
-        return None
-    state, namespace, name, version, named_task_uuid = row
-    return _LockedTask(task_uuid, state, namespace, name, version, named_task_uuid)
+_STEP_RESULT = class_row(_StepResult)
 
 
 def process_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) -> str | None:
     """Apply a recorded step outcome; returns the task's new state (None: nothing to do)."""
     with conn.transaction():
-        task = _lock_task(conn, task_uuid)
+        task = lock_task(conn, task_uuid)
         if task is None:
             return None
-        step = conn.execute(q("lock_step_result"), {"step": step_uuid}).fetchone()
+        with conn.cursor(row_factory=_STEP_RESULT) as cursor:
+            step = cursor.execute(q("lock_step_result"), {"step": step_uuid}).fetchone()
         if step is None:
             return None
-        state = step[0]
-        if state == "enqueued_for_orchestration":
+        state = step.state
+        if state == StepState.ENQUEUED_FOR_ORCHESTRATION:
             conn.execute(q("complete_step"), {"step": step_uuid})
-            move_steps(conn, [step_uuid], [state], "complete")
-        elif state == "enqueued_as_error_for_orchestration":
+            move_steps(conn, [step_uuid], [state], StepState.COMPLETE)
+        elif state == StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION:
             _apply_failure(conn, sender, task, step_uuid, step)
         else:
             return None  # already processed: a duplicate result message
@@ -70,18 +66,16 @@ def process_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) ->
 
 
 def _apply_failure(
-    conn: Any, sender: Sender, task: _LockedTask, step_uuid: Any, step: tuple[Any, ...]
+    conn: Any, sender: Sender, task: LockedTask, step_uuid: Any, step: _StepResult
 ) -> None:
-    """Retry (after a backoff) or fail the step, from its row ``(state, attempts, max_attempts,
-    retryable, name, results)``."""
-    _, attempts, max_attempts, retryable, name, results = step
-    error = (results or {}).get("error") or {}
+    """Retry (after a backoff) or fail the step, as its retry policy decides."""
+    error = (step.results or {}).get("error") or {}
     decision = decide_retry(
-        template_retryable=retryable,
+        template_retryable=step.retryable,
         error_retryable=bool(error.get("retryable", True)),
-        attempts=attempts,
-        max_attempts=max_attempts,
-        policy=_policy(task.definition(conn), name),
+        attempts=step.attempts,
+        max_attempts=step.max_attempts,
+        policy=_policy(task.definition(conn), step.name),
         retry_after=error.get("retry_after"),
     )
     if decision.retry:
@@ -91,8 +85,8 @@ def _apply_failure(
         move_steps(
             conn,
             [step_uuid],
-            ["enqueued_as_error_for_orchestration"],
-            "waiting_for_retry",
+            [StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION],
+            StepState.WAITING_FOR_RETRY,
             backoff_seconds=decision.delay_seconds,
             reason=decision.reason,
         )
@@ -103,8 +97,8 @@ def _apply_failure(
         move_steps(
             conn,
             [step_uuid],
-            ["enqueued_as_error_for_orchestration"],
-            "error",
+            [StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION],
+            StepState.ERROR,
             reason=decision.reason,
         )
 
@@ -116,33 +110,32 @@ def _policy(flow: Workflow, step: str) -> BackoffPolicy:
 def reevaluate_task(conn: Any, sender: Sender, task_uuid: Any) -> str | None:
     """The step-enqueue stage: enqueue what became ready (retries whose backoff expired)."""
     with conn.transaction():
-        task = _lock_task(conn, task_uuid)
+        task = lock_task(conn, task_uuid)
         if task is None:
             return None
         return advance_task(conn, sender, task)
 
 
-def advance_task(conn: Any, sender: Sender, task: _LockedTask) -> str | None:
+def advance_task(conn: Any, sender: Sender, task: LockedTask) -> str | None:
     """Move the task forward from its execution context (seed-spec 4.1, later rules)."""
     current = TaskState(task.state)
     if current.terminal or current is TaskState.BLOCKED_BY_FAILURES:
         return None  # late results of a finished task change nothing
-    status, next_retry_at, *_ = conn.execute(
-        q("execution_context"), {"task": task.task_uuid}
-    ).fetchone()
+    context = execution_context(conn, task.task_uuid)
+    status = context.execution_status
     evaluating = _to_evaluating(current)
-    if status == "blocked_by_failures":
+    if status == ExecutionStatus.BLOCKED_BY_FAILURES:
         final = move_task(
             conn,
             task.task_uuid,
-            current.value,
+            current,
             *evaluating,
-            "blocked_by_failures",
+            TaskState.BLOCKED_BY_FAILURES,
             reason="a step failed permanently",
         )
         sender.send_stage(conn, FINALIZE, str(task.task_uuid))
         return final
-    if status == "has_ready_steps":
+    if status == ExecutionStatus.HAS_READY_STEPS:
         enqueue_ready_steps(
             conn,
             sender,
@@ -151,25 +144,23 @@ def advance_task(conn: Any, sender: Sender, task: _LockedTask) -> str | None:
             workflow=task.workflow,
             version=task.version,
         )
-        path = (*evaluating, "enqueuing_steps", "steps_in_process")
-        return move_task(conn, task.task_uuid, current.value, *path, reason="steps enqueued")
-    if status == "all_complete":
-        final = move_task(
-            conn, task.task_uuid, current.value, *evaluating, reason="all steps complete"
-        )
+        path = (*evaluating, TaskState.ENQUEUING_STEPS, TaskState.STEPS_IN_PROCESS)
+        return move_task(conn, task.task_uuid, current, *path, reason="steps enqueued")
+    if status == ExecutionStatus.ALL_COMPLETE:
+        final = move_task(conn, task.task_uuid, current, *evaluating, reason="all steps complete")
         sender.send_stage(conn, FINALIZE, str(task.task_uuid))
         return final
-    if status == "processing":
+    if status == ExecutionStatus.PROCESSING:
         return current.value
-    return _wait_for_retry(conn, sender, task, current, next_retry_at)
+    return _wait_for_retry(conn, sender, task, current, context.next_retry_at)
 
 
-def _to_evaluating(current: TaskState) -> tuple[str, ...]:
-    return () if current is TaskState.EVALUATING_RESULTS else ("evaluating_results",)
+def _to_evaluating(current: TaskState) -> tuple[TaskState, ...]:
+    return () if current is TaskState.EVALUATING_RESULTS else (TaskState.EVALUATING_RESULTS,)
 
 
 def _wait_for_retry(
-    conn: Any, sender: Sender, task: _LockedTask, current: TaskState, next_retry_at: datetime | None
+    conn: Any, sender: Sender, task: LockedTask, current: TaskState, next_retry_at: datetime | None
 ) -> str:
     """Nothing runs and nothing is ready: wait for the earliest retry (re-checked by a delayed
     message, so no poller is needed)."""
@@ -177,9 +168,9 @@ def _wait_for_retry(
         move_task(
             conn,
             task.task_uuid,
-            current.value,
+            current,
             *_to_evaluating(current),
-            "waiting_for_retry",
+            TaskState.WAITING_FOR_RETRY,
             reason="waiting for a retry's backoff",
         )
     if next_retry_at is not None:

@@ -45,8 +45,10 @@ from tasker.engine.outcomes import (
 from tasker.engine.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.sql import q
+from tasker.engine.sql_outcomes import ClaimOutcome, CompletionOutcome
 from tasker.engine.transitions import move_steps
 from tasker.workflow.definition import StepContext
+from tasker.workflow.states import StepState
 
 __all__ = [
     "DEFAULT_RETRY_WINDOW_S",
@@ -95,18 +97,6 @@ class Delivery(Protocol):
         ...
 
 
-class ClaimOutcome(StrEnum):
-    """What ``tasker.claim_step_v2`` answered (see sql/migrations/0003_step_claim_leases.sql)."""
-
-    CLAIMED = "claimed"
-    RECLAIMED = "reclaimed"
-    REPEATED = "repeated"
-    BUSY = "busy"
-    EXHAUSTED = "exhausted"
-    SKIPPED = "skipped"
-    MISSING = "missing"
-
-
 class Settlement(StrEnum):
     """How :meth:`StepExecutor.execute` left the delivery."""
 
@@ -140,6 +130,38 @@ class _ClaimRow:
     lease_left_s: float | None
 
 
+_CLAIM_ROW = class_row(_ClaimRow)
+
+
+@dataclass(frozen=True)
+class _Completion:
+    """What ``tasker.complete_step_v2`` answered (``outcome`` is a :class:`CompletionOutcome`)
+    and, for ``enqueued``, the steps it enqueued."""
+
+    outcome: str
+    task_uuid: Any
+    namespace: str | None
+    workflow: str | None
+    version: str | None
+    enqueued: list[Any] | None
+    enqueued_names: list[str] | None
+
+
+_COMPLETION = class_row(_Completion)
+
+
+@dataclass(frozen=True)
+class _TaskVersion:
+    """The template a task was created from (statement ``task_version``)."""
+
+    namespace: str
+    workflow: str
+    version: str
+
+
+_TASK_VERSION = class_row(_TaskVersion)
+
+
 @dataclass(frozen=True)
 class Claim:
     """The answer to a claim: the context to run with, or why there is nothing to run."""
@@ -156,7 +178,7 @@ def claim_step(
 ) -> Claim:
     """Claim the step for the delivery ``token`` with a lease of ``lease_s`` seconds."""
     params = {"step": step_uuid, "token": token, "lease_ms": int(lease_s * 1000)}
-    with conn.cursor(row_factory=class_row(_ClaimRow)) as cursor:
+    with conn.cursor(row_factory=_CLAIM_ROW) as cursor:
         row = cursor.execute(q("claim_step"), params).fetchone()
     outcome = ClaimOutcome(row.outcome)
     lease_left = float(row.lease_left_s or 0.0)
@@ -369,8 +391,8 @@ class StepExecutor:
                 move_steps(
                     conn,
                     [step_uuid],
-                    ["in_progress"],
-                    "error",
+                    [StepState.IN_PROGRESS],
+                    StepState.ERROR,
                     attempt=attempt,
                     reason="outcome not recordable",
                 )
@@ -454,7 +476,11 @@ def record_outcome(
     """Store the outcome and process it (inline) or hand it on; False if the step was lost."""
     if outcome.success and inline:
         return _complete_inline(conn, sender, step_uuid, attempt, outcome)
-    to = "enqueued_for_orchestration" if outcome.success else "enqueued_as_error_for_orchestration"
+    to = (
+        StepState.ENQUEUED_FOR_ORCHESTRATION
+        if outcome.success
+        else StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION
+    )
     row = conn.execute(
         q("finish_step"),
         {"step": step_uuid, "to": to, "results": outcome.document, "attempt": attempt},
@@ -464,7 +490,7 @@ def record_outcome(
             "Step %s attempt %d lost its claim; its outcome is dropped", step_uuid, attempt
         )
         return False
-    move_steps(conn, [step_uuid], ["in_progress"], to, attempt=attempt)
+    move_steps(conn, [step_uuid], [StepState.IN_PROGRESS], to, attempt=attempt)
     if inline:
         process_result(conn, sender, row[0], step_uuid)
     else:
@@ -477,32 +503,33 @@ def _complete_inline(
 ) -> bool:
     """The fast path of a success: one call of ``tasker.complete_step_v2``, then the messages."""
     params = {"step": step_uuid, "attempt": attempt, "results": outcome.document}
-    result, task_uuid, namespace, workflow, version, steps, names = conn.execute(
-        q("complete_step_fast"), params
-    ).fetchone()
-    if result == "lost":
+    with conn.cursor(row_factory=_COMPLETION) as cursor:
+        done: _Completion = cursor.execute(q("complete_step_fast"), params).fetchone()
+    if done.outcome == CompletionOutcome.LOST:
         logger.warning(
             "Step %s attempt %d lost its claim; its outcome is dropped", step_uuid, attempt
         )
         return False
-    if result == "enqueued":
+    if done.outcome == CompletionOutcome.ENQUEUED:
+        pairs = list(zip(done.enqueued or (), done.enqueued_names or (), strict=True))
         sender.send_steps(
             conn,
             step_messages(
-                namespace, workflow, version, task_uuid, list(zip(steps, names, strict=True))
+                str(done.namespace), str(done.workflow), str(done.version), done.task_uuid, pairs
             ),
         )
-    elif result == "finalize":
-        sender.send_stage(conn, FINALIZE, str(task_uuid))
-    elif result == "evaluate":  # the general path, with the task row already locked
-        reevaluate_task(conn, sender, task_uuid)
+    elif done.outcome == CompletionOutcome.FINALIZE:
+        sender.send_stage(conn, FINALIZE, str(done.task_uuid))
+    elif done.outcome == CompletionOutcome.EVALUATE:  # the general path; the task is locked
+        reevaluate_task(conn, sender, done.task_uuid)
     return True
 
 
 def task_version(conn: Any, task_uuid: str) -> str | None:
     """The template version a task was created from (None: no such task)."""
-    row = conn.execute(q("task_version"), {"task": task_uuid}).fetchone()
-    return None if row is None else str(row[2])
+    with conn.cursor(row_factory=_TASK_VERSION) as cursor:
+        row: _TaskVersion | None = cursor.execute(q("task_version"), {"task": task_uuid}).fetchone()
+    return None if row is None else str(row.version)
 
 
 def mark_step_waiting(conn: Any, step_uuid: str, why: str) -> None:

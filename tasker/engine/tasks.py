@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg.rows import class_row
+
 from tasker.engine.enqueue import step_messages
 from tasker.engine.messages import Sender
 from tasker.engine.payloads import MAX_PAYLOAD_BYTES, check_payload, encode_json
@@ -20,7 +22,7 @@ from tasker.engine.templates import Template, find_template
 from tasker.exceptions import IdempotencyConflictError, PayloadError
 from tasker.workflow.definition import Workflow
 from tasker.workflow.input_schema import validate_input
-from tasker.workflow.states import check_task_path
+from tasker.workflow.states import TaskState, check_task_path
 
 __all__ = ["TaskHandle", "TaskRequest", "create_task", "identity_hash"]
 
@@ -79,6 +81,21 @@ def identity_hash(
         material = f"strict:{template.named_task_uuid}:{canonical}"
     return hashlib.sha256(material.encode()).hexdigest()
 
+
+@dataclass(frozen=True)
+class _CreatedTask:
+    """What ``tasker.create_task_v2`` answered: the task (new, or the one its identity names),
+    its template version, and the root steps it enqueued (for a new task)."""
+
+    task_uuid: Any
+    version: str
+    created: bool
+    conflict: bool
+    enqueued: list[Any] | None
+    enqueued_names: list[str] | None
+
+
+_CREATED_TASK = class_row(_CreatedTask)
 
 #: The longest idempotency key accepted, in characters.
 MAX_KEY_CHARS = 255
@@ -139,7 +156,12 @@ def create_task(
     if flow.input_schema is not None:
         validate_input(flow.input_schema, request.context)
     identity = identity_hash(template, context_json, request.idempotency_key, nonce)
-    check_task_path("pending", "initializing", "enqueuing_steps", "steps_in_process")
+    check_task_path(
+        TaskState.PENDING,
+        TaskState.INITIALIZING,
+        TaskState.ENQUEUING_STEPS,
+        TaskState.STEPS_IN_PROCESS,
+    )
     steps = list(flow.steps.values())
     edges = [(parent, step.name) for step in steps for parent in step.depends_on]
     params = {
@@ -161,20 +183,21 @@ def create_task(
         "edge_children": [child for _, child in edges],
     }
     with conn.transaction():
-        row = conn.execute(q("create_task"), params).fetchone()
-        task_uuid, version, created, conflict, roots, names = row
-        if conflict and request.idempotency_key is not None:
+        with conn.cursor(row_factory=_CREATED_TASK) as cursor:
+            row: _CreatedTask = cursor.execute(q("create_task"), params).fetchone()
+        task_uuid = row.task_uuid
+        if row.conflict and request.idempotency_key is not None:
             raise IdempotencyConflictError(
                 f"Idempotency key {request.idempotency_key!r} already names task {task_uuid} "
                 f"of {flow.namespace}/{flow.name}, submitted with another context. Submit the "
                 "same context to get that task back, or use a new key for a new task.",
                 task_uuid=str(task_uuid),
             )
-        if created:
-            pairs = list(zip(roots, names, strict=True))
+        if row.created:
+            pairs = list(zip(row.enqueued or (), row.enqueued_names or (), strict=True))
             messages = step_messages(flow.namespace, flow.name, flow.version, task_uuid, pairs)
             sender.send_steps(conn, messages)
-    return TaskHandle(str(task_uuid), flow.namespace, flow.name, version, bool(created))
+    return TaskHandle(str(task_uuid), flow.namespace, flow.name, row.version, bool(row.created))
 
 
 _DEFINITIONS: dict[Any, tuple[dict[str, Any], Workflow]] = {}

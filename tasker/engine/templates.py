@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg.rows import class_row
+
 from tasker.engine.sql import q
 from tasker.exceptions import TaskerError, TemplateConflictError, TemplateNotFoundError
 from tasker.workflow.definition import Workflow
@@ -35,6 +37,18 @@ class Template:
     identity_strategy: str
 
 
+@dataclass(frozen=True)
+class _StoredTemplate:
+    """A registered template's row, locked to be compared or replaced."""
+
+    named_task_uuid: Any
+    configuration: dict[str, Any]
+
+
+_TEMPLATE = class_row(Template)
+_STORED_TEMPLATE = class_row(_StoredTemplate)
+
+
 def register_template(conn: Any, flow: Workflow, *, allow_replace: bool = False) -> Any:
     """Store ``flow``'s template; returns its ``named_task_uuid``.
 
@@ -54,8 +68,10 @@ def register_template(conn: Any, flow: Workflow, *, allow_replace: bool = False)
         inserted = conn.execute(q("insert_named_task"), params).fetchone()
         if inserted is not None:
             return inserted[0]
-        named_task, stored = conn.execute(q("lock_named_task"), params).fetchone()
-        differences = _differences(stored, template)
+        with conn.cursor(row_factory=_STORED_TEMPLATE) as cursor:
+            stored: _StoredTemplate = cursor.execute(q("lock_named_task"), params).fetchone()
+        named_task = stored.named_task_uuid
+        differences = _differences(stored.configuration, template)
         if differences and not allow_replace:
             raise TemplateConflictError(
                 f"Task template {flow.namespace}/{flow.name} version {flow.version} is already "
@@ -83,26 +99,25 @@ def _differences(stored: dict[str, Any], new: dict[str, Any]) -> str:
 def find_template(conn: Any, namespace: str, name: str, version: str | None) -> Template:
     """The registered template: ``version``, or the latest release by semantic-version
     precedence (the latest pre-release when no release is registered)."""
-    rows = conn.execute(
-        q("template_versions"), {"namespace": namespace, "name": name, "version": version}
-    ).fetchall()
+    params = {"namespace": namespace, "name": name, "version": version}
+    with conn.cursor(row_factory=_TEMPLATE) as cursor:
+        rows: list[Template] = cursor.execute(q("template_versions"), params).fetchall()
     if not rows:
         wanted = f"{namespace}/{name}" + (f" version {version}" if version else "")
         raise TemplateNotFoundError(
             f"No task template {wanted} is registered; start a worker that defines it "
             "(workers register their templates at boot) or call Client.register(flow)."
         )
-    named_task_uuid, found_version, configuration, identity = max(rows, key=_precedence)
-    return Template(named_task_uuid, namespace, name, found_version, configuration, identity)
+    return max(rows, key=_precedence)
 
 
-def _precedence(row: tuple[Any, ...]) -> tuple[int, int, Any]:
+def _precedence(template: Template) -> tuple[int, int, Any]:
     """Releases before pre-releases (``2.0.0-rc.1`` is chosen only when asked for by version, or
     when no release exists), then semantic-version precedence; a version an older release stored
     that is not semver (``"1.0"``) sorts below every semver one."""
     try:
-        key = version_key(row[1])
+        key = version_key(template.version)
     except TaskerError:
-        return (0, 0, str(row[1]))
+        return (0, 0, str(template.version))
     is_release = key[3][0]
     return (1, is_release, key)

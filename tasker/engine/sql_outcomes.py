@@ -1,0 +1,48 @@
+"""The words Tasker's stored functions answer with, typed once (their source: sql/migrations/).
+
+The engine compares these members, never string literals; ``tests/test_vocabulary.py`` checks that
+the functions' source and these enums name the same words, so neither side can gain or lose one
+alone. The state names are :class:`~tasker.workflow.states.TaskState` and
+:class:`~tasker.workflow.states.StepState`, checked against the tables' CHECK constraints.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["ClaimOutcome", "CompletionOutcome", "ExecutionStatus"]
+
+
+class ClaimOutcome(StrEnum):
+    """What ``tasker.claim_step_v2`` answered to a delivery asking for its step."""
+
+    CLAIMED = "claimed"  # from enqueued
+    RECLAIMED = "reclaimed"  # the previous claim's lease ran out
+    REPEATED = "repeated"  # the same delivery asked again
+    BUSY = "busy"  # a live claim holds the step until claimed_until
+    EXHAUSTED = "exhausted"  # the previous claim ran out on the last allowed attempt
+    SKIPPED = "skipped"  # nothing to run: the step is pending, done or waiting
+    MISSING = "missing"  # no such step
+
+
+class CompletionOutcome(StrEnum):
+    """What ``tasker.complete_step_v2`` (the inline success of a step) answered."""
+
+    LOST = "lost"  # the attempt lost its claim: nothing was recorded
+    LATE = "late"  # recorded, but the task had finished already
+    PROCESSING = "processing"  # recorded; other steps of the task still run
+    ENQUEUED = "enqueued"  # recorded, and steps that became ready were enqueued: send them
+    FINALIZE = "finalize"  # recorded, and every step is complete: finalize the task
+    EVALUATE = "evaluate"  # recorded; the general path decides (the task row is locked)
+
+
+class ExecutionStatus(StrEnum):
+    """A task's ``execution_status`` from ``tasker.task_execution_context_v2``, in the order the
+    function tries them (the first that matches wins)."""
+
+    HAS_READY_STEPS = "has_ready_steps"
+    PROCESSING = "processing"  # steps enqueued, running or waiting for orchestration
+    WAITING_FOR_RETRY = "waiting_for_retry"
+    BLOCKED_BY_FAILURES = "blocked_by_failures"  # a step failed and nothing else runs or waits
+    ALL_COMPLETE = "all_complete"
+    WAITING_FOR_DEPENDENCIES = "waiting_for_dependencies"
