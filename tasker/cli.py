@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
 from tasker.exceptions import TaskerError
 from tasker.settings import Settings, load_settings
 
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_worker_command(commands)
     _add_queue_commands(commands)
     _add_dlq_commands(commands)
+    add_coordinator_commands(commands)
     settings = commands.add_parser("settings", help="print the effective settings as JSON")
     settings.set_defaults(handler=_cmd_settings)
     demo = commands.add_parser(
@@ -182,6 +184,7 @@ def _add_dlq_commands(commands: Any) -> None:
     purge = sub.add_parser("purge", help="delete every dead letter of a queue")
     purge.add_argument("queue")
     purge.set_defaults(handler=_cmd_dlq_purge)
+    add_dlq_task_commands(sub)
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Every error Tasker raises on purpose is a :class:`TaskerError`, and every messag
      ├── TemplateNotFoundError       no registered task template with that namespace/name/version
      ├── IdempotencyConflictError    an idempotency key reused with another context
      ├── TaskNotFoundError           no task with that id
+     ├── DlqEntryNotFoundError       no task DLQ entry with that id (or it is resolved)
      ├── StepNotFoundError           no step with that name in the task
      └── TaskTimeoutError            a task did not finish within the time waited for it
 
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailableError",
+    "DlqEntryNotFoundError",
     "IdempotencyConflictError",
     "InvalidTransitionError",
     "MigrationError",
@@ -112,6 +114,10 @@ class TemplateNotFoundError(TaskerError, LookupError):
 
 class TaskNotFoundError(TaskerError, LookupError):
     """No task has that id."""
+
+
+class DlqEntryNotFoundError(TaskerError, LookupError):
+    """No task DLQ entry has that id, or it is already resolved."""
 
 
 class StepNotFoundError(TaskerError, KeyError):

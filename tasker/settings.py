@@ -19,7 +19,16 @@ import msgspec
 from tasker.exceptions import ConfigurationError
 from tasker.resources import bundled_path
 
-__all__ = ["BrokerSettings", "DatabaseSettings", "EngineSettings", "Settings", "load_settings"]
+__all__ = [
+    "BrokerSettings",
+    "CoordinatorSettings",
+    "DatabaseSettings",
+    "EngineSettings",
+    "ScalingSettings",
+    "Settings",
+    "StalenessSettings",
+    "load_settings",
+]
 
 DEFAULT_ENV = "development"
 ENVIRONMENTS = ("development", "test", "production")
@@ -63,6 +72,46 @@ class EngineSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allow_template_replace: bool = False
 
 
+class StalenessSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Minutes without activity after which the coordinator gives a task up (seed-spec 10.4);
+    a template's ``lifecycle`` overrides them."""
+
+    steps_in_process_minutes: int = 30
+    waiting_for_retry_minutes: int = 30
+    waiting_for_dependencies_minutes: int = 60
+    max_lifetime_minutes: int = 1440
+
+
+class ScalingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The scaling rule (docs/operations.md, "Scaling")."""
+
+    processes: int = 2
+    threads: int = 8
+    target_utilization: float = 0.75
+    backlog_per_replica: int = 100
+    min_replicas: int = 1
+    max_replicas: int = 10
+    error_threshold: float = 0.05
+    cooldown_s: float = 60.0
+
+
+class CoordinatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The coordinator: its cycle, sweeps, staleness, retention and scaling hints."""
+
+    interval_s: float = 5.0
+    in_worker: bool = False
+    port: int = 9191
+    batch: int = 100
+    recovery_grace_s: float = 30.0
+    handler_not_found_after_s: float = 600.0
+    live_worker_s: float = 60.0
+    retention_days: float = 30.0
+    retention_batch: int = 500
+    retention_every_s: float = 300.0
+    staleness: StalenessSettings = StalenessSettings()
+    scaling: ScalingSettings = ScalingSettings()
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The validated settings of one Tasker process."""
 
@@ -71,6 +120,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     database: DatabaseSettings = DatabaseSettings()
     broker: BrokerSettings = BrokerSettings()
     engine: EngineSettings = EngineSettings()
+    coordinator: CoordinatorSettings = CoordinatorSettings()
 
 
 def load_settings(env: str | None = None, *, settings_file: str | Path | None = None) -> Settings:
@@ -181,6 +231,7 @@ def _check_values(settings: Settings) -> None:
     for key, value in positive.items():
         if value <= 0:
             _bad(settings.env, key, f"must be greater than 0, got {value}")
+    _check_coordinator(settings)
     if db.pool_max_size < db.pool_min_size:
         _bad(settings.env, "database.pool_max_size", "must be at least database.pool_min_size")
     if broker.heartbeat_interval_ms < 0 or (
@@ -198,6 +249,34 @@ def _check_values(settings: Settings) -> None:
             "is empty and the embedded PostgreSQL is not allowed in this environment; "
             "set it to a PostgreSQL URL",
         )
+
+
+def _check_coordinator(settings: Settings) -> None:
+    c, scaling = settings.coordinator, settings.coordinator.scaling
+    positive = {
+        "coordinator.interval_s": c.interval_s,
+        "coordinator.batch": c.batch,
+        "coordinator.live_worker_s": c.live_worker_s,
+        "coordinator.retention_days": c.retention_days,
+        "coordinator.retention_batch": c.retention_batch,
+        "coordinator.scaling.processes": scaling.processes,
+        "coordinator.scaling.threads": scaling.threads,
+        "coordinator.scaling.backlog_per_replica": scaling.backlog_per_replica,
+        "coordinator.scaling.max_replicas": scaling.max_replicas,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            _bad(settings.env, key, f"must be greater than 0, got {value}")
+    if not 0 < scaling.target_utilization <= 1:
+        _bad(settings.env, "coordinator.scaling.target_utilization", "must be in (0, 1]")
+    if not 0 <= scaling.min_replicas <= scaling.max_replicas:
+        _bad(
+            settings.env,
+            "coordinator.scaling.min_replicas",
+            "must be between 0 and coordinator.scaling.max_replicas",
+        )
+    if not 0 < c.port < 65536:
+        _bad(settings.env, "coordinator.port", f"must be a TCP port, got {c.port}")
 
 
 def _bad(env: str, key: str, problem: str) -> None:

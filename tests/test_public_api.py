@@ -9,6 +9,7 @@ def test_public_api_is_pinned() -> None:
             "ConfigurationError",
             "DatabaseError",
             "DatabaseUnavailableError",
+            "DlqEntryNotFoundError",
             "IdempotencyConflictError",
             "InvalidTransitionError",
             "MigrationError",

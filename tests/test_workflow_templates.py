@@ -366,7 +366,14 @@ def test_values_that_ask_for_nothing_unsupported_load_silently(edit: Edit) -> No
 # -- fields accepted with a warning ----------------------------------------------------------------
 
 WARNED: list[tuple[Edit, str]] = [
-    (on_top(lifecycle={"max_duration_minutes": 60}), "task template: lifecycle is not applied yet"),
+    (
+        on_top(lifecycle={"staleness_action": "dlq"}),
+        "task template: lifecycle.staleness_action is not applied",
+    ),
+    (
+        on_top(lifecycle={"auto_fail_on_timeout": True}),
+        "task template: lifecycle.auto_fail_on_timeout is accepted but changes nothing",
+    ),
     (
         on_top(system_dependencies={"primary": "default", "secondary": []}),
         "task template: system_dependencies is accepted but changes nothing",
@@ -390,13 +397,17 @@ def test_warnings_name_the_file_and_every_field() -> None:
         flow = tasker.Workflow.from_yaml(path, register=False)
     messages = sorted(str(w.message) for w in caught)
     assert messages == [
-        f"{path}: lifecycle is not applied yet: Tasker has no per-template staleness limits.",
+        f"{path}: lifecycle.auto_fail_on_timeout is accepted but changes nothing in Tasker.",
+        f"{path}: lifecycle.staleness_action is not applied: a stale task always goes to the "
+        "task DLQ and to error.",
         f"{path}: step 'only': system_dependency is accepted but changes nothing in Tasker.",
         f"{path}: system_dependencies is accepted but changes nothing in Tasker.",
     ]
     assert all(w.category is TemplateWarning for w in caught)
     assert caught[0].filename == __file__  # attributed to the caller's line
     assert list(flow.steps) == ["only"]
+    assert flow.lifecycle == {"max_duration_minutes": 60, "max_waiting_for_retry_minutes": 30}
+    assert flow.to_template()["lifecycle"] == dict(flow.lifecycle)  # the coordinator reads it
 
 
 def test_warned_fields_are_still_validated_and_a_refused_template_warns_nothing() -> None:

@@ -27,4 +27,5 @@ install(
     finalization_lease_s=_settings.engine.finalization_claim_lease_s,
     max_payload_bytes=_settings.engine.max_payload_bytes,
     allow_template_replace=_settings.engine.allow_template_replace,
+    coordinator=_settings.coordinator,
 )

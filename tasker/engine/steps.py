@@ -268,6 +268,9 @@ class StepExecutor:
     ) -> None:
         self.connect = connect
         self.max_payload_bytes = max_payload_bytes
+        #: Outcomes recorded by this executor that were failures (the worker registry reports
+        #: them for the scaling hints' error rate).
+        self.failures_recorded = 0
         self.sender = sender
         self.lease_s = lease_s
         self.max_lease_s = max_lease_s
@@ -376,6 +379,8 @@ class StepExecutor:
                 record_outcome(conn, self.sender, step_uuid, attempt, outcome, inline=runner.inline)
                 delivery.settle_in(conn)  # fenced: removes nothing if the lease was lost
             delivery.mark_settled()
+            if not outcome.success:
+                self.failures_recorded += 1
             return Settlement.RECORDED
 
         return self._retrying("record", step_uuid, once)

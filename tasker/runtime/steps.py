@@ -37,7 +37,7 @@ from tasker.workflow.definition import (
     legacy_step_actor_name,
 )
 
-__all__ = ["StepActors", "step_actors", "step_executor"]
+__all__ = ["StepActors", "existing_step_executor", "step_actors", "step_executor"]
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,12 @@ def step_actors(broker: PGMQBroker) -> StepActors:
     if actors is None:
         actors = _ACTORS[broker] = StepActors(broker)
     return actors
+
+
+def existing_step_executor(broker: PGMQBroker) -> StepExecutor | None:
+    """The broker's step executor if its step actors exist, else None."""
+    actors = _ACTORS.get(broker)
+    return None if actors is None else actors.executor
 
 
 def step_executor(broker: PGMQBroker) -> StepExecutor:

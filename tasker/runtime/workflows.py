@@ -33,10 +33,13 @@ from tasker.engine.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.tasks import TaskRequest, create_task
 from tasker.exceptions import DatabaseUnavailableError
+from tasker.middleware.coordinator import InWorkerCoordinator
 from tasker.middleware.finalization import FinalizationClaim
+from tasker.middleware.registry import WorkerRegistry
 from tasker.middleware.templates import TemplateRegistrar
 from tasker.runtime.sender import BrokerSender
 from tasker.runtime.steps import step_actors, step_executor
+from tasker.settings import CoordinatorSettings
 from tasker.workflow.definition import Workflow, on_step_declared
 
 __all__ = ["BrokerSender", "FinalizationClaim", "bind_workflow", "install", "step_executor"]
@@ -63,16 +66,22 @@ def install(
     bind_workflows: bool = True,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     allow_template_replace: bool = False,
+    coordinator: CoordinatorSettings | None = None,
 ) -> BrokerSender:
     """Declare the orchestration actors on ``broker``; with ``bind_workflows``, every workflow
     step defined in this process, now or later, becomes an actor on it. Step results over
     ``max_payload_bytes`` bytes of JSON fail their step; a workflow version registered with
-    another definition stops the worker's boot unless ``allow_template_replace``."""
+    another definition stops the worker's boot unless ``allow_template_replace``. Workers keep
+    their row in the worker registry; with ``coordinator.in_worker`` each also runs a coordinator
+    thread."""
     step_executor(broker).max_payload_bytes = max_payload_bytes
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
     broker.add_middleware(FinalizationClaim(broker, lease_s=finalization_lease_s))
     broker.add_middleware(TemplateRegistrar(broker, allow_replace=allow_template_replace))
+    broker.add_middleware(WorkerRegistry(broker))
+    if coordinator is not None and coordinator.in_worker:
+        broker.add_middleware(InWorkerCoordinator(broker, coordinator))
     sender = BrokerSender(broker)
     _declare_stages(broker, sender)
     if bind_workflows:

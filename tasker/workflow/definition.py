@@ -176,6 +176,7 @@ class Workflow:
         backoff: BackoffPolicy | None = None,
         input_schema: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        lifecycle: Mapping[str, Any] | None = None,
         register: bool = True,
     ) -> None:
         _check_name("namespace", namespace)
@@ -190,6 +191,7 @@ class Workflow:
         self.backoff = backoff if backoff is not None else BackoffPolicy()
         self.input_schema: Mapping[str, Any] | None = copy.deepcopy(input_schema)
         self.metadata: Mapping[str, Any] = copy.deepcopy(dict(metadata or {}))
+        self.lifecycle: Mapping[str, Any] = _check_lifecycle(lifecycle)
         self.steps: dict[str, StepDefinition] = {}
         if register:
             _register(self)
@@ -293,6 +295,8 @@ class Workflow:
             template["input_schema"] = copy.deepcopy(self.input_schema)
         if self.metadata:
             template["metadata"] = copy.deepcopy(self.metadata)
+        if self.lifecycle:
+            template["lifecycle"] = dict(self.lifecycle)
         return template
 
     @classmethod
@@ -340,6 +344,30 @@ class Workflow:
             register=register,
             environment=environment,
         )
+
+
+#: The staleness limits a workflow may set (minutes), applied by the coordinator.
+LIFECYCLE_LIMITS = (
+    "max_duration_minutes",
+    "max_waiting_for_dependencies_minutes",
+    "max_waiting_for_retry_minutes",
+    "max_steps_in_process_minutes",
+)
+
+
+def _check_lifecycle(lifecycle: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The staleness limits of ``lifecycle`` (whole minutes above 0); the fields a template
+    may carry without effect (``staleness_action``...) are dropped after their warning."""
+    limits: dict[str, Any] = {}
+    for key, value in (lifecycle or {}).items():
+        if key not in LIFECYCLE_LIMITS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise WorkflowDefinitionError(
+                f"lifecycle.{key} must be a whole number of minutes above 0, got {value!r}."
+            )
+        limits[key] = value
+    return limits
 
 
 def step_actor_name(namespace: str, workflow: str, version: str, step: str) -> str:
@@ -413,6 +441,7 @@ def _build(cls: type[Workflow], template: Mapping[str, Any], resolve: bool) -> W
         backoff=_policy(template.get("backoff", {}), BackoffPolicy()),
         input_schema=template.get("input_schema"),
         metadata=template.get("metadata"),
+        lifecycle=template.get("lifecycle"),
         register=False,
     )
     steps = {raw["name"]: raw for raw in template["steps"]}

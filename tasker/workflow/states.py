@@ -14,6 +14,7 @@ __all__ = [
     "InvalidTransitionError",
     "StepState",
     "TaskState",
+    "check_give_up",
     "check_step_path",
     "check_task_path",
 ]
@@ -135,6 +136,16 @@ def check_task_path(current: str, *path: str) -> TaskState:
             raise InvalidTransitionError(f"task cannot move from {state} to {target}")
         state = target
     return state
+
+
+def check_give_up(current: str) -> TaskState:
+    """A task that is not final may always be given up (``-> error``): the coordinator does it to
+    a task past its staleness limit (seed-spec 10.4), which is the one move the ordinary edges do
+    not have from every state."""
+    state = TaskState(current)
+    if state.terminal:
+        raise InvalidTransitionError(f"task cannot be given up from the final state {state}")
+    return T.ERROR
 
 
 def check_step_path(current: str, *path: str) -> StepState:

@@ -7,7 +7,7 @@ A template is validated, never coerced: a value of the wrong type, a field Taske
     order.yaml: step 'charge': retry.max_attempts must be an integer, got 2.9.
     order.yaml: step 'charge': retyr is not a known field; did you mean 'retry'?
 
-Fields that change nothing in Tasker (``lifecycle``, ``system_dependencies``,
+Fields that change nothing in Tasker (``lifecycle.staleness_action``, ``system_dependencies``,
 ``system_dependency``) are accepted with a :class:`~tasker.exceptions.TemplateWarning`;
 ``description`` and ``metadata`` are accepted silently. docs/workflows.md ("Templates") lists
 every field. :func:`check_template` validates a template and resolves it for one environment;
@@ -338,9 +338,12 @@ _LIFECYCLE: Mapping[str, _Field] = {
     "max_waiting_for_dependencies_minutes": _Field(_integer(1, 10080)),
     "max_waiting_for_retry_minutes": _Field(_integer(1, 10080)),
     "max_steps_in_process_minutes": _Field(_integer(1, 10080)),
-    "staleness_action": _Field(_choice(("dlq", "error", "none"))),
-    "auto_fail_on_timeout": _Field(_boolean),
-    "auto_dlq_on_timeout": _Field(_boolean),
+    "staleness_action": _Field(
+        _choice(("dlq", "error", "none")),
+        warned="is not applied: a stale task always goes to the task DLQ and to error",
+    ),
+    "auto_fail_on_timeout": _Field(_boolean, warned=_NO_EFFECT),
+    "auto_dlq_on_timeout": _Field(_boolean, warned=_NO_EFFECT),
 }
 _TASK_HANDLER = "Tasker has no task-level handler; put the work in a step and remove task_handler"
 _TEMPLATE: Mapping[str, _Field] = {
@@ -358,10 +361,7 @@ _TEMPLATE: Mapping[str, _Field] = {
     "domain_events": _Field(
         _refused_unless_empty("Tasker publishes no domain events; remove domain_events")
     ),
-    "lifecycle": _Field(
-        fields=_LIFECYCLE,
-        warned="is not applied yet: Tasker has no per-template staleness limits",
-    ),
+    "lifecycle": _Field(fields=_LIFECYCLE),  # staleness limits, applied by the coordinator
     "system_dependencies": _Field(
         fields={"primary": _Field(_string), "secondary": _Field(_strings)}, warned=_NO_EFFECT
     ),

@@ -1,0 +1,278 @@
+"""The coordinator's commands of the ``tasker`` CLI: ``coordinator``, ``workers``, ``scale`` and
+``dlq tasks``. Each prints a table, or JSON with ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+__all__ = ["add_coordinator_commands", "add_dlq_task_commands"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_coordinator_commands(commands: Any) -> None:
+    """Add ``coordinator``, ``workers`` and ``scale`` to the CLI's subcommands."""
+    coordinator = commands.add_parser(
+        "coordinator",
+        help="run the coordinator: recovery sweeps, task DLQ, retention, scaling hints",
+        description="Runs the coordinator until SIGTERM or SIGINT: every coordinator.interval_s "
+        "seconds the leader (one among any number of replicas, by a PostgreSQL advisory lock) "
+        "recovers lost steps, moves stale tasks to the task DLQ, applies retention and writes "
+        "the scaling hints. Serves /metrics, /health/live and /health/ready. See "
+        "docs/operations.md.",
+    )
+    coordinator.add_argument(
+        "--port", type=int, default=None, help="HTTP port (default: coordinator.port, 9191)"
+    )
+    coordinator.add_argument(
+        "--interval", type=float, default=None, help="seconds per cycle (coordinator.interval_s)"
+    )
+    coordinator.add_argument(
+        "--once", action="store_true", help="run one cycle, print what it did and exit"
+    )
+    coordinator.add_argument("--json", action="store_true", help="with --once: print JSON")
+    coordinator.set_defaults(handler=_cmd_coordinator)
+
+    workers = commands.add_parser("workers", help="list the worker processes (the registry)")
+    workers.add_argument("--all", action="store_true", help="also workers no longer seen")
+    workers.add_argument("--json", action="store_true", help="print JSON")
+    workers.set_defaults(handler=_cmd_workers)
+
+    scale = commands.add_parser(
+        "scale", help="show the scaling hints: desired worker pods per queue"
+    )
+    scale.add_argument("--json", action="store_true", help="print JSON")
+    scale.set_defaults(handler=_cmd_scale)
+
+
+def add_dlq_task_commands(dlq_commands: Any) -> None:
+    """Add ``dlq tasks list|show|resolve`` (the task DLQ) under ``tasker dlq``."""
+    tasks = dlq_commands.add_parser("tasks", help="the task DLQ: stale tasks given up")
+    sub = tasks.add_subparsers(title="dlq tasks commands", metavar="COMMAND", required=True)
+    listing = sub.add_parser("list", help="list task DLQ entries (pending by default)")
+    listing.add_argument(
+        "--status",
+        default="pending",
+        choices=["pending", "manually_resolved", "permanently_failed", "cancelled", "all"],
+        help="entries with this resolution status (default: pending)",
+    )
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_cmd_dlq_tasks_list)
+    show = sub.add_parser("show", help="one entry with its task snapshot")
+    show.add_argument("entry", help="the entry id (dlq_entry_uuid)")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(handler=_cmd_dlq_tasks_show)
+    resolve = sub.add_parser("resolve", help="close a pending entry")
+    resolve.add_argument("entry", help="the entry id (dlq_entry_uuid)")
+    resolve.add_argument(
+        "--status",
+        required=True,
+        choices=["manually_resolved", "permanently_failed", "cancelled"],
+        help="how it was resolved",
+    )
+    resolve.add_argument("--notes", default=None, help="what was done")
+    resolve.add_argument("--by", default=None, help="who resolved it")
+    resolve.set_defaults(handler=_cmd_dlq_tasks_resolve)
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from tasker.coordinator.http import HealthServer
+    from tasker.coordinator.loop import Coordinator
+    from tasker.runtime.broker import broker_from_settings
+    from tasker.settings import load_settings
+
+    settings = load_settings()
+    overrides: dict[str, Any] = {}
+    if args.interval is not None:
+        overrides["interval_s"] = args.interval
+    if args.port is not None:
+        overrides["port"] = args.port
+    config = msgspec.structs.replace(settings.coordinator, **overrides)
+    broker = broker_from_settings(settings)
+    coordinator = Coordinator(broker, config)
+    try:
+        if args.once:
+            report = coordinator.cycle()
+            _print(_jsonable(dataclasses.asdict(report)), args.json, _report_lines)
+            return 0
+        server = HealthServer(coordinator.metrics.registry, coordinator.ready, port=config.port)
+        server.start()
+        print(f"coordinator {coordinator.name}: metrics and health on :{server.port}")
+        stop = threading.Event()
+        with _stop_on_signals(stop):
+            coordinator.run(stop)
+        server.stop()
+        return 0
+    finally:
+        coordinator.close()
+        broker.close()
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    previous = {
+        sig: signal.signal(sig, lambda _signum, _frame: stop.set())
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    from tasker.engine.registry import list_workers
+
+    with _connection() as (conn, settings):
+        rows = list_workers(conn, live_s=settings.coordinator.live_worker_s)
+    rows = [row for row in rows if args.all or row.live]
+    data = [_jsonable(dataclasses.asdict(row)) for row in rows]
+    _print(data, args.json, _worker_lines)
+    return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from tasker.engine.scaling import read_scaling_hints
+
+    with _connection() as (conn, _settings):
+        hints = read_scaling_hints(conn)
+    _print([_jsonable(dataclasses.asdict(h)) for h in hints], args.json, _scale_lines)
+    return 0
+
+
+def _cmd_dlq_tasks_list(args: argparse.Namespace) -> int:
+    from tasker.engine.staleness import list_dlq
+
+    status = None if args.status == "all" else args.status
+    with _connection() as (conn, _settings):
+        entries = list_dlq(conn, status=status, limit=args.limit)
+    data = [_jsonable(dataclasses.asdict(e)) for e in entries]
+    _print(data, args.json, _dlq_lines)
+    return 0
+
+
+def _cmd_dlq_tasks_show(args: argparse.Namespace) -> int:
+    from tasker.engine.staleness import get_dlq_entry
+
+    with _connection() as (conn, _settings):
+        entry = get_dlq_entry(conn, args.entry)
+    data = _jsonable(dataclasses.asdict(entry))
+    _print(data, True, _report_lines)  # a snapshot reads best as JSON
+    return 0
+
+
+def _cmd_dlq_tasks_resolve(args: argparse.Namespace) -> int:
+    from tasker.engine.staleness import resolve_dlq_entry
+
+    with _connection() as (conn, _settings):
+        resolve_dlq_entry(conn, args.entry, status=args.status, notes=args.notes, by=args.by)
+    print(f"task DLQ entry {args.entry} resolved: {args.status}")
+    return 0
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _connection() -> Iterator[tuple[Any, Any]]:
+    import psycopg
+
+    from tasker.db.connection import connect
+    from tasker.db.errors import database_error
+    from tasker.db.resolve import resolve_database_url
+    from tasker.settings import load_settings
+
+    settings = load_settings()
+    url = resolve_database_url(settings.database)
+    try:
+        with connect(url) as conn:
+            yield conn, settings
+    except psycopg.Error as exc:
+        raise database_error(exc, url=url) from exc
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _print(data: Any, as_json: bool, lines: Callable[[Any], Sequence[str]]) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    for line in lines(data):
+        print(line)
+
+
+def _report_lines(data: Any) -> list[str]:
+    return json.dumps(data, indent=2).splitlines()
+
+
+def _worker_lines(rows: list[dict[str, Any]]) -> list[str]:
+    header = (
+        f"{'host':<24} {'pid':>7} {'threads':>7} {'in_flight':>9} {'processed':>10} "
+        f"{'failed':>7} {'live':>5}  queues"
+    )
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"{r['hostname'][:24]:<24} {r['pid']:>7} {r['threads']:>7} {r['in_flight']:>9} "
+            f"{r['processed']:>10} {r['failed']:>7} {'yes' if r['live'] else 'no':>5}  "
+            f"{','.join(r['queues'])}"
+        )
+    if not rows:
+        lines.append("(no live workers; start some with `tasker worker MODULES`)")
+    return lines
+
+
+def _scale_lines(rows: list[dict[str, Any]]) -> list[str]:
+    header = (
+        f"{'queue':<40} {'depth':>7} {'age_s':>7} {'in_flight':>9} {'done/s':>8} "
+        f"{'errors':>7} {'live':>5} {'desired':>7}"
+    )
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"{r['queue'][:40]:<40} {r['depth']:>7} {r['oldest_age_s']:>7.1f} "
+            f"{r['in_flight']:>9} {r['completions_per_s']:>8.2f} {r['error_rate']:>7.1%} "
+            f"{r['live_replicas']:>5} {r['desired_replicas']:>7}"
+        )
+    if not rows:
+        lines.append("(no hints yet: is `tasker coordinator` running?)")
+    return lines
+
+
+def _dlq_lines(rows: list[dict[str, Any]]) -> list[str]:
+    header = f"{'entry':<36} {'task':<36} {'workflow':<30} {'was':<18} {'status':<18}"
+    lines = [header]
+    for r in rows:
+        workflow = f"{r.get('namespace')}/{r.get('task_name')}"
+        lines.append(
+            f"{r['dlq_entry_uuid']:<36} {r['task_uuid']:<36} {workflow[:30]:<30} "
+            f"{r['original_state']:<18} {r['resolution_status']:<18}"
+        )
+    if not rows:
+        lines.append("(the task DLQ is empty)")
+    return lines
