@@ -340,6 +340,8 @@ def check_pdbs(objects: list[Obj]) -> None:
         assert pdb["spec"]["selector"] == matched_selector(objects, matched[0])
         covered[matched[0]] += 1
         assert "minAvailable" not in pdb["spec"], "maxUnavailable never blocks a drain forever"
+        # The schemas have no enums: check the value here. Crash-looping pods must not block.
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     for deployment in deployments:
         assert covered[deployment["metadata"]["name"]] == 1, deployment["metadata"]["name"]
 
