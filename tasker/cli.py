@@ -1,4 +1,4 @@
-"""The ``tasker`` command: database, workers, queues, dead letters and the demo.
+"""The ``tasker`` command: database, workers, queues, dead letters, deploy manifests, the demo.
 
 Run ``tasker --help`` or ``tasker COMMAND --help``. Settings come from ``settings/settings.toml``
 and ``TASKER_*`` variables; ``--env`` overrides ``TASKER_ENV``.
@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_queue_commands(commands)
     _add_dlq_commands(commands)
     add_coordinator_commands(commands)
+    _add_deploy_commands(commands)
     settings = commands.add_parser("settings", help="print the effective settings as JSON")
     settings.set_defaults(handler=_cmd_settings)
     demo = commands.add_parser(
@@ -185,6 +186,100 @@ def _add_dlq_commands(commands: Any) -> None:
     purge.add_argument("queue")
     purge.set_defaults(handler=_cmd_dlq_purge)
     add_dlq_task_commands(sub)
+
+
+def _add_deploy_commands(commands: Any) -> None:
+    from tasker.deploy_manifests import DEFAULT_IMAGE, SCALING_CHOICES
+
+    deploy = commands.add_parser("deploy", help="render Kubernetes manifests")
+    sub = deploy.add_subparsers(title="deploy commands", metavar="COMMAND", required=True)
+    workers = sub.add_parser(
+        "workers",
+        help="print one worker Deployment (+ PodDisruptionBudget + autoscaler) per namespace",
+        description="Prints a multi-document YAML stream: for each Tasker NAMESPACE a worker "
+        "Deployment `tasker-worker-<namespace>` (underscores become dashes) running `tasker "
+        "worker MODULES -Q worker_<namespace>_queue`, its PodDisruptionBudget and its "
+        "autoscaler; with --orchestration also `tasker-orchestration` for the four "
+        "orchestration queues (render it once per installation). The Deployments read the "
+        "ConfigMap tasker-config and the Secret tasker-database of deploy/kubernetes/base. "
+        "Name the NAMESPACEs before --modules (or end the module list with --).",
+        epilog="example: tasker deploy workers fulfillment billing --modules myapp.flows "
+        "--image registry.example.com/myapp:1.4.0 --scaling keda --orchestration | kubectl "
+        "apply -f -   (see deploy/README.md)",
+    )
+    workers.add_argument(
+        "namespaces", nargs="*", metavar="NAMESPACE", help="Tasker workflow namespaces"
+    )
+    workers.add_argument(
+        "--modules",
+        nargs="+",
+        required=True,
+        metavar="MODULE",
+        help="actor modules the workers load (`tasker worker MODULES`)",
+    )
+    workers.add_argument(
+        "--image", default=DEFAULT_IMAGE, help="container image (default: %(default)s)"
+    )
+    workers.add_argument(
+        "--scaling",
+        choices=SCALING_CHOICES,
+        default="hpa",
+        help="autoscaler per Deployment: hpa (HorizontalPodAutoscaler on the external metric "
+        "tasker_desired_workers), keda (ScaledObject on tasker.scaling_hints) or none; never "
+        "both (default: %(default)s)",
+    )
+    workers.add_argument(
+        "--orchestration",
+        action="store_true",
+        help="also render tasker-orchestration for the four orchestration queues",
+    )
+    workers.add_argument(
+        "--scalers-only",
+        action="store_true",
+        help="print only the autoscalers (for an overlay over Deployments rendered before)",
+    )
+    _add_deploy_numbers(workers)
+    workers.set_defaults(handler=_cmd_deploy_workers)
+
+
+def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
+    workers.add_argument(
+        "--namespace",
+        dest="k8s_namespace",
+        default="tasker",
+        metavar="K8S_NAMESPACE",
+        help="Kubernetes namespace of the objects (default: %(default)s)",
+    )
+    workers.add_argument(
+        "--min-replicas",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="autoscaler minimum (default: 1)",
+    )
+    workers.add_argument(
+        "--max-replicas",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="autoscaler maximum (default: 10)",
+    )
+    workers.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_int,
+        default=50,
+        metavar="SECONDS",
+        help="`tasker worker --shutdown-timeout`: how long running handlers may finish after "
+        "SIGTERM; must be below --termination-grace-period (default: 50)",
+    )
+    workers.add_argument(
+        "--termination-grace-period",
+        type=_positive_int,
+        default=60,
+        metavar="SECONDS",
+        help="the pods' terminationGracePeriodSeconds, after which the kubelet sends SIGKILL "
+        "(default: 60)",
+    )
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -307,6 +402,13 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {number}")
+    return number
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -386,6 +488,28 @@ def _cmd_dlq_purge(args: argparse.Namespace) -> int:
     settings = _settings()
     deleted = purge_dead_letters(_database_url(), args.queue, namespace=settings.broker.namespace)
     print(f"deleted {deleted} dead letter(s) of {args.queue}")
+    return 0
+
+
+# -- deploy ----------------------------------------------------------------------------------
+
+
+def _cmd_deploy_workers(args: argparse.Namespace) -> int:
+    from tasker.deploy_manifests import RenderOptions, dump_manifests, render_workers
+
+    options = RenderOptions(
+        modules=tuple(args.modules),
+        image=args.image,
+        scaling=args.scaling,
+        k8s_namespace=args.k8s_namespace,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        shutdown_timeout_s=args.shutdown_timeout,
+        grace_period_s=args.termination_grace_period,
+        scalers_only=args.scalers_only,
+    )
+    manifests = render_workers(args.namespaces, options, orchestration=args.orchestration)
+    sys.stdout.write(dump_manifests(manifests))
     return 0
 
 

@@ -26,7 +26,7 @@ def test_help_lists_the_commands() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tasker.cli", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("db", "worker", "queues", "dlq", "settings", "demo"):
+    for command in ("db", "worker", "queues", "dlq", "deploy", "settings", "demo"):
         assert command in result.stdout
 
 
