@@ -36,22 +36,21 @@ CLUSTER_SCOPED_KINDS = {"Namespace"}
 KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "resources", "images"}
 DESIRED_WORKERS = "tasker_desired_workers"
-SCALING_HINTS_DDL = """
-CREATE TABLE IF NOT EXISTS tasker.scaling_hints (
-    queue text PRIMARY KEY,
-    depth bigint,
-    oldest_age_s double precision,
-    in_flight integer,
-    completions_per_s double precision,
-    live_replicas integer,
-    desired_replicas integer NOT NULL,
-    error_rate double precision,
-    updated_at timestamptz,
-    changed_at timestamptz
-)
-"""
 
 Obj = dict[str, Any]
+
+
+def store_desired_replicas(conn: Any, desired: dict[str, int]) -> None:
+    """Replace tasker.scaling_hints (created by the migrations) with one row per queue holding
+    ``desired[queue]`` replicas, as the coordinator would."""
+    conn.execute("DELETE FROM tasker.scaling_hints")
+    for queue, replicas in desired.items():
+        conn.execute(
+            "INSERT INTO tasker.scaling_hints (queue, depth, oldest_age_s, in_flight, "
+            "completions_per_s, live_replicas, error_rate, desired_replicas, updated_at, "
+            "changed_at) VALUES (%s, 0, 0, 0, 0, 0, 0, %s, now(), now())",
+            (queue, replicas),
+        )
 
 
 # -- loading and kustomize ----------------------------------------------------------------------

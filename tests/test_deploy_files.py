@@ -41,7 +41,6 @@ from tests.deploy_support import (
     DESIRED_WORKERS,
     K8S,
     OVERLAYS,
-    SCALING_HINTS_DDL,
     check_hpa,
     check_name,
     check_one_autoscaler_each,
@@ -57,6 +56,7 @@ from tests.deploy_support import (
     parse_docs,
     pod_spec,
     selects,
+    store_desired_replicas,
     validate_any,
     worker_command,
 )
@@ -260,18 +260,6 @@ def render(argv: list[str]) -> list[dict[str, Any]]:
     with redirect_stdout(out):
         assert main(argv) == 0
     return parse_docs(out.getvalue())
-
-
-def scaling_hints(conn: psycopg.Connection[Any], rows: dict[str, int]) -> None:
-    """Create tasker.scaling_hints (the coordinator's table) if needed and store ``rows``."""
-    conn.execute(SCALING_HINTS_DDL)
-    conn.execute("DELETE FROM tasker.scaling_hints")
-    for queue, desired in rows.items():
-        conn.execute(
-            "INSERT INTO tasker.scaling_hints (queue, desired_replicas, updated_at, changed_at)"
-            " VALUES (%s, %s, now(), now())",
-            (queue, desired),
-        )
 
 
 # ----------------------------------------------------------------------------------- Dockerfile
@@ -692,7 +680,7 @@ def test_keda_queries_run_against_the_coordinators_table(database_url: str) -> N
         "worker_other_queue": 50,
     }
     with psycopg.connect(database_url, autocommit=True) as conn:
-        scaling_hints(conn, desired)
+        store_desired_replicas(conn, desired)
         for obj in of_kind(objects, "ScaledObject"):
             deployment = next(
                 d
@@ -704,7 +692,7 @@ def test_keda_queries_run_against_the_coordinators_table(database_url: str) -> N
             expected = sum(desired[q] for q in worker_command(deployment).queues)
             assert rows == [(expected,)], f"{obj['metadata']['name']}: {query}"
         # No hint yet: no number (KEDA reports an error and leaves the replica count alone).
-        scaling_hints(conn, {})
+        store_desired_replicas(conn, {})
         for obj in of_kind(objects, "ScaledObject"):
             rows = conn.execute(obj["spec"]["triggers"][0]["metadata"]["query"]).fetchall()
             assert rows in ([], [(None,)])

@@ -33,7 +33,6 @@ from tasker.exceptions import ConfigurationError
 from tests.deploy_support import (
     BASE,
     OVERLAYS,
-    SCALING_HINTS_DDL,
     check_hpa,
     check_name,
     check_one_autoscaler_each,
@@ -44,6 +43,7 @@ from tests.deploy_support import (
     of_kind,
     parse_docs,
     pod_spec,
+    store_desired_replicas,
     validate_any,
     worker_command,
 )
@@ -174,13 +174,7 @@ def test_rendered_keda_queries_run_against_the_coordinators_table(database_url: 
     desired = {worker_queue("billing"): 2, worker_queue(LONG): 7}
     desired.update({queue: n for n, queue in enumerate(ORCHESTRATION_QUEUES, start=1)})
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(SCALING_HINTS_DDL)
-        conn.execute("DELETE FROM tasker.scaling_hints")
-        for queue, replicas in desired.items():
-            conn.execute(
-                "INSERT INTO tasker.scaling_hints (queue, desired_replicas) VALUES (%s, %s)",
-                (queue, replicas),
-            )
+        store_desired_replicas(conn, desired)
         deployments = {d["metadata"]["name"]: d for d in of_kind(objects, "Deployment")}
         for scaled in of_kind(objects, "ScaledObject"):
             queues = worker_command(deployments[scaled["spec"]["scaleTargetRef"]["name"]]).queues

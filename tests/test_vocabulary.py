@@ -98,7 +98,8 @@ def test_the_sql_compares_states_only_with_state_names(db: Conn) -> None:
         "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
         "WHERE n.nspname = 'tasker'"
     ).fetchall()
-    sources = [str(row[0]) for row in functions] + list(load_queries("engine").values())
+    queries = [*load_queries("engine").values(), *load_queries("coordinator").values()]
+    sources = [str(row[0]) for row in functions] + queries
     words: set[str] = set()
     for source in sources:
         words |= set(_STATE_EQ.findall(source))

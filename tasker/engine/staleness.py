@@ -23,6 +23,7 @@ from typing import Any
 from psycopg.rows import class_row
 
 from tasker.engine.sql import cq, q
+from tasker.engine.task_rows import lock_task
 from tasker.exceptions import DlqEntryNotFoundError, PayloadError
 from tasker.workflow.states import check_give_up
 
@@ -104,8 +105,8 @@ def dlq_stale_tasks(
 
 def _dlq_one(conn: Any, task: _Stale, coordinator: str) -> bool:
     with conn.transaction():
-        locked = conn.execute(q("lock_task"), {"task": task.task_uuid}).fetchone()
-        if locked is None or locked[0] != task.state:
+        locked = lock_task(conn, task.task_uuid)
+        if locked is None or locked.state != task.state:
             return False  # it moved meanwhile: not stale any more
         snapshot = conn.execute(cq("dlq_snapshot"), {"task": task.task_uuid}).fetchone()[0]
         limit = task.lifetime_limit if task.why == "max_lifetime" else task.state_limit
