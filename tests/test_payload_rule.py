@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import json
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -13,7 +14,8 @@ from typing import Any
 import pytest
 
 import tasker
-from tasker.engine.payloads import MAX_NESTING, check_payload, encode_json
+from tasker.engine.outcomes import run_handler
+from tasker.workflow.payloads import MAX_NESTING, check_payload, encode_json
 from tests.support import InProcessFlows, scalar
 
 
@@ -24,6 +26,18 @@ class Point:
 
 class Color(enum.IntEnum):
     RED = 1
+
+
+class Label(str):
+    """A str subclass (msgspec alone refuses it)."""
+
+
+class Count(int):
+    pass
+
+
+class Ratio(float):
+    pass
 
 
 def _deep(levels: int) -> Any:
@@ -56,6 +70,10 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "surrogate_in_value": ({"x": "\ud800"}, "lone surrogate"),
     "surrogate_in_key": ({"\udfff": 1}, "the key contains a lone surrogate"),
     "too_deep": ({"x": _deep(MAX_NESTING)}, f"nested more than {MAX_NESTING} levels"),
+    # whole floats whose decimal form is not exact: jsonb would hand back a different int
+    "inexact_whole_float": ({"x": 2.0**60}, "would read back as the int 1152921504606847000"),
+    "inexact_whole_float_negative": ({"x": [-(2.0**62)]}, "whole number that jsonb"),
+    "inexact_whole_float_in_a_dict": ({"a": 1, "b": 1.2345678901234567e18}, "1234567890123456800"),
 }
 
 
@@ -91,6 +109,22 @@ ACCEPTED: dict[str, tuple[Any, Any]] = {
     "minus_zero_reads_back_as_zero": ({"n": -0.0}, {"n": 0}),
     "64_bit_ints": ({"n": [2**63 - 1, -(2**63)]}, {"n": [2**63 - 1, -(2**63)]}),
     "deep_but_allowed": ({"x": _deep(MAX_NESTING - 5)}, {"x": _deep(MAX_NESTING - 5)}),
+    # floats beyond 64 bits: jsonb writes them as long whole numbers; they read back as floats
+    "float_1e19": ({"n": 1e19}, {"n": 1e19}),
+    "float_1e23_not_exact_in_binary": ({"n": 1e23}, {"n": 1e23}),
+    "float_huge": (
+        {"n": [1.5e300, -1.7976931348623157e308]},
+        {"n": [1.5e300, -1.7976931348623157e308]},
+    ),
+    "float_tiny": (
+        {"n": [5e-324, 2.2250738585072014e-308]},
+        {"n": [5e-324, 2.2250738585072014e-308]},
+    ),
+    "whole_float_exact_in_decimal": ({"n": 4.5e18}, {"n": 4_500_000_000_000_000_000}),
+    "subclasses_read_back_as_base_types": (
+        {Label("k"): [Label("v"), Count(3), Ratio(0.5)]},
+        {"k": ["v", 3, 0.5]},
+    ),
 }
 
 
@@ -107,8 +141,28 @@ def test_accepted_values_read_back_numerically_equal(
 
     status = flows.run(flow, {"given": value})
     assert status.state == "complete"
-    assert status.step("echo").result == read_back
-    assert status.step("seen").result == {"context": {"given": read_back}, "parent": read_back}
+    stored = status.step("echo").result
+    assert _exactly(stored, read_back)
+    assert status.step("seen").result == {"context": {"given": stored}, "parent": stored}
+
+
+def _exactly(read: Any, expected: Any) -> bool:
+    """Equal, and a float that read back is a float (not a long int)."""
+    if isinstance(expected, float) and abs(expected) > 2**63:
+        return type(read) is float and read == expected
+    if isinstance(expected, dict):
+        return (
+            isinstance(read, dict)
+            and read.keys() == expected.keys()
+            and all(_exactly(read[key], expected[key]) for key in expected)
+        )
+    if isinstance(expected, (list, tuple)):
+        return (
+            isinstance(read, list)
+            and len(read) == len(expected)
+            and all(_exactly(a, b) for a, b in zip(read, expected, strict=True))
+        )
+    return bool(read == expected)
 
 
 @pytest.mark.parametrize("value,message", REFUSED.values(), ids=REFUSED.keys())
@@ -148,3 +202,18 @@ def test_the_size_limit_is_a_setting(flows: InProcessFlows) -> None:
     flows.register(flow)
     with pytest.raises(tasker.PayloadError, match=r"engine\.max_payload_bytes"):
         client.submit("payloads", "small", {"x": "y" * 200})
+
+
+def test_the_size_limit_counts_the_result_itself_not_the_stored_document() -> None:
+    value = {"x": "y" * 100}
+    size = len(encode_json(value, "result"))
+    context = tasker.StepContext(
+        task_uuid="t", step_uuid="s", step_name="s", namespace="n", workflow="w",
+        task_context={}, parent_results={}, inputs={}, attempt=1, max_attempts=1,
+        correlation_id="c",
+    )  # fmt: skip
+    fits = run_handler(lambda ctx: value, context, max_bytes=size)
+    assert fits.success and json.loads(fits.document)["result"] == value
+    over = run_handler(lambda ctx: value, context, max_bytes=size - 1)
+    assert not over.success and over.error_type == "payload_error"
+    assert f"{size:,} bytes of JSON, over the {size - 1:,}-byte limit" in over.document

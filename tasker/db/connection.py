@@ -8,25 +8,33 @@ Pools (:class:`TaskerPool`) check a connection before lending it (:func:`check_c
 connection whose server session ended while it sat idle (a restart, ``pg_terminate_backend``) is
 replaced instead of failing the caller's first statement. One timeout (``timeout_s``) bounds both
 opening a connection and waiting for a pooled one.
+
+json and jsonb values are decoded by :func:`load_json`: jsonb stores numbers as ``numeric``, so a
+float such as ``1e300`` comes back as a 301-digit whole number; Tasker stores no ints beyond 64
+bits (the payload rule refuses them), so such a number is read back as the float it was.
 """
 
 from __future__ import annotations
 
+import json
 import select
-from typing import Any
+from typing import Any, Self
 
 import psycopg
+import psycopg.types.json
 from psycopg_pool import ConnectionPool
 
 __all__ = [
     "DEFAULT_APPLICATION_NAME",
     "DEFAULT_STATEMENT_TIMEOUT_MS",
     "DEFAULT_TIMEOUT_S",
+    "TaskerConnection",
     "TaskerPool",
     "check_connection",
     "connect",
     "connection_kwargs",
     "last_connect_error",
+    "load_json",
     "make_pool",
 ]
 
@@ -35,6 +43,33 @@ DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
 #: Seconds to open a connection, and to wait for a pooled one (``database.timeout_s``).
 DEFAULT_TIMEOUT_S = 5.0
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+_INT64_MAX = 2**63 - 1
+
+
+def _number(text: str) -> int | float:
+    value = int(text)
+    return value if -_INT64_MAX - 1 <= value <= _INT64_MAX else float(text)
+
+
+def load_json(data: str | bytes) -> Any:
+    """Decode a json or jsonb value read from PostgreSQL, a whole number beyond 64 bits as a float.
+
+    jsonb writes a stored ``1e19`` as ``10000000000000000000``; this reads it back as ``1e19``,
+    the float the payload rule (:mod:`tasker.workflow.payloads`) let through. Every connection
+    made by :func:`connect` and :func:`make_pool` uses it.
+    """
+    return json.loads(data, parse_int=_number)
+
+
+class TaskerConnection(psycopg.Connection[Any]):
+    """A psycopg connection whose json and jsonb values are decoded by :func:`load_json`."""
+
+    @classmethod
+    def connect(cls, *args: Any, **kwargs: Any) -> Self:
+        """Open the connection (same arguments as :meth:`psycopg.Connection.connect`)."""
+        conn = super().connect(*args, **kwargs)
+        psycopg.types.json.set_json_loads(load_json, conn)
+        return conn
 
 
 def connection_kwargs(
@@ -70,7 +105,7 @@ def connect(url: str, **overrides: Any) -> psycopg.Connection[Any]:
     """Open one autocommit connection to ``url`` with Tasker's session settings."""
     kwargs = connection_kwargs()
     kwargs.update(overrides)
-    return psycopg.connect(url, **kwargs)
+    return TaskerConnection.connect(url, **kwargs)
 
 
 def check_connection(conn: psycopg.Connection[Any]) -> None:
@@ -101,7 +136,7 @@ def _recording_connection_class(failures: _ConnectFailures) -> type[psycopg.Conn
     """A connection class that notes why the pool's last connection attempt failed, so an error
     after a pool timeout can say "database x does not exist" instead of only "timed out"."""
 
-    class RecordingConnection(psycopg.Connection[Any]):
+    class RecordingConnection(TaskerConnection):
         connect_failures = failures
 
         @classmethod

@@ -4,7 +4,7 @@ This is total: every return value and every exception a handler can produce, ``B
 included, becomes a :class:`StepOutcome` whose document PostgreSQL's jsonb accepts.
 
 * A returned value is stored as the step's result when it passes the payload rules
-  (:mod:`tasker.engine.payloads`); otherwise the step fails permanently with error
+  (:mod:`tasker.workflow.payloads`); otherwise the step fails permanently with error
   type ``payload_error``, naming where in the value the problem is.
 * ``RetryableError`` (with its ``retry_after``) and any other ``Exception`` are retryable failures,
   ``PermanentError`` is not (seed-spec 9.5: the error type is the exception's class name).
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tasker.engine.payloads import MAX_PAYLOAD_BYTES, check_payload, dump_json
+from tasker.workflow.payloads import MAX_PAYLOAD_BYTES, check_payload, dump_json
 from tasker.workflow.definition import PermanentError, RetryableError, StepContext
 
 __all__ = [
@@ -110,21 +110,24 @@ async def _await(value: Any, timeout: float | None) -> Any:
 
 
 def _success(value: Any, context: StepContext, max_bytes: int) -> StepOutcome:
-    document = {
-        "success": True,
-        "result": value,
-        "error": None,
-        "metadata": {"attempt": context.attempt, "retryable": False},
-    }
     for _ in range(_MAX_INTERRUPTS):
         try:
             check_payload(value, "result")
-            return StepOutcome(True, dump_json(document, "the result", limit=max_bytes))
+            result = dump_json(value, "the result", limit=max_bytes)  # the limit is the value's
+            return StepOutcome(True, _success_document(result, context.attempt))
         except Exception as exc:  # PayloadError, or an object whose inspection itself fails
             return refused_outcome(context.attempt, exc, where="result")
         except BaseException:  # an interrupt meant for the handler landed here: check again
             continue
     return refused_outcome(context.attempt, RuntimeError("interrupted"), where="result")
+
+
+def _success_document(result: str, attempt: int) -> str:
+    """The stored document of a success, around the result's JSON text (encoded once)."""
+    return (
+        f'{{"success":true,"result":{result},"error":null,'
+        f'"metadata":{{"attempt":{int(attempt)},"retryable":false}}}}'
+    )
 
 
 def _failure(exc: BaseException, context: StepContext) -> StepOutcome:

@@ -42,7 +42,7 @@ from tasker.engine.outcomes import (
     run_handler,
     worker_died_outcome,
 )
-from tasker.engine.payloads import MAX_PAYLOAD_BYTES
+from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.sql import q
 from tasker.engine.sql_outcomes import ClaimOutcome, CompletionOutcome

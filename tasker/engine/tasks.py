@@ -16,7 +16,7 @@ from psycopg.rows import class_row
 
 from tasker.engine.enqueue import step_messages
 from tasker.engine.messages import Sender
-from tasker.engine.payloads import MAX_PAYLOAD_BYTES, check_payload, encode_json
+from tasker.workflow.payloads import MAX_PAYLOAD_BYTES, check_payload, encode_json
 from tasker.engine.sql import q
 from tasker.engine.templates import Template, find_template
 from tasker.exceptions import IdempotencyConflictError, PayloadError

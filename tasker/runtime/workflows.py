@@ -29,7 +29,7 @@ from tasker.engine.messages import (
     TASK_REQUEST,
     OrchestrationStage,
 )
-from tasker.engine.payloads import MAX_PAYLOAD_BYTES
+from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.tasks import TaskRequest, create_task
 from tasker.exceptions import DatabaseUnavailableError

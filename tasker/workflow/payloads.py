@@ -5,19 +5,25 @@ written: a value that would not read back equal is refused with :class:`PayloadE
 place inside the value and the fix.
 
 Accepted: ``dict`` with ``str`` keys, ``list``, ``tuple`` (reads back as a ``list``), ``str``,
-``bool``, ``None``, ``int`` within 64 bits, finite ``float``, and their subclasses (an ``IntEnum``
-reads back as its ``int``). Numbers read back numerically equal: jsonb stores ``numeric``, so
-``1e16`` reads back as the int ``10000000000000000`` and ``-0.0`` as ``0``.
+``bool``, ``None``, ``int`` within 64 bits, finite ``float``, and their subclasses (stored as the
+base type: an ``IntEnum`` or an ``int`` subclass reads back as a plain ``int``, a ``str`` subclass
+as a plain ``str``). jsonb stores numbers as ``numeric``, so a whole float from ``1e16`` up to 64
+bits reads back as an equal ``int`` (``1e16`` as ``10000000000000000``), ``-0.0`` as ``0.0``, and
+a float beyond 64 bits as the same ``float`` (Tasker's connections decode such numbers as floats, see
+:func:`tasker.db.connection.load_json`).
 
 Refused: non-``str`` keys, NaN and ±Infinity, NUL characters and lone surrogates (in keys too),
-ints beyond 64 bits, nesting deeper than :data:`MAX_NESTING`, documents larger than the size limit,
-and every other type (``Decimal``, ``bytes``, ``set``, ``datetime``, dataclasses, ...), which a
-JSON encoder would otherwise turn silently into something else.
+ints beyond 64 bits, whole floats between 2**53 and 2**63 whose shortest decimal form is not
+exact (``2.0**60`` would read back as ``1152921504606847000``), nesting deeper than
+:data:`MAX_NESTING`, values larger than the size limit, and every other type (``Decimal``,
+``bytes``, ``set``, ``datetime``, dataclasses, ...), which a JSON encoder would otherwise turn
+silently into something else.
 """
 
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -31,8 +37,24 @@ MAX_PAYLOAD_BYTES = 1024 * 1024
 #: Deepest nesting of lists and dicts accepted.
 MAX_NESTING = 256
 _INT64 = (-(2**63), 2**63 - 1)
+#: Floats from this size up are whole numbers, which jsonb hands back as ints.
+_WHOLE_FLOATS = 2.0**53
 _MAX_PATH_CHARS = 160
-_encoder = msgspec.json.Encoder()
+
+
+def _base_value(value: Any) -> Any:
+    """A ``str``, ``int`` or ``float`` subclass as its base type (msgspec encodes only exact
+    types and enums; the payload rule has already accepted the value)."""
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_base_value)
 
 _HINTS = {
     "Decimal": "convert it to str (exact) or float",
@@ -64,8 +86,8 @@ def check_payload(value: Any, what: str) -> None:
 
 
 def dump_json(value: Any, what: str, *, limit: int = MAX_PAYLOAD_BYTES) -> str:
-    """JSON text of a value already checked by :func:`check_payload`, refused above ``limit``
-    bytes."""
+    """JSON text of a value already checked by :func:`check_payload`; :class:`PayloadError` when
+    it is over ``limit`` bytes (the value's own JSON, not a document around it)."""
     try:
         data = _encoder.encode(value)
     except Exception as exc:  # the rule should have refused it already
@@ -92,9 +114,7 @@ def _problem(value: Any, path: tuple[Any, ...], depth: int) -> Problem | None:
             return None
         return path, "int beyond 64 bits, which jsonb cannot hold exactly; convert it to str"
     if isinstance(value, float):
-        if math.isfinite(value):
-            return None
-        return path, f"{value!r} is not JSON; use null or a string"
+        return _float_problem(float.__float__(value), path)
     if isinstance(value, (dict, list, tuple)):
         if depth >= MAX_NESTING:
             return path, f"nested more than {MAX_NESTING} levels deep; flatten it"
@@ -108,6 +128,20 @@ def _problem(value: Any, path: tuple[Any, ...], depth: int) -> Problem | None:
     name = type(value).__name__
     hint = _HINTS.get(name, "convert it to a dict, list, str, int, float, bool or None")
     return path, f"{name} is not JSON; {hint}"
+
+
+def _float_problem(value: float, path: tuple[Any, ...]) -> Problem | None:
+    if not math.isfinite(value):
+        return path, f"{value!r} is not JSON; use null or a string"
+    if _WHOLE_FLOATS <= abs(value) <= _INT64[1]:
+        stored = int(Decimal(repr(value)))  # the digits the JSON carries, read back as an int
+        if stored != value:
+            return (
+                path,
+                f"the float {value!r} is a whole number that jsonb would read back as the int "
+                f"{stored}, which is not equal; pass int(value), or a str",
+            )
+    return None
 
 
 def _dict_problem(value: dict[Any, Any], path: tuple[Any, ...], depth: int) -> Problem | None:
