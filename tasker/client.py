@@ -30,7 +30,6 @@ from psycopg_pool import PoolTimeout
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.db.connection import DEFAULT_TIMEOUT_S, last_connect_error
 from tasker.db.errors import database_error, is_transient
-from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.status import TaskStatus, task_status
 from tasker.engine.tasks import TaskHandle, TaskRequest, create_task
 from tasker.engine.templates import register_template
@@ -38,6 +37,7 @@ from tasker.exceptions import TaskTimeoutError
 from tasker.runtime.sender import BrokerSender
 from tasker.settings import Settings
 from tasker.workflow.definition import Workflow
+from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 
 __all__ = ["Client"]
 

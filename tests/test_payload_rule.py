@@ -59,7 +59,7 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "uuid": ({"x": uuid.uuid4()}, "UUID is not JSON; convert it to str"),
     "dataclass": ({"x": Point(1)}, "Point is not JSON"),
     "object": ({"x": object()}, "object is not JSON"),
-    "int_key": ({1: "a"}, "is a int; JSON keys are strings"),
+    "int_key": ({1: "a"}, "is an int; JSON keys are strings"),
     "keys_that_collide": ({1: "a", "1": "b"}, "JSON keys are strings"),
     "tuple_key": ({(1, 2): "a"}, "is a tuple"),
     "int_beyond_64_bits": ({"x": 2**64}, "beyond 64 bits"),
@@ -92,7 +92,7 @@ def test_the_error_names_the_place_inside_the_value_and_the_fix() -> None:
     )
     with pytest.raises(tasker.PayloadError) as caught:
         check_payload({"a": {7: 1}}, "context")
-    assert str(caught.value).startswith('context["a"][{7}]: key 7 is a int')
+    assert str(caught.value).startswith('context["a"][{7}]: key 7 is an int')
 
 
 def test_long_paths_are_shortened() -> None:

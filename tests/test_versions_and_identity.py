@@ -16,10 +16,10 @@ from tasker.workflow.definition import legacy_step_actor_name
 from tests.support import InProcessFlows, scalar, wait_for
 
 
-def versioned(version: str, name: str = "versioned") -> tasker.Workflow:
+def versioned(version: str, name: str = "versioned", attempts: int = 3) -> tasker.Workflow:
     """``first -> second``; each returns the version that ran it."""
     flow = tasker.Workflow("deploys", name, version=version, register=False)
-    flow.step("first")(lambda ctx: {"ran": version})
+    flow.step("first", max_attempts=attempts)(lambda ctx: {"ran": version})
 
     @flow.step(depends_on=["first"])
     def second(ctx: tasker.StepContext) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def test_a_version_registered_again_with_another_definition_is_refused(
     changed.step("third", depends_on=["second"])(lambda ctx: None)
     with pytest.raises(tasker.TemplateConflictError, match="Bump the version") as caught:
         flows.client.register(changed)
-    assert "steps differ" in str(caught.value)
+    assert "step 'third' added" in str(caught.value)
     flows.client.register(changed, allow_replace=True)  # while iterating in development
     reworded = versioned("1.0.0")
     reworded.description = "only the words changed"
@@ -136,6 +136,50 @@ def test_a_worker_with_a_conflicting_definition_does_not_boot(
     with pytest.raises(TemplateConflictAtBootError, match="Bump the version"):
         registrar.before_worker_boot(flows.broker, None)
     TemplateRegistrar(flows.broker, allow_replace=True).before_worker_boot(flows.broker, None)
+
+
+def test_a_conflict_names_the_steps_and_fields_that_changed(flows: InProcessFlows) -> None:
+    flows.client.register(versioned("1.0.0"))
+    changed = versioned("1.0.0", attempts=5)
+    changed.step("third", depends_on=["second"])(lambda ctx: None)
+    with pytest.raises(tasker.TemplateConflictError) as caught:
+        flows.client.register(changed)
+    assert "step 'third' added" in str(caught.value)
+    assert "step 'first': max_attempts 3 -> 5" in str(caught.value)
+
+
+def test_a_template_postgresql_would_refuse_stops_the_boot_for_good(
+    flows: InProcessFlows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A definition changed after it was checked (here its metadata) is refused before anything
+    is written, as a WorkflowDefinitionError: the worker exits with EX_CONFIG, not restarted."""
+    from tasker.middleware import templates
+    from tasker.middleware.templates import TemplateRefusedAtBootError, TemplateRegistrar
+
+    broken = versioned("1.0.0")
+    broken.metadata = {"note": "a\x00b"}
+    monkeypatch.setattr(templates, "registered_workflows", lambda: [broken])
+    with pytest.raises(
+        TemplateRefusedAtBootError, match=r'\["metadata"\]\["note"\]: the text contains a NUL'
+    ):
+        TemplateRegistrar(flows.broker).before_worker_boot(flows.broker, None)
+    assert issubclass(TemplateRefusedAtBootError, tasker.WorkflowDefinitionError)
+    assert scalar(flows.url, "SELECT count(*) FROM tasker.named_tasks") == 0
+
+
+def test_numbers_of_every_size_register_again_without_a_conflict(flows: InProcessFlows) -> None:
+    """Stored templates read back equal, so a restart is not a conflict (1e300 comes back from
+    jsonb as a 301-digit number)."""
+
+    def big() -> tasker.Workflow:
+        flow = tasker.Workflow(
+            "deploys", "big", "1.0.0", register=False, metadata={"n": [1e19, 6.02e23, 1e300]}
+        )
+        flow.step("only", inputs={"limit": 1.5e300, "tiny": 5e-324, "whole": 1e16})(lambda c: 0)
+        return flow
+
+    flows.client.register(big())
+    flows.client.register(big())
 
 
 def test_the_development_environment_allows_replacing_templates(

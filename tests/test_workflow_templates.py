@@ -147,7 +147,10 @@ WRONG_TYPES: list[tuple[Edit, str]] = [
     (on_top(description=3), "description must be a string"),
     (on_top(metadata=["a"]), "metadata must be a mapping, got the list"),
     (on_top(metadata={"at": datetime.date(2024, 1, 1)}), r'metadata\["at"\] must be JSON.*quote'),
-    (on_top(metadata={1: "a"}), "metadata has the key 1; keys must be strings"),
+    (
+        on_top(metadata={1: "a"}),
+        r"metadata\[\{1\}\] must be JSON: key 1 is an int; JSON keys are strings",
+    ),
     (on_top(identity_strategy="strickt"), "did you mean 'strict'"),
     (on_top(identity_strategy=1), "identity_strategy must be a string"),
     (on_top(backoff="fast"), "backoff must be a mapping, got 'fast'"),
@@ -171,11 +174,17 @@ WRONG_TYPES: list[tuple[Edit, str]] = [
     (on_handler(callable=5), "handler.callable must be a string, got 5"),
     (on_handler(callable=""), "handler.callable must not be empty"),
     (on_handler(initialization=[1]), "handler.initialization must be a mapping"),
-    (on_handler(initialization={"x": math.nan}), r'initialization\["x"\] must be JSON, got nan'),
-    (on_handler(initialization={"x": {2: 1}}), r'initialization\["x"\] has the key 2'),
+    (
+        on_handler(initialization={"x": math.nan}),
+        r'initialization\["x"\] must be JSON: nan is not JSON',
+    ),
+    (
+        on_handler(initialization={"x": {2: 1}}),
+        r'initialization\["x"\]\[\{2\}\] must be JSON: key 2',
+    ),
     (
         on_handler(initialization={"x": [b"1"]}),
-        r'initialization\["x"\]\[0\] must be JSON, got a bytes',
+        r'initialization\["x"\]\[0\] must be JSON: bytes is not JSON',
     ),
     (on_handler(method=1), "handler.method must be a string"),
     (on_charge(type=1), "step 'charge': type must be a string"),
@@ -218,6 +227,27 @@ WRONG_TYPES: list[tuple[Edit, str]] = [
     (on_charge(name="Charge"), "Step name 'Charge' is invalid"),
     (on_top(namespace_name="Bad-NS"), "Namespace 'Bad-NS' is invalid"),
     (lambda t: t["steps"][0].update(dependencies=["charge"]), "dependency cycle"),
+    # every string and value is stored as given, or refused here rather than by PostgreSQL
+    (on_top(description="a\x00b"), "description cannot be stored: the text contains a NUL"),
+    (on_charge(description="\ud800"), "step 'charge': description cannot be stored: .*surrogate"),
+    (on_handler(callable="shop:charge\x00"), r"step 'charge': handler\.callable cannot be stored"),
+    (on_charge(system_dependency="db\x00"), "step 'charge': system_dependency cannot be stored"),
+    (
+        on_top(metadata={"note": "\x00"}),
+        r'metadata\["note"\] must be JSON: the text contains a NUL',
+    ),
+    (on_top(metadata={"k\udfff": 1}), r"metadata\[.*\] must be JSON: the key contains a lone"),
+    (on_handler(initialization={"n": 2**64}), r'initialization\["n"\] must be JSON: int beyond'),
+    (on_handler(initialization={"n": 2.0**60}), r'initialization\["n"\] must be JSON: the float'),
+    (on_top(input_schema={"description": "\x00"}), r"input_schema.* the text contains a NUL"),
+    (
+        on_top(
+            environments={
+                "prod": {"steps": [{"name": "ALL", "handler": {"initialization": {"n": -(2**70)}}}]}
+            }
+        ),
+        r"environments\.prod: step 'ALL': handler\.initialization\[\"n\"\] must be JSON",
+    ),
 ]
 
 
@@ -550,7 +580,7 @@ def noop(ctx: tasker.StepContext) -> None:
             "backoff must be a tasker.BackoffPolicy or None, got dict",
         ),
         ({"inputs": [("a", 1)]}, "inputs of step 'charge' must be a mapping, got the list"),
-        ({"inputs": {1: "a"}}, "has the key 1; keys must be strings"),
+        ({"inputs": {1: "a"}}, "key 1 is an int; JSON keys are strings"),
         (
             {"inputs": {"when": datetime.date(2024, 1, 1)}},
             r'inputs of step \'charge\'\["when"\] must be JSON',
@@ -607,7 +637,7 @@ def test_backoff_policies_take_finite_numbers_only(field: str, value: Any) -> No
         ({"handler_path": None}, "handler_path must name the handler"),
         ({"depends_on": "validate"}, r"write \['validate'\] for one"),
         ({"description": 5}, "description must be a string"),
-        ({"inputs": {"x": {1, 2}}}, r'inputs\["x"\] must be JSON, got a set'),
+        ({"inputs": {"x": {1, 2}}}, r'inputs\["x"\] must be JSON: set is not JSON'),
     ],
 )
 def test_step_definitions_added_directly_are_checked(changes: dict[str, Any], message: str) -> None:

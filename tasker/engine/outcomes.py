@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tasker.workflow.payloads import MAX_PAYLOAD_BYTES, check_payload, dump_json
 from tasker.workflow.definition import PermanentError, RetryableError, StepContext
+from tasker.workflow.payloads import MAX_PAYLOAD_BYTES, check_payload, dump_json
 
 __all__ = [
     "HANDLER_TIMEOUT",

@@ -42,12 +42,12 @@ from tasker.engine.outcomes import (
     run_handler,
     worker_died_outcome,
 )
-from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.sql import q
 from tasker.engine.sql_outcomes import ClaimOutcome, CompletionOutcome
 from tasker.engine.transitions import move_steps
 from tasker.workflow.definition import StepContext
+from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 from tasker.workflow.states import StepState
 
 __all__ = [

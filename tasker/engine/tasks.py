@@ -16,12 +16,12 @@ from psycopg.rows import class_row
 
 from tasker.engine.enqueue import step_messages
 from tasker.engine.messages import Sender
-from tasker.workflow.payloads import MAX_PAYLOAD_BYTES, check_payload, encode_json
 from tasker.engine.sql import q
 from tasker.engine.templates import Template, find_template
 from tasker.exceptions import IdempotencyConflictError, PayloadError
 from tasker.workflow.definition import Workflow
 from tasker.workflow.input_schema import validate_input
+from tasker.workflow.payloads import MAX_PAYLOAD_BYTES, check_payload, encode_json
 from tasker.workflow.states import TaskState, check_task_path
 
 __all__ = ["TaskHandle", "TaskRequest", "create_task", "identity_hash"]

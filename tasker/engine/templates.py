@@ -10,19 +10,30 @@ created from. Bump the version, or allow replacing while iterating (``allow_repl
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from psycopg.rows import class_row
 
 from tasker.engine.sql import q
-from tasker.exceptions import TaskerError, TemplateConflictError, TemplateNotFoundError
+from tasker.exceptions import (
+    PayloadError,
+    TaskerError,
+    TemplateConflictError,
+    TemplateNotFoundError,
+    WorkflowDefinitionError,
+)
 from tasker.workflow.definition import Workflow
-from tasker.workflow.shape import definition_shape
+from tasker.workflow.payloads import encode_json
+from tasker.workflow.shape import definition_shape, shape_differences
 from tasker.workflow.versions import version_key
 
 __all__ = ["Template", "find_template", "register_template"]
+
+logger = logging.getLogger(__name__)
+#: A template is stored as one jsonb value; far below PostgreSQL's limits, far above real ones.
+_MAX_TEMPLATE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,10 +67,14 @@ def register_template(conn: Any, flow: Workflow, *, allow_replace: bool = False)
     definition, unless ``allow_replace``.
     """
     template = flow.to_template()
+    try:
+        configuration = encode_json(template, "task template", limit=_MAX_TEMPLATE_BYTES)
+    except PayloadError as exc:  # a definition changed after it was checked
+        raise WorkflowDefinitionError(f"{flow!r}: {exc}") from None
     params = {
         "name": flow.name,
         "version": flow.version,
-        "configuration": json.dumps(template),
+        "configuration": configuration,
         "identity": flow.identity_strategy,
     }
     with conn.transaction():
@@ -80,6 +95,15 @@ def register_template(conn: Any, flow: Workflow, *, allow_replace: bool = False)
                 "engine.allow_template_replace = true (TASKER_ENGINE__ALLOW_TEMPLATE_REPLACE) "
                 "while you iterate in development."
             )
+        if differences:
+            logger.warning(
+                "Replacing the stored definition of %s/%s version %s (%s): "
+                "engine.allow_template_replace is on; tasks already created keep their steps",
+                flow.namespace,
+                flow.name,
+                flow.version,
+                differences,
+            )
         conn.execute(q("replace_named_task"), {**params, "named_task": named_task})
     return named_task
 
@@ -90,10 +114,9 @@ def _differences(stored: dict[str, Any], new: dict[str, Any]) -> str:
         old_shape = definition_shape(stored)
     except Exception:  # stored by an older release in a form this one no longer reads
         return "the stored definition cannot be read by this release"
-    new_shape = definition_shape(new)
-    keys = old_shape.keys() | new_shape.keys()
-    changed = sorted(key for key in keys if old_shape.get(key) != new_shape.get(key))
-    return ", ".join(f"{key} differ" for key in changed)
+    changes = shape_differences(old_shape, definition_shape(new))
+    shown = "; ".join(changes[:5])
+    return shown + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
 
 
 def find_template(conn: Any, namespace: str, name: str, version: str | None) -> Template:

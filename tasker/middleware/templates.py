@@ -10,12 +10,21 @@ from dramatiq.broker import Broker
 from dramatiq.middleware import Middleware, MiddlewareError
 
 from tasker.brokers.pgmq import PGMQBroker
-from tasker.db.errors import database_error
+from tasker.db.errors import database_error, is_transient
 from tasker.engine.templates import register_template
-from tasker.exceptions import DatabaseUnavailableError, TemplateConflictError
+from tasker.exceptions import (
+    DatabaseUnavailableError,
+    TemplateConflictError,
+    WorkflowDefinitionError,
+)
 from tasker.workflow.definition import registered_workflows
 
-__all__ = ["RegistrationUnavailableError", "TemplateConflictAtBootError", "TemplateRegistrar"]
+__all__ = [
+    "RegistrationUnavailableError",
+    "TemplateConflictAtBootError",
+    "TemplateRefusedAtBootError",
+    "TemplateRegistrar",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +32,12 @@ logger = logging.getLogger(__name__)
 class TemplateConflictAtBootError(TemplateConflictError, MiddlewareError):
     """A worker defines a workflow version that is registered with another definition: it does
     not start (Dramatiq lets a middleware error stop the boot)."""
+
+
+class TemplateRefusedAtBootError(WorkflowDefinitionError, MiddlewareError):
+    """PostgreSQL refused to store a template (or the definition broke a rule after it was
+    checked): the worker does not start, and ``tasker worker`` does not restart it, since the
+    same definition would be refused again."""
 
 
 class RegistrationUnavailableError(DatabaseUnavailableError, MiddlewareError):
@@ -53,10 +68,15 @@ class TemplateRegistrar(Middleware):
         except TemplateConflictError as exc:
             logger.critical("%s", exc)
             raise TemplateConflictAtBootError(str(exc)) from exc
+        except WorkflowDefinitionError as exc:
+            logger.critical("Could not register the workflow templates: %s", exc)
+            raise TemplateRefusedAtBootError(str(exc)) from exc
         except psycopg.Error as exc:
             error = database_error(exc, url=self.pgmq.url, timeout_s=self.pgmq.timeout_s)
             logger.critical("Could not register the workflow templates: %s", error)
-            raise RegistrationUnavailableError(str(error)) from exc
+            if is_transient(exc):
+                raise RegistrationUnavailableError(str(error)) from exc
+            raise TemplateRefusedAtBootError(str(error)) from exc
         logger.info("Registered %d workflow template(s)", len(flows))
         if autovacuum and autovacuum[0] == "off":
             logger.warning(

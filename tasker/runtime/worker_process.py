@@ -165,7 +165,7 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
 
     import dramatiq
 
-    from tasker.exceptions import DatabaseUnavailableError, TemplateConflictError
+    from tasker.exceptions import DatabaseUnavailableError, WorkflowDefinitionError
 
     random.seed()  # children must not share the parent's sequence (jittered backoffs)
     for path in reversed(args.path):
@@ -183,7 +183,7 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
         queues = set(args.queues) if args.queues else None
         worker = dramatiq.Worker(broker, queues=queues, worker_threads=args.threads)
         worker.start()
-    except TemplateConflictError:  # logged by the registrar; restarting cannot help
+    except WorkflowDefinitionError:  # a template refused at boot (logged): a restart cannot help
         raise _BootError(EXIT_CONFIG) from None
     except (dramatiq.BrokerConnectionError, DatabaseUnavailableError):
         logger.exception("The broker could not connect.")

@@ -29,7 +29,6 @@ from tasker.engine.messages import (
     TASK_REQUEST,
     OrchestrationStage,
 )
-from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.tasks import TaskRequest, create_task
 from tasker.exceptions import DatabaseUnavailableError
@@ -41,6 +40,7 @@ from tasker.runtime.sender import BrokerSender
 from tasker.runtime.steps import step_actors, step_executor
 from tasker.settings import CoordinatorSettings
 from tasker.workflow.definition import Workflow, on_step_declared
+from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 
 __all__ = ["BrokerSender", "FinalizationClaim", "bind_workflow", "install", "step_executor"]
 

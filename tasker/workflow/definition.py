@@ -38,6 +38,7 @@ from tasker.workflow.templates import (
     MAX_ATTEMPTS,
     MAX_TIMEOUT_S,
     check_json_mapping,
+    check_stored_text,
     check_template,
     read_template_file,
 )
@@ -393,6 +394,7 @@ def _check_workflow_settings(
 ) -> None:
     if not isinstance(description, str):
         raise WorkflowDefinitionError(f"description must be a string, got {description!r}.")
+    check_stored_text(description, "description")
     if identity_strategy not in IDENTITY_STRATEGIES:
         raise WorkflowDefinitionError(
             f"identity_strategy {identity_strategy!r} is unknown; use one of "
@@ -478,6 +480,8 @@ def _check_step_settings(step: StepDefinition) -> None:
         raise WorkflowDefinitionError(
             f"{where}: description must be a string, got {step.description!r}."
         )
+    check_stored_text(step.description, f"{where}: description")
+    check_stored_text(step.handler_path, f"{where}: handler_path")
     if step.handler is not None:
         _check_handler(step.name, step.handler)
 

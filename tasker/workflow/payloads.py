@@ -9,8 +9,8 @@ Accepted: ``dict`` with ``str`` keys, ``list``, ``tuple`` (reads back as a ``lis
 base type: an ``IntEnum`` or an ``int`` subclass reads back as a plain ``int``, a ``str`` subclass
 as a plain ``str``). jsonb stores numbers as ``numeric``, so a whole float from ``1e16`` up to 64
 bits reads back as an equal ``int`` (``1e16`` as ``10000000000000000``), ``-0.0`` as ``0.0``, and
-a float beyond 64 bits as the same ``float`` (Tasker's connections decode such numbers as floats, see
-:func:`tasker.db.connection.load_json`).
+a float beyond 64 bits as the same ``float`` (Tasker's connections decode such numbers as floats,
+see :func:`tasker.db.connection.load_json`).
 
 Refused: non-``str`` keys, NaN and ±Infinity, NUL characters and lone surrogates (in keys too),
 ints beyond 64 bits, whole floats between 2**53 and 2**63 whose shortest decimal form is not
@@ -30,7 +30,14 @@ import msgspec
 
 from tasker.exceptions import PayloadError
 
-__all__ = ["MAX_NESTING", "MAX_PAYLOAD_BYTES", "check_payload", "dump_json", "encode_json"]
+__all__ = [
+    "MAX_NESTING",
+    "MAX_PAYLOAD_BYTES",
+    "check_payload",
+    "dump_json",
+    "encode_json",
+    "payload_problem",
+]
 
 #: Default size limit of a context or a result, in bytes of JSON (setting engine.max_payload_bytes).
 MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -78,11 +85,22 @@ def encode_json(value: Any, what: str, *, limit: int = MAX_PAYLOAD_BYTES) -> str
 
 
 def check_payload(value: Any, what: str) -> None:
-    """Raise :class:`PayloadError` if ``value`` would not read back equal from jsonb."""
-    problem = _problem(value, (), 0)
+    """Raise :class:`PayloadError` if ``value`` would not read back equal from jsonb; the message
+    starts with ``what`` and the place inside the value (``result["items"][3]: ...``)."""
+    problem = payload_problem(value)
     if problem is not None:
-        path, message = problem
-        raise PayloadError(f"{_path(what, path)}: {message}")
+        where, message = problem
+        raise PayloadError(f"{what}{where}: {message}")
+
+
+def payload_problem(value: Any) -> tuple[str, str] | None:
+    """``(where, what is wrong)`` for the first place in ``value`` that breaks the rule, else
+    None; ``where`` is a path such as ``["items"][3]`` (empty for ``value`` itself)."""
+    problem = _problem(value, (), 0)
+    if problem is None:
+        return None
+    path, message = problem
+    return _path("", path), message
 
 
 def dump_json(value: Any, what: str, *, limit: int = MAX_PAYLOAD_BYTES) -> str:
@@ -149,7 +167,7 @@ def _dict_problem(value: dict[Any, Any], path: tuple[Any, ...], depth: int) -> P
         if not isinstance(key, str):
             return (
                 (*path, _KeyOf(key)),
-                f"key {_safe_repr(key)} is a {type(key).__name__}; JSON keys are strings, so "
+                f"key {_safe_repr(key)} is {_a(type(key).__name__)}; JSON keys are strings, so "
                 "it would read back as a str: convert it to str",
             )
         found = _text_problem(key, (*path, key), what="key")
@@ -169,6 +187,10 @@ def _text_problem(text: str, path: tuple[Any, ...], *, what: str = "text") -> Pr
     return None
 
 
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
 class _KeyOf:
     """Marks a non-str key in a path (shown as ``{key}``)."""
 
@@ -180,7 +202,7 @@ def _path(what: str, path: tuple[Any, ...]) -> str:
     """``result["items"][3]["price"]``; a very long path keeps its start and end."""
     parts = [f"[{part}]" if isinstance(part, int) else f"[{_safe_repr(part)}]" for part in path]
     text = what + "".join(parts)
-    if len(text) > _MAX_PATH_CHARS:
+    if len(text) > _MAX_PATH_CHARS and len(parts) > 6:
         head = what + "".join(parts[:3])
         tail = "".join(parts[-3:])
         text = f"{head}...({len(parts) - 6} more)...{tail}"

@@ -14,7 +14,7 @@ from typing import Any
 from tasker.workflow.backoff import BackoffPolicy
 from tasker.workflow.definition import Workflow
 
-__all__ = ["definition_shape"]
+__all__ = ["definition_shape", "shape_differences"]
 
 
 def definition_shape(
@@ -67,3 +67,41 @@ def _policy(policy: BackoffPolicy) -> dict[str, float]:
         "max_seconds": policy.max_seconds,
         "jitter": policy.jitter,
     }
+
+
+def shape_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs between two :func:`definition_shape` results, one short phrase per change,
+    naming the step and the field (``"step 'charge': max_attempts 3 -> 5"``); empty when
+    nothing does."""
+    changes: list[str] = []
+    old_steps, new_steps = old.get("steps", {}), new.get("steps", {})
+    for name in sorted(old_steps.keys() - new_steps.keys()):
+        changes.append(f"step {name!r} removed")
+    for name in sorted(new_steps.keys() - old_steps.keys()):
+        changes.append(f"step {name!r} added")
+    for name in sorted(old_steps.keys() & new_steps.keys()):
+        changes += _changed(f"step {name!r}: ", old_steps[name], new_steps[name])
+    for key in sorted((old.keys() | new.keys()) - {"steps"}):
+        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict) and key == "backoff":
+            changes += _changed("workflow backoff ", old[key], new[key])
+        elif old.get(key) != new.get(key):
+            changes.append(f"{key} {_brief(old.get(key))} -> {_brief(new.get(key))}")
+    return changes
+
+
+def _changed(prefix: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    changes = []
+    for field in sorted(old.keys() | new.keys()):
+        before, after = old.get(field), new.get(field)
+        if before == after:
+            continue
+        if field == "backoff" and isinstance(before, dict) and isinstance(after, dict):
+            changes += _changed(f"{prefix}backoff ", before, after)
+        else:
+            changes.append(f"{prefix}{field} {_brief(before)} -> {_brief(after)}")
+    return changes
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

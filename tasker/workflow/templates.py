@@ -17,9 +17,9 @@ every field. :func:`check_template` validates a template and resolves it for one
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
@@ -30,6 +30,7 @@ import yaml
 
 from tasker.exceptions import WorkflowDefinitionError
 from tasker.workflow.input_schema import check_input_schema
+from tasker.workflow.payloads import payload_problem
 from tasker.workflow.versions import check_version
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_TIMEOUT_S",
     "CheckedTemplate",
     "check_json_mapping",
+    "check_stored_text",
     "check_template",
     "current_environment",
     "read_template_file",
@@ -60,7 +62,6 @@ DEFAULT_ENVIRONMENT = "development"
 #: The retry fields that give a step its own backoff policy.
 BACKOFF_FIELDS = ("backoff_base_ms", "backoff_multiplier", "max_backoff_ms", "jitter")
 
-_MAX_DEPTH = 100
 
 
 class _FieldError(Exception):
@@ -224,22 +225,15 @@ def _refused_unless_empty(reason: str) -> Check:
     return check
 
 
-def _json(value: Any, at: str = "", depth: int = 0) -> None:
-    """Refuse what jsonb would not store as given: non-str keys, NaN, dates, other objects."""
-    if depth > _MAX_DEPTH:
-        raise _FieldError(f"is nested more than {_MAX_DEPTH} levels deep (a YAML alias loop?)", at)
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise _FieldError(f"has the key {key!r}; keys must be strings (quote it)", at)
-            _json(item, f"{at}[{json.dumps(key)}]", depth + 1)
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _json(item, f"{at}[{index}]", depth + 1)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise _FieldError(f"must be JSON, got {value!r} (NaN and infinities are not JSON)", at)
-    elif value is not None and not isinstance(value, (str, int, float)):
-        raise _FieldError(f"must be JSON, got {_show(value)}", at)
+def _json(value: Any) -> None:
+    """Refuse what jsonb would not store and read back equal: the payload rule of contexts and
+    results (non-str keys, NaN, NUL characters, ints beyond 64 bits, dates, other objects)."""
+    problem = payload_problem(value)
+    if problem is not None:
+        at, text = problem
+        if text.startswith(("datetime ", "date ", "time ")):
+            text += "; in YAML, quote it to make it a string"
+        raise _FieldError(f"must be JSON: {text}", at)
 
 
 def _json_mapping(value: Any) -> None:
@@ -254,6 +248,22 @@ def check_json_mapping(value: object, what: str) -> None:
         _json_mapping(value)
     except _FieldError as problem:
         raise WorkflowDefinitionError(f"{what}{problem.at} {problem.text}.") from None
+
+
+def check_stored_text(value: object, what: str) -> None:
+    """Refuse a string PostgreSQL cannot store (a NUL character, a lone surrogate), or any other
+    part of a template (``value``, named ``what``) that breaks the payload rule."""
+    problem = payload_problem(value)
+    if problem is not None:
+        raise WorkflowDefinitionError(f"{what}{problem[0]}: {problem[1]}.")
+
+
+def _storable(value: Any, scope: _Scope, path: str = "") -> None:
+    """Fail on the first string (or value) of ``value`` PostgreSQL would not store as given."""
+    problem = payload_problem(value)
+    if problem is not None:
+        at = re.sub(r'\["([^"\\]*)"\]', r".\1", problem[0]).lstrip(".")
+        scope.fail(_join(path, at) if at else path, f"cannot be stored: {problem[1]}")
 
 
 def _did_you_mean(word: object, known: list[str]) -> str:
@@ -529,6 +539,11 @@ def check_template(
         check_input_schema(raw["input_schema"], where=scope.prefixed("input_schema"))
     names = _check_steps(raw["steps"], scope)
     _check_environments(raw.get("environments", {}), names, scope)
+    # last, the strings no field checks (a NUL character in a description, a name, a callable)
+    _storable({key: raw[key] for key in raw if key not in ("steps", "environments")}, scope)
+    for index, step in enumerate(raw["steps"], 1):
+        _storable(step, _scope_of(step, index, scope))
+    _storable(raw.get("environments", {}), scope, "environments")
     chosen = current_environment(environment)
     return CheckedTemplate(resolve_environment(raw, chosen), chosen, tuple(scope.notes))
 
