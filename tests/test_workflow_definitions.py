@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 import tasker
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.runtime.workflows import bind_workflow, install
-from tasker.workflow.backoff import BackoffPolicy, decide_retry
+from tasker.workflow.backoff import MAX_BACKOFF_S, BackoffPolicy, decide_retry
 from tasker.workflow.states import check_step_path, check_task_path
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -116,12 +117,12 @@ def test_state_machines_refuse_invalid_transitions() -> None:
 
 
 @given(
-    attempts=st.integers(0, 20),
+    attempts=st.integers(0, 1000),
     policy=st.builds(
         BackoffPolicy,
-        base_seconds=st.floats(0, 10),
-        multiplier=st.floats(1, 4),
-        max_seconds=st.floats(0, 600),
+        base_seconds=st.floats(0, 10) | st.floats(0, MAX_BACKOFF_S),
+        multiplier=st.floats(1, 4) | st.floats(1, 1e300),
+        max_seconds=st.floats(0, 600) | st.floats(0, MAX_BACKOFF_S),
         jitter=st.floats(0, 0.9),
     ),
     seed=st.integers(0, 2**32),
@@ -136,9 +137,22 @@ def test_backoff_is_capped_and_within_jitter(
         policy.jitter,
     )
     delay = policy.delay(attempts, random.Random(seed))
-    raw = min(base * multiplier**attempts, cap)
+    try:
+        growth = multiplier**attempts
+    except OverflowError:
+        growth = math.inf
+    raw = min(base * growth, cap) if base else 0.0
     assert 0 <= delay <= cap
     assert raw * (1 - jitter) - 1e-9 <= delay <= raw * (1 + jitter) + 1e-9
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"base_seconds": MAX_BACKOFF_S + 1}, {"max_seconds": 1e12}, {"base_seconds": 1e300}],
+)
+def test_backoff_delays_are_at_most_30_days(fields: dict[str, float]) -> None:
+    with pytest.raises(tasker.WorkflowDefinitionError, match=r"at most 2592000 \(30 days\)"):
+        BackoffPolicy(**fields)
 
 
 @given(

@@ -8,12 +8,20 @@ from dataclasses import dataclass
 
 from tasker.exceptions import WorkflowDefinitionError
 
-__all__ = ["BackoffPolicy", "RetryDecision", "decide_retry"]
+__all__ = ["MAX_BACKOFF_S", "BackoffPolicy", "RetryDecision", "decide_retry"]
+
+#: The longest delay a policy may ask for, in seconds (30 days): a retry further away is a
+#: scheduling job, not a retry, and PostgreSQL's timestamps end at year 294276.
+MAX_BACKOFF_S = 30 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
 class BackoffPolicy:
-    """``base * multiplier**attempts`` seconds, capped at ``max_seconds``, +/- jitter * delay."""
+    """``base * multiplier**attempts`` seconds, capped at ``max_seconds``, +/- jitter * delay.
+
+    ``base_seconds`` and ``max_seconds`` are at most :data:`MAX_BACKOFF_S` (30 days);
+    :class:`~tasker.exceptions.WorkflowDefinitionError` otherwise.
+    """
 
     base_seconds: float = 1.0
     multiplier: float = 2.0
@@ -36,6 +44,11 @@ class BackoffPolicy:
                 "Backoff needs base_seconds >= 0, multiplier >= 1 and max_seconds >= 0, got "
                 f"{self.base_seconds}, {self.multiplier} and {self.max_seconds}."
             )
+        if self.base_seconds > MAX_BACKOFF_S or self.max_seconds > MAX_BACKOFF_S:
+            raise WorkflowDefinitionError(
+                f"Backoff base_seconds and max_seconds must be at most {MAX_BACKOFF_S:.0f} "
+                f"(30 days), got {self.base_seconds} and {self.max_seconds}."
+            )
         if not 0 <= self.jitter < 1:
             raise WorkflowDefinitionError(
                 f"Backoff jitter must be in [0, 1), got {self.jitter}; 0.1 means +/-10%."
@@ -43,7 +56,11 @@ class BackoffPolicy:
 
     def delay(self, attempts: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt."""
-        raw = min(self.base_seconds * self.multiplier ** max(attempts, 0), self.max_seconds)
+        try:
+            growth = self.multiplier ** max(attempts, 0)
+        except OverflowError:  # 10.0 ** 400: far past any cap
+            growth = math.inf
+        raw = min(self.base_seconds * growth, self.max_seconds) if self.base_seconds else 0.0
         if self.jitter and raw > 0:
             spread = raw * self.jitter
             raw += (rng or random).uniform(-spread, spread)

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 import yaml
 
 from tasker.exceptions import WorkflowDefinitionError
+from tasker.workflow.backoff import MAX_BACKOFF_S
 from tasker.workflow.input_schema import check_input_schema
 from tasker.workflow.payloads import payload_problem
 from tasker.workflow.versions import check_version
@@ -274,9 +275,9 @@ def _did_you_mean(word: object, known: list[str]) -> str:
 # -- the schema ----------------------------------------------------------------------------------
 
 _BACKOFF_NUMBERS: Mapping[str, _Field] = {
-    "backoff_base_ms": _Field(_number(0)),
+    "backoff_base_ms": _Field(_number(0, MAX_BACKOFF_S * 1000)),
     "backoff_multiplier": _Field(_number(1)),
-    "max_backoff_ms": _Field(_number(0)),
+    "max_backoff_ms": _Field(_number(0, MAX_BACKOFF_S * 1000)),
     "jitter": _Field(_number(0, 1, below=True)),
 }
 _EXPONENTIAL = (
