@@ -695,8 +695,8 @@ def test_backoff_settings_survive_the_template_round_trip(
 
 
 def test_workflows_take_semantic_versions_of_any_length() -> None:
-    flow = tasker.Workflow("ns", "wf", version="2024.1.1-rc.1+build.12345678", register=False)
-    assert flow.version == "2024.1.1-rc.1+build.12345678"
+    flow = tasker.Workflow("ns", "wf", version="2024.1.1-rc.1.build.12345678", register=False)
+    assert flow.version == "2024.1.1-rc.1.build.12345678"
     assert tasker.Workflow("ns", "wf", register=False).version == "0.1.0"
     with pytest.raises(tasker.WorkflowDefinitionError, match=r"e\.g\. '1\.0\.0'"):
         tasker.Workflow("ns", "wf", version="1.0", register=False)

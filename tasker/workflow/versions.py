@@ -12,7 +12,10 @@ digits), which :func:`version_key` uses so that no numeral is ever converted (Py
 convert numerals of more than 4,300 digits).
 
 Build metadata (``+build``) does not take part in precedence: ``1.0.0+a`` and ``1.0.0+b`` are
-equal, though they are different strings.
+equal, though they are different strings. So a workflow's version may not carry any
+(:func:`check_version` refuses it): two definitions registered as ``1.0.0+a`` and ``1.0.0+b``
+would be two versions to Tasker and one to semver. :func:`version_key` still orders such
+versions.
 """
 
 from __future__ import annotations
@@ -36,14 +39,22 @@ VersionKey = tuple[Numeral, Numeral, Numeral, tuple[int, tuple[Identifier, ...]]
 
 
 def check_version(value: object) -> str:
-    """``value`` if it is a semver 2.0 version string; else a :class:`WorkflowDefinitionError`.
+    """``value`` if it is a semver 2.0 version string without build metadata; else a
+    :class:`WorkflowDefinitionError`.
 
     The message names the fix: quote a version that YAML read as a number, write three parts,
-    drop leading zeros or a leading ``v``.
+    drop leading zeros, a leading ``v`` or the ``+build`` part.
     """
     if not isinstance(value, str):
         raise WorkflowDefinitionError(_not_a_string(value))
     version_key(value)
+    if "+" in value:
+        release, _, build = value.partition("+")
+        raise WorkflowDefinitionError(
+            f"version {value!r} carries build metadata ('+{build}'), which semver ignores: "
+            f"'{release}+a' and '{release}+b' would be one version with two definitions. Use "
+            f"{release!r}, and bump the version when the definition changes."
+        )
     return value
 
 
@@ -114,7 +125,7 @@ def _core_problem(version: str, parts: list[str]) -> str | None:
     if not all(part and set(part) <= _DIGITS for part in parts):
         return (
             f"version {version!r} is not a semantic version: use MAJOR.MINOR.PATCH with an "
-            "optional -prerelease and +build, e.g. '1.0.0' or '2.1.0-rc.1+build.5'."
+            "optional -prerelease, e.g. '1.0.0' or '2.1.0-rc.1'."
         )
     if len(parts) != 3:
         example = ".".join([*parts, "0", "0"][:3]) if len(parts) < 3 else "1.0.0"
