@@ -37,9 +37,14 @@ def test_a_valid_schema_is_accepted_as_given() -> None:
 def test_the_declared_draft_is_the_one_checked() -> None:
     draft4 = {
         "$schema": "http://json-schema.org/draft-04/schema#",
-        "type": "integer",
-        "minimum": 1,
-        "exclusiveMinimum": True,  # a boolean in draft 4, a number since draft 6
+        "type": "object",
+        "properties": {
+            "qty": {
+                "type": "integer",
+                "minimum": 1,
+                "exclusiveMinimum": True,  # a boolean in draft 4, a number since draft 6
+            }
+        },
     }
     check_input_schema(draft4)
     without_draft = {key: value for key, value in draft4.items() if key != "$schema"}
@@ -99,3 +104,67 @@ def test_several_failures_report_the_best_one_and_count_the_rest() -> None:
 def test_the_path_quotes_keys_as_json() -> None:
     assert context_path(["a b", 0, 'say "hi"']) == 'context["a b"][0]["say \\"hi\\""]'
     assert context_path([]) == "context"
+
+
+def _with_property(reference: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": {"a": {"$ref": reference}}, **extra}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        _with_property("#/$defs/missing", **{"$defs": {"other": {"type": "string"}}}),
+        _with_property("#/definitions/a"),
+        _with_property("https://example.com/address.json"),
+        _with_property("address.json"),
+        {"type": "object", "$defs": {"a": {"items": {"$ref": "#/nowhere"}}}},
+    ],
+    ids=["missing_pointer", "missing_definitions", "url", "relative_file", "nested"],
+)
+def test_a_reference_that_does_not_resolve_inside_the_schema_is_refused(
+    schema: dict[str, Any],
+) -> None:
+    with pytest.raises(tasker.WorkflowDefinitionError, match=r'\["\$ref"\] .* does not resolve'):
+        check_input_schema(schema)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        _with_property("#/$defs/a", **{"$defs": {"a": {"type": "string"}}}),
+        _with_property(
+            "#/definitions/a",
+            **{
+                "$schema": "http://json-schema.org/draft-07/schema#",
+                "definitions": {"a": {"type": "string"}},
+            },
+        ),
+        _with_property(
+            "sub.json",
+            **{
+                "$id": "https://example.com/root.json",
+                "$defs": {"s": {"$id": "sub.json", "type": "string"}},
+            },
+        ),
+        {"type": "object", "properties": {"tree": {"$ref": "#"}}},
+    ],
+    ids=["defs", "draft7_definitions", "id_of_a_subschema", "recursive"],
+)
+def test_references_inside_the_schema_are_accepted_and_applied(schema: dict[str, Any]) -> None:
+    check_input_schema(schema)
+    validate_input(schema, {"a": "text"})
+    if "tree" not in schema["properties"]:
+        with pytest.raises(tasker.PayloadError, match=r'context\["a"\]: 5 is not of type'):
+            validate_input(schema, {"a": 5})
+
+
+@pytest.mark.parametrize("kind", ["array", "string", ["array", "null"]])
+def test_a_top_level_type_that_refuses_every_context_is_refused(kind: Any) -> None:
+    with pytest.raises(tasker.WorkflowDefinitionError, match="a task context is always an object"):
+        check_input_schema({"type": kind})
+    check_input_schema({"type": ["object", "null"]})
+
+
+def test_a_schema_stored_before_these_checks_fails_the_submit_plainly() -> None:
+    with pytest.raises(tasker.PayloadError, match="the workflow's input_schema cannot be applied"):
+        validate_input(_with_property("#/$defs/gone"), {"a": 1})

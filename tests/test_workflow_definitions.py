@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,49 @@ def test_retry_needs_template_error_and_attempts(
     assert decision.retry == (template and error and attempts < max_attempts)
     if decision.retry and retry_after is not None:
         assert decision.delay_seconds == min(retry_after, 50)
+
+
+def _unique_name() -> str:
+    return "dup_" + uuid.uuid4().hex[:12]
+
+
+def test_a_version_defined_twice_in_one_process_is_refused() -> None:
+    name = _unique_name()
+    first = tasker.Workflow("dups", name, version="1.0.0")
+    first.step("a")(lambda ctx: 1)
+    with pytest.raises(tasker.WorkflowDefinitionError) as caught:
+        tasker.Workflow("dups", name, version="1.0.0")
+    message = str(caught.value)
+    assert "already defined in this process (at " in message and __file__ in message
+    assert "give this one another version" in message
+    tasker.Workflow("dups", name, version="1.1.0")  # another version is another definition
+    tasker.Workflow("dups", name, version="1.0.0", register=False)  # not for the workers
+
+
+def test_the_same_code_defining_a_workflow_again_replaces_it() -> None:
+    """A module reloaded or a notebook cell run twice: the same line runs again."""
+    name = _unique_name()
+    flows = []
+    for attempts in (1, 2):
+        flow = tasker.Workflow("dups", name, version="1.0.0")
+        flow.step("a", max_attempts=attempts)(lambda ctx: 1)
+        flows.append(flow)
+    from tasker.workflow.definition import registered_workflows
+
+    mine = [f for f in registered_workflows() if f.name == name]
+    assert mine == [flows[1]]
+
+
+def test_one_template_loaded_in_two_places_is_one_definition() -> None:
+    name = _unique_name()
+    template = {
+        "name": name,
+        "namespace_name": "dups",
+        "version": "1.0.0",
+        "steps": [{"name": "a", "handler": {"callable": "m:f"}}],
+    }
+    tasker.Workflow.from_template(template, resolve_handlers=False)
+    tasker.Workflow.from_template(template, resolve_handlers=False)  # identical: fine
+    changed = {**template, "steps": [{"name": "b", "handler": {"callable": "m:f"}}]}
+    with pytest.raises(tasker.WorkflowDefinitionError, match="already defined in this process"):
+        tasker.Workflow.from_template(changed, resolve_handlers=False)

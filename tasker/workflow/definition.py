@@ -22,6 +22,7 @@ import copy
 import importlib
 import inspect
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -648,11 +649,51 @@ _WORKFLOWS: dict[tuple[str, str, str], Workflow] = {}
 _LISTENERS: list[Callable[[Workflow, StepDefinition], None]] = []
 
 
+_ORIGINS: dict[tuple[str, str, str], tuple[str, int]] = {}
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _origin() -> tuple[str, int]:
+    """The file and line of the code outside this package that is defining a workflow."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    return frame.f_code.co_filename, frame.f_lineno
+
+
 def _register(flow: Workflow) -> None:
+    """Make ``flow`` the process's definition of its key.
+
+    The same code running again (a module reloaded, a notebook cell run twice) replaces the
+    earlier definition, and so does an identical complete one (one YAML file loaded in two
+    places). Another definition of the same version elsewhere is refused: the workers would bind
+    the step actors of whichever ran last.
+    """
+    origin = _origin()
+    earlier = _WORKFLOWS.get(flow.key)
+    elsewhere = earlier is not None and earlier is not flow and _ORIGINS[flow.key] != origin
+    if elsewhere and not _same_definition(earlier, flow):
+        where = "{}:{}".format(*_ORIGINS[flow.key])
+        raise WorkflowDefinitionError(
+            f"{flow!r} is already defined in this process (at {where}); a version names one "
+            "definition: give this one another version (or name), or build it with "
+            "register=False if it is not meant for the workers."
+        )
     _WORKFLOWS[flow.key] = flow
+    _ORIGINS[flow.key] = origin
     for step in flow.steps.values():
         for listener in list(_LISTENERS):
             listener(flow, step)
+
+
+def _same_definition(one: Workflow | None, other: Workflow) -> bool:
+    """Both complete, with equal templates (a definition still being declared is never equal)."""
+    if one is None or not one.steps or not other.steps:
+        return False
+    try:
+        return one.to_template() == other.to_template()
+    except WorkflowDefinitionError:
+        return False
 
 
 def registered_workflows() -> list[Workflow]:

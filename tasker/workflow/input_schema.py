@@ -1,7 +1,9 @@
 """A workflow's ``input_schema``: a JSON Schema its task contexts must satisfy.
 
 :func:`check_input_schema` runs when a definition is loaded (the schema itself must be valid, for
-the draft its ``$schema`` names, or draft 2020-12 without one). :func:`validate_input` is what the
+the draft its ``$schema`` names, or draft 2020-12 without one), its top level must accept
+objects (a context is a mapping), and every ``$ref`` must resolve inside the schema: Tasker
+fetches nothing from the network. :func:`validate_input` is what the
 engine calls on a submitted context; it raises :class:`~tasker.exceptions.PayloadError` naming
 the place inside the context::
 
@@ -50,6 +52,8 @@ def check_input_schema(schema: object, *, where: str = "input_schema") -> Mappin
         raise WorkflowDefinitionError(
             f"{where}{place} is not valid JSON Schema ({draft}): {exc.message}."
         ) from None
+    _check_top_type(schema, where)
+    _check_references(schema, validator_class, where)
     return schema
 
 
@@ -62,7 +66,13 @@ def validate_input(schema: Mapping[str, Any], context: object) -> None:
     from jsonschema import Draft202012Validator, exceptions, validators
 
     validator_class = validators.validator_for(schema, default=Draft202012Validator)
-    errors = list(validator_class(schema).iter_errors(context))
+    try:
+        errors = list(validator_class(schema).iter_errors(context))
+    except Exception as exc:  # a schema stored before the load-time checks: say so plainly
+        raise PayloadError(
+            f"the workflow's input_schema cannot be applied ({type(exc).__name__}: {exc}); fix "
+            "the schema and register a new version"
+        ) from None
     if not errors:
         return
     error = exceptions.best_match(errors)
@@ -95,3 +105,52 @@ def _validator_class(schema: Mapping[str, Any], where: str) -> Any:
             "'http://json-schema.org/draft-07/schema#'."
         )
     return found
+
+
+def _check_top_type(schema: Mapping[str, Any], where: str) -> None:
+    """A context is a JSON object: a top-level ``type`` that excludes objects refuses them all."""
+    declared = schema.get("type")
+    types = [declared] if isinstance(declared, str) else declared
+    if isinstance(types, list) and "object" not in types:
+        raise WorkflowDefinitionError(
+            f'{where}["type"] is {declared!r}, but a task context is always an object, so no '
+            "submit could pass: use type: object (and describe the fields under properties)."
+        )
+
+
+_NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples"})
+
+
+def _check_references(schema: Mapping[str, Any], validator_class: Any, where: str) -> None:
+    """Refuse a ``$ref`` that does not resolve inside ``schema`` (jsonschema would only fail at
+    the first submit that reaches it)."""
+    from referencing import Registry
+    from referencing.exceptions import Unresolvable
+    from referencing.jsonschema import specification_with
+
+    dialect = validator_class.META_SCHEMA.get("$schema", DEFAULT_DRAFT)
+    specification = specification_with(dialect, default=specification_with(DEFAULT_DRAFT))
+    root = specification.create_resource(schema)
+    resolver = Registry().with_resource(root.id() or "", root).crawl().resolver(root.id() or "")
+
+    def walk(node: Any, resolver: Any, path: str) -> None:
+        if isinstance(node, Mapping):
+            resolver = resolver.in_subresource(specification.create_resource(node))
+            reference = node.get("$ref")
+            if isinstance(reference, str):
+                try:
+                    resolver.lookup(reference)
+                except Unresolvable:
+                    raise WorkflowDefinitionError(
+                        f'{where}{path}["$ref"] {reference!r} does not resolve inside the schema; '
+                        "Tasker fetches no schema from elsewhere: point it at a definition of "
+                        "this schema (for example '#/$defs/address') or copy that schema in."
+                    ) from None
+            for key, value in node.items():
+                if key not in _NOT_SCHEMAS:
+                    walk(value, resolver, f"{path}[{json.dumps(key)}]")
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, resolver, f"{path}[{index}]")
+
+    walk(schema, resolver, "")
