@@ -723,3 +723,57 @@ def test_the_docs_list_every_field_of_the_schema() -> None:
         if f"`{prefix}{name}`" not in section
     ]
     assert not missing, f"docs/workflows.md (Templates) does not list {missing}"
+
+
+def _yaml_template(tmp_path: Path, step_fields: str) -> Path:
+    path = tmp_path / "order.yaml"
+    path.write_text(
+        "name: order\nnamespace_name: shop\nversion: '1.0.0'\nsteps:\n"
+        "  - name: charge\n    handler: {callable: 'shop.steps:charge'}\n" + step_fields,
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("    retry: {retryable: yes}\n", "retry.retryable must be true or false .* got 'yes'"),
+        ("    retry: {retryable: off}\n", "got 'off'"),
+        ("    timeout_seconds: 1:30\n", "timeout_seconds must be a number, got '1:30'"),
+        ("    retry: {max_attempts: 1_0}\n", "must be an integer, got '1_0'"),
+    ],
+)
+def test_yaml_reads_plain_words_as_strings_not_booleans_or_sexagesimals(
+    tmp_path: Path, fields: str, message: str
+) -> None:
+    """YAML 1.2 core schema: what YAML 1.1 would turn into another value is a string, and then
+    refused where a boolean or number is needed."""
+    with pytest.raises(tasker.WorkflowDefinitionError, match=message):
+        tasker.Workflow.from_yaml(_yaml_template(tmp_path, fields), resolve_handlers=False)
+
+
+def test_yaml_values_are_read_as_written(tmp_path: Path) -> None:
+    fields = (
+        "    handler:\n      callable: 'shop.steps:charge'\n      initialization:\n"
+        "        country: NO\n        mode: 0755\n        day: 2024-01-01\n        at: 12:30\n"
+        "        mask: 0x1F\n        perms: 0o17\n        big: 1e5\n        none: ~\n"
+        "        flag: true\n"
+    )
+    path = tmp_path / "order.yaml"
+    path.write_text(
+        "name: order\nnamespace_name: shop\nversion: '1.0.0'\nsteps:\n  - name: charge\n" + fields,
+        encoding="utf-8",
+    )
+    flow = tasker.Workflow.from_yaml(path, resolve_handlers=False, register=False)
+    assert flow.steps["charge"].inputs == {
+        "country": "NO",
+        "mode": 755,
+        "day": "2024-01-01",
+        "at": "12:30",
+        "mask": 31,
+        "perms": 15,
+        "big": 100000.0,
+        "none": None,
+        "flag": True,
+    }

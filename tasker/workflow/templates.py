@@ -64,7 +64,6 @@ DEFAULT_ENVIRONMENT = "development"
 BACKOFF_FIELDS = ("backoff_base_ms", "backoff_multiplier", "max_backoff_ms", "jitter")
 
 
-
 class _FieldError(Exception):
     """A value breaks its field's rule: ``text`` follows the field's name (``at`` goes between)."""
 
@@ -588,7 +587,15 @@ def _apply(step: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, An
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+    """PyYAML's safe loader with YAML 1.2's core schema, refusing a key given twice in a mapping.
+
+    PyYAML implements YAML 1.1, which reads plain scalars in ways a template author rarely means:
+    ``yes``/``no``/``on``/``off`` as booleans (``country: NO`` is false), ``0755`` as octal,
+    ``1_000`` as 1000, ``1:30`` as 90 and ``2024-01-01`` as a date. Under the core schema only
+    ``true``/``false`` are booleans, ``~``/``null``/nothing is null, numbers are decimal (or
+    ``0o``/``0x``), and everything else is a string. PyYAML keeps the last of duplicate keys;
+    this loader refuses them.
+    """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -605,6 +612,46 @@ class _StrictLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = str(self.construct_scalar(node))
+        sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+        if digits[:2] == "0o":
+            return sign * int(digits[2:], 8)
+        if digits[:2] == "0x":
+            return sign * int(digits[2:], 16)
+        return sign * int(digits)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        text = str(self.construct_scalar(node)).lower()
+        if text.lstrip("+-") == ".inf":
+            return -math.inf if text[0] == "-" else math.inf
+        if text == ".nan":
+            return math.nan
+        return float(text)
+
+
+# YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution)
+_StrictLoader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("null", r"^(?:~|null|Null|NULL|)$", "~nN"),
+    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    (
+        "float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+.0123456789",
+    ),
+    ("merge", r"^(?:<<)$", "<"),
+):
+    _StrictLoader.add_implicit_resolver(
+        f"tag:yaml.org,2002:{_tag}",
+        re.compile(_pattern),
+        [*_first, ""] if _tag == "null" else list(_first),
+    )
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
 
 
 def read_template_file(path: str | Path) -> Any:
