@@ -7,6 +7,7 @@ import copy
 import datetime
 import math
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -777,3 +778,31 @@ def test_yaml_values_are_read_as_written(tmp_path: Path) -> None:
         "none": None,
         "flag": True,
     }
+
+
+@pytest.mark.parametrize(
+    ("names", "environment", "warned"),
+    [
+        (["prodution"], "production", ["environments.prodution applies only", "'prodution'?"]),
+        (["staging", "developmnt"], "test", ["did you mean 'development'?"]),
+        (["production"], "prod", ["no overrides for the current environment 'prod'"]),
+    ],
+)
+def test_a_misspelt_environment_is_warned_about(
+    names: list[str], environment: str, warned: list[str]
+) -> None:
+    template = copy.deepcopy(BASE)
+    template["environments"] = {name: {"steps": [{"name": "charge"}]} for name in names}
+    with pytest.warns(tasker.TemplateWarning) as caught:
+        load(template, environment=environment)
+    text = " | ".join(str(w.message) for w in caught)
+    assert all(part in text for part in warned), text
+
+
+def test_matching_environments_are_not_warned_about() -> None:
+    template = copy.deepcopy(BASE)
+    template["environments"] = {"production": {}, "test": {}, "eu_west": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(template, environment="production")
+        load(template, environment="eu_west")

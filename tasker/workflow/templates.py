@@ -37,6 +37,7 @@ from tasker.workflow.versions import check_version
 __all__ = [
     "ALL_STEPS",
     "BACKOFF_FIELDS",
+    "COMMON_ENVIRONMENTS",
     "DEFAULT_ENVIRONMENT",
     "IDENTITY_STRATEGIES",
     "MAX_ATTEMPTS",
@@ -60,6 +61,8 @@ MAX_ATTEMPTS = 1000
 ALL_STEPS = "ALL"
 #: The environment used when neither the caller nor ``TASKER_ENV`` names one.
 DEFAULT_ENVIRONMENT = "development"
+#: Environment names Tasker's settings know; an override named close to one is likely a typo.
+COMMON_ENVIRONMENTS = ("development", "test", "staging", "production")
 #: The retry fields that give a step its own backoff policy.
 BACKOFF_FIELDS = ("backoff_base_ms", "backoff_multiplier", "max_backoff_ms", "jitter")
 
@@ -545,7 +548,37 @@ def check_template(
         _storable(step, _scope_of(step, index, scope))
     _storable(raw.get("environments", {}), scope, "environments")
     chosen = current_environment(environment)
+    _note_unmatched_environments(raw.get("environments", {}), chosen, scope)
     return CheckedTemplate(resolve_environment(raw, chosen), chosen, tuple(scope.notes))
+
+
+def _note_unmatched_environments(
+    environments: Mapping[str, Any], chosen: str, scope: _Scope
+) -> None:
+    """Warn about an override that can never apply because of a typo, and about an environment
+    that matches no override when a close one exists (``prod`` vs ``production``)."""
+    for name in environments:
+        if name not in COMMON_ENVIRONMENTS and name != chosen:
+            hint = _did_you_mean(name, list(COMMON_ENVIRONMENTS))
+            if hint:
+                scope.notes.append(
+                    scope.message(
+                        f"environments.{name}",
+                        f"applies only when the environment is {name!r}{hint}",
+                    )
+                )
+    if environments and chosen not in environments:
+        prefixed = [name for name in environments if name.startswith(chosen) and chosen]
+        hint = f"; did you mean {prefixed[0]!r}?" if prefixed else ""
+        hint = hint or _did_you_mean(chosen, list(environments))
+        if hint:
+            scope.notes.append(
+                scope.message(
+                    "environments",
+                    f"has no overrides for the current environment {chosen!r} (TASKER_ENV), so "
+                    f"none are applied{hint}",
+                )
+            )
 
 
 def resolve_environment(template: Mapping[str, Any], environment: str) -> dict[str, Any]:
