@@ -175,22 +175,26 @@ class DocSession:
     # -- the end ---------------------------------------------------------------------------------
 
     def close(self) -> list[str]:
-        """Stop the interpreter and the background workers (newest first); the failures: a
-        worker that did not stop at SIGTERM within WORKER_STOP_S, or stopped with an exit code
-        other than 0."""
-        failures: list[str] = []
+        """Stop the interpreter and the background workers, all at once; the failures: a worker
+        that did not stop within WORKER_STOP_S of its SIGTERM, or stopped with a code other
+        than 0."""
+        processes = [worker.proc for worker in self._background]
         if self._interpreter is not None:
-            _stop(self._interpreter, close_stdin=True)
-            self._interpreter = None
-        while self._background:
-            worker = self._background.pop()
-            code = _stop(worker.proc)
+            processes.append(self._interpreter)
+        for proc in processes:
+            _ask_to_stop(proc)
+        failures: list[str] = []
+        for worker in self._background:
+            code = _wait_or_kill(worker.proc)
             if code != 0:
                 log = worker.log.read_text(errors="replace")
                 failures.append(
                     f"{worker.block.where}: the worker started here stopped with {code} "
                     f"(expected 0 after SIGTERM):\n{log}"
                 )
+        if self._interpreter is not None:
+            _wait_or_kill(self._interpreter)
+        self._background, self._interpreter = [], None
         return failures
 
 
@@ -264,14 +268,25 @@ def _read_answer(
     return answer
 
 
-def _stop(proc: subprocess.Popen[bytes], *, close_stdin: bool = False) -> int | None:
-    """SIGTERM (or end of input) to ``proc`` alone, then SIGKILL to its group after
-    WORKER_STOP_S; its exit code, or None when it had to be killed."""
-    if proc.poll() is None:
-        if close_stdin and proc.stdin is not None:
-            proc.stdin.close()
-        else:
-            proc.send_signal(signal.SIGTERM)
+def _stop(proc: subprocess.Popen[bytes]) -> int | None:
+    _ask_to_stop(proc)
+    return _wait_or_kill(proc)
+
+
+def _ask_to_stop(proc: subprocess.Popen[bytes]) -> None:
+    """End of input for the interpreter, SIGTERM for a worker (to it alone: it stops its own
+    worker processes)."""
+    if proc.poll() is not None:
+        return
+    if proc.stdin is not None:
+        proc.stdin.close()
+    else:
+        proc.send_signal(signal.SIGTERM)
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes]) -> int | None:
+    """``proc``'s exit code, or None when it had to be killed (with its group) after
+    WORKER_STOP_S."""
     try:
         return proc.wait(timeout=WORKER_STOP_S)
     except subprocess.TimeoutExpired:
