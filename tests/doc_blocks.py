@@ -25,6 +25,7 @@ __all__ = [
     "plan",
     "python_file_path",
     "shell_commands",
+    "shell_script",
 ]
 
 MARKER_KINDS = ("skip", "fragment", "background")
@@ -284,11 +285,16 @@ def shell_commands(block: Block) -> list[ShellCommand]:
     return commands
 
 
+def shell_script(block: Block) -> str:
+    """What bash runs of a shell block: its text; for ``console``, its ``$ `` lines without
+    the prompt (the other lines are their output)."""
+    if block.lang != "console":
+        return block.source
+    return "".join(line[2:] + "\n" for line in block.source.splitlines() if line.startswith("$ "))
+
+
 def _command_lines(block: Block) -> list[str]:
-    text = block.source.replace("\\\n", " ")
-    lines = text.splitlines()
-    if block.lang == "console":
-        return [line[2:] for line in lines if line.startswith("$ ")]
+    lines = shell_script(block).replace("\\\n", " ").splitlines()
     return [line for line in lines if line.strip()]
 
 

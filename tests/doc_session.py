@@ -21,7 +21,15 @@ from typing import IO, Any
 
 import psycopg
 
-from tests.doc_blocks import Action, Block, DocsTestError, plan, python_file_path, shell_commands
+from tests.doc_blocks import (
+    Action,
+    Block,
+    DocsTestError,
+    plan,
+    python_file_path,
+    shell_commands,
+    shell_script,
+)
 
 __all__ = ["DocSession", "EarlierBlockFailedError", "run_bounded"]
 
@@ -138,7 +146,7 @@ class DocSession:
                 (self.workdir / target).parent.mkdir(parents=True, exist_ok=True)
         tasker = shlex.join([sys.executable, "-m", "tasker.cli"])
         script = f'set -euo pipefail\ntasker() {{ {tasker} "$@"; }}\n'
-        script += "\n".join(_shell_lines(block))
+        script += shell_script(block)
         result = run_bounded(["bash", "-c", script], cwd=self.workdir, env=self.env())
         print(result.stdout, end="")
         assert result.returncode == 0, (
@@ -207,12 +215,6 @@ def _needs_session(block: Block) -> bool:
         return plan(block).needs_session
     except DocsTestError:
         return False
-
-
-def _shell_lines(block: Block) -> list[str]:
-    if block.lang != "console":
-        return block.source.splitlines()
-    return [line[2:] for line in block.source.splitlines() if line.startswith("$ ")]
 
 
 def _compare_console_output(block: Block, stdout: str) -> None:

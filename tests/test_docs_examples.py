@@ -59,6 +59,7 @@ from tests.doc_blocks import (
     Problem,
     parse_document,
     plan,
+    shell_script,
 )
 from tests.doc_runner import run_block
 from tests.doc_session import DocSession, EarlierBlockFailedError
@@ -196,7 +197,7 @@ def _check_alone(block: Block, action: Action) -> str | None:
             _parse(block)
         elif action is Action.SHELL_SYNTAX:
             subprocess.run(
-                ["bash", "-n", "-c", block.source],
+                ["bash", "-n", "-c", shell_script(block)],
                 check=True,
                 capture_output=True,
                 text=True,
