@@ -151,8 +151,9 @@ def test_the_scaling_rule_stays_in_bounds_and_respects_the_cooldown(
     assert changed == (current is None or desired != current)
 
 
-def test_the_worked_example_of_the_docs(database_url: str) -> None:
-    """docs/operations.md: 2 processes x 8 threads, 30 in flight, 450 waiting."""
+def test_the_scaling_rule_up_with_errors_inside_the_cooldown_and_down(database_url: str) -> None:
+    """Fixed cases of the rule: 2 processes x 8 threads, 30 in flight, 450 queued (the worked
+    example of docs/operations.md is checked against the document by test_operations_docs.py)."""
     base = {"capacity": 16, "target": 0.75, "backlog": 100, "min": 1, "max": 10, "cooldown": 60}
     assert rule_outcome(
         database_url, current=2, in_flight=30, depth=450, error_rate=0.0, since=300, **base
