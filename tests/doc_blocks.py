@@ -287,14 +287,47 @@ def shell_commands(block: Block) -> list[ShellCommand]:
 
 def shell_script(block: Block) -> str:
     """What bash runs of a shell block: its text; for ``console``, its ``$ `` lines without
-    the prompt (the other lines are their output)."""
+    the prompt (the other lines are their output; a command whose quote or backslash continues
+    on the next lines takes them along)."""
     if block.lang != "console":
         return block.source
-    return "".join(line[2:] + "\n" for line in block.source.splitlines() if line.startswith("$ "))
+    return "".join(command + "\n" for command in _console_commands(block))
+
+
+def _console_commands(block: Block) -> list[str]:
+    commands: list[str] = []
+    current: str | None = None
+    for line in block.source.splitlines():
+        if current is not None:
+            current += "\n" + line
+        elif line.startswith("$ "):
+            current = line[2:]
+        else:
+            continue
+        if _complete(current):
+            commands.append(current)
+            current = None
+    if current is not None:
+        commands.append(current)
+    return commands
+
+
+def _complete(command: str) -> bool:
+    """Whether ``command`` ends here (no open quote, no trailing backslash)."""
+    if command.endswith("\\"):
+        return False
+    try:
+        list(shlex.shlex(command, posix=True))
+    except ValueError:
+        return False
+    return True
 
 
 def _command_lines(block: Block) -> list[str]:
-    lines = shell_script(block).replace("\\\n", " ").splitlines()
+    if block.lang == "console":
+        lines = [command.replace("\\\n", " ") for command in _console_commands(block)]
+    else:
+        lines = block.source.replace("\\\n", " ").splitlines()
     return [line for line in lines if line.strip()]
 
 
@@ -314,6 +347,8 @@ def _tasker_command(command: ShellCommand) -> str | None:
 
 def _long_running(command: ShellCommand) -> bool:
     sub = _tasker_command(command)
+    if "--help" in command.program or "-h" in command.program:
+        return False
     return sub == "worker" or (sub == "coordinator" and "--once" not in command.program)
 
 
