@@ -167,6 +167,7 @@ def test_a_step_no_live_worker_can_run_fails_as_handler_not_found(
     )
     settings = msgspec.structs.replace(NOW, handler_not_found_after_s=60)
     coordinator = Coordinator(flows.broker, settings, name="hnf")
+    assert scalar(flows.url, f"SELECT count(*) FROM {QUEUE}") == 1
     try:
         assert coordinator.cycle().recovered == []
         execute(flows.url, "UPDATE tasker.workers SET last_seen = now() - interval '1 hour'")
@@ -178,6 +179,7 @@ def test_a_step_no_live_worker_can_run_fails_as_handler_not_found(
     assert status.step("s1").error is not None
     assert status.step("s1").error["error_type"] == "handler_not_found"
     assert status.state in ("blocked_by_failures", "error")
+    assert scalar(flows.url, f"SELECT count(*) FROM {QUEUE}") == 0, "it would return for ever"
 
 
 def _age_task(url: str, task: str, minutes: int) -> None:
@@ -230,6 +232,56 @@ def test_a_stale_task_goes_to_the_task_dlq_and_error_and_can_be_resolved(
             resolve_dlq_entry(
                 conn, str(entry.dlq_entry_uuid), status="cancelled", notes=None, by=None
             )
+
+
+def test_no_step_of_a_given_up_task_starts_afterwards(flows: InProcessFlows) -> None:
+    """Staleness leaves the queued message of a given-up task in place; the claim refuses it."""
+    recorder = Recorder()
+    flow = build_flow("given_up", LINEAR, recorder)
+    flows.client.register(flow)
+    task = flows.client.submit("shapes", "given_up", {"order": 1}).task_uuid
+    _age_task(flows.url, task, 45)
+    coordinator = Coordinator(flows.broker, NOW, name="given-up")
+    try:
+        assert coordinator.cycle().dead_lettered == [task]
+    finally:
+        coordinator.close()
+    fresh = flows.run(flow, {"order": 2})  # a worker now consumes the queue, old message first
+    assert fresh.state == "complete"
+    wait_for(lambda: scalar(flows.url, f"SELECT count(*) FROM {QUEUE}") == 0, 30, "an empty queue")
+    assert recorder.names() == ["s1", "s2", "s3", "s4"]  # the fresh task's only
+    status = flows.client.status(task)
+    assert status.state == "error" and status.step("s1").attempts == 0
+
+
+def test_a_step_running_on_a_live_lease_keeps_its_task_from_going_stale(
+    flows: InProcessFlows,
+) -> None:
+    """A handler running longer than the state's limit renews its lease: that is activity."""
+    flows.client.register(build_flow("long_running", LINEAR, Recorder()))
+    task = flows.client.submit("shapes", "long_running", {}).task_uuid
+    s1 = step_uuid(flows.url, task, "s1")
+    execute(
+        flows.url,
+        "UPDATE tasker.workflow_steps SET state = 'in_progress', attempts = 1,"
+        " last_attempted_at = now() - interval '45 minutes',"
+        " claimed_until = now() + interval '1 minute', claim_token = 'running'"
+        " WHERE workflow_step_uuid = %s",
+        (s1,),
+    )
+    _age_task(flows.url, task, 45)
+    coordinator = Coordinator(flows.broker, NOW, name="lease")
+    try:
+        assert coordinator.cycle().dead_lettered == []
+        execute(
+            flows.url,
+            "UPDATE tasker.workflow_steps SET claimed_until = now() - interval '1 second'"
+            " WHERE workflow_step_uuid = %s",
+            (s1,),
+        )
+        assert coordinator.cycle().dead_lettered == [task]
+    finally:
+        coordinator.close()
 
 
 def test_a_templates_lifecycle_overrides_the_staleness_settings(flows: InProcessFlows) -> None:

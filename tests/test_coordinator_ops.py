@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 from hypothesis import given, settings
@@ -19,11 +20,16 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import tasker
+from tasker.brokers.pgmq import PGMQBroker
 from tasker.cli import main
+from tasker.coordinator.loop import Coordinator
 from tasker.engine.retention import apply_retention
 from tasker.engine.scaling import ScalingRule, read_scaling_hints, update_scaling_hints
+from tasker.settings import CoordinatorSettings
 from tests.shapes import LINEAR, Recorder, build_flow
 from tests.support import ROOT, InProcessFlows, scalar, wait_for
+
+NOW = CoordinatorSettings(recovery_grace_s=0, retention_every_s=0, interval_s=1)
 
 # -- retention -----------------------------------------------------------------------------------
 
@@ -297,3 +303,30 @@ def test_the_coordinator_process_serves_metrics_and_health_and_stops_on_sigterm(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert tasker.__version__
+
+
+def test_retention_expires_dead_letters_of_queues_it_never_declared(
+    flows: InProcessFlows,
+) -> None:
+    """The coordinator declares no queue; the dead-letter TTL still applies to every queue."""
+    broker = flows.broker
+    broker.declare_queue("worker_ttl_queue")
+    names = broker.names("worker_ttl_queue")
+    broker.ensure_queue(names, create=True)
+    dead = f'pgmq."q_{names.dead}"'
+    with psycopg.connect(flows.url, autocommit=True) as conn:
+        for age_days in (8, 1):
+            conn.execute(
+                f"INSERT INTO {dead} (vt, message, enqueued_at) VALUES "
+                "(now(), '{}'::jsonb, now() - %s * interval '1 day')",
+                (age_days,),
+            )
+    fresh = PGMQBroker(url=flows.url)  # a coordinator process: nothing declared
+    coordinator = Coordinator(fresh, msgspec.structs.replace(NOW, retention_every_s=0), name="ttl")
+    try:
+        report = coordinator.cycle()
+    finally:
+        coordinator.close()
+        fresh.close()
+    assert report.retention is not None and report.retention.dead_letters_expired == 1
+    assert scalar(flows.url, f"SELECT count(*) FROM {dead}") == 1  # the 1-day-old one stays

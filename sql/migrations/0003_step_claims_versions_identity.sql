@@ -39,7 +39,8 @@ DECLARE
     v_now timestamptz := clock_timestamp();
 BEGIN
     SELECT ws.state, ws.attempts, ws.max_attempts, ws.name, ws.inputs, ws.claimed_until AS until,
-           ws.claim_token AS token, t.context, t.correlation_id AS correlation, ws.task_uuid
+           ws.claim_token AS token, t.context, t.correlation_id AS correlation, ws.task_uuid,
+           t.state AS task_state
     INTO s
     FROM tasker.workflow_steps ws JOIN tasker.tasks t ON t.task_uuid = ws.task_uuid
     WHERE ws.workflow_step_uuid = p_step
@@ -61,6 +62,12 @@ BEGIN
         RETURN;
     ELSIF s.state = 'in_progress' AND s.attempts >= s.max_attempts THEN
         RETURN QUERY SELECT 'exhausted', s.state, s.attempts, s.max_attempts, s.name::text,
+            NULL::jsonb, NULL::jsonb, NULL::uuid, NULL::jsonb, s.until;
+        RETURN;
+    ELSIF s.task_state IN ('complete', 'error', 'cancelled', 'resolved_manually') THEN
+        -- the task was given up (staleness, an operator) or finished while this waited: no
+        -- step of a final task starts
+        RETURN QUERY SELECT 'task_finished', s.state, s.attempts, s.max_attempts, s.name::text,
             NULL::jsonb, NULL::jsonb, NULL::uuid, NULL::jsonb, s.until;
         RETURN;
     ELSIF s.state NOT IN ('enqueued', 'in_progress') THEN

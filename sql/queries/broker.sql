@@ -149,6 +149,12 @@ DELETE FROM {queue}
 -- name: flush_dead
 DELETE FROM {dead}
 
+-- The dead-letter queues of one broker namespace, declared by this process or not.
+-- name: dead_letter_queues
+SELECT queue_name FROM pgmq.meta
+WHERE starts_with(queue_name, %(prefix)s) AND right(queue_name, %(suffix_len)s) = %(suffix)s
+ORDER BY queue_name
+
 -- name: expire_dead_letters
 DELETE FROM {dead}
 WHERE msg_id IN (

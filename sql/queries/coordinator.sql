@@ -35,6 +35,11 @@ LIMIT %(limit)s
 SELECT message->'args'->>1 AS step_uuid FROM {queue}
 WHERE message->'args'->>1 = ANY(%(steps)s::text[])
 
+-- The messages of a step that failed as handler_not_found: no worker would ever take them, and
+-- they would go on returning to their queue.
+-- name: delete_step_messages
+DELETE FROM {queue} WHERE message->'args'->>1 = %(step)s
+
 -- Re-read a candidate under its row lock: a second coordinator waits here, then sees the first
 -- one's recovery.
 -- name: lock_step_for_recovery
@@ -70,14 +75,18 @@ WHERE t.state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
 ORDER BY tr.created_at
 LIMIT %(limit)s
 
--- Tasks past their staleness threshold: time since their last activity (a task transition or a
--- step starting or finishing) in their state, or their age, over the limit of their template's
+-- Tasks past their staleness threshold: time since their last activity (a task transition, a
+-- step starting or finishing, or a step running on a live lease) in their state, or their age, over the limit of their template's
 -- lifecycle, else the settings' defaults (minutes).
 -- name: stale_tasks
 WITH active AS (
     SELECT t.task_uuid, t.state, t.requested_at, nt.configuration->'lifecycle' AS lifecycle,
-           greatest(tr.created_at, (SELECT max(greatest(ws.last_attempted_at, ws.finished_at,
-                                                        ws.processed_at))
+           -- a step running on a live lease (renewed while its handler runs) is activity now
+           greatest(tr.created_at, (SELECT max(greatest(
+                                        ws.last_attempted_at, ws.finished_at, ws.processed_at,
+                                        CASE WHEN ws.state = 'in_progress'
+                                              AND ws.claimed_until > clock_timestamp()
+                                             THEN clock_timestamp() END))
                                     FROM tasker.workflow_steps ws
                                     WHERE ws.task_uuid = t.task_uuid)) AS last_activity
     FROM tasker.tasks t

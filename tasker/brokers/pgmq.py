@@ -43,7 +43,7 @@ from tasker.brokers.errors import (
 )
 from tasker.brokers.leases import HeldMessage, LeaseHook, LeaseKeeper, LeaseRegistry
 from tasker.brokers.listener import Listener
-from tasker.brokers.queue_names import QueueNames, map_queue_name
+from tasker.brokers.queue_names import DEAD_LETTER_SUFFIX, QueueNames, map_queue_name
 from tasker.db.connection import DEFAULT_TIMEOUT_S, connection_kwargs, make_pool
 from tasker.db.errors import database_error, is_transient
 from tasker.db.queries import render
@@ -662,6 +662,28 @@ class PGMQBroker(Broker):
                 conn.execute(self.statement("record_start", names), params)
         except psycopg.OperationalError:
             logger.warning("Could not record the start of message %s", message.msg_id)
+
+    def expire_all_dead_letters(self) -> int:
+        """Delete dead letters older than ``dead_message_ttl_s`` from every dead-letter queue of
+        this broker's namespace in the database, declared by this process or not (the
+        coordinator's retention pass declares none); the count deleted."""
+        params = {
+            "prefix": self.namespace + "_",
+            "suffix": DEAD_LETTER_SUFFIX,
+            "suffix_len": len(DEAD_LETTER_SUFFIX),
+        }
+        with self.pool.connection() as conn:
+            rows = conn.execute(render("broker", "dead_letter_queues"), params).fetchall()
+        deleted = 0
+        for (dead,) in rows:
+            main = dead[: -len(DEAD_LETTER_SUFFIX)]
+            with self.pool.connection() as conn:
+                cursor = conn.execute(
+                    self.statement("expire_dead_letters", QueueNames(main, main)),
+                    {"ttl_s": self.dead_message_ttl_s},
+                )
+                deleted += cursor.rowcount
+        return deleted
 
     def expire_dead_letters(self) -> int:
         """Delete dead letters older than ``dead_message_ttl_s`` from every declared queue."""

@@ -10,6 +10,7 @@ has not noticed it lost the lock yet) still recover each thing once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -193,6 +194,7 @@ class Coordinator:
                 lambda conn: fail_unhandled_steps(
                     conn,
                     self.sender,
+                    self._step_queue,
                     after_s=s.handler_not_found_after_s,
                     live_s=s.live_worker_s,
                     limit=s.batch,
@@ -250,7 +252,9 @@ class Coordinator:
         report = apply_retention(
             conn, days=s.retention_days, batch=s.retention_batch, coordinator=self.name
         )
-        self.broker.expire_dead_letters()
+        report = dataclasses.replace(
+            report, dead_letters_expired=self.broker.expire_all_dead_letters()
+        )
         if report.tasks:
             logger.info("Retention deleted %d finished task(s)", report.tasks)
         return report

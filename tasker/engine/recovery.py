@@ -215,6 +215,7 @@ def recover_stuck_tasks(
 def fail_unhandled_steps(
     conn: Any,
     sender: Sender,
+    step_queue_of: StepQueueOf,
     *,
     after_s: float,
     live_s: float,
@@ -222,7 +223,8 @@ def fail_unhandled_steps(
     coordinator: str,
 ) -> list[Recovery]:
     """Fail steps whose message has waited ``after_s`` for a worker that has their handler
-    while no live worker (seen within ``live_s``) declared that actor: ``handler_not_found``."""
+    while no live worker (seen within ``live_s``) declared that actor: ``handler_not_found``.
+    Their messages are deleted in the same transaction (no worker would ever take them)."""
     with conn.cursor(row_factory=class_row(StepCandidate)) as cursor:
         waiting = cursor.execute(
             cq("long_waiting_steps"), {"after_s": after_s, "limit": limit}
@@ -230,10 +232,12 @@ def fail_unhandled_steps(
     failed: list[Recovery] = []
     for step in waiting:
         actor = step_actor_name(step.namespace, step.workflow, step.version, step.name)
-        if some_live_worker_has(conn, actor, live_s=live_s):
-            continue  # a worker has it: the message will reach it
         with conn.transaction():
-            if not _fail_unhandled(conn, sender, step, actor, after_s):
+            if some_live_worker_has(conn, actor, live_s=live_s):
+                continue  # a worker has it: the message will reach it
+            if not _fail_unhandled(
+                conn, sender, step, actor, after_s=after_s, step_queue_of=step_queue_of
+            ):
                 continue
             _record(
                 conn, "handler_not_found", step.task_uuid, step.step_uuid, coordinator, actor=actor
@@ -244,7 +248,13 @@ def fail_unhandled_steps(
 
 
 def _fail_unhandled(
-    conn: Any, sender: Sender, step: StepCandidate, actor: str, after_s: float
+    conn: Any,
+    sender: Sender,
+    step: StepCandidate,
+    actor: str,
+    *,
+    after_s: float,
+    step_queue_of: StepQueueOf,
 ) -> bool:
     error = {
         "message": f"no live worker has had the handler of this step ({actor}) for "
@@ -263,6 +273,8 @@ def _fail_unhandled(
     move_steps(
         conn, [step.step_uuid], [StepState.ENQUEUED], StepState.ERROR, reason="handler not found"
     )
+    queue = sql.Identifier("pgmq", "q_" + step_queue_of(step.namespace))
+    conn.execute(render_cq("delete_step_messages", queue=queue), {"step": str(step.step_uuid)})
     reevaluate_task(conn, sender, task[0])
     return True
 

@@ -32,6 +32,7 @@ class RetentionReport:
     claims: int
     actions: int
     workers: int
+    dead_letters_expired: int = 0  # by the broker, after the pass (dead_message_ttl_s)
 
 
 def apply_retention(

@@ -21,6 +21,7 @@ class ClaimOutcome(StrEnum):
     REPEATED = "repeated"  # the same delivery asked again
     BUSY = "busy"  # a live claim holds the step until claimed_until
     EXHAUSTED = "exhausted"  # the previous claim ran out on the last allowed attempt
+    TASK_FINISHED = "task_finished"  # the task is final (given up, cancelled): do not run it
     SKIPPED = "skipped"  # nothing to run: the step is pending, done or waiting
     MISSING = "missing"  # no such step
 
