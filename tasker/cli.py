@@ -273,6 +273,21 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
         "SIGTERM; must be below --termination-grace-period (default: 50)",
     )
     workers.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="worker processes per pod (default: coordinator.scaling.processes, the capacity the "
+        "scaling rule assumes)",
+    )
+    workers.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="threads per worker process (default: coordinator.scaling.threads)",
+    )
+    workers.add_argument(
         "--termination-grace-period",
         type=_positive_int,
         default=60,
@@ -497,7 +512,10 @@ def _cmd_dlq_purge(args: argparse.Namespace) -> int:
 def _cmd_deploy_workers(args: argparse.Namespace) -> int:
     from tasker.deploy_manifests import RenderOptions, dump_manifests, render_workers
 
+    scaling = _settings().coordinator.scaling
     options = RenderOptions(
+        processes=args.processes or scaling.processes,
+        threads=args.threads or scaling.threads,
         modules=tuple(args.modules),
         image=args.image,
         scaling=args.scaling,

@@ -67,7 +67,9 @@ def add_dlq_task_commands(dlq_commands: Any) -> None:
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_cmd_dlq_tasks_list)
-    show = sub.add_parser("show", help="one entry with its task snapshot")
+    show = sub.add_parser(
+        "show", help="one entry with its task snapshot (a summary, or everything with --json)"
+    )
     show.add_argument("entry", help="the entry id (dlq_entry_uuid)")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(handler=_cmd_dlq_tasks_show)
@@ -81,6 +83,7 @@ def add_dlq_task_commands(dlq_commands: Any) -> None:
     )
     resolve.add_argument("--notes", default=None, help="what was done")
     resolve.add_argument("--by", default=None, help="who resolved it")
+    resolve.add_argument("--json", action="store_true", help="print the resolved entry as JSON")
     resolve.set_defaults(handler=_cmd_dlq_tasks_resolve)
 
 
@@ -172,16 +175,20 @@ def _cmd_dlq_tasks_show(args: argparse.Namespace) -> int:
     with _connection() as (conn, _settings):
         entry = get_dlq_entry(conn, args.entry)
     data = _jsonable(dataclasses.asdict(entry))
-    _print(data, True, _report_lines)  # a snapshot reads best as JSON
+    _print(data, args.json, _dlq_entry_lines)
     return 0
 
 
 def _cmd_dlq_tasks_resolve(args: argparse.Namespace) -> int:
-    from tasker.engine.staleness import resolve_dlq_entry
+    from tasker.engine.staleness import get_dlq_entry, resolve_dlq_entry
 
     with _connection() as (conn, _settings):
         resolve_dlq_entry(conn, args.entry, status=args.status, notes=args.notes, by=args.by)
-    print(f"task DLQ entry {args.entry} resolved: {args.status}")
+        entry = get_dlq_entry(conn, args.entry)
+    if args.json:
+        _print(_jsonable(dataclasses.asdict(entry)), True, _dlq_entry_lines)
+    else:
+        print(f"task DLQ entry {args.entry} resolved: {args.status}")
     return 0
 
 
@@ -261,6 +268,38 @@ def _scale_lines(rows: list[dict[str, Any]]) -> list[str]:
         )
     if not rows:
         lines.append("(no hints yet: is `tasker coordinator` running?)")
+    return lines
+
+
+def _dlq_entry_lines(entry: dict[str, Any]) -> list[str]:
+    snapshot = entry.get("task_snapshot") or {}
+    version = snapshot.get("version", "")
+    lines = [
+        f"entry     {entry['dlq_entry_uuid']}",
+        f"task      {entry['task_uuid']}  {entry.get('namespace')}/{entry.get('task_name')} "
+        f"{version}".rstrip(),
+        f"was       {entry['original_state']}, given up {entry['dlq_timestamp']} "
+        f"({entry['dlq_reason']}; {snapshot.get('time_in_state_minutes')} min, limit "
+        f"{snapshot.get('threshold_minutes')})",
+        f"status    {entry['resolution_status']}"
+        + (
+            f" at {entry['resolution_timestamp']} by {entry.get('resolved_by') or '-'}: "
+            f"{entry.get('resolution_notes') or ''}"
+            if entry.get("resolution_timestamp")
+            else ""
+        ),
+        "",
+        f"{'step':<32} {'state':<24} {'attempts':>8}  last error",
+    ]
+    for step in snapshot.get("steps", []):
+        error = step.get("error") or {}
+        message = str(error.get("message", ""))[:60] if isinstance(error, dict) else ""
+        lines.append(
+            f"{step['name'][:32]:<32} {step['state']:<24} "
+            f"{step['attempts']:>3}/{step['max_attempts']:<4}  {message}"
+        )
+    lines.append("")
+    lines.append("(the whole snapshot, the task's context included: --json)")
     return lines
 
 

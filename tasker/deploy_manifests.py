@@ -17,8 +17,8 @@ Deployment, and two HPAs on one Deployment fight):
   TriggerAuthentication ``tasker-database`` (never an inline password).
 
 Both aim at exactly the coordinator's ``desired_replicas`` (target average value 1 per replica)
-within ``min_replicas``..``max_replicas``; a Deployment that consumes several queues (the
-orchestration one) scales on their sum.
+within ``min_replicas``..``max_replicas``; the orchestration Deployment, which consumes four
+queues, scales on the coordinator's row for the pool of them (``orchestration``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import yaml
 
 from tasker import __version__
 from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, TASK_REQUEST
+from tasker.engine.scaling import ORCHESTRATION_POOL
 from tasker.exceptions import ConfigurationError
 
 __all__ = [
@@ -95,6 +96,10 @@ class RenderOptions:
     shutdown_timeout_s: int = 50
     grace_period_s: int = 60
     scalers_only: bool = False
+    #: Worker processes and threads per pod: the capacity the coordinator's rule assumes
+    #: (``coordinator.scaling.processes`` and ``threads``).
+    processes: int = 2
+    threads: int = 8
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,9 @@ class WorkerPool:
     name: str
     component: str
     queues: tuple[str, ...]
+    #: The ``tasker.scaling_hints`` row (and ``tasker_desired_workers`` queue label) it scales
+    #: on: its queue, or the coordinator's row for the whole orchestration pool.
+    hint: str
 
 
 def worker_queue(namespace: str) -> str:
@@ -139,11 +147,17 @@ def worker_pools(namespaces: Sequence[str], *, orchestration: bool) -> list[Work
     if repeated:
         raise ConfigurationError(f"namespace {repeated[0]!r} is named more than once")
     pools = [
-        WorkerPool(kubernetes_name("tasker-worker", n), "worker", (worker_queue(n),))
+        WorkerPool(
+            kubernetes_name("tasker-worker", n), "worker", (worker_queue(n),), worker_queue(n)
+        )
         for n in namespaces
     ]
     if orchestration:
-        pools.append(WorkerPool("tasker-orchestration", "orchestration", ORCHESTRATION_QUEUES))
+        pools.append(
+            WorkerPool(
+                "tasker-orchestration", "orchestration", ORCHESTRATION_QUEUES, ORCHESTRATION_POOL
+            )
+        )
     names = [pool.name for pool in pools]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
@@ -233,10 +247,10 @@ def pod_disruption_budget(pool: WorkerPool, options: RenderOptions) -> Manifest:
 
 
 def horizontal_pod_autoscaler(pool: WorkerPool, options: RenderOptions) -> Manifest:
-    """An HPA on ``tasker_desired_workers`` for the pool's queues (summed when several).
+    """An HPA on ``tasker_desired_workers{queue=<pool.hint>}``.
 
     ``AverageValue: 1`` makes the HPA aim at exactly the metric's value: desired replicas =
-    ceil(sum of the queues' ``tasker_desired_workers`` / 1).
+    ceil(``tasker_desired_workers`` / 1).
     """
     return {
         "apiVersion": "autoscaling/v2",
@@ -252,7 +266,7 @@ def horizontal_pod_autoscaler(pool: WorkerPool, options: RenderOptions) -> Manif
                     "external": {
                         "metric": {
                             "name": DESIRED_WORKERS_METRIC,
-                            "selector": _queue_selector(pool.queues),
+                            "selector": {"matchLabels": {"queue": pool.hint}},
                         },
                         "target": {"type": "AverageValue", "averageValue": "1"},
                     },
@@ -288,7 +302,7 @@ def scaled_object(pool: WorkerPool, options: RenderOptions) -> Manifest:
                 {
                     "type": "postgresql",
                     "metadata": {
-                        "query": scaling_query(pool.queues),
+                        "query": scaling_query(pool.hint),
                         # One replica per unit of desired_replicas: the coordinator's number.
                         "targetQueryValue": "1",
                         "activationTargetQueryValue": "0",
@@ -300,19 +314,16 @@ def scaled_object(pool: WorkerPool, options: RenderOptions) -> Manifest:
     }
 
 
-def scaling_query(queues: Sequence[str]) -> str:
-    """The KEDA query: the coordinator's ``desired_replicas`` for one queue, or the sum for several.
+def scaling_query(hint: str) -> str:
+    """The KEDA query: the coordinator's ``desired_replicas`` in the ``tasker.scaling_hints`` row
+    ``hint`` (a queue, or ``orchestration`` for the pool of the four orchestration queues).
 
     No row (the coordinator has not seen the queue yet) makes the query fail, and KEDA then leaves
     the replica count alone, as the HPA does when the metric is missing.
     """
-    for queue in queues:
-        if not _QUEUE.match(queue):
-            raise ConfigurationError(f"invalid queue name {queue!r}")
-    if len(queues) == 1:
-        return f"SELECT desired_replicas FROM tasker.scaling_hints WHERE queue = '{queues[0]}'"
-    listed = ", ".join(f"'{queue}'" for queue in queues)
-    return f"SELECT SUM(desired_replicas) FROM tasker.scaling_hints WHERE queue IN ({listed})"
+    if not _QUEUE.match(hint):
+        raise ConfigurationError(f"invalid queue name {hint!r}")
+    return f"SELECT desired_replicas FROM tasker.scaling_hints WHERE queue = '{hint}'"
 
 
 # -- parts -------------------------------------------------------------------------------------
@@ -352,9 +363,12 @@ def _container(pool: WorkerPool, options: RenderOptions) -> Manifest:
             {"secretRef": {"name": DATABASE_SECRET}},
         ],
         "env": [{"name": "TASKER_DATABASE__APPLICATION_NAME", "value": pool.name}],
-        "resources": {
-            "requests": {"cpu": "500m", "memory": "256Mi"},
-            "limits": {"cpu": "1", "memory": "1Gi"},
+        "resources": {  # one CPU and 512 MiB per worker process
+            "requests": {
+                "cpu": f"{options.processes * 500}m",
+                "memory": f"{options.processes * 256}Mi",
+            },
+            "limits": {"cpu": str(options.processes), "memory": f"{options.processes * 512}Mi"},
         },
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -366,12 +380,17 @@ def _container(pool: WorkerPool, options: RenderOptions) -> Manifest:
 
 
 def worker_args(pool: WorkerPool, options: RenderOptions) -> list[str]:
-    """``worker MODULES -Q QUEUES --shutdown-timeout SECONDS`` (after the ``tasker`` command)."""
+    """``worker MODULES -Q QUEUES -p PROCESSES -t THREADS --shutdown-timeout SECONDS`` (after the
+    ``tasker`` command): the pod's capacity is the one the coordinator's scaling rule assumes."""
     return [
         "worker",
         *options.modules,
         "-Q",
         *pool.queues,
+        "-p",
+        str(options.processes),
+        "-t",
+        str(options.threads),
         "--shutdown-timeout",
         str(options.shutdown_timeout_s),
     ]
@@ -395,12 +414,6 @@ def _labels(pool: WorkerPool) -> dict[str, str]:
 
 def _target(pool: WorkerPool) -> dict[str, str]:
     return {"apiVersion": "apps/v1", "kind": "Deployment", "name": pool.name}
-
-
-def _queue_selector(queues: Sequence[str]) -> Manifest:
-    if len(queues) == 1:
-        return {"matchLabels": {"queue": queues[0]}}
-    return {"matchExpressions": [{"key": "queue", "operator": "In", "values": list(queues)}]}
 
 
 def _slow_scale_down() -> Manifest:

@@ -40,6 +40,19 @@ DESIRED_WORKERS = "tasker_desired_workers"
 Obj = dict[str, Any]
 
 
+def scaling_row(deployment: Obj) -> str:
+    """The tasker.scaling_hints row a worker Deployment scales on: its queue, or the
+    coordinator's row for the pool of the four orchestration queues."""
+    from tasker.deploy_manifests import ORCHESTRATION_QUEUES
+    from tasker.engine.scaling import ORCHESTRATION_POOL
+
+    queues = worker_command(deployment).queues
+    if set(queues) == set(ORCHESTRATION_QUEUES):
+        return ORCHESTRATION_POOL
+    (queue,) = queues
+    return str(queue)
+
+
 def store_desired_replicas(conn: Any, desired: dict[str, int]) -> None:
     """Replace tasker.scaling_hints (created by the migrations) with one row per queue holding
     ``desired[queue]`` replicas, as the coordinator would."""
@@ -259,9 +272,8 @@ def check_scaled_object(obj: Obj, objects: list[Obj]) -> None:
     )
     assert float(metadata["targetQueryValue"]) > 0
     float(metadata.get("activationTargetQueryValue", "0"))
-    queues = set(worker_command(deployment).queues)
-    assert set(re.findall(r"'([a-z0-9_]+)'", metadata["query"])) == queues, (
-        f"{obj['metadata']['name']}: the query must read the queues the Deployment consumes"
+    assert re.findall(r"'([a-z0-9_]+)'", metadata["query"]) == [scaling_row(deployment)], (
+        f"{obj['metadata']['name']}: the query must read the row of what the Deployment consumes"
     )
     assert "tasker.scaling_hints" in metadata["query"]
     auths = [
@@ -298,14 +310,9 @@ def check_hpa(hpa: Obj, objects: list[Obj]) -> None:
     assert metric["external"]["metric"]["name"] == DESIRED_WORKERS
     assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "1"}
     selector = metric["external"]["metric"]["selector"]
-    if "matchLabels" in selector:
-        assert set(selector) == {"matchLabels"} and set(selector["matchLabels"]) == {"queue"}
-        selected = {selector["matchLabels"]["queue"]}
-    else:
-        (expression,) = selector["matchExpressions"]
-        assert (expression["key"], expression["operator"]) == ("queue", "In")
-        selected = set(expression["values"])
-    assert selected == set(worker_command(deployment).queues)
+    assert set(selector) == {"matchLabels"} and set(selector["matchLabels"]) == {"queue"}
+    selected = {selector["matchLabels"]["queue"]}
+    assert selected == {scaling_row(deployment)}
     for value in selected:
         assert len(value) <= 63 and re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", value)
 

@@ -358,3 +358,21 @@ def test_the_coordinator_can_run_inside_a_worker(flows: InProcessFlows, database
     wait_for(lambda: middleware.coordinator.leading, 30, "the in-worker coordinator to lead")
     flows.stop()
     assert not middleware.coordinator.leading
+
+
+def test_a_coordinator_that_cannot_reach_postgresql_is_not_ready(
+    flows: InProcessFlows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coordinator = Coordinator(flows.broker, NOW, name="ready")
+    try:
+        assert coordinator.ready()[0] is False  # no cycle yet
+        coordinator.cycle()
+        ready, detail = coordinator.ready()
+        assert ready and detail["database"] == "reachable" and detail["leader"]
+        coordinator.close()  # the session ends; the next cycle must connect again
+        monkeypatch.setattr(flows.broker, "url", "postgresql://nobody@127.0.0.1:9/none")
+        coordinator.cycle()
+        ready, detail = coordinator.ready()
+        assert not ready and detail["database"] == "unreachable" and not detail["leader"]
+    finally:
+        coordinator.close()

@@ -196,6 +196,62 @@ def test_hints_are_written_from_queues_and_live_workers(flows: InProcessFlows) -
         assert again.desired_replicas == 3
 
 
+def test_depth_counts_what_workers_have_to_do_now(flows: InProcessFlows) -> None:
+    """Visible and held messages count; delayed ones (a retry's backoff) and parked ones (a
+    deferred delivery, a bounce for an actor nobody has) do not, held or not."""
+    import dramatiq
+
+    @dramatiq.actor(broker=flows.broker, queue_name="mixed")
+    def mixed(n: int) -> None: ...
+
+    for i in range(18):
+        mixed.send(i)
+    table = 'pgmq."q_tasker_mixed"'
+    future = "clock_timestamp() + interval '5 minutes'"
+    with psycopg.connect(flows.url, autocommit=True) as conn:
+        ids = [row[0] for row in conn.execute(f"SELECT msg_id FROM {table} ORDER BY msg_id")]
+        held, parked, delayed = ids[5:8], ids[8:12], ids[12:]
+        conn.execute(
+            f"UPDATE {table} SET read_ct = 1, vt = {future} WHERE msg_id = ANY(%s)", (held,)
+        )
+        conn.execute(f"UPDATE {table} SET vt = {future} WHERE msg_id = ANY(%s)", (delayed,))
+        for msg_id in parked:  # what the broker's defer and bounce statements write
+            conn.execute(
+                f"UPDATE {table} SET read_ct = 1, vt = {future}, headers = jsonb_build_object("
+                f"'parked_until_ms', (extract(epoch FROM {future}) * 1000)::bigint)"
+                " WHERE msg_id = %s",
+                (msg_id,),
+            )
+        [hint] = update_scaling_hints(conn, [("mixed", "tasker_mixed")], ScalingRule(), live_s=60)
+    assert (hint.depth, hint.in_flight) == (8, 3)
+
+
+def test_a_deferred_or_bounced_delivery_is_marked_parked(flows: InProcessFlows) -> None:
+    import dramatiq
+
+    @dramatiq.actor(broker=flows.broker, queue_name="parking")
+    def parking(n: int) -> None: ...
+
+    parking.send(1)
+    parking.send(2)
+    names = flows.broker.names("parking")
+    with psycopg.connect(flows.url, autocommit=True) as conn:
+        claimed = conn.execute(
+            flows.broker.statement("claim", names), {"limit": 2, "lease_ms": 60_000}
+        ).fetchall()
+        [(first, first_ct, _, _), (second, second_ct, _, _)] = claimed
+        for statement, msg_id, read_ct in (
+            ("defer", first, first_ct),
+            ("bounce", second, second_ct),
+        ):
+            conn.execute(
+                flows.broker.statement(statement, names),
+                {"msg_id": msg_id, "read_ct": read_ct, "delay_ms": 30_000},
+            )
+        [hint] = update_scaling_hints(conn, [("parking", names.main)], ScalingRule(), live_s=60)
+    assert (hint.depth, hint.in_flight) == (0, 0)
+
+
 # -- registry and CLI ------------------------------------------------------------------------------
 
 
@@ -241,8 +297,20 @@ def test_cli_lists_workers_hints_and_the_task_dlq(
     assert entry["task_uuid"] == task
     shown = _cli_json(capsys, "dlq", "tasks", "show", entry["dlq_entry_uuid"])
     assert shown["task_snapshot"]["task_name"] == "cli"
-    assert main(["dlq", "tasks", "resolve", entry["dlq_entry_uuid"], "--status", "cancelled"]) == 0
-    capsys.readouterr()
+    assert (shown["namespace"], shown["task_name"]) == ("shapes", "cli")
+    assert main(["dlq", "tasks", "show", entry["dlq_entry_uuid"]]) == 0
+    summary = capsys.readouterr().out
+    assert "shapes/cli 1.0.0" in summary and "steps_in_process" in summary
+    assert [line.split()[0] for line in summary.splitlines() if line.startswith("s")][-4:] == [
+        "s1",
+        "s2",
+        "s3",
+        "s4",
+    ]
+    resolved = _cli_json(
+        capsys, "dlq", "tasks", "resolve", entry["dlq_entry_uuid"], "--status", "cancelled"
+    )
+    assert resolved["resolution_status"] == "cancelled"
     assert _cli_json(capsys, "dlq", "tasks", "list") == []
     assert main(["dlq", "tasks", "show", "not-a-uuid"]) == 1
     assert "is not a DLQ entry id" in capsys.readouterr().err
@@ -330,3 +398,65 @@ def test_retention_expires_dead_letters_of_queues_it_never_declared(
         fresh.close()
     assert report.retention is not None and report.retention.dead_letters_expired == 1
     assert scalar(flows.url, f"SELECT count(*) FROM {dead}") == 1  # the 1-day-old one stays
+
+
+def test_the_orchestration_pool_has_one_row_of_its_own(flows: InProcessFlows) -> None:
+    """Its Deployment scales on the rule applied to the four queues together, not on the sum of
+    four rows that are each at least min_replicas."""
+    from tasker.coordinator.loop import ORCHESTRATION_QUEUES
+    from tasker.engine.scaling import ORCHESTRATION_POOL
+
+    queues = [(name, flows.broker.names(name).main) for name in ORCHESTRATION_QUEUES]
+    for _, pgmq_name in queues:
+        with psycopg.connect(flows.url, autocommit=True) as conn:
+            conn.execute("SELECT pgmq.create(%s)", (pgmq_name,))
+    rule = ScalingRule(processes=1, threads=8, backlog_per_replica=100, min_replicas=1)
+    with psycopg.connect(flows.url, autocommit=True) as conn:
+        idle = update_scaling_hints(conn, queues, rule, live_s=60, pool_queues=ORCHESTRATION_QUEUES)
+        assert {h.queue: h.desired_replicas for h in idle}[ORCHESTRATION_POOL] == 1
+        for _, pgmq_name in queues:  # 150 waiting in each: 600 for the pool
+            conn.execute(
+                "SELECT pgmq.send_batch(%s, array_fill('{}'::jsonb, ARRAY[150]))", (pgmq_name,)
+            )
+        conn.execute("DELETE FROM tasker.scaling_hints")  # no cooldown from the first pass
+        busy = {
+            h.queue: h
+            for h in update_scaling_hints(
+                conn, queues, rule, live_s=60, pool_queues=ORCHESTRATION_QUEUES
+            )
+        }
+    assert busy[ORCHESTRATION_POOL].depth == 600
+    assert busy[ORCHESTRATION_POOL].desired_replicas == 6
+    assert all(busy[name].desired_replicas == 2 for name, _ in queues)
+
+
+def test_retention_keeps_a_task_whose_dlq_entry_waits_for_an_operator(
+    flows: InProcessFlows,
+) -> None:
+    from tasker.engine.staleness import list_dlq, resolve_dlq_entry
+
+    flows.client.register(build_flow("kept", LINEAR, Recorder()))
+    task = flows.client.submit("shapes", "kept", {}).task_uuid
+    with psycopg.connect(flows.url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE tasker.task_transitions SET created_at = now() - interval '2 hours'"
+            " WHERE task_uuid = %s",
+            (task,),
+        )
+    coordinator = Coordinator(flows.broker, NOW, name="kept")
+    try:
+        assert coordinator.cycle().dead_lettered == [task]
+    finally:
+        coordinator.close()
+    with psycopg.connect(flows.url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE tasker.tasks SET completed_at = now() - interval '60 days'"
+            " WHERE task_uuid = %s",
+            (task,),
+        )
+        assert apply_retention(conn, days=30, coordinator="t").tasks == 0
+        [entry] = list_dlq(conn)
+        resolve_dlq_entry(
+            conn, str(entry.dlq_entry_uuid), status="permanently_failed", notes=None, by=None
+        )
+        assert apply_retention(conn, days=30, coordinator="t").tasks == 1

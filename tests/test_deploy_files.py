@@ -55,6 +55,7 @@ from tests.deploy_support import (
     of_kind,
     parse_docs,
     pod_spec,
+    scaling_row,
     selects,
     store_desired_replicas,
     validate_any,
@@ -677,6 +678,7 @@ def test_keda_queries_run_against_the_coordinators_table(database_url: str) -> N
         "orchestration_step_enqueue": 2,
         "orchestration_step_results": 4,
         "orchestration_task_finalizations": 1,
+        "orchestration": 4,
         "worker_other_queue": 50,
     }
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -689,8 +691,7 @@ def test_keda_queries_run_against_the_coordinators_table(database_url: str) -> N
             )
             query = obj["spec"]["triggers"][0]["metadata"]["query"]
             rows = conn.execute(query).fetchall()
-            expected = sum(desired[q] for q in worker_command(deployment).queues)
-            assert rows == [(expected,)], f"{obj['metadata']['name']}: {query}"
+            assert rows == [(desired[scaling_row(deployment)],)], f"{obj['metadata']['name']}"
         # No hint yet: no number (KEDA reports an error and leaves the replica count alone).
         store_desired_replicas(conn, {})
         for obj in of_kind(objects, "ScaledObject"):

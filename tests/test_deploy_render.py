@@ -43,6 +43,7 @@ from tests.deploy_support import (
     of_kind,
     parse_docs,
     pod_spec,
+    scaling_row,
     store_desired_replicas,
     validate_any,
     worker_command,
@@ -171,15 +172,15 @@ def test_scalers_only_renders_just_the_scalers() -> None:
 
 def test_rendered_keda_queries_run_against_the_coordinators_table(database_url: str) -> None:
     objects = render(["billing", LONG, "--modules", "m", "--scaling", "keda", "--orchestration"])
-    desired = {worker_queue("billing"): 2, worker_queue(LONG): 7}
-    desired.update({queue: n for n, queue in enumerate(ORCHESTRATION_QUEUES, start=1)})
+    desired = {worker_queue("billing"): 2, worker_queue(LONG): 7, "orchestration": 3}
+    desired.update({queue: 1 for queue in ORCHESTRATION_QUEUES})  # each at the minimum
     with psycopg.connect(database_url, autocommit=True) as conn:
         store_desired_replicas(conn, desired)
         deployments = {d["metadata"]["name"]: d for d in of_kind(objects, "Deployment")}
         for scaled in of_kind(objects, "ScaledObject"):
-            queues = worker_command(deployments[scaled["spec"]["scaleTargetRef"]["name"]]).queues
+            row = scaling_row(deployments[scaled["spec"]["scaleTargetRef"]["name"]])
             query = scaled["spec"]["triggers"][0]["metadata"]["query"]
-            assert conn.execute(query).fetchall() == [(sum(desired[q] for q in queues),)]
+            assert conn.execute(query).fetchall() == [(desired[row],)]
 
 
 # ------------------------------------------------------------------------------ names

@@ -104,16 +104,26 @@ BEGIN
                        THEN '0'
                        ELSE format('(SELECT count(*) FROM pgmq.%I)', 'q_' || v_queue || '__xq')
                   END;
+        -- A message is waiting (delayed: a retry's backoff, a deferred or bounced delivery,
+        -- marked parked_until_ms by the broker), visible, or in flight (held by a consumer).
+        -- depth counts the visible and the in-flight ones: what workers have to do now.
         RETURN QUERY EXECUTE format(
-            'SELECT %L::text, count(*),
+            'WITH m AS (
+                 SELECT enqueued_at, vt <= now() AS visible,
+                        vt > now() AND read_ct > 0
+                        AND NOT coalesce(extract(epoch FROM vt) * 1000
+                                         <= (headers->>''parked_until_ms'')::float8 + 1, false)
+                            AS held
+                 FROM pgmq.%I)
+             SELECT %L::text, count(*) FILTER (WHERE visible OR held),
                     coalesce(extract(epoch FROM now() - min(enqueued_at)
-                             FILTER (WHERE vt <= now())), 0)::double precision,
-                    count(*) FILTER (WHERE read_ct > 0 AND vt > now()),
+                             FILTER (WHERE visible)), 0)::double precision,
+                    count(*) FILTER (WHERE held),
                     coalesce((SELECT last_value FROM pg_sequences
                               WHERE schemaname = ''pgmq'' AND sequencename = %L), 0)::bigint,
                     %s::bigint
-             FROM pgmq.%I',
-            v_queue, 'q_' || v_queue || '_msg_id_seq', v_dead, 'q_' || v_queue);
+             FROM m',
+            'q_' || v_queue, v_queue, 'q_' || v_queue || '_msg_id_seq', v_dead);
     END LOOP;
 END
 $$;

@@ -46,7 +46,9 @@ RETURNING msg_id
 UPDATE {queue}
 SET vt = clock_timestamp() + %(delay_ms)s::bigint * interval '1 millisecond',
     headers = coalesce(headers, jsonb_build_object())
-        || jsonb_build_object('returned', coalesce((headers->>'returned')::int, 0) + 1)
+        || jsonb_build_object('returned', coalesce((headers->>'returned')::int, 0) + 1,
+                              'parked_until_ms', (extract(epoch FROM clock_timestamp()) * 1000
+                                                  + %(delay_ms)s::bigint)::bigint)
         || CASE WHEN %(read_ct)s::int > 1 AND headers ? 'starts'
                 THEN jsonb_build_object('starts', greatest((headers->>'starts')::int - 1, 0))
                 ELSE jsonb_build_object() END
@@ -60,7 +62,9 @@ UPDATE {queue}
 SET vt = clock_timestamp() + %(delay_ms)s::bigint * interval '1 millisecond',
     headers = coalesce(headers, jsonb_build_object())
         || jsonb_build_object('bounces', coalesce((headers->>'bounces')::int, 0) + 1,
-                              'returned', coalesce((headers->>'returned')::int, 0) + 1)
+                              'returned', coalesce((headers->>'returned')::int, 0) + 1,
+                              'parked_until_ms', (extract(epoch FROM clock_timestamp()) * 1000
+                                                  + %(delay_ms)s::bigint)::bigint)
 WHERE msg_id = %(msg_id)s AND read_ct = %(read_ct)s
 
 -- Claim up to `limit` visible messages. `vt <= now()` with ORDER BY vt lets the vt index serve

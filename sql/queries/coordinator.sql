@@ -155,6 +155,7 @@ LIMIT %(limit)s
 -- name: get_dlq_entry
 SELECT d.dlq_entry_uuid, d.task_uuid, d.original_state, d.dlq_reason, d.dlq_timestamp,
        d.resolution_status, d.resolution_timestamp, d.resolution_notes, d.resolved_by,
+       d.task_snapshot->>'namespace' AS namespace, d.task_snapshot->>'task_name' AS task_name,
        d.task_snapshot, d.metadata
 FROM tasker.tasks_dlq d WHERE d.dlq_entry_uuid = %(entry)s
 
@@ -166,13 +167,15 @@ WHERE dlq_entry_uuid = %(entry)s AND resolution_status = 'pending'
 RETURNING dlq_entry_uuid
 
 -- Retention: one batch of finished tasks, oldest first; steps, edges, transitions, claims and
--- DLQ entries go with them (ON DELETE CASCADE). SKIP LOCKED: a task an operator is looking at is
--- taken next time.
+-- resolved DLQ entries go with them (ON DELETE CASCADE). A task with a pending DLQ entry waits
+-- for an operator, however old. SKIP LOCKED: a task an operator is looking at is taken next time.
 -- name: delete_finished_tasks
 WITH doomed AS (
     SELECT task_uuid FROM tasker.tasks
     WHERE completed_at IS NOT NULL AND completed_at < clock_timestamp() - %(days)s * interval '1 day'
       AND state IN ('complete', 'error', 'cancelled', 'resolved_manually')
+      AND NOT EXISTS (SELECT 1 FROM tasker.tasks_dlq d
+                      WHERE d.task_uuid = tasks.task_uuid AND d.resolution_status = 'pending')
     ORDER BY completed_at
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
@@ -238,15 +241,28 @@ SELECT EXISTS (
 -- name: update_scaling_hints
 WITH queues AS (
     SELECT * FROM unnest(%(dramatiq)s::text[], %(pgmq)s::text[]) AS q(queue, pgmq_name)
-), metrics AS (
+), per_queue AS (
     SELECT q.queue, m.* FROM queues q
     JOIN tasker.queue_metrics_v1(%(pgmq)s::text[]) m ON m.pgmq_name = q.pgmq_name
+), metrics AS (  -- each queue, and the pool of queues one Deployment consumes together
+    SELECT * FROM per_queue
+    UNION ALL
+    SELECT %(pool)s, %(pool)s, sum(depth)::bigint, max(oldest_age_s), sum(in_flight)::bigint,
+           sum(last_msg_id)::bigint, sum(dead)::bigint
+    FROM per_queue WHERE queue = ANY(%(pool_queues)s::text[])
+    HAVING count(*) > 0
+), live_workers AS (
+    SELECT * FROM tasker.workers w
+    WHERE w.last_seen > clock_timestamp() - %(live_s)s * interval '1 second'
 ), live AS (
     SELECT queue, count(DISTINCT w.hostname)::integer AS replicas,
            sum(w.processed)::bigint AS processed, sum(w.failed)::bigint AS failed
-    FROM tasker.workers w, unnest(w.queues) AS queue
-    WHERE w.last_seen > clock_timestamp() - %(live_s)s * interval '1 second'
+    FROM live_workers w, unnest(w.queues) AS queue
     GROUP BY queue
+    UNION ALL
+    SELECT %(pool)s, count(DISTINCT w.hostname)::integer, sum(w.processed)::bigint,
+           sum(w.failed)::bigint
+    FROM live_workers w WHERE w.queues && %(pool_queues)s::text[]
 ), inputs AS (
     SELECT m.queue, m.depth, m.oldest_age_s, m.in_flight, m.last_msg_id,
            coalesce(l.replicas, 0) AS live_replicas,

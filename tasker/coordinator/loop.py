@@ -26,7 +26,7 @@ import psycopg
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.brokers.queue_names import map_queue_name
 from tasker.coordinator.metrics import CoordinatorMetrics
-from tasker.db.connection import connect
+from tasker.db.connection import connect, connection_kwargs
 from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, TASK_REQUEST
 from tasker.engine.recovery import (
     Recovery,
@@ -53,6 +53,17 @@ ORCHESTRATION_QUEUES = tuple(
     s.queue for s in (TASK_REQUEST, STEP_ENQUEUE, PROCESS_RESULT, FINALIZE)
 )
 T = TypeVar("T")
+
+#: The leader's lock session. Server-side TCP keepalives end it within about 25 s when the
+#: leader's machine vanishes without closing the connection (the kernel's default would take
+#: two hours), so a standby takes over instead of waiting on a dead session's lock.
+_LOCK_CONNECTION = connection_kwargs(application_name="tasker-coordinator", timeout_s=5) | {
+    "options": connection_kwargs()["options"]
+    + " -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
 
 
 @dataclass
@@ -89,6 +100,7 @@ class Coordinator:
         self._lock_conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
         self._last_cycle_at: float | None = None
+        self._database_ok = False
         self._last_retention_at = 0.0
         self.leading = False
 
@@ -120,10 +132,16 @@ class Coordinator:
         return report
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness for ``/health/ready``: a cycle completed within three intervals."""
+        """Readiness for ``/health/ready``: a cycle completed within three intervals and, in it,
+        PostgreSQL answered (a coordinator that cannot reach it is not ready)."""
         last = self._last_cycle_at
         fresh = last is not None and time.monotonic() - last < 3 * self.settings.interval_s + 5
-        return fresh, {"leader": self.leading, "coordinator": self.name}
+        detail = {
+            "leader": self.leading,
+            "coordinator": self.name,
+            "database": "reachable" if self._database_ok else "unreachable",
+        }
+        return fresh and self._database_ok, detail
 
     def close(self) -> None:
         """Give the lead up (close the lock connection)."""
@@ -151,17 +169,18 @@ class Coordinator:
         try:
             if self._lock_conn is None or self._lock_conn.closed:
                 assert self.broker.url is not None
-                self._lock_conn = connect(
-                    self.broker.url, application_name="tasker-coordinator", connect_timeout=5
-                )
+                self._lock_conn = connect(self.broker.url, **_LOCK_CONNECTION)
             if self.leading:
                 self._lock_conn.execute("SELECT 1")  # the lock lives as long as this session
+                self._database_ok = True
                 return True
             row = self._lock_conn.execute(
                 "SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,)
             ).fetchone()
+            self._database_ok = True
             return bool(row and row[0])
         except psycopg.Error as exc:
+            self._database_ok = False
             logger.warning("Coordinator %s cannot reach PostgreSQL: %s", self.name, exc)
             if self._lock_conn is not None:
                 self._lock_conn.close()
@@ -272,7 +291,11 @@ class Coordinator:
             cooldown_s=sc.cooldown_s,
         )
         return update_scaling_hints(
-            conn, self._queues(conn), rule, live_s=self.settings.live_worker_s
+            conn,
+            self._queues(conn),
+            rule,
+            live_s=self.settings.live_worker_s,
+            pool_queues=ORCHESTRATION_QUEUES,
         )
 
     def _queues(self, conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:

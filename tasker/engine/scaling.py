@@ -12,10 +12,15 @@ Per queue, every coordinator cycle (``tasker.update_scaling_hints`` in
 
 ``completions_per_s`` is the queue's msg_id growth minus its depth growth over the cycle; the
 error rate is the failed share of the messages the queue's live workers processed in the cycle.
+
+A pool of queues one Deployment consumes together (the four orchestration queues) gets a row of
+its own, :data:`ORCHESTRATION_POOL`, whose inputs are the sums over its queues: the Deployment
+scales on that row, not on the sum of its queues' rows (each at least ``min_replicas``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,7 +29,16 @@ from psycopg.rows import class_row
 
 from tasker.engine.sql import cq
 
-__all__ = ["ScalingHint", "ScalingRule", "read_scaling_hints", "update_scaling_hints"]
+__all__ = [
+    "ORCHESTRATION_POOL",
+    "ScalingHint",
+    "ScalingRule",
+    "read_scaling_hints",
+    "update_scaling_hints",
+]
+
+#: The ``tasker.scaling_hints`` row of the orchestration Deployment (all four queues).
+ORCHESTRATION_POOL = "orchestration"
 
 
 @dataclass(frozen=True)
@@ -64,10 +78,18 @@ class ScalingHint:
 
 
 def update_scaling_hints(
-    conn: Any, queues: list[tuple[str, str]], rule: ScalingRule, *, live_s: float
+    conn: Any,
+    queues: list[tuple[str, str]],
+    rule: ScalingRule,
+    *,
+    live_s: float,
+    pool_queues: Sequence[str] = (),
 ) -> list[ScalingHint]:
-    """Compute and store the hints of ``queues`` (``(dramatiq name, pgmq name)`` pairs)."""
+    """Compute and store the hints of ``queues`` (``(dramatiq name, pgmq name)`` pairs), and of
+    the :data:`ORCHESTRATION_POOL` made of ``pool_queues`` (Dramatiq names among ``queues``)."""
     params = {
+        "pool": ORCHESTRATION_POOL,
+        "pool_queues": list(pool_queues),
         "dramatiq": [dramatiq for dramatiq, _ in queues],
         "pgmq": [pgmq for _, pgmq in queues],
         "live_s": live_s,
