@@ -84,7 +84,7 @@ def test_retention_deletes_100000_finished_tasks_in_short_batches(flows: InProce
     try:
         with psycopg.connect(flows.url, autocommit=True) as conn:
             for _ in range(1000):  # bounded: 100,000 / 200 = 500 batches
-                report = apply_retention(conn, days=30, batch=200, max_batches=50, coordinator="t")
+                report = apply_retention(conn, days=30, batch=200, budget_s=5, coordinator="t")
                 deleted += report.tasks
                 longest = max(longest, report.longest_batch_s)
                 if report.tasks == 0:

@@ -19,6 +19,8 @@ __all__ = ["DEFAULT_BATCH", "RetentionReport", "apply_retention"]
 
 #: Tasks deleted per transaction.
 DEFAULT_BATCH = 500
+#: Seconds one retention pass may delete for; the rest is left to the next pass.
+DEFAULT_BUDGET_S = 10.0
 _FORGET_WORKERS_AFTER_S = 24 * 3600
 
 
@@ -40,14 +42,16 @@ def apply_retention(
     *,
     days: float,
     batch: int = DEFAULT_BATCH,
-    max_batches: int = 20,
+    budget_s: float = DEFAULT_BUDGET_S,
     coordinator: str,
 ) -> RetentionReport:
-    """One bounded pass: at most ``max_batches`` batches of ``batch`` tasks finished more than
-    ``days`` days ago, each its own transaction and recorded."""
+    """One pass: batches of ``batch`` tasks finished more than ``days`` days ago, each its own
+    transaction and recorded, until none is left or ``budget_s`` seconds have gone (the rest
+    waits for the next pass, so the coordinator's other work is not held up)."""
     deleted = batches = 0
     longest = 0.0
-    for _ in range(max_batches):
+    began = time.monotonic()
+    while True:
         started = time.monotonic()
         with conn.transaction():
             rows = conn.execute(cq("delete_finished_tasks"), {"days": days, "batch": batch})
@@ -57,7 +61,7 @@ def apply_retention(
         longest = max(longest, time.monotonic() - started)
         deleted += count
         batches += 1 if count else 0
-        if count < batch:
+        if count < batch or time.monotonic() - began >= budget_s:
             break
     claims = len(conn.execute(cq("clear_expired_claims")).fetchall())
     actions = conn.execute(cq("trim_actions"), {"days": days, "batch": batch * 10}).rowcount
