@@ -22,11 +22,12 @@ demo: setup  ## set up, start the embedded PostgreSQL, migrate and run the demo 
 test: setup  ## set up and run the test suite (embedded PostgreSQL 18 unless TEST_DATABASE_URL is set)
 	$(BIN)/pytest
 
-test-pg15: setup  ## the test suite against the system PostgreSQL 15
-	TEST_DATABASE_URL=$(PG15_URL) $(BIN)/pytest
+test-pg15: setup  ## the test suite against the system PostgreSQL 15 (slow tests: `make test` runs them)
+	TEST_DATABASE_URL=$(PG15_URL) $(BIN)/pytest -m "not slow"
 
 lint: setup  ## ruff, mypy (strict on tasker/) and the import contracts (pyproject.toml)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
