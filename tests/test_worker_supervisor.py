@@ -293,17 +293,43 @@ def test_one_sigterm_stops_gracefully_and_leaves_nothing_leased(
     assert worker.log().count("Worker process stopped (exit code 0)") == 2
 
 
+@pytest.mark.parametrize("target", ["supervisor", "process group"])
+def test_one_stop_request_to_the_whole_process_group_is_still_graceful(
+    app_db: str, producer: PGMQBroker, launch: Any, target: str
+) -> None:
+    # `kill -- -PGID`, systemd's KillMode=control-group and a terminal reach every worker process
+    # directly *and* through the supervisor: that is one request, not a forced stop.
+    worker = launch("-p", "2", "-t", "1", **LONG_LEASE)
+    worker.wait_ready(2)
+    send_work(producer, "running-at-stop", sleep_s=3)
+    worker.wait(lambda: count(app_db, "test_exec_log", "kind='start'") == 1, 30, "the handler")
+    stop(worker, target)
+    assert worker.wait_exit(60) == 0, worker.log()
+    assert count(app_db, "test_ledger") == 1  # the running handler finished
+    assert "Forced stop" not in worker.log()
+    assert worker.log().count("Worker process stopped (exit code 0)") == 2
+
+
+def stop(worker: TaskerWorker, target: str) -> None:
+    """SIGTERM to the supervisor only, or to its whole process group."""
+    if target == "supervisor":
+        worker.send(signal.SIGTERM)
+    else:
+        os.killpg(worker.pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("target", ["supervisor", "process group"])
 def test_second_sigterm_forces_the_exit_and_releases_the_running_message(
-    app_db: str, producer: PGMQBroker, launch: Any
+    app_db: str, producer: PGMQBroker, launch: Any, target: str
 ) -> None:
     worker = launch("-p", "1", "-t", "1", **LONG_LEASE)
     worker.wait_ready(1)
     send_work(producer, "long", sleep_s=30)
     worker.wait(lambda: count(app_db, "test_exec_log", "kind='start'") == 1, 30, "the handler")
-    worker.send(signal.SIGTERM)
+    stop(worker, target)
     worker.wait(lambda: "Stopping: running handlers" in worker.log(), 30, "the graceful stop")
     assert worker.running()  # waiting for the 30 s handler
-    worker.send(signal.SIGTERM)
+    stop(worker, target)
     started = time.monotonic()
     code = worker.wait_exit(25)
     assert time.monotonic() - started < 25

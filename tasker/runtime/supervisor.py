@@ -19,7 +19,9 @@ handler calling ``os._exit`` or one process killed by the OOM killer takes the w
 * **Signals.** The first SIGTERM or SIGINT stops restarting and sends SIGTERM to every child: a
   graceful stop. The second sends SIGTERM again: a forced stop, where each child releases the
   leases it holds and exits at once. Every child gets at most two SIGTERMs, one per loop turn, so
-  two requests never merge into one. SIGHUP restarts every child gracefully.
+  two requests never merge into one. A child counts requests per sender, so a SIGTERM sent to the
+  whole process group (``kill -- -PGID``, systemd) that reaches it directly and through this
+  loop is still one graceful stop. SIGHUP restarts every child gracefully.
 * **Exit code.** 0 when every child stopped cleanly, 1 when one failed while stopping. A child
   still running ``shutdown_timeout_s + SHUTDOWN_GRACE_S`` after the stop request is SIGKILLed.
 """

@@ -10,18 +10,21 @@ naming the process, import :mod:`tasker.actors` (the broker built from settings)
   changed (``os.getppid()``) and stops gracefully, so a killed supervisor leaves nothing consuming.
 * **Signals.** The first SIGTERM is a graceful stop: stop consuming, let running handlers finish
   (``--shutdown-timeout``), give prefetched messages back (the consumers' ``close``), close the
-  broker, exit 0. A second SIGTERM is a forced stop: :meth:`PGMQBroker.release_held` makes every
-  message this process holds visible at once and releases its step claims, then the process
-  ``os._exit``\\ s with :data:`EXIT_FORCED` without waiting for running handlers. SIGINT and SIGHUP
-  are ignored: a terminal sends them to the whole process group, and the supervisor turns them
-  into SIGTERMs (so Ctrl-C is one stop request, not two).
+  broker, exit 0. A second SIGTERM *from the same sender* is a forced stop:
+  :meth:`PGMQBroker.release_held` makes every message this process holds visible at once and
+  releases its step claims, then the process ``os._exit``\\ s with :data:`EXIT_FORCED` without
+  waiting for running handlers. Counting per sender is what keeps one stop request one request
+  when it reaches this process twice: ``kill -- -PGID``, systemd's ``KillMode=control-group`` or
+  a terminal signal the whole process group, and the supervisor forwards the same request.
+  SIGINT and SIGHUP are ignored: the supervisor turns them into SIGTERMs.
 * **Boot.** The supervisor starts this process with SIGTERM blocked, so a stop request that arrives
   while Python is starting is kept pending until the handler is installed, not lost or fatal.
   If the modules cannot be imported it exits with :data:`EXIT_CONFIG`, which tells the supervisor
   that restarting cannot help.
 
-The main thread never runs handlers: it only waits, so a signal always finds it free, and the
-graceful stop runs in a helper thread the main thread can abandon on a second SIGTERM.
+The main thread never runs handlers: it only waits for SIGTERM with ``sigtimedwait`` (which says
+who sent it; the signal stays blocked in every thread, so no handler ever interrupts a lock
+holder), and the graceful stop runs in a helper thread it can abandon on a forced stop.
 """
 
 from __future__ import annotations
@@ -83,25 +86,49 @@ def set_parent_death_signal(signum: int) -> bool:
 
 
 class StopRequests:
-    """Counts SIGTERMs: one asks for a graceful stop, two for a forced one.
+    """The SIGTERMs this process received, counted per sender.
 
-    The handler only counts (it runs between two bytecodes of the main thread, which may hold any
-    lock); the main loop acts on the count.
+    One request asks for a graceful stop; two from the same sender for a forced one
+    (:attr:`forced`). SIGTERM stays blocked in every thread and is taken with
+    :func:`signal.sigtimedwait` by the main thread, so the sender's pid is known and no handler
+    runs between two bytecodes of a thread that holds a lock.
     """
 
+    PARENT_GONE = -1  # the sender recorded when the supervisor disappeared
+
     def __init__(self) -> None:
-        self.count = 0
+        self.by_sender: dict[int, int] = {}
 
     def install(self) -> None:
-        """Handle SIGTERM, ignore SIGINT and SIGHUP, then unblock the signals the supervisor
-        blocked for the start of this process."""
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        """Block SIGTERM in this thread (and every thread started later), ignore SIGINT and
+        SIGHUP, then unblock those two (the supervisor starts this process with all three
+        blocked)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGHUP})
 
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self.count += 1
+    def wait(self, timeout_s: float) -> None:
+        """Take a pending SIGTERM, waiting up to ``timeout_s`` seconds for one."""
+        info = signal.sigtimedwait({signal.SIGTERM}, timeout_s)
+        if info is not None:
+            self.request(info.si_pid)
+
+    def request(self, sender: int) -> None:
+        """Record a stop request from process ``sender`` (or :attr:`PARENT_GONE`)."""
+        self.by_sender[sender] = self.by_sender.get(sender, 0) + 1
+        if self.by_sender[sender] == 1 and len(self.by_sender) > 1:
+            logger.info("Stop request from pid %d too: still one request.", sender)
+
+    @property
+    def requested(self) -> bool:
+        """Whether any stop was asked for."""
+        return bool(self.by_sender)
+
+    @property
+    def forced(self) -> bool:
+        """Whether one sender asked twice."""
+        return any(count >= 2 for count in self.by_sender.values())
 
 
 @dataclass
@@ -193,16 +220,17 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _wait_for_stop(stop: StopRequests, parent: int) -> None:
     """Wait until a SIGTERM arrives or the parent is gone (then behave as if it sent one)."""
-    while stop.count == 0:
+    while not stop.requested:
         if os.getppid() != parent:
             logger.warning("The supervisor (pid %d) is gone; stopping.", parent)
-            stop.count += 1
+            stop.request(StopRequests.PARENT_GONE)
             return
-        time.sleep(POLL_S)
+        stop.wait(POLL_S)
 
 
 def _shutdown(broker: Any, worker: Any, stop: StopRequests, timeout_s: float) -> int:
-    """Stop gracefully in a helper thread; a second SIGTERM (or a hung stop) forces the exit."""
+    """Stop gracefully in a helper thread; a forced stop request (or a hung stop) forces the
+    exit."""
     logger.info("Stopping: running handlers may take up to %.0f s to finish.", timeout_s)
     outcome = _Outcome()
     stopper = threading.Thread(
@@ -213,8 +241,8 @@ def _shutdown(broker: Any, worker: Any, stop: StopRequests, timeout_s: float) ->
     )
     stopper.start()
     deadline = time.monotonic() + timeout_s + CLOSE_GRACE_S
-    while stopper.is_alive() and stop.count < 2 and time.monotonic() < deadline:
-        stopper.join(POLL_S)
+    while stopper.is_alive() and not stop.forced and time.monotonic() < deadline:
+        stop.wait(POLL_S)
     if stopper.is_alive():
         _force_exit(broker)
     logger.info("Worker process stopped (exit code %d).", outcome.code)
