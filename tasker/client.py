@@ -35,7 +35,7 @@ from tasker.engine.tasks import TaskHandle, TaskRequest, create_task
 from tasker.engine.templates import register_template
 from tasker.exceptions import TaskTimeoutError
 from tasker.runtime.sender import BrokerSender
-from tasker.settings import Settings
+from tasker.settings import Settings, load_settings
 from tasker.workflow.definition import Workflow
 from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 
@@ -63,6 +63,8 @@ class Client:
         max_payload_bytes: int | None = None,
     ) -> None:
         if broker is None:
+            if url is None and settings is None:
+                settings = load_settings()
             broker = _broker(url, settings, timeout_s)
         self.broker = broker
         if max_payload_bytes is None:
@@ -70,6 +72,11 @@ class Client:
                 settings.engine.max_payload_bytes if settings is not None else MAX_PAYLOAD_BYTES
             )
         self.max_payload_bytes = max_payload_bytes
+        #: What :meth:`register` does with a changed definition of a registered version when
+        #: not told: the ``engine.allow_template_replace`` setting (off without settings).
+        self.allow_template_replace = (
+            settings.engine.allow_template_replace if settings is not None else False
+        )
         self._sender = BrokerSender(broker)
 
     def submit(
@@ -149,12 +156,15 @@ class Client:
             time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
             interval = min(interval * 1.5, 0.5)
 
-    def register(self, flow: Workflow, *, allow_replace: bool = False) -> None:
+    def register(self, flow: Workflow, *, allow_replace: bool | None = None) -> None:
         """Register ``flow``'s template (workers do this at boot; useful in scripts and tests).
 
         Raises :class:`~tasker.exceptions.TemplateConflictError` when that version is registered
-        with another definition, unless ``allow_replace``.
+        with another definition, unless ``allow_replace`` (default:
+        :attr:`allow_template_replace`, the ``engine.allow_template_replace`` setting).
         """
+        if allow_replace is None:
+            allow_replace = self.allow_template_replace
         with self._connection() as conn:
             register_template(conn, flow, allow_replace=allow_replace)
 
@@ -187,9 +197,9 @@ class Client:
 
 
 def _broker(url: str | None, settings: Settings | None, timeout_s: float | None) -> PGMQBroker:
-    if url is not None and settings is None:
+    if settings is None:
+        assert url is not None
         return PGMQBroker(url=url, timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
     from tasker.runtime.broker import broker_from_settings
-    from tasker.settings import load_settings
 
-    return broker_from_settings(settings or load_settings(), timeout_s=timeout_s)
+    return broker_from_settings(settings, timeout_s=timeout_s)

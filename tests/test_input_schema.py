@@ -158,6 +158,56 @@ def test_references_inside_the_schema_are_accepted_and_applied(schema: dict[str,
             validate_input(schema, {"a": 5})
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#"},
+        {"type": "object", "allOf": [{"$ref": "#"}]},
+        _with_property(
+            "#/$defs/a", **{"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}
+        ),
+        _with_property(
+            "#/$defs/a", **{"$defs": {"a": {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/a"}]}}}
+        ),
+        _with_property("#/$defs/a", **{"$defs": {"a": {"not": {"$ref": "#/$defs/a"}}}}),
+        _with_property("#/$defs/a", **{"$defs": {"a": {"if": {"$ref": "#/$defs/a"}}}}),
+        _with_property(
+            "#/$defs/a", **{"$defs": {"a": {"dependentSchemas": {"k": {"$ref": "#/$defs/a"}}}}}
+        ),
+        {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "type": "object",
+            "definitions": {"a": {"oneOf": [{"$ref": "#/definitions/a"}]}},
+        },
+    ],
+    ids=["root", "allOf_root", "two_defs", "anyOf", "not", "if", "dependentSchemas", "draft7"],
+)
+def test_a_reference_loop_that_never_descends_into_the_context_is_refused(
+    schema: dict[str, Any],
+) -> None:
+    """Each would recurse until Python gives up at every submit; a loop through properties or
+    items (a tree) is fine, see test_references_inside_the_schema_are_accepted_and_applied."""
+    with pytest.raises(tasker.WorkflowDefinitionError, match="refers back to itself"):
+        check_input_schema(schema)
+
+
+def test_recursive_schemas_that_descend_are_accepted() -> None:
+    node = {
+        "type": "object",
+        "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+        "additionalProperties": {"$ref": "#/$defs/node"},
+    }
+    schema = {
+        "type": "object",
+        "$defs": {"node": node},
+        "properties": {"a": {"$ref": "#/$defs/node"}},
+    }
+    check_input_schema(schema)
+    validate_input(schema, {"a": {"kids": [{"kids": []}, {"x": {"kids": []}}]}})
+    with pytest.raises(tasker.PayloadError, match="is not of type 'object'"):
+        validate_input(schema, {"a": {"kids": [{"kids": [5]}]}})
+
+
 @pytest.mark.parametrize("kind", ["array", "string", ["array", "null"]])
 def test_a_top_level_type_that_refuses_every_context_is_refused(kind: Any) -> None:
     with pytest.raises(tasker.WorkflowDefinitionError, match="a task context is always an object"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 
@@ -189,6 +190,29 @@ def test_the_development_environment_allows_replacing_templates(
     assert tasker.load_settings("development").engine.allow_template_replace is True
     assert tasker.load_settings("production").engine.allow_template_replace is False
     assert tasker.load_settings("test").engine.allow_template_replace is False
+
+
+def test_a_client_with_settings_follows_the_allow_template_replace_setting(
+    flows: InProcessFlows,
+) -> None:
+    flows.client.register(versioned("1.0.0"))
+    changed = versioned("1.0.0")
+    changed.step("third", depends_on=["second"])(lambda ctx: None)
+    for setting, replaced in ((False, False), (True, True)):
+        settings = msgspec.structs.replace(
+            tasker.load_settings("test"),
+            database=msgspec.structs.replace(tasker.load_settings("test").database, url=flows.url),
+            engine=msgspec.structs.replace(
+                tasker.load_settings("test").engine, allow_template_replace=setting
+            ),
+        )
+        with tasker.Client(settings=settings) as client:
+            if replaced:
+                client.register(changed)
+            else:
+                with pytest.raises(tasker.TemplateConflictError, match="allow_replace=True"):
+                    client.register(changed)
+            client.register(changed, allow_replace=True)  # the argument wins either way
 
 
 def test_a_stored_version_that_is_not_semver_does_not_break_the_choice(

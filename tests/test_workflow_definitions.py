@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import random
 import uuid
@@ -20,6 +21,15 @@ from tasker.workflow.backoff import MAX_BACKOFF_S, BackoffPolicy, decide_retry
 from tasker.workflow.states import check_step_path, check_task_path
 
 TEMPLATES = Path(__file__).parent / "templates"
+
+
+@pytest.fixture(autouse=True)
+def _forget_registered_workflows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workflows these tests register (some on purpose without steps) stay out of the
+    process-wide registry that later tests' workers register at boot."""
+    from tasker.workflow import definition
+
+    monkeypatch.setattr(definition, "_WORKFLOWS", dict(definition._WORKFLOWS))
 
 
 def test_dependencies_must_be_declared_first() -> None:
@@ -56,6 +66,57 @@ def test_bad_definitions_name_the_fix(kwargs: dict[str, Any], message: str) -> N
     args = {"namespace": "ns", "name": "wf", **kwargs}
     with pytest.raises(tasker.WorkflowDefinitionError, match=message):
         tasker.Workflow(args.pop("namespace"), args.pop("name"), register=False, **args)
+
+
+@pytest.mark.parametrize(
+    ("lifecycle", "message"),
+    [
+        ({"max_duration": 5}, "lifecycle.max_duration is not a known field; did you mean"),
+        ({"max_steps_in_process_minutes": 0}, "must be an integer from 1 to"),
+        ({"max_duration_minutes": -5}, "must be an integer from 1 to"),
+        ({"max_duration_minutes": True}, "max_duration_minutes must be an integer"),
+        ({"max_waiting_for_retry_minutes": 2.5}, "max_waiting_for_retry_minutes must be an"),
+        ({"staleness_action": "explode"}, "staleness_action must be one of"),
+        ([{"max_duration_minutes": 5}], "lifecycle must be a mapping"),
+        ("max_duration_minutes=5", "lifecycle must be a mapping"),
+    ],
+)
+def test_lifecycle_in_python_follows_the_template_rule(lifecycle: Any, message: str) -> None:
+    with pytest.raises(tasker.WorkflowDefinitionError, match=message):
+        tasker.Workflow("ns", "wf", lifecycle=lifecycle, register=False)
+
+
+def test_lifecycle_fields_without_effect_warn_in_python_too() -> None:
+    with pytest.warns(tasker.TemplateWarning, match="staleness_action is not applied") as caught:
+        flow = tasker.Workflow(
+            "ns",
+            "wf",
+            lifecycle={"max_duration_minutes": 90, "staleness_action": "dlq"},
+            register=False,
+        )
+    assert caught[0].filename == __file__  # points at the caller
+    assert flow.lifecycle == {"max_duration_minutes": 90}
+
+
+def test_names_and_versions_given_as_str_enums_are_kept_as_their_text() -> None:
+    class Version(str, enum.Enum):  # noqa: UP042 (the case: str() is "Version.ONE")
+        ONE = "1.0.0"
+
+    class Name(str, enum.Enum):  # noqa: UP042
+        NAMESPACE = "shop"
+        FIRST = "first"
+        SECOND = "second"
+
+    flow = tasker.Workflow(Name.NAMESPACE, "orders", Version.ONE, register=False)
+    flow.step(Name.FIRST)(lambda ctx: None)
+    flow.step(Name.SECOND, depends_on=[Name.FIRST])(lambda ctx: None)
+    assert flow.key == ("shop", "orders", "1.0.0")
+    assert all(type(part) is str for part in flow.key)
+    assert flow.actor_name("first") == "tasker.shop.orders@1.0.0.first"
+    assert [type(name) for name in flow.steps] == [str, str]
+    assert flow.steps["second"].depends_on == ("first",)
+    assert type(flow.steps["second"].depends_on[0]) is str
+    assert flow.to_template()["version"] == "1.0.0"
 
 
 def test_unknown_handler_in_a_template_is_a_clear_error() -> None:

@@ -91,9 +91,10 @@ def register_template(conn: Any, flow: Workflow, *, allow_replace: bool = False)
             raise TemplateConflictError(
                 f"Task template {flow.namespace}/{flow.name} version {flow.version} is already "
                 f"registered with a different definition ({differences}). Bump the version "
-                "(tasks created from the stored one keep running it), or set "
-                "engine.allow_template_replace = true (TASKER_ENGINE__ALLOW_TEMPLATE_REPLACE) "
-                "while you iterate in development."
+                "(tasks created from the stored one keep running it), or, while you iterate in "
+                "development, allow replacing it: the setting engine.allow_template_replace = "
+                "true (TASKER_ENGINE__ALLOW_TEMPLATE_REPLACE) does it for workers and Client(), "
+                "Client.register(flow, allow_replace=True) for one call."
             )
         if differences:
             logger.warning(

@@ -25,7 +25,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +39,7 @@ from tasker.workflow.templates import (
     MAX_ATTEMPTS,
     MAX_TIMEOUT_S,
     check_json_mapping,
+    check_lifecycle,
     check_stored_text,
     check_template,
     read_template_file,
@@ -181,19 +182,18 @@ class Workflow:
         lifecycle: Mapping[str, Any] | None = None,
         register: bool = True,
     ) -> None:
-        _check_name("namespace", namespace)
-        _check_name("workflow name", name)
-        check_version(version)
+        # Names and the version are kept as plain ``str``: a str Enum member would otherwise
+        # print as ``Kind.A`` in actor names, templates and log lines.
+        self.namespace = _check_name("namespace", namespace)
+        self.name = _check_name("workflow name", name)
+        self.version = check_version(version)
         _check_workflow_settings(description, identity_strategy, backoff, input_schema, metadata)
-        self.namespace = namespace
-        self.name = name
-        self.version = version
         self.description = description
         self.identity_strategy = identity_strategy
         self.backoff = backoff if backoff is not None else BackoffPolicy()
         self.input_schema: Mapping[str, Any] | None = copy.deepcopy(input_schema)
         self.metadata: Mapping[str, Any] = copy.deepcopy(dict(metadata or {}))
-        self.lifecycle: Mapping[str, Any] = _check_lifecycle(lifecycle)
+        self.lifecycle: Mapping[str, Any] = _check_lifecycle(lifecycle, repr(self))
         self.steps: dict[str, StepDefinition] = {}
         if register:
             _register(self)
@@ -252,7 +252,11 @@ class Workflow:
 
     def add_step(self, step: StepDefinition) -> None:
         """Add a step; dependencies must already be declared (so the DAG stays acyclic)."""
-        _check_name("step name", step.name)
+        step = replace(
+            step,
+            name=_check_name("step name", step.name),
+            depends_on=_step_names(step.depends_on, f"depends_on of step {step.name!r}"),
+        )
         if step.name in self.steps:
             raise WorkflowDefinitionError(f"{self!r} already has a step named {step.name!r}.")
         _check_step_settings(step)
@@ -357,19 +361,16 @@ LIFECYCLE_LIMITS = (
 )
 
 
-def _check_lifecycle(lifecycle: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The staleness limits of ``lifecycle`` (whole minutes above 0); the fields a template
-    may carry without effect (``staleness_action``...) are dropped after their warning."""
-    limits: dict[str, Any] = {}
-    for key, value in (lifecycle or {}).items():
-        if key not in LIFECYCLE_LIMITS:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise WorkflowDefinitionError(
-                f"lifecycle.{key} must be a whole number of minutes above 0, got {value!r}."
-            )
-        limits[key] = value
-    return limits
+def _check_lifecycle(lifecycle: object, where: str) -> dict[str, Any]:
+    """The staleness limits of ``lifecycle``, checked by the template schema's rule
+    (:func:`~tasker.workflow.templates.check_lifecycle`); the fields that change nothing
+    (``staleness_action``...) are dropped after their :class:`TemplateWarning`."""
+    if lifecycle is None:
+        return {}
+    for note in check_lifecycle(lifecycle, where):
+        warnings.warn(note, TemplateWarning, stacklevel=3)
+    assert isinstance(lifecycle, Mapping)  # check_lifecycle refused anything else
+    return _limits(lifecycle)
 
 
 def step_actor_name(namespace: str, workflow: str, version: str, step: str) -> str:
@@ -444,7 +445,8 @@ def _build(cls: type[Workflow], template: Mapping[str, Any], resolve: bool) -> W
         backoff=_policy(template.get("backoff", {}), BackoffPolicy()),
         input_schema=template.get("input_schema"),
         metadata=template.get("metadata"),
-        lifecycle=template.get("lifecycle"),
+        # the template's own check warned about the fields that change nothing
+        lifecycle=_limits(template.get("lifecycle", {})),
         register=False,
     )
     steps = {raw["name"]: raw for raw in template["steps"]}
@@ -455,6 +457,10 @@ def _build(cls: type[Workflow], template: Mapping[str, Any], resolve: bool) -> W
         flow.add_step(_step_from_template(steps[name], resolve, flow.backoff))
     flow.validate()
     return flow
+
+
+def _limits(lifecycle: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in lifecycle.items() if key in LIFECYCLE_LIMITS}
 
 
 def _check_step_settings(step: StepDefinition) -> None:
@@ -520,6 +526,8 @@ def _step_names(value: Any, what: str) -> tuple[str, ...]:
     for name in names:
         if not isinstance(name, str):
             raise WorkflowDefinitionError(f"{what} must list step names, got {name!r}.")
+    names = tuple(str.__str__(name) for name in names)  # see check_version
+    for name in names:
         if names.count(name) > 1:
             raise WorkflowDefinitionError(f"{what} lists {name!r} more than once.")
     return names
@@ -542,12 +550,14 @@ def _check_handler(name: str, handler: Any) -> None:
         ) from None
 
 
-def _check_name(what: str, value: str) -> None:
+def _check_name(what: str, value: object) -> str:
+    """``value`` as a plain ``str`` (see :func:`check_version`) if it is a valid name."""
     if not isinstance(value, str) or not _NAME.match(value):
         raise WorkflowDefinitionError(
             f"{what.capitalize()} {value!r} is invalid: use 1-64 lower-case letters, digits or "
             "underscores, starting with a letter."
         )
+    return str.__str__(value)
 
 
 def _policy(raw: Mapping[str, Any], base: BackoffPolicy) -> BackoffPolicy:

@@ -121,9 +121,18 @@ def _check_top_type(schema: Mapping[str, Any], where: str) -> None:
 _NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples"})
 
 
+#: Keywords whose subschemas apply to the same instance as the schema that holds them: a loop
+#: through these (and ``$ref``) never reaches a smaller part of the context.
+_IN_PLACE_ONE = ("not", "if", "then", "else")
+_IN_PLACE_LIST = ("allOf", "anyOf", "oneOf")
+_IN_PLACE_MAP = ("dependentSchemas", "dependencies")
+
+
 def _check_references(schema: Mapping[str, Any], validator_class: Any, where: str) -> None:
     """Refuse a ``$ref`` that does not resolve inside ``schema`` (jsonschema would only fail at
-    the first submit that reaches it)."""
+    the first submit that reaches it), and a loop of references that never descends into the
+    context (``{"$ref": "#"}``, or two definitions that refer to each other): validating any
+    context against it would recurse until Python gives up."""
     from referencing import Registry
     from referencing.exceptions import Unresolvable
     from referencing.jsonschema import specification_with
@@ -132,20 +141,25 @@ def _check_references(schema: Mapping[str, Any], validator_class: Any, where: st
     specification = specification_with(dialect, default=specification_with(DEFAULT_DRAFT))
     root = specification.create_resource(schema)
     resolver = Registry().with_resource(root.id() or "", root).crawl().resolver(root.id() or "")
+    paths: dict[int, str] = {}  # id() of each schema mapping -> its path in the schema
+    same_instance: dict[int, list[int]] = {}  # schemas applied to the same instance as it
 
     def walk(node: Any, resolver: Any, path: str) -> None:
         if isinstance(node, Mapping):
+            paths[id(node)] = path
             resolver = resolver.in_subresource(specification.create_resource(node))
+            targets = same_instance.setdefault(id(node), [])
             reference = node.get("$ref")
             if isinstance(reference, str):
                 try:
-                    resolver.lookup(reference)
+                    targets.append(id(resolver.lookup(reference).contents))
                 except Unresolvable:
                     raise WorkflowDefinitionError(
                         f'{where}{path}["$ref"] {reference!r} does not resolve inside the schema; '
                         "Tasker fetches no schema from elsewhere: point it at a definition of "
                         "this schema (for example '#/$defs/address') or copy that schema in."
                     ) from None
+            targets.extend(id(sub) for sub in _in_place_subschemas(node))
             for key, value in node.items():
                 if key not in _NOT_SCHEMAS:
                     walk(value, resolver, f"{path}[{json.dumps(key)}]")
@@ -154,3 +168,51 @@ def _check_references(schema: Mapping[str, Any], validator_class: Any, where: st
                 walk(item, resolver, f"{path}[{index}]")
 
     walk(schema, resolver, "")
+    loop = _find_loop(same_instance)
+    if loop:
+        chain = " -> ".join(f"{where}{paths[node]}" for node in loop)
+        raise WorkflowDefinitionError(
+            f"{where} refers back to itself without descending into the context ({chain}), so "
+            "validating any context would never end: make the reference go through properties "
+            "or items (a tree), or remove it."
+        )
+
+
+def _in_place_subschemas(node: Mapping[str, Any]) -> list[Any]:
+    found: list[Any] = [node[key] for key in _IN_PLACE_ONE if isinstance(node.get(key), Mapping)]
+    for key in _IN_PLACE_LIST:
+        if isinstance(node.get(key), list):
+            found += [sub for sub in node[key] if isinstance(sub, Mapping)]
+    for key in _IN_PLACE_MAP:
+        if isinstance(node.get(key), Mapping):
+            found += [sub for sub in node[key].values() if isinstance(sub, Mapping)]
+    return found
+
+
+def _find_loop(edges: Mapping[int, list[int]]) -> list[int] | None:
+    """A cycle of ``edges`` as the list of its nodes, first one repeated at the end; or None."""
+    done: set[int] = set()
+    for start in edges:
+        if start in done:
+            continue
+        trail: list[int] = []
+        on_trail: set[int] = set()
+        stack: list[tuple[int, int]] = [(start, 0)]  # (node, index of its next edge)
+        while stack:
+            node, index = stack.pop()
+            if index == 0:
+                trail.append(node)
+                on_trail.add(node)
+            targets = edges.get(node, [])
+            if index < len(targets):
+                stack.append((node, index + 1))
+                target = targets[index]
+                if target in on_trail:
+                    return [*trail[trail.index(target) :], target]
+                if target not in done and target in edges:
+                    stack.append((target, 0))
+            else:
+                trail.pop()
+                on_trail.discard(node)
+                done.add(node)
+    return None

@@ -44,6 +44,7 @@ __all__ = [
     "MAX_TIMEOUT_S",
     "CheckedTemplate",
     "check_json_mapping",
+    "check_lifecycle",
     "check_stored_text",
     "check_template",
     "current_environment",
@@ -389,6 +390,19 @@ _ENVIRONMENT: Mapping[str, _Field] = {
     "steps": _Field(),  # checked override by override
     "task_handler": _Field(refused=_TASK_HANDLER),
 }
+
+
+def check_lifecycle(value: object, where: str) -> tuple[str, ...]:
+    """Check ``value`` as a template's ``lifecycle`` mapping; returns the warnings to issue.
+
+    The rule is the template schema's: the staleness limits are whole minutes in range, a field
+    Tasker does not know is refused (with the likely field it meant), and the fields that change
+    nothing (``staleness_action``...) come back as warnings. ``where`` starts every message.
+    Raises :class:`~tasker.exceptions.WorkflowDefinitionError`.
+    """
+    scope = _Scope(where)
+    _check_mapping(value, _LIFECYCLE, scope, "lifecycle")
+    return tuple(scope.notes)
 
 
 def _check_mapping(value: Any, fields: Mapping[str, _Field], scope: _Scope, path: str) -> None:

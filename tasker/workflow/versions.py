@@ -39,7 +39,8 @@ VersionKey = tuple[Numeral, Numeral, Numeral, tuple[int, tuple[Identifier, ...]]
 
 
 def check_version(value: object) -> str:
-    """``value`` if it is a semver 2.0 version string without build metadata; else a
+    """``value`` as a plain ``str`` if it is a semver 2.0 version string without build metadata
+    (a ``str`` subclass such as a string ``Enum`` member gives the text it holds); else a
     :class:`WorkflowDefinitionError`.
 
     The message names the fix: quote a version that YAML read as a number, write three parts,
@@ -47,6 +48,7 @@ def check_version(value: object) -> str:
     """
     if not isinstance(value, str):
         raise WorkflowDefinitionError(_not_a_string(value))
+    value = str.__str__(value)  # a str subclass (a str Enum member) as the text it holds
     version_key(value)
     if "+" in value:
         release, _, build = value.partition("+")
@@ -148,7 +150,7 @@ def _identifiers_problem(version: str, text: str, what: str) -> str | None:
         if not identifier or not set(identifier) <= _ALPHANUMERIC:
             return (
                 f"version {version!r} has an invalid {what} part {text!r}: use dot-separated, "
-                "non-empty identifiers of letters, digits and '-' (e.g. '1.0.0-rc.1+build.5')."
+                "non-empty identifiers of letters, digits and '-' (e.g. '1.0.0-rc.1')."
             )
         numeric_with_zero = set(identifier) <= _DIGITS and len(identifier) > 1
         if what == "pre-release" and numeric_with_zero and identifier[0] == "0":
