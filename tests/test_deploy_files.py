@@ -159,15 +159,16 @@ def settings_key_problem(variable: str) -> str | None:
         if key not in default or isinstance(default[key], dict):
             return f"{variable}: no top-level key {key!r} in [default] of settings.toml"
         return None
-    if len(parts) == 2:
-        section, key = parts
-        table = default.get(section)
+    *sections, key = parts  # TASKER_COORDINATOR__SCALING__PROCESSES: [default.coordinator.scaling]
+    table: Any = default
+    for depth in range(len(sections)):
+        table = table.get(sections[depth])
         if not isinstance(table, dict):
-            return f"{variable}: no table [default.{section}] in settings.toml"
-        if key not in table:
-            return f"{variable}: no key {key!r} in [default.{section}] of settings.toml"
-        return None
-    return f"{variable}: settings.toml has no tables nested deeper than [default.<section>]"
+            where = ".".join(sections[: depth + 1])
+            return f"{variable}: no table [default.{where}] in settings.toml"
+    if key not in table or isinstance(table[key], dict):
+        return f"{variable}: no key {key!r} in [default.{'.'.join(sections)}] of settings.toml"
+    return None
 
 
 def assert_settings_variables(names: list[str], where: str) -> None:
