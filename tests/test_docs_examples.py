@@ -53,6 +53,8 @@ import yaml
 
 from tests.conftest import create_database, drop_database
 from tests.doc_blocks import (
+    PARSED_LANGUAGES,
+    SHELL_LANGUAGES,
     Action,
     Block,
     DocsTestError,
@@ -161,9 +163,8 @@ def test_doc_example(item: Block | Problem | End, sessions: Sessions) -> None:
     action = _action(item)
     if action is None:
         pytest.fail(_refusal(item), pytrace=False)
-    if action is Action.SKIP:
-        assert item.marker is not None
-        pytest.skip(f"{item.where}: {item.marker.reason}")
+    if action is Action.SKIP:  # not run (the marker says why): its syntax is still checked
+        action = _syntax_check(item)
     if action.needs_session:
         failure = _run_in_session(sessions.get(item.path), item)
     else:
@@ -186,6 +187,17 @@ def _run_in_session(session: DocSession, block: Block) -> str | None:
     except EarlierBlockFailedError as exc:
         reason = str(exc)
     pytest.skip(reason)
+
+
+def _syntax_check(block: Block) -> Action:
+    """The check of a block that is not run: compile, ``bash -n`` or parse, by its language."""
+    if block.lang == "python":
+        return Action.COMPILE
+    if block.lang in SHELL_LANGUAGES:
+        return Action.SHELL_SYNTAX
+    if block.lang in PARSED_LANGUAGES:
+        return Action.PARSE
+    return Action.TEXT  # sql and the rest: nothing to check without running it
 
 
 def _check_alone(block: Block, action: Action) -> str | None:
