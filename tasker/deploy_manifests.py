@@ -363,7 +363,7 @@ def _container(pool: WorkerPool, options: RenderOptions) -> Manifest:
             {"secretRef": {"name": DATABASE_SECRET}},
         ],
         "env": [{"name": "TASKER_DATABASE__APPLICATION_NAME", "value": pool.name}],
-        "resources": {  # one CPU and 512 MiB per worker process
+        "resources": {  # per worker process: requests 500m / 256Mi, limits 1 CPU / 512Mi
             "requests": {
                 "cpu": f"{options.processes * 500}m",
                 "memory": f"{options.processes * 256}Mi",

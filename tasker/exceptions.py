@@ -98,7 +98,7 @@ class TemplateConflictError(WorkflowDefinitionError):
 
 
 class IdempotencyConflictError(TaskerError):
-    """An idempotency key reused with a different context (the HTTP API answers 409).
+    """An idempotency key reused with a different context.
 
     ``task_uuid`` is the task the key already names.
     """

@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 from tasker.brokers.pgmq import PGMQBroker
+from tasker.db.migrate import migrate
 from tasker.runtime.supervisor import Backoff
 from tasker.runtime.worker_process import EXIT_CONFIG
 from tests.support import ROOT, scalar, send_work, wait_for
@@ -354,6 +355,26 @@ def test_sighup_restarts_every_worker_process_gracefully(
     worker.wait(lambda: count(app_db, "test_ledger") == 1, 30, "work after the reload")
     worker.send(signal.SIGTERM)
     assert worker.wait_exit(60) == 0, worker.log()
+
+
+def test_a_worker_started_before_the_migrations_comes_up_once_they_ran(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """A deploy where the workers start before the migrate Job: each worker process refuses to
+    boot with a clear line and is restarted with backoff, not given up (exit code 78)."""
+    worker = TaskerWorker(empty_database_url, tmp_path / "worker.log").start("-p", "1", "-t", "1")
+    try:
+        worker.wait(lambda: "restarting in" in worker.log(), 60, "a refused boot")
+        log = worker.log()
+        assert "The database lacks" in log and "run `tasker db migrate`" in log
+        assert "exited with exit code 4" in log
+        assert worker.running()
+        migrate(empty_database_url)
+        worker.wait_ready(1, timeout=90)  # restart delays stay under 30 s
+        worker.send(signal.SIGTERM)
+        assert worker.wait_exit(60) == 0, worker.log()
+    finally:
+        worker.cleanup()
 
 
 def test_modules_that_cannot_be_imported_stop_the_supervisor(launch: Any) -> None:

@@ -23,7 +23,14 @@ from tasker.db.connection import connect
 from tasker.exceptions import MigrationError
 from tasker.resources import bundled_path
 
-__all__ = ["Migration", "MigrationStatus", "available_migrations", "migrate", "migration_status"]
+__all__ = [
+    "Migration",
+    "MigrationStatus",
+    "available_migrations",
+    "migrate",
+    "migration_status",
+    "pending_migrations",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +102,22 @@ def migrate(url: str, *, migrations: Sequence[Migration] | None = None) -> list[
 def migration_status(url: str) -> MigrationStatus:
     """Report applied and pending migrations without changing anything."""
     with connect(url, application_name="tasker-migrate") as conn:
-        exists = conn.execute("SELECT to_regclass('tasker.schema_migrations')").fetchone()
-        applied = _applied(conn) if exists and exists[0] else {}
+        applied = _applied_if_any(conn)
         pgmq = applied.pop(PGMQ_VERSION_ROW, None)
     pending = tuple(m for m in available_migrations() if m.version not in applied)
     return MigrationStatus(tuple(sorted(applied)), pending, pgmq)
+
+
+def pending_migrations(conn: psycopg.Connection[Any]) -> list[Migration]:
+    """The bundled migrations not yet applied in ``conn``'s database: all of them before the
+    first ``tasker db migrate``. Reads only; workers check it at boot."""
+    applied = _applied_if_any(conn)
+    return [m for m in available_migrations() if m.version not in applied]
+
+
+def _applied_if_any(conn: psycopg.Connection[Any]) -> dict[int, str]:
+    exists = conn.execute("SELECT to_regclass('tasker.schema_migrations')").fetchone()
+    return _applied(conn) if exists and exists[0] else {}
 
 
 def _ensure_bookkeeping(conn: psycopg.Connection[Any]) -> None:

@@ -11,9 +11,11 @@ from dramatiq.middleware import Middleware, MiddlewareError
 
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.db.errors import database_error, is_transient
+from tasker.db.migrate import pending_migrations
 from tasker.engine.templates import register_template
 from tasker.exceptions import (
     DatabaseUnavailableError,
+    MigrationError,
     TemplateConflictError,
     WorkflowDefinitionError,
 )
@@ -21,6 +23,7 @@ from tasker.workflow.definition import registered_workflows
 
 __all__ = [
     "RegistrationUnavailableError",
+    "SchemaNotReadyAtBootError",
     "TemplateConflictAtBootError",
     "TemplateRefusedAtBootError",
     "TemplateRegistrar",
@@ -45,6 +48,12 @@ class RegistrationUnavailableError(DatabaseUnavailableError, MiddlewareError):
     the worker does not start (``tasker worker`` starts it again, with backoff)."""
 
 
+class SchemaNotReadyAtBootError(MigrationError, MiddlewareError):
+    """The database lacks migrations this Tasker needs (``tasker db migrate`` has not run yet,
+    or not since an upgrade): the worker does not start, and ``tasker worker`` starts it again
+    with backoff, so it comes up once the migrations ran (a Kubernetes migrate Job, say)."""
+
+
 class TemplateRegistrar(Middleware):
     """Stores the template of every workflow defined in this process when a worker boots, so
     clients (which need no handler code) can create tasks from them.
@@ -62,9 +71,20 @@ class TemplateRegistrar(Middleware):
         flows = registered_workflows()
         try:
             with self.pgmq.pool.connection() as conn:
+                pending = pending_migrations(conn)
+                if pending:
+                    raise SchemaNotReadyAtBootError(
+                        f"The database lacks {len(pending)} migration(s) of this Tasker "
+                        f"({', '.join(f'{m.version:04d}_{m.name}' for m in pending)}); run "
+                        "`tasker db migrate`. This worker process starts again with backoff "
+                        "until they are applied."
+                    )
                 for flow in flows:
                     register_template(conn, flow, allow_replace=self.allow_replace)
                 autovacuum = conn.execute("SHOW autovacuum").fetchone()
+        except SchemaNotReadyAtBootError as exc:
+            logger.critical("%s", exc)
+            raise
         except TemplateConflictError as exc:
             logger.critical("%s", exc)
             raise TemplateConflictAtBootError(str(exc)) from exc

@@ -20,7 +20,9 @@ naming the process, import :mod:`tasker.actors` (the broker built from settings)
 * **Boot.** The supervisor starts this process with SIGTERM blocked, so a stop request that arrives
   while Python is starting is kept pending until the handler is installed, not lost or fatal.
   If the modules cannot be imported it exits with :data:`EXIT_CONFIG`, which tells the supervisor
-  that restarting cannot help.
+  that restarting cannot help. If the database lacks migrations it exits with
+  :data:`EXIT_NOT_MIGRATED` and is restarted with backoff, so workers deployed before the
+  migrate Job ran come up once it has.
 
 The main thread never runs handlers: it only waits for SIGTERM with ``sigtimedwait`` (which says
 who sent it; the signal stays blocked in every thread, so no handler ever interrupts a lock
@@ -44,6 +46,7 @@ from typing import Any
 __all__ = [
     "EXIT_CONFIG",
     "EXIT_FORCED",
+    "EXIT_NOT_MIGRATED",
     "EXIT_OK",
     "EXIT_SHUTDOWN_FAILED",
     "StopRequests",
@@ -55,6 +58,7 @@ EXIT_OK = 0
 EXIT_FORCED = 1  # second SIGTERM: leases released, running handlers abandoned
 EXIT_SHUTDOWN_FAILED = 2  # graceful stop failed or handlers outlived --shutdown-timeout
 EXIT_CONNECT = 3  # the broker could not connect at boot (Dramatiq's RET_CONNECT)
+EXIT_NOT_MIGRATED = 4  # the database lacks migrations: restarted until `tasker db migrate` ran
 EXIT_CONFIG = 78  # the modules could not be loaded (sysexits EX_CONFIG): restarting cannot help
 
 POLL_S = 0.2
@@ -191,7 +195,11 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
 
     import dramatiq
 
-    from tasker.exceptions import DatabaseUnavailableError, WorkflowDefinitionError
+    from tasker.exceptions import (
+        DatabaseUnavailableError,
+        MigrationError,
+        WorkflowDefinitionError,
+    )
 
     random.seed()  # children must not share the parent's sequence (jittered backoffs)
     for path in reversed(args.path):
@@ -211,6 +219,8 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
         worker.start()
     except WorkflowDefinitionError:  # a template refused at boot (logged): a restart cannot help
         raise _BootError(EXIT_CONFIG) from None
+    except MigrationError:  # logged; the migrations may be applied by the time it restarts
+        raise _BootError(EXIT_NOT_MIGRATED) from None
     except (dramatiq.BrokerConnectionError, DatabaseUnavailableError):
         logger.exception("The broker could not connect.")
         raise _BootError(EXIT_CONNECT) from None

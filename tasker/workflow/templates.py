@@ -639,7 +639,8 @@ class _StrictLoader(yaml.SafeLoader):
     PyYAML implements YAML 1.1, which reads plain scalars in ways a template author rarely means:
     ``yes``/``no``/``on``/``off`` as booleans (``country: NO`` is false), ``0755`` as octal,
     ``1_000`` as 1000, ``1:30`` as 90 and ``2024-01-01`` as a date. Under the core schema only
-    ``true``/``false`` are booleans, ``~``/``null``/nothing is null, numbers are decimal (or
+    ``true``/``True``/``TRUE`` and ``false``/``False``/``FALSE`` are booleans,
+    ``~``/``null``/``Null``/``NULL``/nothing is null, numbers are decimal (or
     ``0o``/``0x``), and everything else is a string. PyYAML keeps the last of duplicate keys;
     this loader refuses them.
     """
