@@ -74,8 +74,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class RetryableError(Exception):
-    """Raise from a step to fail this attempt and retry it (``retry_after`` seconds wins over
-    the computed backoff)."""
+    """Raise from a step to fail this attempt and retry it.
+
+    ``retry_after`` (seconds, capped by the backoff policy's maximum) wins over the computed
+    backoff; a value that is not a finite number of 0 seconds or more (negative, NaN, infinite,
+    not a number) is ignored and the computed backoff applies."""
 
     def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(message)
