@@ -785,7 +785,11 @@ def test_yaml_values_are_read_as_written(tmp_path: Path) -> None:
     [
         (["prodution"], "production", ["environments.prodution applies only", "'prodution'?"]),
         (["staging", "developmnt"], "test", ["did you mean 'development'?"]),
-        (["production"], "prod", ["no overrides for the current environment 'prod'"]),
+        (
+            ["production"],
+            "prod",
+            ["no overrides for the current environment 'prod' (the environment argument)"],
+        ),
     ],
 )
 def test_a_misspelt_environment_is_warned_about(
@@ -797,6 +801,14 @@ def test_a_misspelt_environment_is_warned_about(
         load(template, environment=environment)
     text = " | ".join(str(w.message) for w in caught)
     assert all(part in text for part in warned), text
+
+
+def test_a_misspelt_tasker_env_is_named_as_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKER_ENV", "prodution")
+    template = copy.deepcopy(BASE)
+    template["environments"] = {"production": {"steps": [{"name": "charge"}]}}
+    with pytest.warns(tasker.TemplateWarning, match=r"'prodution' \(TASKER_ENV\)"):
+        load(template)
 
 
 def test_matching_environments_are_not_warned_about() -> None:

@@ -562,12 +562,13 @@ def check_template(
         _storable(step, _scope_of(step, index, scope))
     _storable(raw.get("environments", {}), scope, "environments")
     chosen = current_environment(environment)
-    _note_unmatched_environments(raw.get("environments", {}), chosen, scope)
+    named_by = "TASKER_ENV" if environment is None else "the environment argument"
+    _note_unmatched_environments(raw.get("environments", {}), chosen, named_by, scope)
     return CheckedTemplate(resolve_environment(raw, chosen), chosen, tuple(scope.notes))
 
 
 def _note_unmatched_environments(
-    environments: Mapping[str, Any], chosen: str, scope: _Scope
+    environments: Mapping[str, Any], chosen: str, named_by: str, scope: _Scope
 ) -> None:
     """Warn about an override that can never apply because of a typo, and about an environment
     that matches no override when a close one exists (``prod`` vs ``production``)."""
@@ -589,7 +590,7 @@ def _note_unmatched_environments(
             scope.notes.append(
                 scope.message(
                     "environments",
-                    f"has no overrides for the current environment {chosen!r} (TASKER_ENV), so "
+                    f"has no overrides for the current environment {chosen!r} ({named_by}), so "
                     f"none are applied{hint}",
                 )
             )
