@@ -316,15 +316,6 @@ def _broker() -> Any:
     return broker_from_settings()
 
 
-def _mask(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-    return url
-
-
 # -- db --------------------------------------------------------------------------------------
 
 
@@ -537,8 +528,10 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
 def _cmd_settings(args: argparse.Namespace) -> int:
     import msgspec
 
+    from tasker.db.errors import mask_url
+
     data = msgspec.to_builtins(_settings())
-    data["database"]["url"] = _mask(data["database"]["url"])
+    data["database"]["url"] = mask_url(data["database"]["url"])
     print(json.dumps(data, indent=2))
     return 0
 

@@ -45,14 +45,30 @@ def test_db_schema_check_passes_on_a_migrated_database(
     assert "current" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:s3cret@db.internal/app", "postgresql://app:***@db.internal/app"),
+        (
+            "postgresql://db.internal/app?password=s3cret",
+            "postgresql://db.internal/app?password=***",
+        ),
+        ("host=db.internal password=s3cret dbname=app", "host=db.internal password=*** dbname=app"),
+        (
+            "host=db.internal password='s3cret word' dbname=app",
+            "host=db.internal password=*** dbname=app",
+        ),
+        ("host=db.internal password=s3cret dbname", "host=db.internal password=*** dbname"),
+    ],
+)
 def test_settings_masks_the_password(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, shown: str
 ) -> None:
-    monkeypatch.setenv("TASKER_DATABASE__URL", "postgresql://app:s3cret@db.internal/app")
+    monkeypatch.setenv("TASKER_DATABASE__URL", url)
     assert main(["--env", "production", "settings"]) == 0
     out = capsys.readouterr().out
     assert "s3cret" not in out
-    assert json.loads(out)["database"]["url"] == "postgresql://app:***@db.internal/app"
+    assert json.loads(out)["database"]["url"] == shown
 
 
 def test_bad_settings_exit_1_with_the_fix(
