@@ -274,15 +274,18 @@ def number_problem(key: str, value: float) -> str | None:
     coordinator --interval`` for ``coordinator.interval_s``), so both accept the same values.
     """
     low, high = _RANGES.get(key, (-math.inf, math.inf))
+    low_open = key in _LOW_OPEN
+    bounds = []
+    if low > -math.inf:
+        bounds.append(f"greater than {low:g}" if low_open else f"at least {low:g}")
+    if high < math.inf:
+        bounds.append(f"at most {high:g}")
+    wanted = " and ".join(bounds)
     if isinstance(value, float) and not math.isfinite(value):
-        return f"must be a finite number, got {value}"
-    low_ok = value > low if key in _LOW_OPEN else value >= low
-    if low_ok and value <= high:
+        return f"must be a finite number{', ' + wanted if wanted else ''}, got {value}"
+    if (value > low if low_open else value >= low) and value <= high:
         return None
-    low_text = f"greater than {low:g}" if key in _LOW_OPEN else f"at least {low:g}"
-    if high == math.inf:
-        return f"must be {low_text}, got {value:g}"
-    return f"must be {low_text} and at most {high:g}, got {value:g}"
+    return f"must be {wanted}, got {value:g}"
 
 
 def _numbers(value: msgspec.Struct, prefix: str = "") -> dict[str, float]:

@@ -190,7 +190,7 @@ def test_number_problem_is_the_check_the_cli_shares() -> None:
 
     assert number_problem("coordinator.interval_s", 0.5) is None
     assert number_problem("coordinator.interval_s", float("nan")) == (
-        "must be a finite number, got nan"
+        "must be a finite number, at least 0.1 and at most 3600, got nan"
     )
     assert number_problem("coordinator.interval_s", 0) == (
         "must be at least 0.1 and at most 3600, got 0"
