@@ -1,0 +1,53 @@
+"""The `tasker` command fails with one clear line (and the fix), never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasker.brokers.pgmq import PGMQBroker
+from tasker.brokers.queue_names import map_queue_name
+from tasker.cli import main
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", database_url)
+    return database_url
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tasker: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dlq", "list", "nosuchqueue"],
+        ["dlq", "purge", "nosuchqueue"],
+        ["dlq", "replay", "nosuchqueue", "--all"],
+        ["dlq", "replay", "nosuchqueue", "--id", "1"],
+    ],
+    ids=" ".join,
+)
+def test_a_missing_queue_is_named_with_how_to_list_the_queues(
+    env: str, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert main(argv) == 1
+    line = _error_line(capsys)
+    assert "No queue named 'nosuchqueue' in namespace 'tasker'" in line
+    assert "`tasker queues` lists" in line
+
+
+def test_a_pgmq_queue_name_given_for_a_queue_name_is_explained(
+    env: str, broker: PGMQBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broker.ensure_queue(map_queue_name("default", "tasker"), create=True)
+    assert main(["dlq", "list", "default"]) == 0
+    capsys.readouterr()
+    assert main(["dlq", "list", "tasker_default"]) == 1
+    assert "'tasker_default' is the PGMQ name of queue 'default'" in _error_line(capsys)
