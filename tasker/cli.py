@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasker.cli_args import non_negative_float, non_negative_int, positive_int
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
 from tasker.exceptions import TaskerError
 from tasker.settings import Settings, load_settings
@@ -76,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run the demo end to end (embedded PostgreSQL, migrations, a worker)"
     )
-    demo.add_argument("--orders", type=int, default=5, help="orders to process (default 5)")
+    demo.add_argument(
+        "--orders", type=positive_int, default=5, help="orders to process (default 5)"
+    )
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -124,14 +127,14 @@ def _add_worker_command(commands: Any) -> None:
     worker.add_argument(
         "-p",
         "--processes",
-        type=_positive_int,
+        type=positive_int,
         default=os.cpu_count() or 1,
         help="worker processes to run (default: the number of CPUs, %(default)s)",
     )
     worker.add_argument(
         "-t",
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         help="worker threads per process (default: %(default)s)",
     )
@@ -151,7 +154,7 @@ def _add_worker_command(commands: Any) -> None:
     )
     worker.add_argument(
         "--shutdown-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=600.0,
         metavar="SECONDS",
         help="graceful stop: how long running handlers may take to finish (default: 600)",
@@ -174,12 +177,16 @@ def _add_dlq_commands(commands: Any) -> None:
     sub = dlq.add_subparsers(title="dlq commands", metavar="COMMAND", required=True)
     show = sub.add_parser("list", help="list dead letters of a queue")
     show.add_argument("queue", help="Dramatiq queue name, e.g. default")
-    show.add_argument("--limit", type=int, default=50)
+    show.add_argument(
+        "--limit", type=positive_int, default=50, help="at most this many (default 50)"
+    )
     show.set_defaults(handler=_cmd_dlq_list)
     replay = sub.add_parser("replay", help="send dead letters back to their queue")
     replay.add_argument("queue")
     target = replay.add_mutually_exclusive_group(required=True)
-    target.add_argument("--id", type=int, nargs="+", dest="ids", help="dead-letter msg_ids")
+    target.add_argument(
+        "--id", type=positive_int, nargs="+", dest="ids", help="dead-letter msg_ids"
+    )
     target.add_argument("--all", action="store_true", help="every dead letter of the queue")
     replay.set_defaults(handler=_cmd_dlq_replay)
     purge = sub.add_parser("purge", help="delete every dead letter of a queue")
@@ -252,21 +259,21 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--min-replicas",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="autoscaler minimum (default: 1)",
     )
     workers.add_argument(
         "--max-replicas",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         metavar="N",
         help="autoscaler maximum (default: 10)",
     )
     workers.add_argument(
         "--shutdown-timeout",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=50,
         metavar="SECONDS",
         help="`tasker worker --shutdown-timeout`: how long running handlers may finish after "
@@ -274,7 +281,7 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--processes",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="worker processes per pod (default: coordinator.scaling.processes, the capacity the "
@@ -282,14 +289,14 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="threads per worker process (default: coordinator.scaling.threads)",
     )
     workers.add_argument(
         "--termination-grace-period",
-        type=_positive_int,
+        type=positive_int,
         default=60,
         metavar="SECONDS",
         help="the pods' terminationGracePeriodSeconds, after which the kubelet sends SIGKILL "
@@ -399,27 +406,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         verbose=args.verbose,
     )
     return supervise(options, env=env)
-
-
-def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if not 0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {value}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {number}")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
 
 
 # -- queues and dead letters -------------------------------------------------------------------

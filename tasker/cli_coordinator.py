@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from tasker.cli_args import coordinator_interval, positive_int, tcp_port
+
 __all__ = ["add_coordinator_commands", "add_dlq_task_commands"]
 
 Handler = Callable[[argparse.Namespace], int]
@@ -30,10 +32,13 @@ def add_coordinator_commands(commands: Any) -> None:
         "docs/operations.md.",
     )
     coordinator.add_argument(
-        "--port", type=int, default=None, help="HTTP port (default: coordinator.port, 9191)"
+        "--port", type=tcp_port, default=None, help="HTTP port (default: coordinator.port, 9191)"
     )
     coordinator.add_argument(
-        "--interval", type=float, default=None, help="seconds per cycle (coordinator.interval_s)"
+        "--interval",
+        type=coordinator_interval,
+        default=None,
+        help="seconds per cycle (coordinator.interval_s)",
     )
     coordinator.add_argument(
         "--once", action="store_true", help="run one cycle, print what it did and exit"
@@ -64,7 +69,9 @@ def add_dlq_task_commands(dlq_commands: Any) -> None:
         choices=["pending", "manually_resolved", "permanently_failed", "cancelled", "all"],
         help="entries with this resolution status (default: pending)",
     )
-    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument(
+        "--limit", type=positive_int, default=50, help="at most this many (default 50)"
+    )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_cmd_dlq_tasks_list)
     show = sub.add_parser(

@@ -51,3 +51,35 @@ def test_a_pgmq_queue_name_given_for_a_queue_name_is_explained(
     capsys.readouterr()
     assert main(["dlq", "list", "tasker_default"]) == 1
     assert "'tasker_default' is the PGMQ name of queue 'default'" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dlq", "list", "default", "--limit", "-1"], "argument --limit: must be at least 1"),
+        (["dlq", "list", "default", "--limit", "0"], "argument --limit: must be at least 1"),
+        (["dlq", "list", "default", "--limit", "x"], "argument --limit: must be a whole number"),
+        (["dlq", "tasks", "list", "--limit", "0"], "argument --limit: must be at least 1"),
+        (["dlq", "replay", "default", "--id", "0"], "argument --id: must be at least 1"),
+        (["demo", "--orders", "0"], "argument --orders: must be at least 1"),
+        (["worker", "mod", "-p", "0"], "argument -p/--processes: must be at least 1"),
+        (["worker", "mod", "--shutdown-timeout", "nan"], "argument --shutdown-timeout"),
+        (["coordinator", "--interval", "nan"], "argument --interval: must be a finite number"),
+        (["coordinator", "--interval", "inf"], "argument --interval: must be a finite number"),
+        (["coordinator", "--interval", "0"], "argument --interval: must be at least 0.1"),
+        (["coordinator", "--interval", "-1"], "argument --interval: must be at least 0.1"),
+        (["coordinator", "--interval", "1e6"], "at most 3600"),
+        (["coordinator", "--interval", "soon"], "argument --interval: must be a number"),
+        (["coordinator", "--port", "99999"], "argument --port: must be a TCP port from 0"),
+        (["coordinator", "--port", "-1"], "argument --port: must be a TCP port from 0"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_bad_numbers_are_usage_errors_naming_the_option(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
