@@ -13,12 +13,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from tasker.cli_args import non_negative_float, non_negative_int, positive_int
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
-from tasker.exceptions import TaskerError
+from tasker.exceptions import ConfigurationError, TaskerError
 from tasker.settings import Settings, load_settings
 
 __all__ = ["main"]
@@ -27,11 +28,25 @@ logger = logging.getLogger("tasker.cli")
 
 Handler = Callable[[argparse.Namespace], int]
 
+#: Exit code after stdout was closed early (``tasker dlq list --json | head -1``): 128 + SIGPIPE,
+#: what a shell reports for any program a closed pipe stops.
+EXIT_BROKEN_PIPE = 141
+
+#: The database URL the running command resolved, for the message of a database error.
+_DATABASE_URL: ContextVar[str | None] = ContextVar("tasker_cli_database_url", default=None)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``tasker`` console script."""
+    """Entry point of the ``tasker`` console script.
+
+    Every command's errors end here: a Tasker error, or a driver error (turned into one naming
+    the masked database URL and the fix), is printed as one ``tasker: error:`` line with exit
+    code 1; a closed stdout ends the command quietly with :data:`EXIT_BROKEN_PIPE`; other
+    exceptions are bugs and keep their traceback.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
+    _DATABASE_URL.set(None)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
@@ -46,12 +61,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["TASKER_SETTINGS_FILE"] = str(Path(args.settings).resolve())
     try:
         handler: Handler = args.handler
-        return handler(args)
-    except TaskerError as exc:
-        print(f"tasker: error: {exc}", file=sys.stderr)
-        return 1
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        error = _as_tasker_error(exc)
+        if error is None:
+            raise
+        logger.debug("%s", error, exc_info=exc)
+        print(f"tasker: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _as_tasker_error(exc: Exception) -> TaskerError | None:
+    """``exc`` as the Tasker error to report, or None for a bug (shown with its traceback)."""
+    if isinstance(exc, TaskerError):
+        return exc
+    psycopg = sys.modules.get("psycopg")  # a driver error means the driver was imported
+    if psycopg is not None and isinstance(exc, psycopg.Error):
+        from tasker.db.errors import database_error
+
+        return database_error(exc, url=_DATABASE_URL.get())
+    return None
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): send the rest of the output nowhere, as the
+    Python documentation recommends (the interpreter flushes stdout again at exit)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (tests capture it)
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -314,13 +361,17 @@ def _settings() -> Settings:
 def _database_url(*, keep_running: bool = False) -> str:
     from tasker.db.resolve import resolve_database_url
 
-    return resolve_database_url(_settings().database, keep_embedded_running=keep_running)
+    url = resolve_database_url(_settings().database, keep_embedded_running=keep_running)
+    _DATABASE_URL.set(url)
+    return url
 
 
 def _broker() -> Any:
     from tasker.runtime.broker import broker_from_settings
 
-    return broker_from_settings()
+    broker = broker_from_settings()
+    _DATABASE_URL.set(broker.url)
+    return broker
 
 
 # -- db --------------------------------------------------------------------------------------
@@ -412,9 +463,28 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _import_modules(modules: Sequence[str]) -> None:
+    """Import the actor modules (the current directory first on ``sys.path``); a module that
+    cannot be imported is a :class:`ConfigurationError` naming it (``-v`` logs the traceback)."""
     sys.path.insert(0, os.getcwd())
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            logger.debug("Importing %s failed", module, exc_info=True)
+            if exc.name and (module == exc.name or module.startswith(f"{exc.name}.")):
+                raise ConfigurationError(
+                    f"No module named {module!r}: check its spelling, and run tasker from the "
+                    "directory that holds it (or add that directory to PYTHONPATH)."
+                ) from None
+            raise ConfigurationError(
+                f"Importing module {module!r} failed: {exc} (is a dependency of it missing?)"
+            ) from None
+        except Exception as exc:
+            logger.debug("Importing %s failed", module, exc_info=True)
+            raise ConfigurationError(
+                f"Importing module {module!r} failed: {type(exc).__name__}: {exc} "
+                "(`tasker -v ...` shows the traceback)"
+            ) from None
 
 
 def _cmd_queues(args: argparse.Namespace) -> int:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.brokers.queue_names import map_queue_name
-from tasker.cli import main
+from tasker.cli import EXIT_BROKEN_PIPE, main
+
+ROOT = Path(__file__).resolve().parent.parent
+UNREACHABLE = "postgresql://root:s3cret@127.0.0.1:1/x"  # nothing listens on port 1
 
 
 @pytest.fixture
@@ -22,6 +30,44 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     assert len(lines) == 1, err
     assert "Traceback" not in err
     return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["db", "status"],
+        ["db", "migrate"],
+        ["db", "schema", "--check"],
+        ["queues"],
+        ["queues", "--json"],
+        ["dlq", "list", "default"],
+        ["dlq", "purge", "default"],
+        ["dlq", "replay", "default", "--all"],
+        ["workers"],
+        ["scale"],
+        ["dlq", "tasks", "list"],
+    ],
+    ids=" ".join,
+)
+def test_an_unreachable_database_is_one_line_naming_the_masked_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", UNREACHABLE)
+    assert main(argv) == 1
+    line = _error_line(capsys)
+    assert "Cannot reach PostgreSQL at postgresql://root:***@127.0.0.1:1/x" in line
+    assert "TASKER_DATABASE__URL" in line
+    assert "s3cret" not in line
+
+
+def test_an_unmigrated_database_says_to_migrate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], empty_database_url: str
+) -> None:
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", empty_database_url)
+    assert main(["queues"]) == 1
+    assert "run `tasker db migrate`" in _error_line(capsys)
 
 
 @pytest.mark.parametrize(
@@ -83,3 +129,42 @@ def test_bad_numbers_are_usage_errors_naming_the_option(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_queues_create_names_a_module_it_cannot_import(
+    env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "cli_broken_mod.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "cli_needs_mod.py").write_text("import cli_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["queues", "create", "cli_no_such_mod"]) == 1
+    assert "No module named 'cli_no_such_mod'" in _error_line(capsys)
+    assert main(["queues", "create", "cli_broken_mod"]) == 1
+    assert "Importing module 'cli_broken_mod' failed: RuntimeError: boom" in _error_line(capsys)
+    assert main(["queues", "create", "cli_needs_mod"]) == 1
+    line = _error_line(capsys)
+    assert "Importing module 'cli_needs_mod' failed" in line
+    assert "cli_missing_dependency" in line
+
+
+@pytest.mark.parametrize(
+    "argv", [["settings"], ["queues", "--json"], ["dlq", "tasks", "list", "--json"]], ids=" ".join
+)
+def test_a_closed_stdout_ends_the_command_quietly(env: str, argv: list[str]) -> None:
+    """`tasker ... | head -1`: the reader is gone before the output is written."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "tasker.cli", *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == EXIT_BROKEN_PIPE, result.stderr
+    assert "Error" not in result.stderr and "Exception" not in result.stderr
