@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import signal
 import threading
@@ -100,7 +101,6 @@ def add_dlq_task_commands(dlq_commands: Any) -> None:
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     import msgspec
 
-    from tasker.coordinator.http import HealthServer
     from tasker.coordinator.loop import Coordinator
     from tasker.runtime.broker import broker_from_settings
     from tasker.settings import load_settings
@@ -116,10 +116,12 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     coordinator = Coordinator(broker, config)
     try:
         if args.once:
+            with _connection():
+                pass  # an unreachable database is an error here, not a report of a standby
             report = coordinator.cycle()
             _print(_jsonable(dataclasses.asdict(report)), args.json, _report_lines)
             return 0
-        server = HealthServer(coordinator.metrics.registry, coordinator.ready, port=config.port)
+        server = _health_server(coordinator, config.port)
         server.start()
         print(f"coordinator {coordinator.name}: metrics and health on :{server.port}")
         stop = threading.Event()
@@ -130,6 +132,27 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     finally:
         coordinator.close()
         broker.close()
+
+
+def _health_server(coordinator: Any, port: int) -> Any:
+    """The coordinator's HTTP server on ``port``; a port it cannot listen on is a
+    :class:`ConfigurationError` saying how to choose another."""
+    from tasker.coordinator.http import HealthServer
+    from tasker.exceptions import ConfigurationError
+
+    try:
+        return HealthServer(coordinator.metrics.registry, coordinator.ready, port=port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            why = f"port {port} is in use (by another coordinator?)"
+        elif exc.errno == errno.EACCES:
+            why = f"no permission to listen on port {port} (ports below 1024 need privileges)"
+        else:
+            why = f"cannot listen on port {port} ({exc.strerror or exc})"
+        raise ConfigurationError(
+            f"{why}; pass --port with a free port (0: any free one), or set coordinator.port "
+            "(TASKER_COORDINATOR__PORT)."
+        ) from None
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
         ["workers"],
         ["scale"],
         ["dlq", "tasks", "list"],
+        ["coordinator", "--once"],
     ],
     ids=" ".join,
 )
@@ -145,6 +147,16 @@ def test_queues_create_names_a_module_it_cannot_import(
     line = _error_line(capsys)
     assert "Importing module 'cli_needs_mod' failed" in line
     assert "cli_missing_dependency" in line
+
+
+def test_the_coordinator_names_a_port_in_use(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["coordinator", "--port", str(port)]) == 1
+    line = _error_line(capsys)
+    assert f"port {port} is in use" in line and "pass --port" in line
 
 
 @pytest.mark.parametrize(
