@@ -446,6 +446,7 @@ def _cmd_db_stop(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from tasker.runtime.supervisor import WorkerOptions, supervise
 
+    _check_findable(args.modules, args.path)
     env = dict(os.environ, TASKER_DATABASE__URL=_database_url())
     options = WorkerOptions(
         modules=args.modules,
@@ -457,6 +458,31 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         verbose=args.verbose,
     )
     return supervise(options, env=env)
+
+
+def _check_findable(modules: Sequence[str], paths: Sequence[str]) -> None:
+    """A :class:`ConfigurationError` for a module whose top-level package no worker process
+    could find (where a worker process looks: ``--path``, the current directory, ``sys.path``),
+    before starting any: they would die at once. Nothing is imported here."""
+    from importlib.util import find_spec
+
+    saved = list(sys.path)
+    sys.path[:0] = [*paths, os.getcwd()]
+    try:
+        for module in modules:
+            top = module.partition(".")[0]
+            try:
+                found = find_spec(top) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                of = f" (of {module!r})" if top != module else ""
+                raise ConfigurationError(
+                    f"No module named {top!r}{of}: check its spelling, and run tasker worker "
+                    "from the directory that holds it (or pass --path DIR)."
+                )
+    finally:
+        sys.path[:] = saved
 
 
 # -- queues and dead letters -------------------------------------------------------------------

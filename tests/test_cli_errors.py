@@ -149,6 +149,20 @@ def test_queues_create_names_a_module_it_cannot_import(
     assert "cli_missing_dependency" in line
 
 
+def test_worker_names_a_module_no_worker_process_could_find(
+    env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tasker.cli import _check_findable
+
+    assert main(["worker", "cli_no_such_mod", "-p", "1"]) == 1
+    assert "No module named 'cli_no_such_mod': check its spelling" in _error_line(capsys)
+    assert main(["worker", "tests.workers.actors", "cli_no_such_pkg.actors", "-p", "1"]) == 1
+    assert "No module named 'cli_no_such_pkg' (of 'cli_no_such_pkg.actors')" in _error_line(capsys)
+    (tmp_path / "cli_elsewhere_mod.py").write_text("raise RuntimeError('not imported here')\n")
+    _check_findable(["cli_elsewhere_mod"], [str(tmp_path)])  # found by --path, not imported
+    assert "cli_elsewhere_mod" not in sys.modules
+
+
 def test_the_coordinator_names_a_port_in_use(env: str, capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
