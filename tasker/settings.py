@@ -322,12 +322,33 @@ def _check_values(settings: Settings, path: Path) -> None:
             "coordinator.scaling.min_replicas",
             "must be between 0 and coordinator.scaling.max_replicas",
         )
+    problem = _url_problem(db.url)
+    if problem is not None:
+        _bad("database.url", problem)
     if not db.url and not db.allow_embedded:
         _bad(
             "database.url",
             "is empty and the embedded PostgreSQL is not allowed in this environment; "
             "set it to a PostgreSQL URL",
         )
+
+
+def _url_problem(url: str) -> str | None:
+    """Why libpq cannot parse ``url`` (its password masked), or None: an unparsable URL never
+    reaches the driver, whose errors and logs may quote it whole."""
+    if not url:
+        return None
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from tasker.db.errors import redact
+
+    try:
+        conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        reason = (redact(str(exc).strip(), url).splitlines() or [type(exc).__name__])[0]
+        return f"is not a PostgreSQL URL libpq can parse ({reason})"
+    return None
 
 
 def _invalid(env: str, path: Path, key: str, problem: str) -> NoReturn:

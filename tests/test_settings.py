@@ -196,3 +196,21 @@ def test_number_problem_is_the_check_the_cli_shares() -> None:
         "must be at least 0.1 and at most 3600, got 0"
     )
     assert number_problem("coordinator.live_worker_s", 0) == "must be greater than 0, got 0"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "host=db password=s3cret dbname",
+        "postgresql://app:s3cret@db/app?bogus=1",
+        "postgresql://app:s3cret@[::1/app",
+    ],
+)
+def test_a_database_url_libpq_cannot_parse_is_rejected_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("TASKER_DATABASE__URL", url)
+    with pytest.raises(ConfigurationError, match=r"Invalid setting 'database\.url'") as error:
+        load_settings("production")
+    assert "s3cret" not in str(error.value)
+    assert "TASKER_DATABASE__URL" in str(error.value)

@@ -30,7 +30,14 @@ from tasker.exceptions import (
     PayloadError,
 )
 
-__all__ = ["database_error", "describe_url", "is_data_error", "is_transient", "mask_url"]
+__all__ = [
+    "database_error",
+    "describe_url",
+    "is_data_error",
+    "is_transient",
+    "mask_url",
+    "redact",
+]
 
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "58"})
 _TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03", "55P03", "57014"})
@@ -132,8 +139,9 @@ def _mask_text(text: str) -> str:
     return _KEY_VALUE_SECRET.sub(rf"\g<head>{_MASK}", text)
 
 
-def _redact(text: str, url: str | None) -> str:
-    """``text`` (an error message) with ``url`` and any password in it masked."""
+def redact(text: str, url: str | None) -> str:
+    """``text`` (a driver's error message, which may quote the URL it was given) with ``url``
+    masked by :func:`mask_url` wherever it appears, and any other password in it masked too."""
     if url:
         text = text.replace(url, mask_url(url))
         try:
@@ -193,5 +201,5 @@ def _parses(url: str | None) -> bool:
 
 
 def _first_line(exc: BaseException, url: str | None) -> str:
-    text = _redact(str(exc).strip(), url)
+    text = redact(str(exc).strip(), url)
     return text.splitlines()[0] if text else type(exc).__name__
