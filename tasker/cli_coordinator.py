@@ -12,9 +12,13 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasker.cli_args import coordinator_interval, positive_int, tcp_port
+
+if TYPE_CHECKING:
+    from tasker.coordinator.http import HealthServer
+    from tasker.coordinator.loop import Coordinator
 
 __all__ = ["add_coordinator_commands", "add_dlq_task_commands"]
 
@@ -134,7 +138,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         broker.close()
 
 
-def _health_server(coordinator: Any, port: int) -> Any:
+def _health_server(coordinator: Coordinator, port: int) -> HealthServer:
     """The coordinator's HTTP server on ``port``; a port it cannot listen on is a
     :class:`ConfigurationError` saying how to choose another."""
     from tasker.coordinator.http import HealthServer
