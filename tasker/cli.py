@@ -13,11 +13,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+from tasker.cli_args import non_negative_float, non_negative_int, positive_int
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
-from tasker.exceptions import TaskerError
+from tasker.exceptions import ConfigurationError, TaskerError
 from tasker.settings import Settings, load_settings
 
 __all__ = ["main"]
@@ -26,11 +28,25 @@ logger = logging.getLogger("tasker.cli")
 
 Handler = Callable[[argparse.Namespace], int]
 
+#: Exit code after stdout was closed early (``tasker dlq list --json | head -1``): 128 + SIGPIPE,
+#: what a shell reports for any program a closed pipe stops.
+EXIT_BROKEN_PIPE = 141
+
+#: The database URL the running command resolved, for the message of a database error.
+_DATABASE_URL: ContextVar[str | None] = ContextVar("tasker_cli_database_url", default=None)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``tasker`` console script."""
+    """Entry point of the ``tasker`` console script.
+
+    Every command's errors end here: a Tasker error, or a driver error (turned into one naming
+    the masked database URL and the fix), is printed as one ``tasker: error:`` line with exit
+    code 1; a closed stdout ends the command quietly with :data:`EXIT_BROKEN_PIPE`; other
+    exceptions are bugs and keep their traceback.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
+    _DATABASE_URL.set(None)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
@@ -45,12 +61,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["TASKER_SETTINGS_FILE"] = str(Path(args.settings).resolve())
     try:
         handler: Handler = args.handler
-        return handler(args)
-    except TaskerError as exc:
-        print(f"tasker: error: {exc}", file=sys.stderr)
-        return 1
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        error = _as_tasker_error(exc)
+        if error is None:
+            raise
+        logger.debug("%s", error, exc_info=exc)
+        print(f"tasker: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _as_tasker_error(exc: Exception) -> TaskerError | None:
+    """``exc`` as the Tasker error to report, or None for a bug (shown with its traceback)."""
+    if isinstance(exc, TaskerError):
+        return exc
+    psycopg = sys.modules.get("psycopg")  # a driver error means the driver was imported
+    if psycopg is not None and isinstance(exc, psycopg.Error):
+        from tasker.db.errors import database_error
+
+        return database_error(exc, url=_DATABASE_URL.get())
+    return None
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): send the rest of the output nowhere, as the
+    Python documentation recommends (the interpreter flushes stdout again at exit)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (tests capture it)
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -76,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run the demo end to end (embedded PostgreSQL, migrations, a worker)"
     )
-    demo.add_argument("--orders", type=int, default=5, help="orders to process (default 5)")
+    demo.add_argument(
+        "--orders", type=positive_int, default=5, help="orders to process (default 5)"
+    )
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -124,14 +174,14 @@ def _add_worker_command(commands: Any) -> None:
     worker.add_argument(
         "-p",
         "--processes",
-        type=_positive_int,
+        type=positive_int,
         default=os.cpu_count() or 1,
         help="worker processes to run (default: the number of CPUs, %(default)s)",
     )
     worker.add_argument(
         "-t",
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         help="worker threads per process (default: %(default)s)",
     )
@@ -151,7 +201,7 @@ def _add_worker_command(commands: Any) -> None:
     )
     worker.add_argument(
         "--shutdown-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=600.0,
         metavar="SECONDS",
         help="graceful stop: how long running handlers may take to finish (default: 600)",
@@ -174,12 +224,16 @@ def _add_dlq_commands(commands: Any) -> None:
     sub = dlq.add_subparsers(title="dlq commands", metavar="COMMAND", required=True)
     show = sub.add_parser("list", help="list dead letters of a queue")
     show.add_argument("queue", help="Dramatiq queue name, e.g. default")
-    show.add_argument("--limit", type=int, default=50)
+    show.add_argument(
+        "--limit", type=positive_int, default=50, help="at most this many (default 50)"
+    )
     show.set_defaults(handler=_cmd_dlq_list)
     replay = sub.add_parser("replay", help="send dead letters back to their queue")
     replay.add_argument("queue")
     target = replay.add_mutually_exclusive_group(required=True)
-    target.add_argument("--id", type=int, nargs="+", dest="ids", help="dead-letter msg_ids")
+    target.add_argument(
+        "--id", type=positive_int, nargs="+", dest="ids", help="dead-letter msg_ids"
+    )
     target.add_argument("--all", action="store_true", help="every dead letter of the queue")
     replay.set_defaults(handler=_cmd_dlq_replay)
     purge = sub.add_parser("purge", help="delete every dead letter of a queue")
@@ -252,21 +306,21 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--min-replicas",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="autoscaler minimum (default: 1)",
     )
     workers.add_argument(
         "--max-replicas",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         metavar="N",
         help="autoscaler maximum (default: 10)",
     )
     workers.add_argument(
         "--shutdown-timeout",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=50,
         metavar="SECONDS",
         help="`tasker worker --shutdown-timeout`: how long running handlers may finish after "
@@ -274,7 +328,7 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--processes",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="worker processes per pod (default: coordinator.scaling.processes, the capacity the "
@@ -282,14 +336,14 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="threads per worker process (default: coordinator.scaling.threads)",
     )
     workers.add_argument(
         "--termination-grace-period",
-        type=_positive_int,
+        type=positive_int,
         default=60,
         metavar="SECONDS",
         help="the pods' terminationGracePeriodSeconds, after which the kubelet sends SIGKILL "
@@ -307,22 +361,17 @@ def _settings() -> Settings:
 def _database_url(*, keep_running: bool = False) -> str:
     from tasker.db.resolve import resolve_database_url
 
-    return resolve_database_url(_settings().database, keep_embedded_running=keep_running)
+    url = resolve_database_url(_settings().database, keep_embedded_running=keep_running)
+    _DATABASE_URL.set(url)
+    return url
 
 
 def _broker() -> Any:
     from tasker.runtime.broker import broker_from_settings
 
-    return broker_from_settings()
-
-
-def _mask(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-    return url
+    broker = broker_from_settings()
+    _DATABASE_URL.set(broker.url)
+    return broker
 
 
 # -- db --------------------------------------------------------------------------------------
@@ -397,6 +446,7 @@ def _cmd_db_stop(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from tasker.runtime.supervisor import WorkerOptions, supervise
 
+    _check_findable(args.modules, args.path)
     env = dict(os.environ, TASKER_DATABASE__URL=_database_url())
     options = WorkerOptions(
         modules=args.modules,
@@ -410,34 +460,57 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return supervise(options, env=env)
 
 
-def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if not 0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {value}")
-    return number
+def _check_findable(modules: Sequence[str], paths: Sequence[str]) -> None:
+    """A :class:`ConfigurationError` for a module whose top-level package no worker process
+    could find (where a worker process looks: ``--path``, the current directory, ``sys.path``),
+    before starting any: they would die at once. Nothing is imported here."""
+    from importlib.util import find_spec
 
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {number}")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
+    saved = list(sys.path)
+    sys.path[:0] = [*paths, os.getcwd()]
+    try:
+        for module in modules:
+            top = module.partition(".")[0]
+            try:
+                found = find_spec(top) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                of = f" (of {module!r})" if top != module else ""
+                raise ConfigurationError(
+                    f"No module named {top!r}{of}: check its spelling, and run tasker worker "
+                    "from the directory that holds it (or pass --path DIR)."
+                )
+    finally:
+        sys.path[:] = saved
 
 
 # -- queues and dead letters -------------------------------------------------------------------
 
 
 def _import_modules(modules: Sequence[str]) -> None:
+    """Import the actor modules (the current directory first on ``sys.path``); a module that
+    cannot be imported is a :class:`ConfigurationError` naming it (``-v`` logs the traceback)."""
     sys.path.insert(0, os.getcwd())
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            logger.debug("Importing %s failed", module, exc_info=True)
+            if exc.name and (module == exc.name or module.startswith(f"{exc.name}.")):
+                raise ConfigurationError(
+                    f"No module named {module!r}: check its spelling, and run tasker from the "
+                    "directory that holds it (or add that directory to PYTHONPATH)."
+                ) from None
+            raise ConfigurationError(
+                f"Importing module {module!r} failed: {exc} (is a dependency of it missing?)"
+            ) from None
+        except Exception as exc:
+            logger.debug("Importing %s failed", module, exc_info=True)
+            raise ConfigurationError(
+                f"Importing module {module!r} failed: {type(exc).__name__}: {exc} "
+                "(`tasker -v ...` shows the traceback)"
+            ) from None
 
 
 def _cmd_queues(args: argparse.Namespace) -> int:
@@ -537,8 +610,10 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
 def _cmd_settings(args: argparse.Namespace) -> int:
     import msgspec
 
+    from tasker.db.errors import mask_url
+
     data = msgspec.to_builtins(_settings())
-    data["database"]["url"] = _mask(data["database"]["url"])
+    data["database"]["url"] = mask_url(data["database"]["url"])
     print(json.dumps(data, indent=2))
     return 0
 

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tasker.cli_args import coordinator_interval, positive_int, tcp_port
+
+if TYPE_CHECKING:
+    from tasker.coordinator.http import HealthServer
+    from tasker.coordinator.loop import Coordinator
 
 __all__ = ["add_coordinator_commands", "add_dlq_task_commands"]
 
@@ -30,10 +37,13 @@ def add_coordinator_commands(commands: Any) -> None:
         "docs/operations.md.",
     )
     coordinator.add_argument(
-        "--port", type=int, default=None, help="HTTP port (default: coordinator.port, 9191)"
+        "--port", type=tcp_port, default=None, help="HTTP port (default: coordinator.port, 9191)"
     )
     coordinator.add_argument(
-        "--interval", type=float, default=None, help="seconds per cycle (coordinator.interval_s)"
+        "--interval",
+        type=coordinator_interval,
+        default=None,
+        help="seconds per cycle (coordinator.interval_s)",
     )
     coordinator.add_argument(
         "--once", action="store_true", help="run one cycle, print what it did and exit"
@@ -64,7 +74,9 @@ def add_dlq_task_commands(dlq_commands: Any) -> None:
         choices=["pending", "manually_resolved", "permanently_failed", "cancelled", "all"],
         help="entries with this resolution status (default: pending)",
     )
-    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument(
+        "--limit", type=positive_int, default=50, help="at most this many (default 50)"
+    )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_cmd_dlq_tasks_list)
     show = sub.add_parser(
@@ -93,7 +105,6 @@ def add_dlq_task_commands(dlq_commands: Any) -> None:
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     import msgspec
 
-    from tasker.coordinator.http import HealthServer
     from tasker.coordinator.loop import Coordinator
     from tasker.runtime.broker import broker_from_settings
     from tasker.settings import load_settings
@@ -109,10 +120,12 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     coordinator = Coordinator(broker, config)
     try:
         if args.once:
+            with _connection():
+                pass  # an unreachable database is an error here, not a report of a standby
             report = coordinator.cycle()
             _print(_jsonable(dataclasses.asdict(report)), args.json, _report_lines)
             return 0
-        server = HealthServer(coordinator.metrics.registry, coordinator.ready, port=config.port)
+        server = _health_server(coordinator, config.port)
         server.start()
         print(f"coordinator {coordinator.name}: metrics and health on :{server.port}")
         stop = threading.Event()
@@ -123,6 +136,27 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     finally:
         coordinator.close()
         broker.close()
+
+
+def _health_server(coordinator: Coordinator, port: int) -> HealthServer:
+    """The coordinator's HTTP server on ``port``; a port it cannot listen on is a
+    :class:`ConfigurationError` saying how to choose another."""
+    from tasker.coordinator.http import HealthServer
+    from tasker.exceptions import ConfigurationError
+
+    try:
+        return HealthServer(coordinator.metrics.registry, coordinator.ready, port=port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            why = f"port {port} is in use (by another coordinator?)"
+        elif exc.errno == errno.EACCES:
+            why = f"no permission to listen on port {port} (ports below 1024 need privileges)"
+        else:
+            why = f"cannot listen on port {port} ({exc.strerror or exc})"
+        raise ConfigurationError(
+            f"{why}; pass --port with a free port (0: any free one), or set coordinator.port "
+            "(TASKER_COORDINATOR__PORT)."
+        ) from None
 
 
 @contextmanager

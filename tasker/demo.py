@@ -66,7 +66,10 @@ def _order(i: int) -> dict[str, Any]:
 
 
 def _describe(url: str) -> str:
-    return "embedded PostgreSQL (.tasker/pgdata)" if "host=/" in url or "?host=" in url else url
+    from tasker.db.errors import mask_url
+
+    embedded = "host=/" in url or "?host=" in url
+    return "embedded PostgreSQL (.tasker/pgdata)" if embedded else mask_url(url)
 
 
 def _start_worker(url: str) -> subprocess.Popen[bytes]:

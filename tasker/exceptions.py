@@ -8,6 +8,7 @@ Every error Tasker raises on purpose is a :class:`TaskerError`, and every messag
      │    ├── DatabaseUnavailableError  PostgreSQL cannot be reached (names the URL setting)
      │    └── MigrationError         a migration failed or the schema is out of date
      ├── QueueNameError              a queue name Tasker cannot map onto PGMQ
+ ├── QueueNotFoundError          no PGMQ queue for that queue name (yet)
      ├── PayloadError                a payload Tasker cannot store without changing it
      ├── WorkflowDefinitionError     a workflow definition or template that cannot run
      │    └── TemplateConflictError  a version registered again with another definition
@@ -40,6 +41,7 @@ __all__ = [
     "MigrationError",
     "PayloadError",
     "QueueNameError",
+    "QueueNotFoundError",
     "StepNotFoundError",
     "TaskNotFoundError",
     "TaskTimeoutError",
@@ -73,6 +75,10 @@ class MigrationError(DatabaseError):
 
 class QueueNameError(TaskerError, ValueError):
     """A queue name that cannot be mapped onto a PGMQ queue."""
+
+
+class QueueNotFoundError(TaskerError, LookupError):
+    """No PGMQ queue exists for that queue name; the message says how to list the queues."""
 
 
 class PayloadError(TaskerError, ValueError):

@@ -9,10 +9,11 @@ pass plain values on.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import msgspec
 
@@ -28,6 +29,7 @@ __all__ = [
     "Settings",
     "StalenessSettings",
     "load_settings",
+    "number_problem",
 ]
 
 DEFAULT_ENV = "development"
@@ -139,7 +141,7 @@ def load_settings(env: str | None = None, *, settings_file: str | Path | None = 
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigurationError(_explain(exc, env, path)) from None
-    _check_values(settings)
+    _check_values(settings, path)
     return settings
 
 
@@ -212,76 +214,146 @@ def _explain(exc: msgspec.ValidationError, env: str, path: Path) -> str:
     )
 
 
-def _check_values(settings: Settings) -> None:
-    db, broker = settings.database, settings.broker
-    positive = {
-        "database.pool_min_size": db.pool_min_size,
-        "database.pool_max_size": db.pool_max_size,
-        "database.statement_timeout_ms": db.statement_timeout_ms,
-        "database.timeout_s": db.timeout_s,
-        "broker.visibility_timeout_ms": broker.visibility_timeout_ms,
-        "broker.max_lease_ms": broker.max_lease_ms,
-        "broker.max_deliveries": broker.max_deliveries,
-        "broker.claim_batch": broker.claim_batch,
-        "broker.poll_interval_ms": broker.poll_interval_ms,
-        "broker.dead_message_ttl_s": broker.dead_message_ttl_s,
-        "engine.finalization_claim_lease_s": settings.engine.finalization_claim_lease_s,
-        "engine.max_payload_bytes": settings.engine.max_payload_bytes,
+#: Inclusive bounds of every number in the settings, by key: ``(low, high)``; ``low_open`` keys
+#: exclude ``low`` itself. Every value must also be finite: TOML and the ``TASKER_*`` variables
+#: accept ``nan`` and ``inf``, which no setting means. A number setting missing here is still
+#: checked to be finite (tests/test_settings.py checks that every one is listed).
+_RANGES: dict[str, tuple[float, float]] = {
+    "database.pool_min_size": (1, math.inf),
+    "database.pool_max_size": (1, math.inf),
+    "database.statement_timeout_ms": (1, math.inf),
+    # an hour: longer waits are mistakes, and Python's waits overflow beyond about 1e9 s
+    "database.timeout_s": (0, 3600),
+    "broker.visibility_timeout_ms": (1, math.inf),
+    "broker.heartbeat_interval_ms": (0, math.inf),
+    "broker.max_lease_ms": (1, math.inf),
+    "broker.max_deliveries": (1, math.inf),
+    "broker.claim_batch": (1, math.inf),
+    "broker.poll_interval_ms": (1, math.inf),
+    "broker.dead_message_ttl_s": (1, math.inf),
+    "engine.finalization_claim_lease_s": (1, math.inf),
+    "engine.max_payload_bytes": (1, math.inf),
+    "coordinator.interval_s": (0.1, 3600),
+    "coordinator.port": (1, 65535),
+    "coordinator.batch": (1, math.inf),
+    "coordinator.recovery_grace_s": (0, math.inf),
+    "coordinator.handler_not_found_after_s": (0, math.inf),
+    "coordinator.live_worker_s": (0, math.inf),
+    "coordinator.retention_days": (0, math.inf),
+    "coordinator.retention_batch": (1, math.inf),
+    "coordinator.retention_every_s": (0, math.inf),
+    "coordinator.staleness.steps_in_process_minutes": (1, math.inf),
+    "coordinator.staleness.waiting_for_retry_minutes": (1, math.inf),
+    "coordinator.staleness.waiting_for_dependencies_minutes": (1, math.inf),
+    "coordinator.staleness.max_lifetime_minutes": (1, math.inf),
+    "coordinator.scaling.processes": (1, math.inf),
+    "coordinator.scaling.threads": (1, math.inf),
+    "coordinator.scaling.target_utilization": (0, 1),
+    "coordinator.scaling.backlog_per_replica": (1, math.inf),
+    "coordinator.scaling.min_replicas": (0, math.inf),
+    "coordinator.scaling.max_replicas": (1, math.inf),
+    "coordinator.scaling.error_threshold": (0, 1),
+    "coordinator.scaling.cooldown_s": (0, math.inf),
+}
+#: Keys whose lower bound is excluded: a duration or share of 0 means nothing there.
+_LOW_OPEN = frozenset(
+    {
+        "database.timeout_s",
+        "coordinator.handler_not_found_after_s",
+        "coordinator.live_worker_s",
+        "coordinator.retention_days",
+        "coordinator.scaling.target_utilization",
     }
-    for key, value in positive.items():
-        if value <= 0:
-            _bad(settings.env, key, f"must be greater than 0, got {value}")
-    _check_coordinator(settings)
+)
+
+
+def number_problem(key: str, value: float) -> str | None:
+    """Why ``value`` is not a valid number for setting ``key`` (None when it is valid).
+
+    The same check serves the settings and the CLI options that override them (``tasker
+    coordinator --interval`` for ``coordinator.interval_s``), so both accept the same values.
+    """
+    low, high = _RANGES.get(key, (-math.inf, math.inf))
+    low_open = key in _LOW_OPEN
+    bounds = []
+    if low > -math.inf:
+        bounds.append(f"greater than {low:g}" if low_open else f"at least {low:g}")
+    if high < math.inf:
+        bounds.append(f"at most {high:g}")
+    wanted = " and ".join(bounds)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number{', ' + wanted if wanted else ''}, got {value}"
+    if (value > low if low_open else value >= low) and value <= high:
+        return None
+    return f"must be {wanted}, got {value:g}"
+
+
+def _numbers(value: msgspec.Struct, prefix: str = "") -> dict[str, float]:
+    """Every int or float field of ``value`` (nested structs included), by dotted key."""
+    found: dict[str, float] = {}
+    for name in value.__struct_fields__:
+        field = getattr(value, name)
+        if isinstance(field, msgspec.Struct):
+            found |= _numbers(field, f"{prefix}{name}.")
+        elif isinstance(field, (int, float)) and not isinstance(field, bool):
+            found[f"{prefix}{name}"] = field
+    return found
+
+
+def _check_values(settings: Settings, path: Path) -> None:
+    def _bad(key: str, problem: str) -> NoReturn:
+        _invalid(settings.env, path, key, problem)
+
+    db, broker = settings.database, settings.broker
+    for key, value in _numbers(settings).items():
+        problem = number_problem(key, value)
+        if problem is not None:
+            _bad(key, problem)
     if db.pool_max_size < db.pool_min_size:
-        _bad(settings.env, "database.pool_max_size", "must be at least database.pool_min_size")
-    if broker.heartbeat_interval_ms < 0 or (
-        broker.heartbeat_interval_ms * 2 >= broker.visibility_timeout_ms
-    ):
+        _bad("database.pool_max_size", "must be at least database.pool_min_size")
+    if broker.heartbeat_interval_ms * 2 >= broker.visibility_timeout_ms:
         _bad(
-            settings.env,
             "broker.heartbeat_interval_ms",
             "must be 0 (automatic) or less than half of broker.visibility_timeout_ms",
         )
+    scaling = settings.coordinator.scaling
+    if scaling.min_replicas > scaling.max_replicas:
+        _bad(
+            "coordinator.scaling.min_replicas",
+            "must be between 0 and coordinator.scaling.max_replicas",
+        )
+    problem = _url_problem(db.url)
+    if problem is not None:
+        _bad("database.url", problem)
     if not db.url and not db.allow_embedded:
         _bad(
-            settings.env,
             "database.url",
             "is empty and the embedded PostgreSQL is not allowed in this environment; "
             "set it to a PostgreSQL URL",
         )
 
 
-def _check_coordinator(settings: Settings) -> None:
-    c, scaling = settings.coordinator, settings.coordinator.scaling
-    positive = {
-        "coordinator.interval_s": c.interval_s,
-        "coordinator.batch": c.batch,
-        "coordinator.live_worker_s": c.live_worker_s,
-        "coordinator.retention_days": c.retention_days,
-        "coordinator.retention_batch": c.retention_batch,
-        "coordinator.scaling.processes": scaling.processes,
-        "coordinator.scaling.threads": scaling.threads,
-        "coordinator.scaling.backlog_per_replica": scaling.backlog_per_replica,
-        "coordinator.scaling.max_replicas": scaling.max_replicas,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            _bad(settings.env, key, f"must be greater than 0, got {value}")
-    if not 0 < scaling.target_utilization <= 1:
-        _bad(settings.env, "coordinator.scaling.target_utilization", "must be in (0, 1]")
-    if not 0 <= scaling.min_replicas <= scaling.max_replicas:
-        _bad(
-            settings.env,
-            "coordinator.scaling.min_replicas",
-            "must be between 0 and coordinator.scaling.max_replicas",
-        )
-    if not 0 < c.port < 65536:
-        _bad(settings.env, "coordinator.port", f"must be a TCP port, got {c.port}")
+def _url_problem(url: str) -> str | None:
+    """Why libpq cannot parse ``url`` (its password masked), or None: an unparsable URL never
+    reaches the driver, whose errors and logs may quote it whole."""
+    if not url:
+        return None
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from tasker.db.errors import redact
+
+    try:
+        conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        reason = (redact(str(exc).strip(), url).splitlines() or [type(exc).__name__])[0]
+        return f"is not a PostgreSQL URL libpq can parse ({reason})"
+    return None
 
 
-def _bad(env: str, key: str, problem: str) -> None:
+def _invalid(env: str, path: Path, key: str, problem: str) -> NoReturn:
     variable = "TASKER_" + key.upper().replace(".", "__")
     raise ConfigurationError(
         f"Invalid setting {key!r} for environment {env!r}: {problem}. "
-        f"Fix it in settings/settings.toml or in the environment variable {variable}."
+        f"Fix it in {path} or in the environment variable {variable}."
     )

@@ -45,14 +45,39 @@ def test_db_schema_check_passes_on_a_migrated_database(
     assert "current" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:s3cret@db.internal/app", "postgresql://app:***@db.internal/app"),
+        (
+            "postgresql://db.internal/app?password=s3cret",
+            "postgresql://db.internal/app?password=***",
+        ),
+        ("host=db.internal password=s3cret dbname=app", "host=db.internal password=*** dbname=app"),
+        (
+            "host=db.internal password='s3cret word' dbname=app",
+            "host=db.internal password=*** dbname=app",
+        ),
+    ],
+)
 def test_settings_masks_the_password(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, shown: str
 ) -> None:
-    monkeypatch.setenv("TASKER_DATABASE__URL", "postgresql://app:s3cret@db.internal/app")
+    monkeypatch.setenv("TASKER_DATABASE__URL", url)
     assert main(["--env", "production", "settings"]) == 0
     out = capsys.readouterr().out
     assert "s3cret" not in out
-    assert json.loads(out)["database"]["url"] == "postgresql://app:***@db.internal/app"
+    assert json.loads(out)["database"]["url"] == shown
+
+
+def test_an_unparsable_database_url_is_a_settings_error_without_the_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TASKER_DATABASE__URL", "postgresql://app:s3cret@[::1/app")
+    assert main(["--env", "production", "settings"]) == 1
+    err = capsys.readouterr().err
+    assert "Invalid setting 'database.url'" in err and "TASKER_DATABASE__URL" in err
+    assert "postgresql://app:***@[::1/app" in err and "s3cret" not in err
 
 
 def test_bad_settings_exit_1_with_the_fix(

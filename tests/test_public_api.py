@@ -19,6 +19,7 @@ def test_public_api_is_pinned() -> None:
             "PostgresRateLimiterBackend",
             "PostgresResultBackend",
             "QueueNameError",
+            "QueueNotFoundError",
             "RetryableError",
             "Settings",
             "StepContext",

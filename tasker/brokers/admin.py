@@ -9,9 +9,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+
 from tasker.brokers.queue_names import DEAD_LETTER_SUFFIX, QueueNames, map_queue_name
 from tasker.db.connection import connect
 from tasker.db.queries import render
+from tasker.exceptions import QueueNameError, QueueNotFoundError
 
 __all__ = [
     "QueueStats",
@@ -38,6 +41,32 @@ def _statement(name: str, names: QueueNames) -> str:
     return render("broker", name, queue=names.table, dead=names.dead_table)
 
 
+def _existing_queue(conn: psycopg.Connection[Any], queue: str, namespace: str) -> QueueNames:
+    """The names of Dramatiq queue ``queue``; :class:`QueueNotFoundError` when PGMQ has no such
+    queue (with its dead-letter queue), naming the queue meant when ``queue`` is a PGMQ name."""
+    names = map_queue_name(queue, namespace)
+    if _exists(conn, names):
+        return names
+    hint = ""
+    prefix = f"{namespace}_"
+    if queue.startswith(prefix):
+        try:
+            meant = map_queue_name(queue.removeprefix(prefix), namespace)
+        except QueueNameError:
+            meant = None
+        if meant is not None and _exists(conn, meant):
+            hint = f" ({queue!r} is the PGMQ name of queue {meant.dramatiq!r})"
+    raise QueueNotFoundError(
+        f"No queue named {queue!r} in namespace {namespace!r}{hint}; `tasker queues` lists the "
+        f"queues, by PGMQ name ({prefix}<queue>)."
+    )
+
+
+def _exists(conn: psycopg.Connection[Any], names: QueueNames) -> bool:
+    row = conn.execute(_statement("queue_exists", names), {"name": names.dead}).fetchone()
+    return row is not None
+
+
 def queue_stats(url: str) -> list[QueueStats]:
     """Depth of every PGMQ queue that has a Tasker dead-letter queue beside it."""
     with connect(url) as conn:
@@ -57,9 +86,12 @@ def queue_stats(url: str) -> list[QueueStats]:
 def list_dead_letters(
     url: str, queue: str, *, namespace: str, limit: int = 50
 ) -> list[dict[str, Any]]:
-    """Dead letters of Dramatiq queue ``queue``: id, time, headers (error) and message."""
-    names = map_queue_name(queue, namespace)
+    """Dead letters of Dramatiq queue ``queue``: id, time, headers (error) and message.
+
+    Raises :class:`QueueNotFoundError` when the queue does not exist (so do the functions below).
+    """
     with connect(url) as conn:
+        names = _existing_queue(conn, queue, namespace)
         rows = conn.execute(_statement("list_dead_letters", names), {"limit": limit}).fetchall()
     return [
         {
@@ -76,8 +108,8 @@ def replay_dead_letters(
     url: str, queue: str, *, namespace: str, msg_ids: list[int], replay_all: bool = False
 ) -> int:
     """Move dead letters back onto their queue (visible at once); returns how many moved."""
-    names = map_queue_name(queue, namespace)
     with connect(url) as conn, conn.transaction():
+        names = _existing_queue(conn, queue, namespace)
         cursor = conn.execute(
             _statement("replay_dead_letters", names), {"msg_ids": msg_ids, "all": replay_all}
         )
@@ -89,6 +121,6 @@ def replay_dead_letters(
 
 def purge_dead_letters(url: str, queue: str, *, namespace: str) -> int:
     """Delete every dead letter of ``queue``; returns how many were deleted."""
-    names = map_queue_name(queue, namespace)
     with connect(url) as conn:
+        names = _existing_queue(conn, queue, namespace)
         return conn.execute(_statement("flush_dead", names)).rowcount

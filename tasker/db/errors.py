@@ -16,9 +16,12 @@ fails"):
 
 from __future__ import annotations
 
+import re
+from urllib.parse import unquote
+
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tasker.exceptions import (
     DatabaseError,
@@ -27,7 +30,14 @@ from tasker.exceptions import (
     PayloadError,
 )
 
-__all__ = ["database_error", "describe_url", "is_data_error", "is_transient"]
+__all__ = [
+    "database_error",
+    "describe_url",
+    "is_data_error",
+    "is_transient",
+    "mask_url",
+    "redact",
+]
 
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "58"})
 _TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03", "55P03", "57014"})
@@ -65,6 +75,85 @@ def describe_url(url: str | None) -> str:
     return f"{host}:{port}/{params.get('dbname') or params.get('user') or ''}"
 
 
+#: Connection parameters whose values are secrets.
+_SECRET_KEYS = frozenset({"password", "sslpassword"})
+_MASK = "***"
+#: Fallbacks for text that is not a parsable URL (an error message quoting one, a URL with a
+#: typo): ``scheme://user:SECRET@`` and ``password=SECRET`` (quoted, or up to a space or ``&``).
+_URI_CREDENTIALS = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^\s]*@", re.IGNORECASE)
+_KEY_VALUE_SECRET = re.compile(
+    r"(?P<head>\b(?:ssl)?password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|[^\s&'])*", re.IGNORECASE
+)
+
+
+def mask_url(url: str) -> str:
+    """``url`` (a libpq URI or key=value string) with every password replaced by ``***``.
+
+    Both forms are parsed by libpq's rules, so the password is masked wherever it is given: in
+    the user info (``postgresql://app:***@db/app``), as a query parameter (``?password=***``) or
+    as a key (``host=db password=***``, quoted or not); the rest stays as written. A value libpq
+    cannot parse is masked by pattern, never shown as it is. Use it wherever a database URL is
+    printed or logged.
+    """
+    if not url:
+        return url
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        return _mask_text(url)
+    if not any(params.get(key) for key in _SECRET_KEYS):
+        return url
+    is_uri = "://" in url.split("?", 1)[0]
+    masked = _mask_uri(url) if is_uri else _mask_text(url)
+    expected = {k: _MASK if k in _SECRET_KEYS and v else v for k, v in params.items()}
+    try:
+        if conninfo_to_dict(masked) == expected:
+            return masked
+    except psycopg.Error:
+        pass
+    return make_conninfo("", **expected)  # written differently, but exactly the same parameters
+
+
+def _mask_uri(url: str) -> str:
+    """Mask the password of a URI in its user info and its query, keeping the rest as written."""
+    scheme, _, rest = url.partition("://")
+    rest, hash_, fragment = rest.partition("#")
+    rest, question, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        userinfo, _, hosts = authority.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        authority = f"{user}:{_MASK}@{hosts}" if colon else f"{userinfo}@{hosts}"
+    parts = [
+        f"{part.split('=', 1)[0]}={_MASK}"
+        if unquote(part.split("=", 1)[0]) in _SECRET_KEYS
+        else part
+        for part in query.split("&")
+    ]
+    query = "&".join(parts)
+    return f"{scheme}://{authority}{slash}{path}{question}{query}{hash_}{fragment}"
+
+
+def _mask_text(text: str) -> str:
+    text = _URI_CREDENTIALS.sub(rf"\g<head>{_MASK}@", text)
+    return _KEY_VALUE_SECRET.sub(rf"\g<head>{_MASK}", text)
+
+
+def redact(text: str, url: str | None) -> str:
+    """``text`` (a driver's error message, which may quote the URL it was given) with ``url``
+    masked by :func:`mask_url` wherever it appears, and any other password in it masked too."""
+    if url:
+        text = text.replace(url, mask_url(url))
+        try:
+            secrets = [str(v) for k, v in conninfo_to_dict(url).items() if k in _SECRET_KEYS and v]
+        except psycopg.Error:
+            secrets = []
+        for secret in secrets:
+            if len(secret) >= 4:  # shorter ones would mask letters of the message's words
+                text = text.replace(secret, _MASK)
+    return _mask_text(text)
+
+
 def database_error(
     exc: BaseException, *, url: str | None, timeout_s: float | None = None
 ) -> DatabaseError:
@@ -74,28 +163,43 @@ def database_error(
       :class:`DatabaseUnavailableError` naming the URL setting;
     * a Tasker table or function is missing: :class:`MigrationError` ("run tasker db migrate");
     * anything else: :class:`DatabaseError`.
+
+    Messages name the URL with its password masked (:func:`mask_url`), and fit on one line.
     """
-    where = describe_url(url)
+    where = mask_url(url) if url else "the configured database"
     state = getattr(exc, "sqlstate", None) or ""
+    reason = _first_line(exc, url)
     if state[:2] == "28" or state == "3D000":  # authentication, or no such database
         return DatabaseUnavailableError(
-            f"PostgreSQL at {where} refused the connection: {_first_line(exc)}; fix database.url "
+            f"PostgreSQL at {where} refused the connection: {reason}; fix database.url "
+            "(TASKER_DATABASE__URL)."
+        )
+    if isinstance(exc, psycopg.ProgrammingError) and not state and not _parses(url):
+        return DatabaseUnavailableError(
+            f"The database URL {where} is invalid ({reason}); fix database.url "
             "(TASKER_DATABASE__URL)."
         )
     if is_transient(exc):
         within = f" within {timeout_s:g}s" if timeout_s else ""
         return DatabaseUnavailableError(
-            f"Cannot reach PostgreSQL at {where}{within} ({_first_line(exc)}); check that it is "
+            f"Cannot reach PostgreSQL at {where}{within} ({reason}); check that it is "
             "running and that database.url (TASKER_DATABASE__URL) points to it."
         )
     if isinstance(exc, (pg_errors.UndefinedTable, pg_errors.UndefinedFunction)):
         return MigrationError(
-            f"The database at {where} lacks Tasker's schema ({_first_line(exc)}); run "
-            "`tasker db migrate`."
+            f"The database at {where} lacks Tasker's schema ({reason}); run `tasker db migrate`."
         )
-    return DatabaseError(f"PostgreSQL at {where} refused the operation: {_first_line(exc)}")
+    return DatabaseError(f"PostgreSQL at {where} refused the operation: {reason}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+def _parses(url: str | None) -> bool:
+    try:
+        conninfo_to_dict(url or "")
+    except psycopg.Error:
+        return False
+    return True
+
+
+def _first_line(exc: BaseException, url: str | None) -> str:
+    text = redact(str(exc).strip(), url)
     return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,196 @@
+"""The `tasker` command fails with one clear line (and the fix), never a traceback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasker.brokers.pgmq import PGMQBroker
+from tasker.brokers.queue_names import map_queue_name
+from tasker.cli import EXIT_BROKEN_PIPE, main
+
+ROOT = Path(__file__).resolve().parent.parent
+UNREACHABLE = "postgresql://root:s3cret@127.0.0.1:1/x"  # nothing listens on port 1
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, database_url: str) -> str:
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", database_url)
+    return database_url
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tasker: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["db", "status"],
+        ["db", "migrate"],
+        ["db", "schema", "--check"],
+        ["queues"],
+        ["queues", "--json"],
+        ["dlq", "list", "default"],
+        ["dlq", "purge", "default"],
+        ["dlq", "replay", "default", "--all"],
+        ["workers"],
+        ["scale"],
+        ["dlq", "tasks", "list"],
+        ["coordinator", "--once"],
+    ],
+    ids=" ".join,
+)
+def test_an_unreachable_database_is_one_line_naming_the_masked_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", UNREACHABLE)
+    assert main(argv) == 1
+    line = _error_line(capsys)
+    assert "Cannot reach PostgreSQL at postgresql://root:***@127.0.0.1:1/x" in line
+    assert "TASKER_DATABASE__URL" in line
+    assert "s3cret" not in line
+
+
+def test_an_unmigrated_database_says_to_migrate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], empty_database_url: str
+) -> None:
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", empty_database_url)
+    assert main(["queues"]) == 1
+    assert "run `tasker db migrate`" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dlq", "list", "nosuchqueue"],
+        ["dlq", "purge", "nosuchqueue"],
+        ["dlq", "replay", "nosuchqueue", "--all"],
+        ["dlq", "replay", "nosuchqueue", "--id", "1"],
+    ],
+    ids=" ".join,
+)
+def test_a_missing_queue_is_named_with_how_to_list_the_queues(
+    env: str, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    assert main(argv) == 1
+    line = _error_line(capsys)
+    assert "No queue named 'nosuchqueue' in namespace 'tasker'" in line
+    assert "`tasker queues` lists" in line
+
+
+def test_a_pgmq_queue_name_given_for_a_queue_name_is_explained(
+    env: str, broker: PGMQBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broker.ensure_queue(map_queue_name("default", "tasker"), create=True)
+    assert main(["dlq", "list", "default"]) == 0
+    capsys.readouterr()
+    assert main(["dlq", "list", "tasker_default"]) == 1
+    assert "'tasker_default' is the PGMQ name of queue 'default'" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dlq", "list", "default", "--limit", "-1"], "argument --limit: must be at least 1"),
+        (["dlq", "list", "default", "--limit", "0"], "argument --limit: must be at least 1"),
+        (["dlq", "list", "default", "--limit", "x"], "argument --limit: must be a whole number"),
+        (["dlq", "tasks", "list", "--limit", "0"], "argument --limit: must be at least 1"),
+        (["dlq", "replay", "default", "--id", "0"], "argument --id: must be at least 1"),
+        (["demo", "--orders", "0"], "argument --orders: must be at least 1"),
+        (["worker", "mod", "-p", "0"], "argument -p/--processes: must be at least 1"),
+        (["worker", "mod", "--shutdown-timeout", "nan"], "argument --shutdown-timeout"),
+        (["coordinator", "--interval", "nan"], "argument --interval: must be a finite number"),
+        (["coordinator", "--interval", "inf"], "argument --interval: must be a finite number"),
+        (["coordinator", "--interval", "0"], "argument --interval: must be at least 0.1"),
+        (["coordinator", "--interval", "-1"], "argument --interval: must be at least 0.1"),
+        (["coordinator", "--interval", "1e6"], "at most 3600"),
+        (["coordinator", "--interval", "soon"], "argument --interval: must be a number"),
+        (["coordinator", "--port", "99999"], "argument --port: must be a TCP port from 0"),
+        (["coordinator", "--port", "-1"], "argument --port: must be a TCP port from 0"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_bad_numbers_are_usage_errors_naming_the_option(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_queues_create_names_a_module_it_cannot_import(
+    env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "cli_broken_mod.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "cli_needs_mod.py").write_text("import cli_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["queues", "create", "cli_no_such_mod"]) == 1
+    assert "No module named 'cli_no_such_mod'" in _error_line(capsys)
+    assert main(["queues", "create", "cli_broken_mod"]) == 1
+    assert "Importing module 'cli_broken_mod' failed: RuntimeError: boom" in _error_line(capsys)
+    assert main(["queues", "create", "cli_needs_mod"]) == 1
+    line = _error_line(capsys)
+    assert "Importing module 'cli_needs_mod' failed" in line
+    assert "cli_missing_dependency" in line
+
+
+def test_worker_names_a_module_no_worker_process_could_find(
+    env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tasker.cli import _check_findable
+
+    assert main(["worker", "cli_no_such_mod", "-p", "1"]) == 1
+    assert "No module named 'cli_no_such_mod': check its spelling" in _error_line(capsys)
+    assert main(["worker", "tests.workers.actors", "cli_no_such_pkg.actors", "-p", "1"]) == 1
+    assert "No module named 'cli_no_such_pkg' (of 'cli_no_such_pkg.actors')" in _error_line(capsys)
+    (tmp_path / "cli_elsewhere_mod.py").write_text("raise RuntimeError('not imported here')\n")
+    _check_findable(["cli_elsewhere_mod"], [str(tmp_path)])  # found by --path, not imported
+    assert "cli_elsewhere_mod" not in sys.modules
+
+
+def test_the_coordinator_names_a_port_in_use(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["coordinator", "--port", str(port)]) == 1
+    line = _error_line(capsys)
+    assert f"port {port} is in use" in line and "pass --port" in line
+
+
+@pytest.mark.parametrize(
+    "argv", [["settings"], ["queues", "--json"], ["dlq", "tasks", "list", "--json"]], ids=" ".join
+)
+def test_a_closed_stdout_ends_the_command_quietly(env: str, argv: list[str]) -> None:
+    """`tasker ... | head -1`: the reader is gone before the output is written."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "tasker.cli", *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == EXIT_BROKEN_PIPE, result.stderr
+    assert "Error" not in result.stderr and "Exception" not in result.stderr
