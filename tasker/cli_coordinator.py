@@ -48,8 +48,10 @@ def add_coordinator_commands(commands: Any) -> None:
     coordinator.add_argument(
         "--once", action="store_true", help="run one cycle, print what it did and exit"
     )
-    coordinator.add_argument("--json", action="store_true", help="with --once: print JSON")
-    coordinator.set_defaults(handler=_cmd_coordinator)
+    coordinator.add_argument(
+        "--json", action="store_true", help="with --once: print the report as JSON"
+    )
+    coordinator.set_defaults(handler=_cmd_coordinator, parser=coordinator)
 
     workers = commands.add_parser("workers", help="list the worker processes (the registry)")
     workers.add_argument("--all", action="store_true", help="also workers no longer seen")
@@ -109,6 +111,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     from tasker.runtime.broker import broker_from_settings
     from tasker.settings import load_settings
 
+    if args.json and not args.once:
+        args.parser.error("--json prints the report of --once: add --once, or drop --json")
     settings = load_settings()
     overrides: dict[str, Any] = {}
     if args.interval is not None:
@@ -124,7 +128,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
                 pass  # an unreachable database is an error here, not a report of a standby
             report = coordinator.cycle()
             _print(_jsonable(dataclasses.asdict(report)), args.json, _report_lines)
-            return 0
+            return 1 if report.errors else 0  # a cron job sees a failed action
         server = _health_server(coordinator, config.port)
         server.start()
         print(f"coordinator {coordinator.name}: metrics and health on :{server.port}")
@@ -267,8 +271,31 @@ def _print(data: Any, as_json: bool, lines: Callable[[Any], Sequence[str]]) -> N
         print(line)
 
 
-def _report_lines(data: Any) -> list[str]:
-    return json.dumps(data, indent=2).splitlines()
+def _report_lines(report: dict[str, Any]) -> list[str]:
+    """A cycle's report in a few lines (``--json`` prints all of it)."""
+    if not report["leader"]:
+        return ["not the leader: another coordinator leads, so this cycle did nothing"]
+    actions: dict[str, int] = {}
+    for recovery in report["recovered"]:
+        actions[recovery["action"]] = actions.get(recovery["action"], 0) + 1
+    recovered = ", ".join(f"{name} {count}" for name, count in sorted(actions.items()))
+    retention = report["retention"]
+    lines = [
+        "leader: yes",
+        f"recovered: {len(report['recovered'])}" + (f" ({recovered})" if recovered else ""),
+        f"stale tasks moved to the task DLQ: {len(report['dead_lettered'])}",
+        "retention: "
+        + (
+            "not due this cycle"
+            if retention is None
+            else f"{retention['tasks']} task(s) deleted in {retention['batches']} batch(es), "
+            f"{retention['dead_letters_expired']} dead letter(s) expired"
+        ),
+        "scaling hints: "
+        + (", ".join(f"{h['queue']}={h['desired_replicas']}" for h in report["hints"]) or "none"),
+    ]
+    lines += [f"error in {action}: {text}" for action, text in report["errors"].items()]
+    return lines
 
 
 def _worker_lines(rows: list[dict[str, Any]]) -> list[str]:

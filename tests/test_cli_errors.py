@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -70,6 +71,52 @@ def test_an_unmigrated_database_says_to_migrate(
     monkeypatch.setenv("TASKER_DATABASE__URL", empty_database_url)
     assert main(["queues"]) == 1
     assert "run `tasker db migrate`" in _error_line(capsys)
+
+
+def test_a_coordinator_on_an_unmigrated_database_waits_and_says_to_migrate(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    empty_database_url: str,
+) -> None:
+    """One error line per change of state (not a traceback per action per cycle), `--once`
+    exits 1, and a long-running coordinator is not ready until the migrations ran."""
+    from tasker.coordinator.loop import Coordinator
+    from tasker.db.migrate import migrate
+    from tasker.settings import CoordinatorSettings
+
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", empty_database_url)
+    assert main(["coordinator", "--once", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["leader"] is True
+    assert list(report["errors"]) == ["schema"]
+    assert "run `tasker db migrate`" in report["errors"]["schema"]
+    assert "Traceback" not in caplog.text
+    broker = PGMQBroker(url=empty_database_url)
+    coordinator = Coordinator(broker, CoordinatorSettings(), name="unmigrated")
+    try:
+        caplog.clear()
+        for _ in range(3):
+            assert list(coordinator.cycle().errors) == ["schema"]
+        assert caplog.text.count("waits: the database lacks") == 1
+        ready, detail = coordinator.ready()
+        assert not ready and "tasker db migrate" in detail["schema"]
+        migrate(empty_database_url)
+        assert coordinator.cycle().errors == {}
+        assert coordinator.ready()[0]
+    finally:
+        coordinator.close()
+        broker.close()
+
+
+def test_coordinator_json_without_once_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["coordinator", "--json"])
+    assert exited.value.code == 2
+    assert "add --once" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

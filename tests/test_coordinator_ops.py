@@ -289,7 +289,8 @@ def test_cli_lists_workers_hints_and_the_task_dlq(
             (task,),
         )
     assert main(["coordinator", "--once"]) == 0
-    capsys.readouterr()
+    summary = capsys.readouterr().out
+    assert "leader: yes" in summary and "stale tasks moved to the task DLQ: 1" in summary
     assert _cli_json(capsys, "workers") == []
     hints = _cli_json(capsys, "scale")
     assert {h["queue"] for h in hints} >= {"worker_shapes_queue"}

@@ -27,6 +27,7 @@ from tasker.brokers.pgmq import PGMQBroker
 from tasker.brokers.queue_names import map_queue_name
 from tasker.coordinator.metrics import CoordinatorMetrics
 from tasker.db.connection import connect, connection_kwargs
+from tasker.db.migrate import pending_migrations
 from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, TASK_REQUEST
 from tasker.engine.recovery import (
     Recovery,
@@ -101,6 +102,7 @@ class Coordinator:
         self._lock = threading.Lock()
         self._last_cycle_at: float | None = None
         self._database_ok = False
+        self._schema_problem: str | None = None  # the migrations the database lacks, if any
         self._last_retention_at = 0.0
         self.leading = False
 
@@ -133,7 +135,8 @@ class Coordinator:
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Readiness for ``/health/ready``: a cycle completed within three intervals and, in it,
-        PostgreSQL answered (a coordinator that cannot reach it is not ready)."""
+        PostgreSQL answered (a coordinator that cannot reach it is not ready) and, if this one
+        leads, had every migration."""
         last = self._last_cycle_at
         fresh = last is not None and time.monotonic() - last < 3 * self.settings.interval_s + 5
         detail = {
@@ -141,7 +144,9 @@ class Coordinator:
             "coordinator": self.name,
             "database": "reachable" if self._database_ok else "unreachable",
         }
-        return fresh and self._database_ok, detail
+        if self._schema_problem:
+            detail["schema"] = self._schema_problem
+        return fresh and self._database_ok and not self._schema_problem, detail
 
     def close(self) -> None:
         """Give the lead up (close the lock connection)."""
@@ -189,7 +194,31 @@ class Coordinator:
 
     # -- the actions ----------------------------------------------------------------------
 
+    def _schema_ready(self, report: CycleReport) -> bool:
+        """Whether the database has every migration of this Tasker; else the cycle does nothing
+        but say so (once, and once more when it is fixed) and record it in ``report.errors``."""
+        pending = self._guarded(report, "schema", pending_migrations)
+        if pending is None:
+            return False
+        problem = (
+            f"the database lacks {len(pending)} migration(s) of this Tasker "
+            f"({', '.join(f'{m.version:04d}_{m.name}' for m in pending)}); run `tasker db migrate`"
+            if pending
+            else None
+        )
+        if problem != self._schema_problem:
+            if problem:
+                logger.error("Coordinator %s waits: %s", self.name, problem)
+            else:
+                logger.warning("Coordinator %s: the database is migrated; acting", self.name)
+        self._schema_problem = problem
+        if problem:
+            report.errors["schema"] = problem
+        return problem is None
+
     def _act(self, report: CycleReport) -> None:
+        if not self._schema_ready(report):
+            return
         s = self.settings
         report.recovered += self._guarded(report, "recover_steps", self._recover_steps) or []
         report.recovered += (
