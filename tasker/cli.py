@@ -585,7 +585,7 @@ def _cmd_dlq_purge(args: argparse.Namespace) -> int:
 def _cmd_deploy_workers(args: argparse.Namespace) -> int:
     from tasker.deploy_manifests import RenderOptions, dump_manifests, render_workers
 
-    scaling = _settings().coordinator.scaling
+    scaling = load_settings(need_database=False).coordinator.scaling  # renders, never connects
     options = RenderOptions(
         processes=args.processes or scaling.processes,
         threads=args.threads or scaling.threads,

@@ -125,12 +125,19 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     coordinator: CoordinatorSettings = CoordinatorSettings()
 
 
-def load_settings(env: str | None = None, *, settings_file: str | Path | None = None) -> Settings:
+def load_settings(
+    env: str | None = None,
+    *,
+    settings_file: str | Path | None = None,
+    need_database: bool = True,
+) -> Settings:
     """Read the settings file and ``TASKER_*`` variables for ``env`` and validate them.
 
     ``env`` defaults to ``$TASKER_ENV`` (else ``development``); ``settings_file`` defaults to
     ``$TASKER_SETTINGS_FILE``, else ``./settings/settings.toml`` when it exists, else the file
-    shipped with Tasker. Raises :class:`ConfigurationError` naming the bad key and the fix.
+    shipped with Tasker. With ``need_database=False`` (a command that never connects, such as
+    rendering manifests) an empty ``database.url`` is accepted where the embedded PostgreSQL is
+    not allowed. Raises :class:`ConfigurationError` naming the bad key and the fix.
     """
     env = (env or os.environ.get("TASKER_ENV") or DEFAULT_ENV).strip().lower()
     path = _settings_path(settings_file)
@@ -141,7 +148,7 @@ def load_settings(env: str | None = None, *, settings_file: str | Path | None = 
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigurationError(_explain(exc, env, path)) from None
-    _check_values(settings, path)
+    _check_values(settings, path, need_database=need_database)
     return settings
 
 
@@ -300,7 +307,7 @@ def _numbers(value: msgspec.Struct, prefix: str = "") -> dict[str, float]:
     return found
 
 
-def _check_values(settings: Settings, path: Path) -> None:
+def _check_values(settings: Settings, path: Path, *, need_database: bool) -> None:
     def _bad(key: str, problem: str) -> NoReturn:
         _invalid(settings.env, path, key, problem)
 
@@ -325,7 +332,7 @@ def _check_values(settings: Settings, path: Path) -> None:
     problem = _url_problem(db.url)
     if problem is not None:
         _bad("database.url", problem)
-    if not db.url and not db.allow_embedded:
+    if need_database and not db.url and not db.allow_embedded:
         _bad(
             "database.url",
             "is empty and the embedded PostgreSQL is not allowed in this environment; "

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import tasker
 from tasker.cli import _parser, main
 from tasker.deploy_manifests import (
     DEFAULT_IMAGE,
@@ -279,3 +280,15 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None
         for option in action.option_strings:
             assert option in text, f"--help does not mention {option}"
     assert "NAMESPACE" in text and "example:" in text
+
+
+def test_rendering_needs_no_database_url_even_in_production(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CI job renders the manifests of a production deploy without the database's secret."""
+    monkeypatch.setenv("TASKER_ENV", "production")
+    monkeypatch.delenv("TASKER_DATABASE__URL", raising=False)
+    objects = render(["billing", "--modules", "m"])
+    assert of_kind(objects, "Deployment")
+    with pytest.raises(ConfigurationError, match=r"database\.url"):
+        tasker.load_settings()  # a command that connects still needs one
