@@ -94,3 +94,26 @@ def test_an_unreachable_server_is_named_by_its_masked_url() -> None:
     message = str(database_error(raised.value, url=url))
     assert "s3cret" not in message and "\n" not in message
     assert "host=127.0.0.1 port=1 dbname=nowhere user=app password=***" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:s3cret%PW@127.0.0.1/app",  # a raw % in the password
+        "postgresql://app:s3cret%zz@127.0.0.1/app",
+        "app:s3cretPW@127.0.0.1/app",  # no scheme: read as key=value
+        "host=db password=s3cret dbname",
+        "host=db password='s3cret",
+        "postgresql://app:s3cret@[::1/app",
+    ],
+)
+def test_an_unparsable_database_url_setting_never_shows_its_password(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasker.exceptions import ConfigurationError
+    from tasker.settings import load_settings
+
+    monkeypatch.setenv("TASKER_DATABASE__URL", url)
+    with pytest.raises(ConfigurationError, match="libpq can parse") as caught:
+        load_settings("test")
+    assert "s3cret" not in str(caught.value)
