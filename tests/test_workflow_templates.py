@@ -818,3 +818,25 @@ def test_matching_environments_are_not_warned_about() -> None:
         warnings.simplefilter("error")
         load(template, environment="production")
         load(template, environment="eu_west")
+
+
+@pytest.mark.parametrize("written", ["TEST", "Test", " test ", "test"])
+def test_the_environment_is_read_in_lower_case_as_the_settings_read_it(
+    written: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TASKER_ENV=TEST runs the test settings; it applies the test overrides too."""
+    template = copy.deepcopy(BASE)
+    template["environments"] = {"test": {"steps": [{"name": "charge", "timeout_seconds": 7}]}}
+    monkeypatch.setenv("TASKER_ENV", written)
+    assert tasker.load_settings().env == "test"
+    assert load(template).steps["charge"].timeout == 7
+    monkeypatch.delenv("TASKER_ENV")
+    assert load(template, environment=written).steps["charge"].timeout == 7
+
+
+@pytest.mark.parametrize("key", ["Production", "PRODUCTION", " production"])
+def test_an_environment_key_that_is_not_lower_case_is_refused(key: str) -> None:
+    template = copy.deepcopy(BASE)
+    template["environments"] = {key: {}}
+    with pytest.raises(tasker.WorkflowDefinitionError, match="write 'production'"):
+        load(template)

@@ -490,6 +490,12 @@ def _check_environments(value: Any, names: list[str], scope: _Scope) -> None:
     for environment, overrides in value.items():
         if not isinstance(environment, str) or not environment:
             scope.fail("environments", f"has the key {environment!r}: use environment names")
+        if environment != environment.strip().lower():
+            scope.fail(
+                f"environments.{environment}",
+                "is not a lower-case environment name, and environments are read in lower "
+                f"case (TASKER_ENV=PRODUCTION is production): write {environment.strip().lower()!r}",
+            )
         where = f"environments.{environment}"
         _check_mapping(overrides, _ENVIRONMENT, scope, where)
         seen: set[str] = set()
@@ -527,14 +533,15 @@ class CheckedTemplate:
 
 
 def current_environment(environment: str | None = None) -> str:
-    """``environment``, else ``TASKER_ENV``, else ``"development"``."""
+    """``environment``, else ``TASKER_ENV``, else ``"development"``; stripped and in lower
+    case, as the settings read ``TASKER_ENV`` (``PRODUCTION`` is ``production`` for both)."""
     if environment is None:
-        return os.environ.get("TASKER_ENV", DEFAULT_ENVIRONMENT)
-    if not isinstance(environment, str) or not environment:
+        return (os.environ.get("TASKER_ENV") or DEFAULT_ENVIRONMENT).strip().lower()
+    if not isinstance(environment, str) or not environment.strip():
         raise WorkflowDefinitionError(
             f"environment must be a non-empty string such as 'production', got {environment!r}."
         )
-    return environment
+    return environment.strip().lower()
 
 
 def check_template(
