@@ -445,8 +445,13 @@ def _cmd_db_stop(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from tasker.runtime.supervisor import WorkerOptions, supervise
+    from tasker.runtime.worker_process import EXIT_CONFIG
 
-    _check_findable(args.modules, args.path)
+    try:
+        _check_findable(args.modules, args.path)
+    except ConfigurationError as exc:  # the exit code a worker process gives for it too
+        print(f"tasker: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     env = dict(os.environ, TASKER_DATABASE__URL=_database_url())
     options = WorkerOptions(
         modules=args.modules,
