@@ -200,15 +200,13 @@ def test_worker_names_a_module_no_worker_process_could_find(
     env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from tasker.cli import _check_findable
-
     from tasker.runtime.worker_process import EXIT_CONFIG
 
     # 78, as docs/workers.md says (and as a worker process exits for an import error)
     assert main(["worker", "cli_no_such_mod", "-p", "1"]) == EXIT_CONFIG
     assert "No module named 'cli_no_such_mod': check its spelling" in _error_line(capsys)
     assert (
-        main(["worker", "tests.workers.actors", "cli_no_such_pkg.actors", "-p", "1"])
-        == EXIT_CONFIG
+        main(["worker", "tests.workers.actors", "cli_no_such_pkg.actors", "-p", "1"]) == EXIT_CONFIG
     )
     assert "No module named 'cli_no_such_pkg' (of 'cli_no_such_pkg.actors')" in _error_line(capsys)
     (tmp_path / "cli_elsewhere_mod.py").write_text("raise RuntimeError('not imported here')\n")

@@ -218,3 +218,36 @@ def test_a_top_level_type_that_refuses_every_context_is_refused(kind: Any) -> No
 def test_a_schema_stored_before_these_checks_fails_the_submit_plainly() -> None:
     with pytest.raises(tasker.PayloadError, match="the workflow's input_schema cannot be applied"):
         validate_input(_with_property("#/$defs/gone"), {"a": 1})
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        (_with_property("#nope"), "does not resolve"),  # an anchor that does not exist
+        ({"type": "object", "properties": {"a": {"$dynamicRef": "#nope"}}}, "does not resolve"),
+        ({"type": "object", "$ref": "#/type"}, 'points at the str "object", not at a schema'),
+        (_with_property("#/required", required=["a"]), "points at the list"),
+        ({"enum": [1, 2]}, r'\["enum"\] allows no object'),
+        ({"const": "x"}, r'\["const"\] allows no object'),
+    ],
+    ids=["anchor", "dynamicRef", "ref_to_a_string", "ref_to_a_list", "enum", "const"],
+)
+def test_references_and_top_levels_no_context_could_pass_are_refused(
+    schema: dict[str, Any], message: str
+) -> None:
+    """Each loaded before, and then every submit failed (or none could pass)."""
+    with pytest.raises(tasker.WorkflowDefinitionError, match=message):
+        check_input_schema(schema)
+
+
+def test_dynamic_references_to_an_anchor_and_objects_in_enum_are_accepted() -> None:
+    schema = {
+        "type": "object",
+        "$defs": {"node": {"$dynamicAnchor": "node", "type": "object"}},
+        "properties": {"a": {"$dynamicRef": "#node"}},
+    }
+    check_input_schema(schema)
+    validate_input(schema, {"a": {}})
+    with pytest.raises(tasker.PayloadError, match="is not of type 'object'"):
+        validate_input(schema, {"a": 1})
+    check_input_schema({"enum": [{"kind": "a"}, 2]})

@@ -108,7 +108,8 @@ def _validator_class(schema: Mapping[str, Any], where: str) -> Any:
 
 
 def _check_top_type(schema: Mapping[str, Any], where: str) -> None:
-    """A context is a JSON object: a top-level ``type`` that excludes objects refuses them all."""
+    """A context is a JSON object: a top-level ``type``, ``enum`` or ``const`` that excludes
+    objects refuses them all."""
     declared = schema.get("type")
     types = [declared] if isinstance(declared, str) else declared
     if isinstance(types, list) and "object" not in types:
@@ -116,9 +117,27 @@ def _check_top_type(schema: Mapping[str, Any], where: str) -> None:
             f'{where}["type"] is {declared!r}, but a task context is always an object, so no '
             "submit could pass: use type: object (and describe the fields under properties)."
         )
+    allowed = {
+        "const": [schema["const"]] if "const" in schema else None,
+        "enum": schema.get("enum") if isinstance(schema.get("enum"), list) else None,
+    }
+    for keyword, values in allowed.items():
+        if values is not None and not any(isinstance(value, Mapping) for value in values):
+            raise WorkflowDefinitionError(
+                f"{where}[{json.dumps(keyword)}] allows no object, but a task context is always "
+                "an object, so no submit could pass: describe the context's fields under "
+                "properties instead."
+            )
 
 
 _NOT_SCHEMAS = frozenset({"enum", "const", "default", "examples"})
+#: The keywords that refer to another schema; each must resolve inside the schema.
+_REFERENCES = ("$ref", "$dynamicRef", "$recursiveRef")
+
+
+def _describe(value: object) -> str:
+    text = json.dumps(value)
+    return f"the {type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 #: Keywords whose subschemas apply to the same instance as the schema that holds them: a loop
@@ -149,16 +168,25 @@ def _check_references(schema: Mapping[str, Any], validator_class: Any, where: st
             paths[id(node)] = path
             resolver = resolver.in_subresource(specification.create_resource(node))
             targets = same_instance.setdefault(id(node), [])
-            reference = node.get("$ref")
-            if isinstance(reference, str):
+            for keyword in _REFERENCES:
+                reference = node.get(keyword)
+                if not isinstance(reference, str):
+                    continue
+                place = f"{where}{path}[{json.dumps(keyword)}] {reference!r}"
                 try:
-                    targets.append(id(resolver.lookup(reference).contents))
+                    target = resolver.lookup(reference).contents
                 except Unresolvable:
                     raise WorkflowDefinitionError(
-                        f'{where}{path}["$ref"] {reference!r} does not resolve inside the schema; '
-                        "Tasker fetches no schema from elsewhere: point it at a definition of "
-                        "this schema (for example '#/$defs/address') or copy that schema in."
+                        f"{place} does not resolve inside the schema; Tasker fetches no schema "
+                        "from elsewhere: point it at a definition of this schema (for example "
+                        "'#/$defs/address') or copy that schema in."
                     ) from None
+                if not isinstance(target, (Mapping, bool)):
+                    raise WorkflowDefinitionError(
+                        f"{place} points at {_describe(target)}, not at a schema: point it at a "
+                        "schema object (for example '#/$defs/address')."
+                    )
+                targets.append(id(target))
             targets.extend(id(sub) for sub in _in_place_subschemas(node))
             for key, value in node.items():
                 if key not in _NOT_SCHEMAS:

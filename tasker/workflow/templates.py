@@ -491,10 +491,11 @@ def _check_environments(value: Any, names: list[str], scope: _Scope) -> None:
         if not isinstance(environment, str) or not environment:
             scope.fail("environments", f"has the key {environment!r}: use environment names")
         if environment != environment.strip().lower():
+            lower = environment.strip().lower()
             scope.fail(
                 f"environments.{environment}",
                 "is not a lower-case environment name, and environments are read in lower "
-                f"case (TASKER_ENV=PRODUCTION is production): write {environment.strip().lower()!r}",
+                f"case (TASKER_ENV=PRODUCTION is production): write {lower!r}",
             )
         where = f"environments.{environment}"
         _check_mapping(overrides, _ENVIRONMENT, scope, where)
