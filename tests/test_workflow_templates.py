@@ -840,3 +840,45 @@ def test_an_environment_key_that_is_not_lower_case_is_refused(key: str) -> None:
     template["environments"] = {key: {}}
     with pytest.raises(tasker.WorkflowDefinitionError, match="write 'production'"):
         load(template)
+
+
+_HEAD = 'name: w\nnamespace_name: ns\nversion: 1.0.0\nsteps: [{name: a, handler: {callable: "m:f"}}]\n'
+
+
+def _laughs(levels: int) -> str:
+    lines = ["metadata:", '  l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for level in range(1, levels + 1):
+        lines.append(f"  l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 9)}]")
+    return _HEAD + "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_laughs(6), "expands to more than 200,000 values"),  # 9^7: 4.8 million
+        (_laughs(9), "expands to more than 200,000 values"),  # billions: refused as fast
+        (_HEAD + "metadata: &m {x: *m}\n", "document contains itself"),
+        (_HEAD + "metadata: {a: &l [1, *l]}\n", "document contains itself"),
+    ],
+    ids=["laughs_6", "laughs_9", "mapping_in_itself", "list_in_itself"],
+)
+def test_yaml_aliases_that_blow_up_or_loop_are_refused(
+    text: str, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(tasker.WorkflowDefinitionError, match=message):
+        tasker.Workflow.from_yaml(path, resolve_handlers=False, register=False)
+
+
+def test_shared_yaml_anchors_still_work(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        "name: w\nnamespace_name: ns\nversion: 1.0.0\nsteps:\n"
+        '  - {name: a, handler: {callable: "m:f"}, retry: &r {max_attempts: 5}}\n'
+        '  - {name: b, handler: {callable: "m:f"}, retry: *r}\n'
+        "metadata: {l1: &l1 [1, 2, 3], l2: [*l1, *l1, *l1]}\n"
+    )
+    flow = tasker.Workflow.from_yaml(path, resolve_handlers=False, register=False)
+    assert flow.steps["b"].max_attempts == 5
+    assert flow.metadata["l2"] == [[1, 2, 3]] * 3

@@ -719,7 +719,7 @@ def read_template_file(path: str | Path) -> Any:
         raise WorkflowDefinitionError(f"Cannot read task template {path}: {exc}") from exc
     loader = _StrictLoader(text)
     try:
-        return loader.get_single_data()
+        data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -729,3 +729,43 @@ def read_template_file(path: str | Path) -> Any:
         raise WorkflowDefinitionError(f"{path}: invalid YAML: {exc}") from exc
     finally:
         loader.dispose()
+    _check_expanded_size(data, str(path))
+    return data
+
+
+#: The most values (mappings, lists and scalars) a template may hold once its YAML aliases are
+#: expanded: real templates hold a few thousand; "billion laughs" documents hold billions.
+MAX_TEMPLATE_VALUES = 200_000
+
+
+def _check_expanded_size(data: Any, source: str) -> None:
+    """Refuse a document whose aliases expand it beyond :data:`MAX_TEMPLATE_VALUES` values, or
+    make a structure contain itself (an alias inside its own anchor); counted without expanding
+    (each shared mapping or list once)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = list(node.values()) if isinstance(node, Mapping) else node
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes.get(id(child), 1) for child in children)
+            if sizes[id(node)] > MAX_TEMPLATE_VALUES:
+                raise WorkflowDefinitionError(
+                    f"{source}: the document expands to more than {MAX_TEMPLATE_VALUES:,} values "
+                    "through its YAML aliases (*name); write the repeated parts out, or use fewer "
+                    "aliases."
+                )
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if not isinstance(child, (Mapping, list)) or id(child) in sizes:
+                continue
+            if id(child) in open_nodes:
+                raise WorkflowDefinitionError(
+                    f"{source}: a YAML alias (*name) refers to the anchor (&name) it is inside "
+                    "of, so the document contains itself; remove that alias."
+                )
+            stack.append((child, False))
