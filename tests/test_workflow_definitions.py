@@ -285,3 +285,11 @@ def test_one_template_loaded_in_two_places_is_one_definition() -> None:
     changed = {**template, "steps": [{"name": "b", "handler": {"callable": "m:f"}}]}
     with pytest.raises(tasker.WorkflowDefinitionError, match="already defined in this process"):
         tasker.Workflow.from_template(changed, resolve_handlers=False)
+
+
+def test_an_empty_step_name_is_refused_not_replaced_by_the_function_name() -> None:
+    flow = tasker.Workflow("ns", "wf", register=False)
+    with pytest.raises(tasker.WorkflowDefinitionError, match="Step name '' is invalid"):
+        flow.step("")(lambda ctx: None)
+    flow.step()(len)  # no name: the function's
+    assert list(flow.steps) == ["len"]

@@ -842,7 +842,9 @@ def test_an_environment_key_that_is_not_lower_case_is_refused(key: str) -> None:
         load(template)
 
 
-_HEAD = 'name: w\nnamespace_name: ns\nversion: 1.0.0\nsteps: [{name: a, handler: {callable: "m:f"}}]\n'
+_HEAD = (
+    'name: w\nnamespace_name: ns\nversion: 1.0.0\nsteps: [{name: a, handler: {callable: "m:f"}}]\n'
+)
 
 
 def _laughs(levels: int) -> str:

@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tasker
-from tasker.workflow.versions import check_version, compare_versions, latest, version_key
+from tasker.workflow.versions import (
+    MAX_VERSION_LENGTH,
+    check_version,
+    compare_versions,
+    latest,
+    version_key,
+)
 
 # -- a straightforward reference implementation of semver 2.0.0 §11, for comparison --------------
 
@@ -110,7 +116,10 @@ def test_build_metadata_is_ignored(version: str, one: str, other: str) -> None:
 
 @given(versions)
 def test_every_generated_version_is_accepted_as_written(version: str) -> None:
-    if "+" in version:  # a workflow version names one definition: no build metadata
+    if len(version) > MAX_VERSION_LENGTH:
+        with pytest.raises(tasker.WorkflowDefinitionError, match="characters long"):
+            check_version(version)
+    elif "+" in version:  # a workflow version names one definition: no build metadata
         with pytest.raises(tasker.WorkflowDefinitionError, match="carries build metadata"):
             check_version(version)
     else:
@@ -221,3 +230,11 @@ def test_invalid_versions_are_refused_with_the_fix(value: object, message: str) 
 )
 def test_valid_edge_versions_are_accepted(value: str) -> None:
     assert check_version(value) == value
+
+
+def test_a_version_is_at_most_128_characters() -> None:
+    longest = "1.0.0-" + "a" * (MAX_VERSION_LENGTH - 6)
+    assert check_version(longest) == longest
+    for too_long in (longest + "b", "1.0.0-" + "x" * 100_000, "1" * 300 + ".0.0"):
+        with pytest.raises(tasker.WorkflowDefinitionError, match="at most 128"):
+            check_version(too_long)

@@ -237,7 +237,7 @@ class Workflow:
         def decorate(fn: F) -> F:
             self.add_step(
                 StepDefinition(
-                    name=name or fn.__name__,
+                    name=fn.__name__ if name is None else name,
                     handler_path=f"{fn.__module__}:{fn.__qualname__}",
                     depends_on=parents,
                     max_attempts=max_attempts,

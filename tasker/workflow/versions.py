@@ -24,8 +24,17 @@ from collections.abc import Iterable
 
 from tasker.exceptions import WorkflowDefinitionError
 
-__all__ = ["VersionKey", "check_version", "compare_versions", "latest", "version_key"]
+__all__ = [
+    "MAX_VERSION_LENGTH",
+    "VersionKey",
+    "check_version",
+    "compare_versions",
+    "latest",
+    "version_key",
+]
 
+#: The longest workflow version accepted (semver sets no limit; Tasker's names need one).
+MAX_VERSION_LENGTH = 128
 _ALPHANUMERIC = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-")
 _DIGITS = frozenset("0123456789")
 
@@ -49,6 +58,11 @@ def check_version(value: object) -> str:
     if not isinstance(value, str):
         raise WorkflowDefinitionError(_not_a_string(value))
     value = str.__str__(value)  # a str subclass (a str Enum member) as the text it holds
+    if len(value) > MAX_VERSION_LENGTH:
+        raise WorkflowDefinitionError(
+            f"version {value[:20]!r}... is {len(value):,} characters long; a workflow version "
+            f"may have at most {MAX_VERSION_LENGTH} (it is part of every step's actor name)."
+        )
     version_key(value)
     if "+" in value:
         release, _, build = value.partition("+")
