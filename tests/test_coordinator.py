@@ -376,3 +376,18 @@ def test_a_coordinator_that_cannot_reach_postgresql_is_not_ready(
         assert not ready and detail["database"] == "unreachable" and not detail["leader"]
     finally:
         coordinator.close()
+
+
+def test_the_engines_scaling_rule_has_exactly_the_settings_fields() -> None:
+    """The coordinator builds one from the other by name (the engine cannot import settings)."""
+    import dataclasses
+
+    import msgspec
+
+    from tasker.engine.scaling import ScalingRule
+    from tasker.settings import ScalingSettings
+
+    settings = ScalingSettings()
+    assert dataclasses.asdict(ScalingRule(**msgspec.structs.asdict(settings))) == (
+        msgspec.structs.asdict(settings)
+    )

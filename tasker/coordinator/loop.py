@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import msgspec
 import psycopg
 
 from tasker.brokers.pgmq import PGMQBroker
@@ -308,17 +309,8 @@ class Coordinator:
         return report
 
     def _scaling(self, conn: psycopg.Connection[Any]) -> list[ScalingHint]:
-        sc = self.settings.scaling
-        rule = ScalingRule(
-            processes=sc.processes,
-            threads=sc.threads,
-            target_utilization=sc.target_utilization,
-            backlog_per_replica=sc.backlog_per_replica,
-            min_replicas=sc.min_replicas,
-            max_replicas=sc.max_replicas,
-            error_threshold=sc.error_threshold,
-            cooldown_s=sc.cooldown_s,
-        )
+        # the engine's rule has the settings' fields (the engine may not import the settings)
+        rule = ScalingRule(**msgspec.structs.asdict(self.settings.scaling))
         return update_scaling_hints(
             conn,
             self._queues(conn),
