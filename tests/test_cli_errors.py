@@ -138,14 +138,21 @@ def test_a_missing_queue_is_named_with_how_to_list_the_queues(
     assert "`tasker queues` lists" in line
 
 
-def test_a_pgmq_queue_name_given_for_a_queue_name_is_explained(
-    env: str, broker: PGMQBroker, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("queue", ["default", "Billing.Emails", "order_intake_" + "x" * 60])
+def test_dlq_takes_the_queue_name_or_the_pgmq_name_tasker_queues_prints(
+    env: str, broker: PGMQBroker, capsys: pytest.CaptureFixture[str], queue: str
 ) -> None:
-    broker.ensure_queue(map_queue_name("default", "tasker"), create=True)
-    assert main(["dlq", "list", "default"]) == 0
+    names = map_queue_name(queue, "tasker")
+    broker.ensure_queue(names, create=True)
     capsys.readouterr()
-    assert main(["dlq", "list", "tasker_default"]) == 1
-    assert "'tasker_default' is the PGMQ name of queue 'default'" in _error_line(capsys)
+    assert main(["queues", "--json"]) == 0
+    printed = {q["queue"] for q in json.loads(capsys.readouterr().out)}
+    assert names.main in printed  # hashed when the name is long or not lower case
+    for name in (queue, names.main):
+        assert main(["dlq", "list", name]) == 0
+        assert main(["dlq", "replay", name, "--all"]) == 0
+        assert main(["dlq", "purge", name]) == 0
+        assert "Traceback" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

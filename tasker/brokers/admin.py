@@ -42,24 +42,27 @@ def _statement(name: str, names: QueueNames) -> str:
 
 
 def _existing_queue(conn: psycopg.Connection[Any], queue: str, namespace: str) -> QueueNames:
-    """The names of Dramatiq queue ``queue``; :class:`QueueNotFoundError` when PGMQ has no such
-    queue (with its dead-letter queue), naming the queue meant when ``queue`` is a PGMQ name."""
-    names = map_queue_name(queue, namespace)
-    if _exists(conn, names):
+    """The names of queue ``queue``: a Dramatiq queue name (``default``), or the PGMQ name that
+    ``tasker queues`` prints (``tasker_default``); :class:`QueueNotFoundError` when PGMQ has no
+    such queue with its dead-letter queue. A Dramatiq name wins when both exist."""
+    try:
+        names = map_queue_name(queue, namespace)
+    except QueueNameError:
+        names = None
+    if names is not None and _exists(conn, names):
         return names
-    hint = ""
-    prefix = f"{namespace}_"
-    if queue.startswith(prefix):
-        try:
-            meant = map_queue_name(queue.removeprefix(prefix), namespace)
-        except QueueNameError:
-            meant = None
-        if meant is not None and _exists(conn, meant):
-            hint = f" ({queue!r} is the PGMQ name of queue {meant.dramatiq!r})"
+    as_pgmq = QueueNames(dramatiq=queue, main=queue)  # SQL identifiers are quoted
+    if _exists(conn, as_pgmq) and _exists_main(conn, as_pgmq):
+        return as_pgmq
     raise QueueNotFoundError(
-        f"No queue named {queue!r} in namespace {namespace!r}{hint}; `tasker queues` lists the "
-        f"queues, by PGMQ name ({prefix}<queue>)."
+        f"No queue named {queue!r} in namespace {namespace!r}; `tasker queues` lists the "
+        f"queues, by PGMQ name ({namespace}_<queue>), and either name works here."
     )
+
+
+def _exists_main(conn: psycopg.Connection[Any], names: QueueNames) -> bool:
+    row = conn.execute("SELECT 1 FROM pgmq.meta WHERE queue_name = %s", (names.main,)).fetchone()
+    return row is not None
 
 
 def _exists(conn: psycopg.Connection[Any], names: QueueNames) -> bool:
