@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -355,11 +354,6 @@ def _url_problem(url: str) -> str | None:
         conninfo_to_dict(url)
     except psycopg.Error as exc:
         reason = (redact(str(exc).strip(), url).splitlines() or [type(exc).__name__])[0]
-        # libpq quotes the part it could not parse, which may be the password: a URL that
-        # cannot be parsed has no password to mask by name, so every quoted part of it goes
-        reason = re.sub(
-            r'"([^"]*)"', lambda m: '"***"' if m.group(1) and m.group(1) in url else m[0], reason
-        )
         return (
             f"is not a PostgreSQL URL libpq can parse ({reason}); in a URL, write the "
             "password's special characters percent-encoded (% as %25, @ as %40, / as %2F)"

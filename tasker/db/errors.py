@@ -141,13 +141,20 @@ def _mask_text(text: str) -> str:
 
 def redact(text: str, url: str | None) -> str:
     """``text`` (a driver's error message, which may quote the URL it was given) with ``url``
-    masked by :func:`mask_url` wherever it appears, and any other password in it masked too."""
+    masked by :func:`mask_url` wherever it appears, and any other password in it masked too.
+
+    When ``url`` cannot be parsed its password cannot be found by name, and libpq's message
+    quotes the part it could not parse, which may be the password: every quoted part of ``url``
+    is masked then."""
     if url:
         text = text.replace(url, mask_url(url))
         try:
             secrets = [str(v) for k, v in conninfo_to_dict(url).items() if k in _SECRET_KEYS and v]
         except psycopg.Error:
             secrets = []
+            text = re.sub(
+                r'"([^"]*)"', lambda m: f'"{_MASK}"' if m[1] and m[1] in url else m[0], text
+            )
         for secret in secrets:
             if len(secret) >= 4:  # shorter ones would mask letters of the message's words
                 text = text.replace(secret, _MASK)
