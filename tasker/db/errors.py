@@ -32,7 +32,6 @@ from tasker.exceptions import (
 
 __all__ = [
     "database_error",
-    "describe_url",
     "is_data_error",
     "is_transient",
     "mask_url",
@@ -60,19 +59,6 @@ def is_data_error(exc: BaseException) -> bool:
         return True
     state = getattr(exc, "sqlstate", None)
     return isinstance(exc, psycopg.Error) and state is not None and state[:2] in ("22", "54")
-
-
-def describe_url(url: str | None) -> str:
-    """``host:port/dbname`` of a libpq URL or key=value string, without any credential."""
-    if not url:
-        return "the configured database"
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "the configured database (its URL cannot be parsed)"
-    host = params.get("host") or "localhost"
-    port = params.get("port") or "5432"
-    return f"{host}:{port}/{params.get('dbname') or params.get('user') or ''}"
 
 
 #: Connection parameters whose values are secrets.
