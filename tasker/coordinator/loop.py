@@ -28,7 +28,7 @@ from tasker.brokers.pgmq import PGMQBroker
 from tasker.brokers.queue_names import map_queue_name
 from tasker.coordinator.metrics import CoordinatorMetrics
 from tasker.db.connection import connect, connection_kwargs
-from tasker.db.migrate import pending_migrations
+from tasker.db.migrate import schema_problem
 from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, TASK_REQUEST
 from tasker.engine.recovery import (
     Recovery,
@@ -104,6 +104,7 @@ class Coordinator:
         self._last_cycle_at: float | None = None
         self._database_ok = False
         self._schema_problem: str | None = None  # the migrations the database lacks, if any
+        self._migrated = False  # seen with every migration: not checked again
         self._last_retention_at = 0.0
         self.leading = False
 
@@ -197,16 +198,15 @@ class Coordinator:
 
     def _schema_ready(self, report: CycleReport) -> bool:
         """Whether the database has every migration of this Tasker; else the cycle does nothing
-        but say so (once, and once more when it is fixed) and record it in ``report.errors``."""
-        pending = self._guarded(report, "schema", pending_migrations)
-        if pending is None:
+        but say so (once, and once more when it is fixed) and record it in ``report.errors``.
+        Once the database had them all, it is not checked again."""
+        if self._migrated:
+            return True
+        checked = self._guarded(report, "schema", lambda conn: (schema_problem(conn),))
+        if checked is None:  # the check itself failed (recorded in the report)
             return False
-        problem = (
-            f"the database lacks {len(pending)} migration(s) of this Tasker "
-            f"({', '.join(f'{m.version:04d}_{m.name}' for m in pending)}); run `tasker db migrate`"
-            if pending
-            else None
-        )
+        (problem,) = checked
+        self._migrated = problem is None
         if problem != self._schema_problem:
             if problem:
                 logger.error("Coordinator %s waits: %s", self.name, problem)

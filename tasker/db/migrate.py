@@ -30,6 +30,7 @@ __all__ = [
     "migrate",
     "migration_status",
     "pending_migrations",
+    "schema_problem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,9 +111,23 @@ def migration_status(url: str) -> MigrationStatus:
 
 def pending_migrations(conn: psycopg.Connection[Any]) -> list[Migration]:
     """The bundled migrations not yet applied in ``conn``'s database: all of them before the
-    first ``tasker db migrate``. Reads only; workers check it at boot."""
+    first ``tasker db migrate``. Reads only."""
     applied = _applied_if_any(conn)
     return [m for m in available_migrations() if m.version not in applied]
+
+
+def schema_problem(conn: psycopg.Connection[Any]) -> str | None:
+    """``the database lacks 2 migration(s) of this Tasker (0003_x, 0004_y); run `tasker db
+    migrate``` when any is pending, else None. Workers check it at boot, the coordinator
+    before it acts."""
+    pending = pending_migrations(conn)
+    if not pending:
+        return None
+    names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
+    return (
+        f"the database lacks {len(pending)} migration(s) of this Tasker ({names}); "
+        "run `tasker db migrate`"
+    )
 
 
 def _applied_if_any(conn: psycopg.Connection[Any]) -> dict[int, str]:

@@ -11,7 +11,7 @@ from dramatiq.middleware import Middleware, MiddlewareError
 
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.db.errors import database_error, is_transient
-from tasker.db.migrate import pending_migrations
+from tasker.db.migrate import schema_problem
 from tasker.engine.templates import register_template
 from tasker.exceptions import (
     DatabaseUnavailableError,
@@ -71,13 +71,11 @@ class TemplateRegistrar(Middleware):
         flows = registered_workflows()
         try:
             with self.pgmq.pool.connection() as conn:
-                pending = pending_migrations(conn)
-                if pending:
+                problem = schema_problem(conn)
+                if problem:
                     raise SchemaNotReadyAtBootError(
-                        f"The database lacks {len(pending)} migration(s) of this Tasker "
-                        f"({', '.join(f'{m.version:04d}_{m.name}' for m in pending)}); run "
-                        "`tasker db migrate`. This worker process starts again with backoff "
-                        "until they are applied."
+                        f"The {problem.removeprefix('the ')}. This worker process starts again "
+                        "with backoff until they are applied."
                     )
                 for flow in flows:
                     register_template(conn, flow, allow_replace=self.allow_replace)
