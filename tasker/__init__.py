@@ -11,6 +11,7 @@ from tasker.client import Client
 from tasker.engine.status import StepStatus, TaskStatus
 from tasker.engine.tasks import TaskHandle
 from tasker.exceptions import (
+    ActionNotAllowedError,
     ConfigurationError,
     DatabaseError,
     DatabaseUnavailableError,
@@ -40,6 +41,7 @@ from tasker.workflow.definition import (
 from tasker.workflow.states import InvalidTransitionError, StepState, TaskState
 
 __all__ = [
+    "ActionNotAllowedError",
     "BackoffPolicy",
     "Client",
     "ConfigurationError",

@@ -120,7 +120,7 @@ def _follow(client: Any, tasks: list[str]) -> bool:
                         changed.append((step.finished_at, status.context["order_id"], step))
         for _, order, step in sorted(changed, key=lambda c: (c[0] is None, c[0], c[1])):
             print(f"  order {order}  {step.name:<18} {_describe_step(step)}")
-        if all(s.finished for s in statuses):
+        if all(s.settled for s in statuses):  # final, or blocked by a failed step
             done: int = sum(s.succeeded for s in statuses)
             print(f"{done}/{len(tasks)} orders complete")
             return done == len(tasks)

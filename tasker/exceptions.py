@@ -8,7 +8,7 @@ Every error Tasker raises on purpose is a :class:`TaskerError`, and every messag
      │    ├── DatabaseUnavailableError  PostgreSQL cannot be reached (names the URL setting)
      │    └── MigrationError         a migration failed or the schema is out of date
      ├── QueueNameError              a queue name Tasker cannot map onto PGMQ
- ├── QueueNotFoundError          no PGMQ queue for that queue name (yet)
+     ├── QueueNotFoundError          no PGMQ queue for that queue name (yet)
      ├── PayloadError                a payload Tasker cannot store without changing it
      ├── WorkflowDefinitionError     a workflow definition or template that cannot run
      │    └── TemplateConflictError  a version registered again with another definition
@@ -18,6 +18,7 @@ Every error Tasker raises on purpose is a :class:`TaskerError`, and every messag
      ├── TaskNotFoundError           no task with that id
      ├── DlqEntryNotFoundError       no task DLQ entry with that id (or it is resolved)
      ├── StepNotFoundError           no step with that name in the task
+     ├── ActionNotAllowedError       a cancel or manual step action the current state refuses
      └── TaskTimeoutError            a task did not finish within the time waited for it
 
     UserWarning
@@ -32,6 +33,7 @@ knows how to retry.
 from __future__ import annotations
 
 __all__ = [
+    "ActionNotAllowedError",
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailableError",
@@ -131,6 +133,15 @@ class StepNotFoundError(TaskerError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of its argument
         return str(self.args[0]) if self.args else "step not found"
+
+
+class ActionNotAllowedError(TaskerError):
+    """A cancel or a manual step action that the task's or the step's state does not allow; the
+    message names the state and what can be done instead. ``state`` is that state."""
+
+    def __init__(self, message: str, *, state: str | None = None) -> None:
+        super().__init__(message)
+        self.state = state
 
 
 class TaskTimeoutError(TaskerError, TimeoutError):

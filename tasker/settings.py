@@ -81,6 +81,7 @@ class StalenessSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     steps_in_process_minutes: int = 30
     waiting_for_retry_minutes: int = 30
     waiting_for_dependencies_minutes: int = 60
+    blocked_by_failures_minutes: int = 60
     max_lifetime_minutes: int = 1440
 
 
@@ -252,6 +253,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "coordinator.staleness.steps_in_process_minutes": (1, math.inf),
     "coordinator.staleness.waiting_for_retry_minutes": (1, math.inf),
     "coordinator.staleness.waiting_for_dependencies_minutes": (1, math.inf),
+    "coordinator.staleness.blocked_by_failures_minutes": (1, math.inf),
     "coordinator.staleness.max_lifetime_minutes": (1, math.inf),
     "coordinator.scaling.processes": (1, math.inf),
     "coordinator.scaling.threads": (1, math.inf),

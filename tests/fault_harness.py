@@ -32,7 +32,8 @@ import tasker
 from tests.support import ROOT
 from tests.workers.ledger_flows import SCHEMA
 
-FINAL = ("complete", "error", "cancelled", "resolved_manually")
+# settled: final, or waiting in blocked_by_failures for a decision
+FINAL = ("complete", "error", "cancelled", "resolved_manually", "blocked_by_failures")
 WORKER_SETTINGS = {
     "TASKER_BROKER__VISIBILITY_TIMEOUT_MS": "5000",
     "TASKER_BROKER__POLL_INTERVAL_MS": "200",

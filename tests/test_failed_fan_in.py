@@ -1,7 +1,7 @@
 """A task whose step failed for good keeps running everything that can still run: steps already
 running finish and are recorded, independent branches and their retries run to their end, and
-only then does the task move on (blocked_by_failures, then error). Steps below the failure stay
-pending."""
+only then does the task move on (to blocked_by_failures, where it waits for a decision). Steps
+below the failure stay pending."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_a_running_sibling_finishes_before_the_task_moves_on(flows: InProcessFlo
         assert status.step("branch_c").state == "in_progress"
     release.set()
     final = flows.client.wait(task, timeout=30)
-    assert final.state == "error"
+    assert final.state == "blocked_by_failures"
     assert final.step("branch_c").state == "complete"  # recorded inside a live task
     assert final.step("end").state == "pending"
     finished_c = final.step("branch_c").finished_at
@@ -73,7 +73,7 @@ def test_a_siblings_retries_run_before_the_task_moves_on(flows: InProcessFlows) 
     )
     task = start(flows, flow)
     final = flows.client.wait(task, timeout=30)
-    assert final.state == "error"
+    assert final.state == "blocked_by_failures"
     assert final.step("branch_c").state == "complete"
     assert final.step("branch_c").attempts == 2
     assert final.step("end").state == "pending"
@@ -86,7 +86,7 @@ def test_independent_branches_run_to_their_end(flows: InProcessFlows) -> None:
     task = start(flows, flow)
     final = flows.client.wait(task, timeout=30)
     below = descendants(TREE, "left")
-    assert final.state == "error"
+    assert final.state == "blocked_by_failures"
     assert final.step("left").state == "error"
     for name in ("root", "right", "leaf_f", "leaf_g"):
         assert final.step(name).state == "complete", name

@@ -174,7 +174,7 @@ def test_a_refused_result_fails_the_step_for_good(
     flow.step("after", depends_on=["bad"])(lambda ctx: {"ran": True})
     status = flows.run(flow)
     bad = status.step("bad")
-    assert status.state == "error" and bad.state == "error" and bad.attempts == 1
+    assert status.state == "blocked_by_failures" and bad.state == "error" and bad.attempts == 1
     assert bad.error is not None and bad.error["error_type"] == "payload_error"
     assert bad.error["message"].startswith("result") and message in bad.error["message"]
     assert status.step("after").state == "pending"

@@ -4,6 +4,7 @@ import tasker
 def test_public_api_is_pinned() -> None:
     assert sorted(tasker.__all__) == sorted(
         [
+            "ActionNotAllowedError",
             "BackoffPolicy",
             "Client",
             "ConfigurationError",

@@ -158,7 +158,7 @@ def test_a_step_whose_worker_died_on_its_last_attempt_fails_as_worker_died(
     flows.start()
     status = client.wait(task, timeout=30)
     only = status.step("only")
-    assert status.state == "error" and only.state == "error" and only.attempts == 1
+    assert status.state == "blocked_by_failures" and only.state == "error" and only.attempts == 1
     assert only.error is not None and only.error["error_type"] == "worker_died"
     wait_for(lambda: scalar(database_url, f"SELECT count(*) FROM {QUEUE}") == 0, 10, "settled")
 

@@ -85,7 +85,7 @@ def test_an_unstorable_result_fails_the_step_permanently(
     flow = one_step_flow("unstorable", lambda ctx: result, max_attempts=3)
     status = flows.run(flow)
     only = status.step("only")
-    assert status.state == "error"
+    assert status.state == "blocked_by_failures"
     assert only.state == "error" and only.attempts == 1  # permanent: no retry
     assert only.error is not None
     assert only.error["error_type"] == "payload_error"
@@ -119,7 +119,7 @@ def test_every_handler_exception_is_recorded_as_a_failure(
 
     status = flows.run(one_step_flow("raiser", handler))
     only = status.step("only")
-    assert status.state == "error"
+    assert status.state == "blocked_by_failures"
     assert only.state == "error" and only.attempts == 1
     assert only.error is not None
     assert only.error["where"] == "handler"
@@ -221,7 +221,7 @@ def test_a_database_refusal_while_recording_fails_the_step_permanently(
     status = flows.run(one_step_flow("refused", lambda ctx: {"ok": 1}))
     only = status.step("only")
     assert refusals
-    assert status.state == "error" and only.state == "error" and only.attempts == 1
+    assert status.state == "blocked_by_failures" and only.state == "error" and only.attempts == 1
     assert only.error is not None and only.error["error_type"] == "payload_error"
     assert "Unicode escape" in only.error["message"]
     assert_settled(flows, status)
@@ -240,7 +240,7 @@ def test_when_even_the_failure_cannot_be_recorded_a_minimal_one_is(
     only = status.step("only")
     assert only.state == "error"
     assert only.error is not None and only.error["error_type"] == "outcome_not_recordable"
-    assert status.state == "error"  # the task was re-evaluated and finished
+    assert status.state == "blocked_by_failures"  # the task was re-evaluated
     assert status.step("after").state == "pending"
     assert_settled(flows, status)
 

@@ -264,7 +264,7 @@ def test_a_key_whose_task_failed_still_names_that_task(flows: InProcessFlows) ->
 
     flows.start(flow)
     first = flows.client.submit("deploys", "fails", {}, idempotency_key="once")
-    assert flows.client.wait(first.task_uuid).state == "error"
+    assert flows.client.wait(first.task_uuid).state == "blocked_by_failures"
     again = flows.client.submit("deploys", "fails", {}, idempotency_key="once")
     assert again.task_uuid == first.task_uuid and not again.created
 

@@ -15,7 +15,14 @@ import psycopg
 import pytest
 
 from tasker.db.queries import load_queries
-from tasker.engine.sql_outcomes import ClaimOutcome, CompletionOutcome, ExecutionStatus
+from tasker.engine.sql_outcomes import (
+    CancelOutcome,
+    ClaimOutcome,
+    CompletionOutcome,
+    ExecutionStatus,
+    ManualAction,
+    ManualOutcome,
+)
 from tasker.workflow.states import StepState, TaskState
 
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -67,6 +74,22 @@ def test_state_check_constraints_allow_exactly_the_enum_states(
     db: Conn, table: str, enum: type[StrEnum]
 ) -> None:
     assert _check_constraint_words(db, table) == _values(enum)
+
+
+# The first column a function returns: its outcome.
+_OUTCOME = re.compile(r"RETURN QUERY SELECT\s+'([a-z_]+)'")
+
+
+def test_cancel_task_answers_are_cancel_outcomes(db: Conn) -> None:
+    assert set(_OUTCOME.findall(_source(db, "cancel_task_v1"))) == _values(CancelOutcome)
+
+
+def test_manual_step_action_answers_are_manual_outcomes(db: Conn) -> None:
+    source = _source(db, "manual_step_action_v1")
+    assert set(_OUTCOME.findall(source)) == _values(ManualOutcome)
+    [accepted] = re.findall(r"p_action NOT IN \(([^)]*)\)", source)
+    assert set(_LITERAL.findall(accepted)) == _values(ManualAction)
+    assert set(re.findall(r"p_action = '([a-z_]+)'", source)) <= _values(ManualAction)
 
 
 def test_claim_step_answers_are_claim_outcomes(db: Conn) -> None:

@@ -200,3 +200,10 @@ SELECT count(*) FILTER (WHERE vt <= now()) AS visible,
        coalesce(extract(epoch FROM now() - min(enqueued_at) FILTER (WHERE vt <= now())), 0)
            AS oldest_visible_s
 FROM {queue}
+
+-- A cancelled task's messages (args: task_uuid first, then step_uuid for a step message), except
+-- those of the steps in `keep` (still running: their worker settles them).
+-- name: delete_task_messages
+DELETE FROM {queue}
+WHERE message->'args'->>0 = %(task)s
+  AND NOT coalesce(message->'args'->>1 = ANY (%(keep)s::text[]), false)

@@ -105,6 +105,9 @@ WITH active AS (
                WHEN 'waiting_for_dependencies' THEN coalesce(
                    (a.lifecycle->>'max_waiting_for_dependencies_minutes')::int,
                    %(waiting_for_dependencies)s)
+               WHEN 'blocked_by_failures' THEN coalesce(
+                   (a.lifecycle->>'max_blocked_by_failures_minutes')::int,
+                   %(blocked_by_failures)s)
            END AS state_limit,
            coalesce((a.lifecycle->>'max_duration_minutes')::int, %(lifetime)s) AS lifetime_limit,
            extract(epoch FROM clock_timestamp() - a.last_activity)::float8 / 60 AS idle_minutes,

@@ -183,8 +183,64 @@ JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
 WHERE t.task_uuid = %(task)s
 
+-- The task's steps in dependency order: by depth (the longest chain of parents above a step),
+-- then name; with the names of the steps each depends on.
 -- name: step_statuses
-SELECT workflow_step_uuid, name, state, attempts, max_attempts, results, started_at,
-       finished_at, next_retry_at, waiting_for, waiting_since
-FROM tasker.workflow_steps WHERE task_uuid = %(task)s
-ORDER BY workflow_step_uuid
+WITH RECURSIVE edges AS (
+    SELECT e.from_step_uuid, e.to_step_uuid
+    FROM tasker.workflow_step_edges e
+    JOIN tasker.workflow_steps ws ON ws.workflow_step_uuid = e.to_step_uuid
+    WHERE ws.task_uuid = %(task)s
+), depth AS (
+    SELECT ws.workflow_step_uuid, 0 AS depth
+    FROM tasker.workflow_steps ws WHERE ws.task_uuid = %(task)s
+    UNION ALL
+    SELECT e.to_step_uuid, d.depth + 1
+    FROM depth d JOIN edges e ON e.from_step_uuid = d.workflow_step_uuid
+)
+SELECT ws.workflow_step_uuid, ws.name, ws.state, ws.attempts, ws.max_attempts, ws.results,
+       ws.started_at, ws.finished_at, ws.next_retry_at, ws.waiting_for, ws.waiting_since,
+       coalesce((SELECT array_agg(p.name::text ORDER BY p.name)
+                 FROM edges e JOIN tasker.workflow_steps p
+                      ON p.workflow_step_uuid = e.from_step_uuid
+                 WHERE e.to_step_uuid = ws.workflow_step_uuid), '{}') AS depends_on
+FROM tasker.workflow_steps ws
+JOIN (SELECT workflow_step_uuid, max(depth) AS depth FROM depth GROUP BY 1) d
+    USING (workflow_step_uuid)
+WHERE ws.task_uuid = %(task)s
+ORDER BY d.depth, ws.name
+
+-- name: cancel_task
+SELECT outcome, state, namespace, cancelled_steps, running_steps
+FROM tasker.cancel_task_v1(%(task)s, %(by)s, %(reason)s)
+
+-- name: manual_step_action
+SELECT outcome, task_state, step_state, reopened
+FROM tasker.manual_step_action_v1(%(task)s, %(step)s, %(action)s, %(results)s::jsonb, %(by)s,
+                                  %(reason)s)
+
+-- A step's history, newest first: every transition with its metadata (attempt, operator's
+-- action, who and why).
+-- name: step_audit
+SELECT tr.workflow_step_transition_uuid AS transition_uuid, tr.from_state, tr.to_state,
+       tr.metadata, tr.created_at
+FROM tasker.workflow_step_transitions tr
+WHERE tr.workflow_step_uuid = %(step)s
+ORDER BY tr.sort_key DESC
+
+-- name: task_audit
+SELECT tr.task_transition_uuid AS transition_uuid, tr.from_state, tr.to_state, tr.metadata,
+       tr.created_at
+FROM tasker.task_transitions tr
+WHERE tr.task_uuid = %(task)s
+ORDER BY tr.sort_key DESC
+
+-- Registered templates, with how many tasks each has now and in all.
+-- name: list_templates
+SELECT ns.name AS namespace, nt.name, nt.version, nt.identity_strategy,
+       jsonb_array_length(coalesce(nt.configuration->'steps', '[]')) AS steps,
+       nt.configuration->>'description' AS description, nt.created_at, nt.updated_at
+FROM tasker.named_tasks nt
+JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
+WHERE %(namespace)s::text IS NULL OR ns.name = %(namespace)s::text
+ORDER BY ns.name, nt.name, nt.created_at

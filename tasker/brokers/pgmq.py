@@ -610,6 +610,20 @@ class PGMQBroker(Broker):
         params = {"msg_ids": [message.msg_id], "read_cts": [message.read_ct]}
         conn.execute(self.statement("ack_many", message.pgmq_names), params)
 
+    def delete_task_messages(
+        self, conn: _Connection, queue_name: str, task_uuid: str, *, keep: Sequence[str] = ()
+    ) -> int:
+        """Delete, on the caller's connection, the messages of ``queue_name`` whose first
+        argument is ``task_uuid`` (the engine's step and stage messages), except the step
+        messages of the step ids in ``keep``; returns how many. A queue never created holds
+        nothing. Dead letters are left alone."""
+        names = map_queue_name(queue_name, self.namespace)
+        exists = conn.execute("SELECT to_regclass(%s)", (f"pgmq.q_{names.main}",)).fetchone()
+        if exists is None or exists[0] is None:
+            return 0
+        params = {"task": str(task_uuid), "keep": [str(step) for step in keep]}
+        return conn.execute(self.statement("delete_task_messages", names), params).rowcount
+
     def note_unknown_actor(self, message: Message[Any]) -> None:
         """A message for an actor this broker does not have was put back: log it once per actor
         and tell the ``unknown_actor_hooks``."""

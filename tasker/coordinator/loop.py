@@ -292,6 +292,7 @@ class Coordinator:
             steps_in_process=st.steps_in_process_minutes,
             waiting_for_retry=st.waiting_for_retry_minutes,
             waiting_for_dependencies=st.waiting_for_dependencies_minutes,
+            blocked_by_failures=st.blocked_by_failures_minutes,
             lifetime=st.max_lifetime_minutes,
         )
         return dlq_stale_tasks(conn, limits, limit=self.settings.batch, coordinator=self.name)

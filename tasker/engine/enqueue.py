@@ -14,7 +14,7 @@ from tasker.engine.transitions import move_steps
 from tasker.workflow.definition import step_actor_name
 from tasker.workflow.states import StepState
 
-__all__ = ["enqueue_ready_steps", "step_messages"]
+__all__ = ["enqueue_ready_steps", "step_messages", "step_queue"]
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,15 @@ def step_messages(
 ) -> list[StepMessage]:
     """The messages that run ``steps`` (``(step_uuid, name)`` pairs) of a task, addressed to the
     actors of the task's workflow version."""
-    queue = f"worker_{namespace}_queue"
+    queue = step_queue(namespace)
     return [
         StepMessage(
             queue, step_actor_name(namespace, workflow, version, name), str(task_uuid), str(step)
         )
         for step, name in steps
     ]
+
+
+def step_queue(namespace: str) -> str:
+    """The Dramatiq queue of the step messages of ``namespace`` (``worker_<namespace>_queue``)."""
+    return f"worker_{namespace}_queue"

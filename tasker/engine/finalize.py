@@ -61,16 +61,20 @@ def release_finalization(conn: Any, task_uuid: Any, holder: str) -> bool:
 
 
 def finalize_task(conn: Any, task_uuid: Any) -> str | None:
-    """Set the final state if the task is finished; returns it (None: nothing to finalize)."""
+    """Set the final state if the task is finished; returns it (None: nothing to finalize).
+
+    A task whose failed steps block the rest waits in ``blocked_by_failures`` for a person (a
+    manual step action reopens it) or for the coordinator, which moves it to ``error`` after
+    ``coordinator.staleness.blocked_by_failures_minutes`` (seed-spec 2.1: finalization never
+    gives a task up on its own; docs/decisions/0009).
+    """
     with conn.transaction():
         task = lock_task(conn, task_uuid)
         if task is None:
             return None
         current = TaskState(task.state)
-        if current.terminal:
+        if current.terminal or current is TaskState.BLOCKED_BY_FAILURES:
             return None
-        if current is TaskState.BLOCKED_BY_FAILURES:
-            return move_task(conn, task_uuid, current, TaskState.ERROR, reason="give up")
         status = execution_context(conn, task_uuid).execution_status
         path = () if current is TaskState.EVALUATING_RESULTS else (TaskState.EVALUATING_RESULTS,)
         if status == ExecutionStatus.ALL_COMPLETE:
@@ -84,7 +88,6 @@ def finalize_task(conn: Any, task_uuid: Any) -> str | None:
                 current,
                 *path,
                 TaskState.BLOCKED_BY_FAILURES,
-                TaskState.ERROR,
                 reason="a step failed permanently",
             )
         return None

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 __all__ = [
     "FINALIZE",
     "PROCESS_RESULT",
+    "STAGES",
     "STEP_ENQUEUE",
     "TASK_REQUEST",
     "OrchestrationStage",
@@ -29,6 +30,8 @@ TASK_REQUEST = OrchestrationStage("orchestration_task_requests", "tasker.task_re
 STEP_ENQUEUE = OrchestrationStage("orchestration_step_enqueue", "tasker.enqueue_steps")
 PROCESS_RESULT = OrchestrationStage("orchestration_step_results", "tasker.process_step_result")
 FINALIZE = OrchestrationStage("orchestration_task_finalizations", "tasker.finalize_task")
+#: Every orchestration stage (their messages carry the task id first).
+STAGES = (TASK_REQUEST, STEP_ENQUEUE, PROCESS_RESULT, FINALIZE)
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,7 @@ class Sender(Protocol):
     def send_stage(
         self, conn: Any, stage: OrchestrationStage, *args: Any, delay_ms: int = 0
     ) -> None: ...
+
+    def withdraw_task(
+        self, conn: Any, queues: Sequence[str], task_uuid: str, *, keep: Sequence[str] = ()
+    ) -> int: ...

@@ -59,7 +59,11 @@ def process_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) ->
             conn.execute(q("complete_step"), {"step": step_uuid})
             move_steps(conn, [step_uuid], [state], StepState.COMPLETE)
         elif state == StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION:
-            _apply_failure(conn, sender, task, step_uuid, step)
+            if TaskState(task.state).terminal:  # cancelled while it ran: no retry
+                conn.execute(q("error_step"), {"step": step_uuid})
+                move_steps(conn, [step_uuid], [state], StepState.ERROR, reason=f"task {task.state}")
+            else:
+                _apply_failure(conn, sender, task, step_uuid, step)
         else:
             return None  # already processed: a duplicate result message
         return advance_task(conn, sender, task)
@@ -133,8 +137,7 @@ def advance_task(conn: Any, sender: Sender, task: LockedTask) -> str | None:
             TaskState.BLOCKED_BY_FAILURES,
             reason="a step failed permanently",
         )
-        sender.send_stage(conn, FINALIZE, str(task.task_uuid))
-        return final
+        return final  # it waits for a person, or for the coordinator's limit
     if status == ExecutionStatus.HAS_READY_STEPS:
         enqueue_ready_steps(
             conn,
@@ -151,6 +154,10 @@ def advance_task(conn: Any, sender: Sender, task: LockedTask) -> str | None:
         sender.send_stage(conn, FINALIZE, str(task.task_uuid))
         return final
     if status == ExecutionStatus.PROCESSING:
+        if current is TaskState.EVALUATING_RESULTS:  # reopened by an operator while steps run
+            return move_task(
+                conn, task.task_uuid, current, TaskState.STEPS_IN_PROCESS, reason="steps running"
+            )
         return current.value
     return _wait_for_retry(conn, sender, task, current, context.next_retry_at)
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["ClaimOutcome", "CompletionOutcome", "ExecutionStatus"]
+__all__ = [
+    "CancelOutcome",
+    "ClaimOutcome",
+    "CompletionOutcome",
+    "ExecutionStatus",
+    "ManualAction",
+    "ManualOutcome",
+]
 
 
 class ClaimOutcome(StrEnum):
@@ -47,3 +54,30 @@ class ExecutionStatus(StrEnum):
     BLOCKED_BY_FAILURES = "blocked_by_failures"  # a step failed and nothing else runs or waits
     ALL_COMPLETE = "all_complete"
     WAITING_FOR_DEPENDENCIES = "waiting_for_dependencies"
+
+
+class CancelOutcome(StrEnum):
+    """What ``tasker.cancel_task_v1`` answered."""
+
+    CANCELLED = "cancelled"  # the task is cancelled now
+    FINAL = "final"  # the task was final already (its state says which): nothing changed
+    MISSING = "missing"  # no such task
+
+
+class ManualOutcome(StrEnum):
+    """What ``tasker.manual_step_action_v1`` answered."""
+
+    DONE = "done"  # the step moved; a reopened task is moved forward by the caller
+    MISSING = "missing"  # no such task, or the step is not one of its steps
+    TASK_FINAL = "task_final"  # the task is complete, cancelled or resolved
+    STEP_RUNNING = "step_running"  # a worker runs the step now
+    NOT_ALLOWED = "not_allowed"  # the step's state does not allow the action
+
+
+class ManualAction(StrEnum):
+    """The manual step actions (seed-spec 9.1: reset_for_retry, resolve_manually,
+    complete_manually)."""
+
+    RETRY = "retry"  # error -> pending, attempts back to 0
+    RESOLVE = "resolve"  # -> resolved_manually: dependents proceed without a result
+    COMPLETE = "complete"  # -> complete with a result supplied by the operator

@@ -5,7 +5,10 @@ finishing) in its state for longer than the limit for that state, or that is old
 maximum lifetime, is given up: in one transaction it gets a ``tasks_dlq`` row holding a snapshot
 of the task and its steps and the reason, and moves to ``error``. Limits come from the template's
 ``lifecycle`` (``max_steps_in_process_minutes``, ``max_waiting_for_retry_minutes``,
-``max_waiting_for_dependencies_minutes``, ``max_duration_minutes``), else from the settings.
+``max_waiting_for_dependencies_minutes``, ``max_blocked_by_failures_minutes``,
+``max_duration_minutes``), else from the settings. A task waiting in ``blocked_by_failures`` for
+a person's decision past its limit goes the same way, with the DLQ reason
+``max_retries_exceeded``.
 
 Operators work the DLQ with :func:`list_dlq`, :func:`get_dlq_entry` and :func:`resolve_dlq_entry`
 (``tasker dlq tasks list|show|resolve``).
@@ -25,7 +28,7 @@ from psycopg.rows import class_row
 from tasker.engine.sql import cq, q
 from tasker.engine.task_rows import lock_task
 from tasker.exceptions import DlqEntryNotFoundError, PayloadError
-from tasker.workflow.states import check_give_up
+from tasker.workflow.states import TaskState, check_give_up
 
 __all__ = [
     "DLQ_RESOLUTIONS",
@@ -50,6 +53,7 @@ class StalenessLimits:
     steps_in_process: int = 30
     waiting_for_retry: int = 30
     waiting_for_dependencies: int = 60
+    blocked_by_failures: int = 60
     lifetime: int = 24 * 60
 
 
@@ -91,6 +95,7 @@ def dlq_stale_tasks(
         "steps_in_process": limits.steps_in_process,
         "waiting_for_retry": limits.waiting_for_retry,
         "waiting_for_dependencies": limits.waiting_for_dependencies,
+        "blocked_by_failures": limits.blocked_by_failures,
         "lifetime": limits.lifetime,
         "limit": limit,
     }
@@ -118,7 +123,7 @@ def _dlq_one(conn: Any, task: _Stale, coordinator: str) -> bool:
             {
                 "task": task.task_uuid,
                 "state": task.state,
-                "reason": "staleness_timeout",
+                "reason": _dlq_reason(task),
                 "snapshot": json.dumps(snapshot, default=str),
                 "metadata": json.dumps(metadata),
             },
@@ -137,7 +142,8 @@ def _dlq_one(conn: Any, task: _Stale, coordinator: str) -> bool:
             },
         )
     logger.warning(
-        "Task %s was %s with no activity for %.0f min (limit %s): moved to the task DLQ and error",
+        "Task %s was %s with no activity (no decision) for %.0f min (limit %s): moved to the "
+        "task DLQ and error",
         task.task_uuid,
         task.state,
         minutes,
@@ -151,7 +157,7 @@ def _give_up(conn: Any, task: _Stale, limit: int | None, minutes: float) -> None
     target = check_give_up(task.state)
     conn.execute(q("set_task_state"), {"task": task.task_uuid, "to": target})
     metadata = {
-        "reason": "staleness_timeout",
+        "reason": _dlq_reason(task),
         "why": task.why,
         "limit_minutes": limit,
         "minutes": round(minutes, 1),
@@ -165,6 +171,14 @@ def _give_up(conn: Any, task: _Stale, limit: int | None, minutes: float) -> None
             "metadata": json.dumps(metadata),
         },
     )
+
+
+def _dlq_reason(task: _Stale) -> str:
+    """``max_retries_exceeded`` for a task that waited too long in ``blocked_by_failures`` for a
+    decision about its failed steps (seed-spec 10.4's DLQ reasons), else ``staleness_timeout``."""
+    if task.state == TaskState.BLOCKED_BY_FAILURES and task.why == "time_in_state":
+        return "max_retries_exceeded"
+    return "staleness_timeout"
 
 
 def list_dlq(conn: Any, *, status: str | None = "pending", limit: int = 50) -> list[DlqEntry]:

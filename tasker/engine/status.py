@@ -21,7 +21,9 @@ class StepStatus:
     """One step of a task as stored.
 
     ``waiting_for`` says why a step's message waits (no live worker has its handler, during a
-    rolling deploy), since ``waiting_since``; both are None otherwise.
+    rolling deploy), since ``waiting_since``; both are None otherwise. ``error`` is the last
+    failure's document (``message``, ``error_type``, ``retryable``...), None after a success;
+    ``depends_on`` names the steps it runs after.
     """
 
     step_uuid: str
@@ -36,11 +38,13 @@ class StepStatus:
     next_retry_at: datetime | None
     waiting_for: str | None = None
     waiting_since: datetime | None = None
+    depends_on: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class TaskStatus:
-    """A task with every step; ``finished`` once it is in a final state."""
+    """A task with every step (in dependency order); ``finished`` once it is in a final state,
+    ``blocked`` while it waits in ``blocked_by_failures`` for a person's decision."""
 
     task_uuid: str
     state: str
@@ -58,6 +62,17 @@ class TaskStatus:
     def finished(self) -> bool:
         """True in a final state (complete, error, cancelled, resolved_manually)."""
         return TaskState(self.state).terminal
+
+    @property
+    def blocked(self) -> bool:
+        """True in ``blocked_by_failures``: a step failed for good and nothing else can run; a
+        manual step action (retry, resolve, complete) or the coordinator's limit decides."""
+        return self.state == TaskState.BLOCKED_BY_FAILURES
+
+    @property
+    def settled(self) -> bool:
+        """True when nothing more happens without a person: final, or :attr:`blocked`."""
+        return self.finished or self.blocked
 
     @property
     def succeeded(self) -> bool:
@@ -100,6 +115,7 @@ class _StepRow:
     next_retry_at: datetime | None
     waiting_for: str | None
     waiting_since: datetime | None
+    depends_on: list[str]
 
 
 def task_status(conn: Any, task_uuid: Any) -> TaskStatus:
@@ -146,4 +162,5 @@ def _step_status(row: _StepRow) -> StepStatus:
         next_retry_at=row.next_retry_at,
         waiting_for=row.waiting_for,
         waiting_since=row.waiting_since,
+        depends_on=tuple(row.depends_on),
     )

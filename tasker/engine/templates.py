@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg.rows import class_row
@@ -29,7 +30,13 @@ from tasker.workflow.payloads import encode_json
 from tasker.workflow.shape import definition_shape, shape_differences
 from tasker.workflow.versions import version_key
 
-__all__ = ["Template", "find_template", "register_template"]
+__all__ = [
+    "Template",
+    "TemplateSummary",
+    "find_template",
+    "list_templates",
+    "register_template",
+]
 
 logger = logging.getLogger(__name__)
 #: A template is stored as one jsonb value; far below PostgreSQL's limits, far above real ones.
@@ -54,6 +61,20 @@ class _StoredTemplate:
 
     named_task_uuid: Any
     configuration: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TemplateSummary:
+    """One registered template version (``steps``: how many it has)."""
+
+    namespace: str
+    name: str
+    version: str
+    identity_strategy: str
+    steps: int
+    description: str | None
+    created_at: datetime
+    updated_at: datetime
 
 
 _TEMPLATE = class_row(Template)
@@ -145,3 +166,13 @@ def _precedence(template: Template) -> tuple[int, int, Any]:
         return (0, 0, str(template.version))
     is_release = key[3][0]
     return (1, is_release, key)
+
+
+def list_templates(conn: Any, namespace: str | None = None) -> list[TemplateSummary]:
+    """Every registered template version (of ``namespace`` only, if given), by namespace and
+    name, oldest version first."""
+    with conn.cursor(row_factory=class_row(TemplateSummary)) as cursor:
+        rows: list[TemplateSummary] = cursor.execute(
+            q("list_templates"), {"namespace": namespace}
+        ).fetchall()
+    return rows

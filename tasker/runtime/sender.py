@@ -53,3 +53,12 @@ class BrokerSender:
         )
         with self.broker.use_connection(conn):
             self.broker.enqueue(message, delay=delay_ms or None)
+
+    def withdraw_task(
+        self, conn: Any, queues: Sequence[str], task_uuid: str, *, keep: Sequence[str] = ()
+    ) -> int:
+        """Delete the task's queued messages from ``queues`` in the caller's transaction, except
+        those of the steps in ``keep``; returns how many."""
+        return sum(
+            self.broker.delete_task_messages(conn, queue, task_uuid, keep=keep) for queue in queues
+        )

@@ -359,6 +359,7 @@ class Workflow:
 LIFECYCLE_LIMITS = (
     "max_duration_minutes",
     "max_waiting_for_dependencies_minutes",
+    "max_blocked_by_failures_minutes",
     "max_waiting_for_retry_minutes",
     "max_steps_in_process_minutes",
 )

@@ -78,8 +78,9 @@ _TASK_EDGES: dict[TaskState, frozenset[TaskState]] = {
     ),
     T.WAITING_FOR_DEPENDENCIES: frozenset({T.EVALUATING_RESULTS}),
     T.WAITING_FOR_RETRY: frozenset({T.ENQUEUING_STEPS, T.EVALUATING_RESULTS}),
-    T.BLOCKED_BY_FAILURES: frozenset({T.ERROR}),
-    T.ERROR: frozenset({T.PENDING}),
+    # a manual step action reopens a blocked or given-up task (tasker.engine.actions)
+    T.BLOCKED_BY_FAILURES: frozenset({T.ERROR, T.EVALUATING_RESULTS}),
+    T.ERROR: frozenset({T.PENDING, T.EVALUATING_RESULTS}),
     T.COMPLETE: frozenset(),
     T.CANCELLED: frozenset(),
     T.RESOLVED_MANUALLY: frozenset(),

@@ -350,6 +350,7 @@ _STEP: Mapping[str, _Field] = {
 _LIFECYCLE: Mapping[str, _Field] = {
     "max_duration_minutes": _Field(_integer(1, 43200)),
     "max_waiting_for_dependencies_minutes": _Field(_integer(1, 10080)),
+    "max_blocked_by_failures_minutes": _Field(_integer(1, 43200)),
     "max_waiting_for_retry_minutes": _Field(_integer(1, 10080)),
     "max_steps_in_process_minutes": _Field(_integer(1, 10080)),
     "staleness_action": _Field(
