@@ -5,7 +5,12 @@ writes the task, its steps and the first messages in one transaction, optionally
 
     client = tasker.Client()                       # settings decide the database
     handle = client.submit("fulfillment", "process_order", context={"order_id": 7})
-    status = client.wait(handle.task_uuid, timeout=30)
+    status = client.wait(handle.task_uuid, timeout=30)   # woken by the task's own commit
+
+    client.list_tasks(namespace="fulfillment", state="blocked_by_failures")
+    client.complete_step(task_uuid, "charge", result={"charge_id": "manual-1"},
+                         by="ops@example.com", reason="charged by phone")
+    client.cancel(task_uuid, by="ops@example.com", reason="customer withdrew")
 
     with psycopg.connect(url) as conn:             # inside your own transaction
         client.submit("fulfillment", "process_order", context=..., connection=conn)
@@ -20,26 +25,50 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg_pool import PoolTimeout
 
 from tasker.brokers.pgmq import PGMQBroker
-from tasker.db.connection import DEFAULT_TIMEOUT_S, last_connect_error
+from tasker.db.connection import DEFAULT_TIMEOUT_S, connect, last_connect_error
 from tasker.db.errors import database_error, is_transient
-from tasker.engine.status import TaskStatus, task_status
+from tasker.engine.actions import (
+    ActionResult,
+    AuditEntry,
+    CancelResult,
+    ManualAction,
+    act_on_step,
+    cancel_task,
+    step_audit,
+    task_audit,
+)
+from tasker.engine.status import StepStatus, TaskStatus, task_status
 from tasker.engine.tasks import TaskHandle, TaskRequest, create_task
-from tasker.engine.templates import register_template
+from tasker.engine.templates import (
+    Template,
+    TemplateSummary,
+    find_template,
+    list_templates,
+    register_template,
+)
 from tasker.exceptions import TaskTimeoutError
 from tasker.runtime.sender import BrokerSender
 from tasker.settings import Settings, load_settings
 from tasker.workflow.definition import Workflow
 from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 
-__all__ = ["Client"]
+__all__ = ["SETTLED_CHANNEL", "Client"]
+
+#: The NOTIFY channel on which every task entering a final state or ``blocked_by_failures``
+#: is announced, with the payload ``<task_uuid> <state>`` (migration 0005).
+SETTLED_CHANNEL = "tasker_task_settled"
+#: Seconds between two reads of a waited-for task when no notification comes (a safety net:
+#: the notification wakes the wait first).
+DEFAULT_POLL_INTERVAL_S = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -139,22 +168,171 @@ class Client:
         with self._connection() as conn:
             return task_status(conn, task_uuid)
 
-    def wait(self, task_uuid: str, timeout: float = 30.0, *, interval: float = 0.05) -> TaskStatus:
-        """Block until the task is final (complete, error, ...); raise TaskTimeoutError."""
+    def wait(
+        self,
+        task_uuid: str,
+        timeout: float = 30.0,
+        *,
+        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        on_progress: Callable[[TaskStatus], None] | None = None,
+    ) -> TaskStatus:
+        """Block until the task is settled: final (complete, error, cancelled, resolved_manually)
+        or waiting in ``blocked_by_failures`` for a person (``status.blocked`` says which).
+
+        The wait is woken by the NOTIFY of the task's own commit (channel
+        :data:`SETTLED_CHANNEL`), so it returns within milliseconds of it; the task is also read
+        every ``poll_interval`` seconds in case a notification is lost (or when no listening
+        connection can be opened). ``on_progress`` is called with every status read.
+
+        Raises :class:`~tasker.exceptions.TaskTimeoutError` after ``timeout`` seconds,
+        :class:`~tasker.exceptions.TaskNotFoundError` for an unknown task.
+        """
+        if not poll_interval > 0:
+            raise ValueError("poll_interval must be a positive number of seconds")
         deadline = time.monotonic() + timeout
-        while True:
-            status = self.status(task_uuid)
-            if status.finished:
-                return status
-            if time.monotonic() >= deadline:
-                steps = ", ".join(f"{s.name} {s.state}" for s in status.steps)
-                raise TaskTimeoutError(
-                    f"Task {task_uuid} is still {status.state} after {timeout}s (steps: {steps}); "
-                    f"are workers running for namespace {status.namespace!r} "
-                    "(tasker worker MODULES)?"
-                )
-            time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
-            interval = min(interval * 1.5, 0.5)
+        task = str(task_uuid)
+        with self._settled_listener() as listener:
+            while True:
+                status = self.status(task)
+                if on_progress is not None:
+                    on_progress(status)
+                if status.settled:
+                    return status
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    steps = ", ".join(f"{s.name} {s.state}" for s in status.steps)
+                    raise TaskTimeoutError(
+                        f"Task {task} is still {status.state} after {timeout}s (steps: {steps}); "
+                        f"are workers running for namespace {status.namespace!r} "
+                        "(tasker worker MODULES)?"
+                    )
+                _await_settled(listener, task, min(poll_interval, left))
+
+    def list_tasks(
+        self,
+        *,
+        namespace: str | None = None,
+        workflow: str | None = None,
+        version: str | None = None,
+        state: str | Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        initiator: str | None = None,
+        source_system: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Any:
+        """Tasks matching every filter given, newest first, ``limit`` at a time; pass the page's
+        ``next_cursor`` as ``cursor`` for the next page (keyset pagination: stable while tasks
+        are added). See :func:`tasker.engine.listing.list_tasks` for the filters' rules."""
+        from tasker.engine.listing import list_tasks
+
+        with self._connection() as conn:
+            return list_tasks(
+                conn,
+                namespace=namespace,
+                workflow=workflow,
+                version=version,
+                state=state,
+                since=since,
+                until=until,
+                initiator=initiator,
+                source_system=source_system,
+                tags=dict(tags) if tags is not None else None,
+                limit=limit,
+                cursor=cursor,
+            )
+
+    def steps(self, task_uuid: str) -> tuple[StepStatus, ...]:
+        """The task's steps in dependency order (a step after every step it depends on)."""
+        return self.status(task_uuid).steps
+
+    def cancel(self, task_uuid: str, *, by: str, reason: str = "") -> CancelResult:
+        """Cancel the task now: no step starts after this returns, its queued messages are
+        removed, steps running now may finish and are recorded (the task stays cancelled).
+
+        Raises :class:`~tasker.exceptions.TaskNotFoundError` and
+        :class:`~tasker.exceptions.ActionNotAllowedError` (the task is final already).
+        """
+        with self._connection() as conn:
+            return cancel_task(conn, self._sender, task_uuid, by=by, reason=reason)
+
+    def retry_step(self, task_uuid: str, step: str, *, by: str, reason: str = "") -> ActionResult:
+        """Run a failed step (in ``error``) again with its attempts back to 0; a task waiting
+        in ``blocked_by_failures`` or given up in ``error`` runs again. ``step``: its name or id.
+
+        Raises :class:`~tasker.exceptions.TaskNotFoundError`,
+        :class:`~tasker.exceptions.StepNotFoundError`,
+        :class:`~tasker.exceptions.ActionNotAllowedError`.
+        """
+        return self._act(task_uuid, step, ManualAction.RETRY, by=by, reason=reason)
+
+    def resolve_step(self, task_uuid: str, step: str, *, by: str, reason: str = "") -> ActionResult:
+        """Mark the step ``resolved_manually``: its dependents proceed without its result.
+        Same errors as :meth:`retry_step`."""
+        return self._act(task_uuid, step, ManualAction.RESOLVE, by=by, reason=reason)
+
+    def complete_step(
+        self, task_uuid: str, step: str, *, result: Any, by: str, reason: str = ""
+    ) -> ActionResult:
+        """Mark the step ``complete`` with ``result``, which its dependents read as the step's
+        result (checked by the payload rules, at most ``max_payload_bytes``). Same errors as
+        :meth:`retry_step`, and :class:`~tasker.exceptions.PayloadError`."""
+        return self._act(
+            task_uuid, step, ManualAction.COMPLETE, by=by, reason=reason, result=result
+        )
+
+    def audit(self, task_uuid: str, step: str | None = None) -> list[AuditEntry]:
+        """The transitions of the task (or of its ``step``, by name or id), newest first, with
+        who did what and why for an operator's actions."""
+        with self._connection() as conn:
+            if step is None:
+                return task_audit(conn, task_uuid)
+            return step_audit(conn, task_uuid, step)
+
+    def _act(
+        self,
+        task_uuid: str,
+        step: str,
+        action: ManualAction,
+        *,
+        by: str,
+        reason: str,
+        result: Any = None,
+    ) -> ActionResult:
+        with self._connection() as conn:
+            return act_on_step(
+                conn,
+                self._sender,
+                task_uuid,
+                step,
+                action,
+                by=by,
+                reason=reason,
+                result=result,
+                max_result_bytes=self.max_payload_bytes,
+            )
+
+    @contextmanager
+    def _settled_listener(self) -> Iterator[psycopg.Connection[Any] | None]:
+        """A connection listening on :data:`SETTLED_CHANNEL` (its own: LISTEN is per session),
+        or None when none can be opened (the wait then polls)."""
+        url = self.broker.url
+        if url is None:  # a caller's pool without a URL: poll
+            yield None
+            return
+        try:
+            conn = connect(url, connect_timeout=max(round(self.broker.timeout_s), 1))
+            conn.execute(f"LISTEN {SETTLED_CHANNEL}")
+        except psycopg.Error as exc:
+            logger.info("Waiting by polling: no listening connection (%s)", exc)
+            yield None
+            return
+        try:
+            yield conn
+        finally:
+            conn.close()
 
     def register(self, flow: Workflow, *, allow_replace: bool | None = None) -> None:
         """Register ``flow``'s template (workers do this at boot; useful in scripts and tests).
@@ -167,6 +345,17 @@ class Client:
             allow_replace = self.allow_template_replace
         with self._connection() as conn:
             register_template(conn, flow, allow_replace=allow_replace)
+
+    def templates(self, namespace: str | None = None) -> list[TemplateSummary]:
+        """The registered template versions (of ``namespace`` only, if given)."""
+        with self._connection() as conn:
+            return list_templates(conn, namespace)
+
+    def template(self, namespace: str, name: str, version: str | None = None) -> Template:
+        """A registered template with its whole definition (``configuration``): ``version``,
+        else the latest release. Raises :class:`~tasker.exceptions.TemplateNotFoundError`."""
+        with self._connection() as conn:
+            return find_template(conn, namespace, name, version)
 
     def close(self) -> None:
         """Close the client's connections."""
@@ -203,3 +392,19 @@ def _broker(url: str | None, settings: Settings | None, timeout_s: float | None)
     from tasker.runtime.broker import broker_from_settings
 
     return broker_from_settings(settings, timeout_s=timeout_s)
+
+
+def _await_settled(listener: psycopg.Connection[Any] | None, task: str, seconds: float) -> None:
+    """Return when ``task`` is announced settled on ``listener``, or after ``seconds``."""
+    if listener is None:
+        time.sleep(min(seconds, 0.5))
+        return
+    deadline = time.monotonic() + seconds
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            for notify in listener.notifies(timeout=left):
+                if notify.payload.split(" ", 1)[0] == task:
+                    return
+    except psycopg.Error as exc:  # the listener died: the caller's next read decides
+        logger.info("The wait's listening connection failed (%s); polling", exc)
+        time.sleep(max(min(deadline - time.monotonic(), 0.5), 0))
