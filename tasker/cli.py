@@ -19,6 +19,7 @@ from typing import Any
 
 from tasker.cli_args import non_negative_float, non_negative_int, positive_int
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
+from tasker.cli_tasks import add_task_commands
 from tasker.exceptions import ConfigurationError, TaskerError
 from tasker.settings import Settings, load_settings
 
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_queue_commands(commands)
     _add_dlq_commands(commands)
     add_coordinator_commands(commands)
+    add_task_commands(commands)
     _add_deploy_commands(commands)
     settings = commands.add_parser("settings", help="print the effective settings as JSON")
     settings.set_defaults(handler=_cmd_settings)

@@ -4,10 +4,19 @@ naming the option and the values it takes, never a traceback or a silently odd r
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 __all__ = [
+    "bounded_int",
     "coordinator_interval",
+    "iso_datetime",
+    "json_object",
+    "json_value",
+    "key_value",
     "non_negative_float",
     "non_negative_int",
     "positive_int",
@@ -72,3 +81,58 @@ def coordinator_interval(value: str) -> float:
     if problem is not None:
         raise argparse.ArgumentTypeError(f"{problem} (seconds per cycle)")
     return number
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """A whole number from ``low`` to ``high``."""
+
+    def parse(value: str) -> int:
+        number = _int(value)
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, not {number}")
+        return number
+
+    return parse
+
+
+def json_value(value: str) -> Any:
+    """Any JSON value (a result, a tag's value)."""
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"must be JSON ({exc}); quote it for the shell: '{{\"key\": 1}}'"
+        ) from None
+
+
+def json_object(value: str) -> dict[str, Any]:
+    """A JSON object (a task context)."""
+    parsed = json_value(value)
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object such as '{{\"order_id\": 7}}', not {type(parsed).__name__}"
+        )
+    return parsed
+
+
+def key_value(value: str) -> tuple[str, Any]:
+    """``KEY=VALUE``: the value is JSON when it parses as JSON, else the text."""
+    key, sep, text = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE, not {value!r}")
+    try:
+        return key, json.loads(text)
+    except ValueError:
+        return key, text
+
+
+def iso_datetime(value: str) -> datetime:
+    """An ISO 8601 date or time; without a zone, the local one."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an ISO 8601 date or time such as 2026-11-30 or 2026-11-30T14:00Z, "
+            f"not {value!r}"
+        ) from None
+    return parsed if parsed.tzinfo is not None else parsed.astimezone()

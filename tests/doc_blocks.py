@@ -39,6 +39,7 @@ PARSED_LANGUAGES = ("yaml", "yml", "toml", "json")
 TEXT_LANGUAGES = ("", "text", "txt")
 COMMAND_SEPARATORS = ("|", "||", "&&", ";", "&")
 REDIRECTIONS = (">", ">>", "<", ">&", "&>")
+SUBSTITUTION = re.compile(r"\$\(([^()]*)\)")
 
 
 class DocsTestError(Exception):
@@ -267,21 +268,32 @@ def shell_commands(block: Block) -> list[ShellCommand]:
     """The simple commands of a shell block (for ``console``: of its ``$ `` lines)."""
     commands: list[ShellCommand] = []
     for line in _command_lines(block):
-        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        words: list[str] = []
-        redirections: list[str] = []
-        tokens = iter(lexer)
-        for token in tokens:
-            if token in COMMAND_SEPARATORS:
-                commands.append(ShellCommand(tuple(words), tuple(redirections)))
-                words, redirections = [], []
-            elif token in REDIRECTIONS:
-                redirections.append(next(tokens, ""))
-            else:
-                words.append(token)
-        if words or redirections:
+        commands += _line_commands(line)
+    return commands
+
+
+def _line_commands(line: str) -> list[ShellCommand]:
+    """The simple commands of one line; a command substitution ``$(...)`` is a command of its
+    own (``TASK=$(tasker task submit ...)``), and stands for one word in its line."""
+    commands: list[ShellCommand] = []
+    for inner in SUBSTITUTION.findall(line):
+        commands += _line_commands(inner)
+    line = SUBSTITUTION.sub("SUBSTITUTED", line)
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words: list[str] = []
+    redirections: list[str] = []
+    tokens = iter(lexer)
+    for token in tokens:
+        if token in COMMAND_SEPARATORS:
             commands.append(ShellCommand(tuple(words), tuple(redirections)))
+            words, redirections = [], []
+        elif token in REDIRECTIONS:
+            redirections.append(next(tokens, ""))
+        else:
+            words.append(token)
+    if words or redirections:
+        commands.append(ShellCommand(tuple(words), tuple(redirections)))
     return commands
 
 
