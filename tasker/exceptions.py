@@ -15,6 +15,7 @@ Every error Tasker raises on purpose is a :class:`TaskerError`, and every messag
      ├── InvalidTransitionError      a state change the state machines do not allow
      ├── TemplateNotFoundError       no registered task template with that namespace/name/version
      ├── IdempotencyConflictError    an idempotency key reused with another context
+     ├── InvalidFilterError          a task listing filter, page size or cursor that cannot be used
      ├── TaskNotFoundError           no task with that id
      ├── DlqEntryNotFoundError       no task DLQ entry with that id (or it is resolved)
      ├── StepNotFoundError           no step with that name in the task
@@ -39,6 +40,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "DlqEntryNotFoundError",
     "IdempotencyConflictError",
+    "InvalidFilterError",
     "InvalidTransitionError",
     "MigrationError",
     "PayloadError",
@@ -114,6 +116,11 @@ class IdempotencyConflictError(TaskerError):
     def __init__(self, message: str, *, task_uuid: str) -> None:
         super().__init__(message)
         self.task_uuid = task_uuid
+
+
+class InvalidFilterError(TaskerError, ValueError):
+    """A task listing argument that cannot be used: an unknown state, a naive datetime, a page
+    size out of range, a cursor that no listing returned; the message names the fix."""
 
 
 class TemplateNotFoundError(TaskerError, LookupError):
