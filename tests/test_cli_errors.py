@@ -252,3 +252,76 @@ def test_a_closed_stdout_ends_the_command_quietly(env: str, argv: list[str]) -> 
         os.close(write)
     assert result.returncode == EXIT_BROKEN_PIPE, result.stderr
     assert "Error" not in result.stderr and "Exception" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("postgresql://u:p%@db.internal/app", "write the password's special characters"),
+        ("notaurl", "is neither a postgresql:// URL nor libpq key=value pairs"),
+        ("postgresql://db.internal:notaport/app", "has a port that is not a number"),
+        ("postgresql://db.internal:99999/app", "has a port that is not a number"),
+        ("postgresql://u:s3cret/x@db.internal/app", "has a port that is not a number"),
+        ("postgresql://u:s3c@ret@db.internal/app", "has more than one @ before the host"),
+        ("host=db.internal port=abc dbname=app", "has port='abc'"),
+        ("host=db.internal password='s3cret", "quote a value that holds spaces"),
+        ("mysql://u:s3cret@db.internal/app", "not a mysql:// URL"),
+        ("POSTGRESQL://db.internal/app", "in lower case"),
+    ],
+)
+def test_a_malformed_database_url_is_one_line_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, problem: str
+) -> None:
+    monkeypatch.setenv("TASKER_DATABASE__URL", url)
+    for argv in (["settings"], ["queues"], ["db", "status"]):
+        assert main(argv) == 1
+        line = _error_line(capsys)
+        assert "Invalid setting 'database.url'" in line and "TASKER_DATABASE__URL" in line
+        assert problem in line
+        assert "s3cret" not in line and "ret@" not in line
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (b"[default]\nlog_level = 'INFO'\n[default.broker\n", "is not valid TOML: Expected ']'"),
+        (b"[default.broker]\nnamespace = \n", "is not valid TOML: Invalid value (at line 2"),
+        (b"\xff\xfe[default]\n", "is not UTF-8 text"),
+        (b"development = 5\n", "'development' must be a [development] table"),
+        (b"[default.broker]\nclaim_batch = 'lots'\n", "'broker.claim_batch'"),
+        (b"[default.broker]\nlisten = 'maybe'\n", "'broker.listen'"),
+        (b"[default]\nbroker = 'x'\n", "'broker' for environment"),
+        (b"[default.database]\nurl = 5\n", "'database.url' for environment"),
+        (b"[default.coordinator]\nport = 1e400\n", "'coordinator.port'"),
+        (b"[default.broker]\nclaim_batch = 4\nclaim_batchh = 4\n", "Unknown setting"),
+    ],
+    ids=[
+        "unclosed table",
+        "missing value",
+        "not UTF-8",
+        "environment not a table",
+        "string for an int",
+        "string for a bool",
+        "string for a table",
+        "int for a URL",
+        "infinite port",
+        "unknown key",
+    ],
+)
+def test_a_malformed_settings_file_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: bytes, problem: str
+) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_bytes(text)
+    assert main(["--settings", str(path), "settings"]) == 1
+    line = _error_line(capsys)
+    assert problem in line and str(path) in line
+
+
+def test_a_settings_path_that_is_not_a_file_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--settings", str(tmp_path), "settings"]) == 1
+    assert f"Settings file {tmp_path} is not a file" in _error_line(capsys)
+    assert main(["--settings", str(tmp_path / "nope.toml"), "settings"]) == 1
+    assert "nope.toml does not exist" in _error_line(capsys)
