@@ -615,12 +615,21 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
 def _cmd_settings(args: argparse.Namespace) -> int:
     import msgspec
 
+    print(json.dumps(_masked(msgspec.to_builtins(_settings())), indent=2))
+    return 0
+
+
+def _masked(value: Any) -> Any:
+    """``value`` (settings as JSON data) with the password of every URL in it masked: not only
+    ``database.url``, any string setting holding a URL or ``password=`` pair (``mask_url``
+    leaves other strings as they are)."""
     from tasker.db.errors import mask_url
 
-    data = msgspec.to_builtins(_settings())
-    data["database"]["url"] = mask_url(data["database"]["url"])
-    print(json.dumps(data, indent=2))
-    return 0
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return mask_url(value) if isinstance(value, str) else value
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -58,6 +58,20 @@ def test_db_schema_check_passes_on_a_migrated_database(
             "host=db.internal password='s3cret word' dbname=app",
             "host=db.internal password=*** dbname=app",
         ),
+        ("postgres://app:s3cret@db1:5432,db2:5433/app", "postgres://app:***@db1:5432,db2:5433/app"),
+        ("postgresql://app:s3c%40ret@[::1]:5432/app", "postgresql://app:***@[::1]:5432/app"),
+        (
+            "postgresql://app@db.internal/app?sslmode=require&sslpassword=s3cret",
+            "postgresql://app@db.internal/app?sslmode=require&sslpassword=***",
+        ),
+        (
+            "host=db.internal password = s3cret dbname=app",
+            "host=db.internal password = *** dbname=app",
+        ),
+        (
+            "postgresql:///app?host=/run/pg&password=s3cret",
+            "postgresql:///app?host=/run/pg&password=***",
+        ),
     ],
 )
 def test_settings_masks_the_password(
@@ -68,6 +82,28 @@ def test_settings_masks_the_password(
     out = capsys.readouterr().out
     assert "s3cret" not in out
     assert json.loads(out)["database"]["url"] == shown
+
+
+def test_settings_masks_a_password_in_any_url_valued_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not only database.url: every string printed goes through the same masking."""
+    from tasker.cli import _masked
+
+    monkeypatch.setenv("TASKER_DATABASE__APPLICATION_NAME", "postgresql://app:s3cret@db/app")
+    assert main(["settings"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out
+    assert json.loads(out)["database"]["application_name"] == "postgresql://app:***@db/app"
+    data = {
+        "sentry": {"dsn": "https://key:s3cret@o1.ingest.sentry.io/1"},
+        "cache": ["redis://:s3cret@cache:6379/0", "host=x password=s3cret"],
+        "plain": ["INFO", ".tasker/pgdata", 5, None, True],
+    }
+    masked = _masked(data)
+    assert "s3cret" not in json.dumps(masked)
+    assert masked["sentry"]["dsn"] == "https://key:***@o1.ingest.sentry.io/1"
+    assert masked["plain"] == data["plain"]
 
 
 def test_an_unparsable_database_url_is_a_settings_error_without_the_password(
