@@ -535,15 +535,27 @@ def _cmd_queues(args: argparse.Namespace) -> int:
 
 
 def _cmd_queues_create(args: argparse.Namespace) -> int:
+    """Declare what a worker of MODULES declares at boot (``tasker.actors``): the orchestration
+    stages, every plain actor, and the step actors of every workflow, on their namespace's
+    ``worker_<namespace>_queue``; then create those queues."""
     import dramatiq
 
+    from tasker.runtime.workflows import bind_workflow, install_from_settings
+    from tasker.workflow.definition import registered_workflows
+
     broker = _broker()
-    dramatiq.set_broker(broker)
-    _import_modules(args.modules)
-    for queue_name in sorted(broker.get_declared_queues()):
-        broker.ensure_queue(broker.names(queue_name), create=True)
-        print(f"queue {queue_name} -> pgmq.q_{broker.names(queue_name).main}")
-    broker.close()
+    try:
+        dramatiq.set_broker(broker)
+        # a worker binds each workflow's steps as it is defined; here, once all are imported
+        install_from_settings(broker, _settings(), bind_workflows=False)
+        _import_modules(args.modules)
+        for flow in registered_workflows():
+            bind_workflow(broker, flow)
+        for queue_name in sorted(broker.get_declared_queues()):
+            broker.ensure_queue(broker.names(queue_name), create=True)
+            print(f"queue {queue_name} -> pgmq.q_{broker.names(queue_name).main}")
+    finally:
+        broker.close()
     return 0
 
 

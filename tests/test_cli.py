@@ -181,6 +181,27 @@ def test_queues_create_makes_queues_without_auto_create(
         )
 
 
+def test_queues_create_makes_the_workflow_and_orchestration_queues_a_worker_declares(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`queues create` of a workflow module creates its namespace's worker queue and the four
+    orchestration queues, as a worker of that module declares them, besides plain actors'."""
+    from tasker.brokers.queue_names import map_queue_name
+    from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, TASK_REQUEST
+
+    monkeypatch.setenv("TASKER_BROKER__AUTO_CREATE_QUEUES", "false")
+    assert main(["queues", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []  # a migrated database without queues
+    assert main(["queues", "create", "tests.workers.flows"]) == 0
+    out = capsys.readouterr().out
+    assert "queue worker_crashy_queue -> pgmq.q_tasker_worker_crashy_queue" in out
+    assert main(["queues", "--json"]) == 0
+    listed = {q["queue"] for q in json.loads(capsys.readouterr().out)}
+    expected = ["worker_crashy_queue", "default"]  # the workflow's steps; a plain actor
+    expected += [s.queue for s in (TASK_REQUEST, STEP_ENQUEUE, PROCESS_RESULT, FINALIZE)]
+    assert {map_queue_name(q, "tasker").main for q in expected} <= listed
+
+
 def test_worker_command_runs_workers_and_stops_on_sigterm(env: str, tmp_path: Any) -> None:
     import signal
 
