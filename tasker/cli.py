@@ -223,22 +223,42 @@ def _add_dlq_commands(commands: Any) -> None:
     dlq = commands.add_parser("dlq", help="inspect, replay or purge dead-lettered messages")
     sub = dlq.add_subparsers(title="dlq commands", metavar="COMMAND", required=True)
     show = sub.add_parser("list", help="list dead letters of a queue")
-    show.add_argument("queue", help="Dramatiq queue name, e.g. default")
+    show.add_argument(
+        "queue", help="Dramatiq queue name (e.g. default), or the PGMQ name `tasker queues` prints"
+    )
     show.add_argument(
         "--limit", type=positive_int, default=50, help="at most this many (default 50)"
     )
     show.set_defaults(handler=_cmd_dlq_list)
     replay = sub.add_parser("replay", help="send dead letters back to their queue")
-    replay.add_argument("queue")
+    replay.add_argument(
+        "queue", help="Dramatiq queue name, or the PGMQ name `tasker queues` prints"
+    )
     target = replay.add_mutually_exclusive_group(required=True)
     target.add_argument(
         "--id", type=positive_int, nargs="+", dest="ids", help="dead-letter msg_ids"
     )
     target.add_argument("--all", action="store_true", help="every dead letter of the queue")
     replay.set_defaults(handler=_cmd_dlq_replay)
-    purge = sub.add_parser("purge", help="delete every dead letter of a queue")
-    purge.add_argument("queue")
-    purge.set_defaults(handler=_cmd_dlq_purge)
+    purge = sub.add_parser(
+        "purge",
+        help="delete every dead letter of a queue (asks first; --yes to skip)",
+        description="Deletes every dead letter of QUEUE for good. On a terminal it says how "
+        "many and asks y/N (no: nothing is deleted, exit code 1); elsewhere (a script, a cron "
+        "job, a pipe) it refuses unless --yes is given (exit code 2).",
+    )
+    purge.add_argument(
+        "queue",
+        metavar="QUEUE",
+        help="Dramatiq queue name, or the PGMQ name `tasker queues` prints",
+    )
+    purge.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="delete without asking (required when stdin is not a terminal)",
+    )
+    purge.set_defaults(handler=_cmd_dlq_purge, parser=purge)
     add_dlq_task_commands(sub)
 
 
@@ -588,12 +608,45 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_dlq_purge(args: argparse.Namespace) -> int:
-    from tasker.brokers.admin import purge_dead_letters
+    from tasker.brokers.admin import dead_letter_summary, purge_dead_letters
 
-    settings = _settings()
-    deleted = purge_dead_letters(_database_url(), args.queue, namespace=settings.broker.namespace)
+    if not args.yes and not _stdin_is_terminal():
+        args.parser.error(
+            f"purge deletes every dead letter of {args.queue!r} for good: pass --yes to confirm "
+            "(stdin is not a terminal, so it cannot ask)"
+        )
+    namespace = _settings().broker.namespace
+    url = _database_url()
+    through = None
+    if not args.yes:
+        count, through = dead_letter_summary(url, args.queue, namespace=namespace)
+        if count == 0:
+            print(f"{args.queue} has no dead letters: nothing to delete")
+            return 0
+        if not _confirm(f"Delete the {count} dead letter(s) of {args.queue} for good? [y/N] "):
+            print("Nothing deleted.", file=sys.stderr)
+            return 1
+    deleted = purge_dead_letters(url, args.queue, namespace=namespace, through=through)
     print(f"deleted {deleted} dead letter(s) of {args.queue}")
     return 0
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):  # closed or replaced
+        return False
+
+
+def _confirm(question: str) -> bool:
+    """Ask ``question`` on stderr (stdout may be piped) and read the answer: only y or yes (any
+    case) is a yes; end of input is a no."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if not answer:
+        sys.stderr.write("\n")
+    return answer.strip().lower() in ("y", "yes")
 
 
 # -- deploy ----------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_queues_and_dead_letter_commands(
     assert "replayed 1" in capsys.readouterr().out
     broker.join(fails_once.queue_name, timeout=10_000)
     assert calls == [1, 1]
-    assert main(["dlq", "purge", "default"]) == 0
+    assert main(["dlq", "purge", "default", "--yes"]) == 0
     assert "deleted 0" in capsys.readouterr().out
 
 

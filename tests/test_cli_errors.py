@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tasker.brokers.pgmq import PGMQBroker
@@ -43,7 +47,7 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
         ["queues"],
         ["queues", "--json"],
         ["dlq", "list", "default"],
-        ["dlq", "purge", "default"],
+        ["dlq", "purge", "default", "--yes"],
         ["dlq", "replay", "default", "--all"],
         ["workers"],
         ["scale"],
@@ -120,22 +124,38 @@ def test_coordinator_json_without_once_is_a_usage_error(
 
 
 @pytest.mark.parametrize(
+    "queue",
+    ["nosuchqueue", "Billing.Emails", "pgmq.q_tasker_nosuchqueue", "tasker_default__xq", "a b", ""],
+)
+@pytest.mark.parametrize(
     "argv",
     [
-        ["dlq", "list", "nosuchqueue"],
-        ["dlq", "purge", "nosuchqueue"],
-        ["dlq", "replay", "nosuchqueue", "--all"],
-        ["dlq", "replay", "nosuchqueue", "--id", "1"],
+        ["dlq", "list"],
+        ["dlq", "purge", "--yes"],
+        ["dlq", "replay", "--all"],
+        ["dlq", "replay", "--id", "1"],
     ],
     ids=" ".join,
 )
 def test_a_missing_queue_is_named_with_how_to_list_the_queues(
-    env: str, capsys: pytest.CaptureFixture[str], argv: list[str]
+    env: str, broker: PGMQBroker, capsys: pytest.CaptureFixture[str], argv: list[str], queue: str
 ) -> None:
-    assert main(argv) == 1
+    """A typo, a queue never used (no message sent, not created), a dead-letter queue's own
+    name: one line naming it, saying how queues come to exist and how to list them."""
+    broker.ensure_queue(map_queue_name("default", "tasker"), create=True)
+    assert main([*argv[:2], queue, *argv[2:]]) == 1
     line = _error_line(capsys)
-    assert "No queue named 'nosuchqueue' in namespace 'tasker'" in line
+    assert f"No queue named {queue!r} in namespace 'tasker'" in line
+    assert "`tasker queues create MODULES` made it" in line
     assert "`tasker queues` lists" in line
+
+
+def test_dlq_purge_on_a_terminal_names_a_missing_queue_before_asking(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stdin", _Terminal("y\n"))
+    assert main(["dlq", "purge", "nosuchqueue"]) == 1
+    assert "No queue named 'nosuchqueue'" in _error_line(capsys)
 
 
 @pytest.mark.parametrize("queue", ["default", "Billing.Emails", "order_intake_" + "x" * 60])
@@ -148,10 +168,10 @@ def test_dlq_takes_the_queue_name_or_the_pgmq_name_tasker_queues_prints(
     assert main(["queues", "--json"]) == 0
     printed = {q["queue"] for q in json.loads(capsys.readouterr().out)}
     assert names.main in printed  # hashed when the name is long or not lower case
-    for name in (queue, names.main):
+    for name in (queue, names.main, f"pgmq.q_{names.main}"):  # what queues create prints
         assert main(["dlq", "list", name]) == 0
         assert main(["dlq", "replay", name, "--all"]) == 0
-        assert main(["dlq", "purge", name]) == 0
+        assert main(["dlq", "purge", name, "-y"]) == 0
         assert "Traceback" not in capsys.readouterr().err
 
 
@@ -325,3 +345,153 @@ def test_a_settings_path_that_is_not_a_file_is_named(
     assert f"Settings file {tmp_path} is not a file" in _error_line(capsys)
     assert main(["--settings", str(tmp_path / "nope.toml"), "settings"]) == 1
     assert "nope.toml does not exist" in _error_line(capsys)
+
+
+class _Terminal(io.StringIO):
+    """A stdin that is a terminal, whose person answers ``answer`` (after ``before_answer``)."""
+
+    def __init__(self, answer: str, before_answer: Callable[[], None] = lambda: None) -> None:
+        super().__init__(answer)
+        self.before_answer = before_answer
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self, size: int | None = -1) -> str:
+        self.before_answer()
+        return super().readline(size)
+
+
+def _dead_letters(database_url: str, queue: str, count: int) -> None:
+    names = map_queue_name(queue, "tasker")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for _ in range(count):
+            conn.execute("SELECT pgmq.send(%s, '{}'::jsonb)", (names.dead,))
+
+
+def _dead_count(database_url: str, queue: str) -> int:
+    names = map_queue_name(queue, "tasker")
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(f'SELECT count(*) FROM pgmq."q_{names.dead}"').fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+def dead_default(env: str, broker: PGMQBroker) -> str:
+    """The test's database with 3 dead letters in the queue `default`."""
+    broker.ensure_queue(map_queue_name("default", "tasker"), create=True)
+    _dead_letters(env, "default", 3)
+    return env
+
+
+@pytest.mark.parametrize("stdin", [io.StringIO("y\n"), None], ids=["a pipe", "no stdin"])
+def test_dlq_purge_without_a_terminal_needs_yes(
+    dead_default: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stdin: io.StringIO | None,
+) -> None:
+    monkeypatch.setattr(sys, "stdin", stdin)
+    with pytest.raises(SystemExit) as exited:
+        main(["dlq", "purge", "default"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "pass --yes to confirm (stdin is not a terminal" in err and "Traceback" not in err
+    assert _dead_count(dead_default, "default") == 3
+    assert main(["dlq", "purge", "default", "--yes"]) == 0
+    assert "deleted 3 dead letter(s) of default" in capsys.readouterr().out
+    assert _dead_count(dead_default, "default") == 0
+
+
+@pytest.mark.parametrize("answer", ["n\n", "\n", "", "no\n", "yes please\n", "ja\n"])
+def test_dlq_purge_on_a_terminal_deletes_nothing_unless_the_answer_is_yes(
+    dead_default: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    answer: str,
+) -> None:
+    monkeypatch.setattr(sys, "stdin", _Terminal(answer))
+    assert main(["dlq", "purge", "default"]) == 1
+    err = capsys.readouterr().err
+    assert "Delete the 3 dead letter(s) of default for good? [y/N]" in err
+    assert "Nothing deleted." in err
+    assert _dead_count(dead_default, "default") == 3
+
+
+@pytest.mark.parametrize("answer", ["y\n", "Y\n", "yes\n", " YES \n"])
+def test_dlq_purge_on_a_terminal_deletes_the_dead_letters_it_counted(
+    dead_default: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    answer: str,
+) -> None:
+    """What arrives while the question waits is not deleted: the person was not told of it."""
+    arrive = functools.partial(_dead_letters, dead_default, "default", 2)
+    monkeypatch.setattr(sys, "stdin", _Terminal(answer, before_answer=arrive))
+    assert main(["dlq", "purge", "tasker_default"]) == 0  # the PGMQ name works too
+    captured = capsys.readouterr()
+    assert "of tasker_default for good? [y/N]" in captured.err
+    assert "deleted 3 dead letter(s)" in captured.out
+    assert _dead_count(dead_default, "default") == 2
+
+
+def test_dlq_purge_of_a_queue_without_dead_letters_does_not_ask(
+    env: str,
+    broker: PGMQBroker,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    broker.ensure_queue(map_queue_name("default", "tasker"), create=True)
+    monkeypatch.setattr(sys, "stdin", _Terminal(""))
+    assert main(["dlq", "purge", "default"]) == 0
+    captured = capsys.readouterr()
+    assert "default has no dead letters: nothing to delete" in captured.out
+    assert "[y/N]" not in captured.err
+
+
+def test_dlq_purge_help_documents_yes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["dlq", "purge", "--help"])
+    assert exited.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "-y, --yes delete without asking (required when stdin is not a terminal)" in out
+    assert "asks y/N" in out
+
+
+@pytest.mark.parametrize(("answer", "code", "left"), [(b"n\n", 1, 2), (b"y\n", 0, 0)])
+def test_dlq_purge_asks_on_a_real_terminal(
+    env: str, broker: PGMQBroker, answer: bytes, code: int, left: int
+) -> None:
+    import pty
+    import select
+
+    broker.ensure_queue(map_queue_name("default", "tasker"), create=True)
+    _dead_letters(env, "default", 2)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasker.cli", "dlq", "purge", "default"],
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    os.close(terminal)
+    try:
+        shown = b""
+        while b"[y/N]" not in shown:
+            ready, _, _ = select.select([controller], [], [], 60)
+            assert ready, f"no question within 60 s: {shown!r}"
+            shown += os.read(controller, 1024)
+        assert b"Delete the 2 dead letter(s) of default for good?" in shown
+        os.write(controller, answer)
+        proc.wait(timeout=60)
+    finally:
+        os.close(controller)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert proc.returncode == code
+    assert _dead_count(env, "default") == left
