@@ -17,7 +17,21 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from tasker.cli_args import non_negative_float, non_negative_int, positive_int
+from tasker.cli_args import (
+    LIMIT_MAX,
+    PROCESSES_MAX,
+    REPLICAS_MAX,
+    SECONDS_MAX,
+    THREADS_MAX,
+    int_range,
+    limit,
+    msg_id,
+    processes,
+    replicas,
+    seconds,
+    shutdown_seconds,
+    threads,
+)
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
 from tasker.exceptions import ConfigurationError, TaskerError
 from tasker.settings import Settings, load_settings
@@ -125,7 +139,10 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="run the demo end to end (embedded PostgreSQL, migrations, a worker)"
     )
     demo.add_argument(
-        "--orders", type=positive_int, default=5, help="orders to process (default 5)"
+        "--orders",
+        type=int_range(1, 1000),
+        default=5,
+        help="orders to process, 1 to 1000 (default 5)",
     )
     demo.set_defaults(handler=_cmd_demo)
     return parser
@@ -174,16 +191,17 @@ def _add_worker_command(commands: Any) -> None:
     worker.add_argument(
         "-p",
         "--processes",
-        type=positive_int,
-        default=os.cpu_count() or 1,
-        help="worker processes to run (default: the number of CPUs, %(default)s)",
+        type=processes,
+        default=min(os.cpu_count() or 1, PROCESSES_MAX),
+        help=f"worker processes to run, 1 to {PROCESSES_MAX} (default: the number of CPUs, "
+        "%(default)s)",
     )
     worker.add_argument(
         "-t",
         "--threads",
-        type=positive_int,
+        type=threads,
         default=8,
-        help="worker threads per process (default: %(default)s)",
+        help=f"worker threads per process, 1 to {THREADS_MAX} (default: %(default)s)",
     )
     worker.add_argument(
         "-Q",
@@ -201,10 +219,11 @@ def _add_worker_command(commands: Any) -> None:
     )
     worker.add_argument(
         "--shutdown-timeout",
-        type=non_negative_float,
+        type=shutdown_seconds,
         default=600.0,
         metavar="SECONDS",
-        help="graceful stop: how long running handlers may take to finish (default: 600)",
+        help="graceful stop: how long running handlers may take to finish, at most "
+        f"{SECONDS_MAX} (default: 600)",
     )
     worker.set_defaults(handler=_cmd_worker)
 
@@ -227,7 +246,10 @@ def _add_dlq_commands(commands: Any) -> None:
         "queue", help="Dramatiq queue name (e.g. default), or the PGMQ name `tasker queues` prints"
     )
     show.add_argument(
-        "--limit", type=positive_int, default=50, help="at most this many (default 50)"
+        "--limit",
+        type=limit,
+        default=50,
+        help=f"at most this many, up to {LIMIT_MAX} (default 50)",
     )
     show.set_defaults(handler=_cmd_dlq_list)
     replay = sub.add_parser("replay", help="send dead letters back to their queue")
@@ -236,7 +258,11 @@ def _add_dlq_commands(commands: Any) -> None:
     )
     target = replay.add_mutually_exclusive_group(required=True)
     target.add_argument(
-        "--id", type=positive_int, nargs="+", dest="ids", help="dead-letter msg_ids"
+        "--id",
+        type=msg_id,
+        nargs="+",
+        dest="ids",
+        help="dead-letter msg_ids (`dlq list` shows them)",
     )
     target.add_argument("--all", action="store_true", help="every dead letter of the queue")
     replay.set_defaults(handler=_cmd_dlq_replay)
@@ -326,21 +352,21 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--min-replicas",
-        type=positive_int,
+        type=replicas,
         default=1,
         metavar="N",
-        help="autoscaler minimum (default: 1)",
+        help=f"autoscaler minimum, 1 to {REPLICAS_MAX} (default: 1)",
     )
     workers.add_argument(
         "--max-replicas",
-        type=positive_int,
+        type=replicas,
         default=10,
         metavar="N",
-        help="autoscaler maximum (default: 10)",
+        help=f"autoscaler maximum, 1 to {REPLICAS_MAX} (default: 10)",
     )
     workers.add_argument(
         "--shutdown-timeout",
-        type=non_negative_int,
+        type=seconds,
         default=50,
         metavar="SECONDS",
         help="`tasker worker --shutdown-timeout`: how long running handlers may finish after "
@@ -348,26 +374,27 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--processes",
-        type=positive_int,
+        type=processes,
         default=None,
         metavar="N",
-        help="worker processes per pod (default: coordinator.scaling.processes, the capacity the "
-        "scaling rule assumes)",
+        help=f"worker processes per pod, 1 to {PROCESSES_MAX} (default: "
+        "coordinator.scaling.processes, the capacity the scaling rule assumes)",
     )
     workers.add_argument(
         "--threads",
-        type=positive_int,
+        type=threads,
         default=None,
         metavar="N",
-        help="threads per worker process (default: coordinator.scaling.threads)",
+        help=f"threads per worker process, 1 to {THREADS_MAX} (default: "
+        "coordinator.scaling.threads)",
     )
     workers.add_argument(
         "--termination-grace-period",
-        type=positive_int,
+        type=int_range(1, SECONDS_MAX, "a day"),
         default=60,
         metavar="SECONDS",
-        help="the pods' terminationGracePeriodSeconds, after which the kubelet sends SIGKILL "
-        "(default: 60)",
+        help="the pods' terminationGracePeriodSeconds, after which the kubelet sends SIGKILL, "
+        f"at most {SECONDS_MAX} (default: 60)",
     )
 
 

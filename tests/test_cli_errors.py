@@ -194,6 +194,41 @@ def test_dlq_takes_the_queue_name_or_the_pgmq_name_tasker_queues_prints(
         (["coordinator", "--interval", "soon"], "argument --interval: must be a number"),
         (["coordinator", "--port", "99999"], "argument --port: must be a TCP port from 0"),
         (["coordinator", "--port", "-1"], "argument --port: must be a TCP port from 0"),
+        # upper bounds: what SQL cannot take, or what can only be a typo
+        (["dlq", "list", "default", "--limit", "100001"], "--limit: must be at most 100000"),
+        (["dlq", "list", "default", "--limit", "9" * 20], "--limit: must be at most 100000"),
+        (["dlq", "list", "default", "--limit", "9" * 5000], "--limit: must be a whole number"),
+        (["dlq", "tasks", "list", "--limit", "9" * 20], "--limit: must be at most 100000"),
+        (
+            ["dlq", "replay", "default", "--id", "9" * 20],
+            "--id: must be at most 9223372036854775807",
+        ),
+        (
+            ["dlq", "replay", "default", "--id", "1", "2", "x"],
+            "--id: must be a whole number, not 'x'",
+        ),
+        (["demo", "--orders", "1001"], "argument --orders: must be at most 1000"),
+        (["worker", "mod", "-p", "257"], "argument -p/--processes: must be at most 256"),
+        (["worker", "mod", "-t", "1025"], "argument -t/--threads: must be at most 1024"),
+        (["worker", "mod", "-t", "0"], "argument -t/--threads: must be at least 1"),
+        (["worker", "mod", "--shutdown-timeout", "1e300"], "from 0 to 86400 (a day)"),
+        (["worker", "mod", "--shutdown-timeout", "-1"], "from 0 to 86400 (a day)"),
+        (["deploy", "workers", "a", "--modules", "m", "--max-replicas", "1001"], "at most 1000"),
+        (["deploy", "workers", "a", "--modules", "m", "--min-replicas", "0"], "at least 1"),
+        (["deploy", "workers", "a", "--modules", "m", "--processes", "1000"], "at most 256"),
+        (["deploy", "workers", "a", "--modules", "m", "--threads", "99999"], "at most 1024"),
+        (
+            ["deploy", "workers", "a", "--modules", "m", "--shutdown-timeout", "86401"],
+            "--shutdown-timeout: must be at most 86400 (a day)",
+        ),
+        (
+            ["deploy", "workers", "a", "--modules", "m", "--termination-grace-period", "1e9"],
+            "--termination-grace-period: must be a whole number",
+        ),
+        (
+            ["deploy", "workers", "a", "--modules", "m", "--termination-grace-period", "86401"],
+            "--termination-grace-period: must be at most 86400 (a day)",
+        ),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else "",
 )
