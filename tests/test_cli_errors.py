@@ -530,3 +530,46 @@ def test_dlq_purge_asks_on_a_real_terminal(
         proc.stdout.close()
     assert proc.returncode == code
     assert _dead_count(env, "default") == left
+
+
+@pytest.mark.slow
+def test_outside_a_project_without_a_url_it_says_once_where_the_embedded_server_is(
+    tmp_path: Path,
+) -> None:
+    """No settings file, no TASKER_DATABASE__URL: each command names the directory of the
+    embedded PostgreSQL in one line (created on first use; a command that resolves the database
+    twice, as the coordinator does, still says it once) and stops the server when it ends."""
+    project = tmp_path / "elsewhere"
+    project.mkdir()
+    (tmp_path / "run").mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKER_")}
+    env.update(PYTHONPATH=str(ROOT), XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    data_dir = project / ".tasker" / "pgdata"
+
+    def tasker(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tasker.cli", *argv],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    try:
+        first = tasker("queues")
+        assert first.returncode == 1
+        assert first.stderr.count(f"creating an embedded PostgreSQL in {data_dir}") == 1
+        assert first.stderr.count("embedded PostgreSQL in") == 1
+        assert "run `tasker db migrate`" in first.stderr and "Traceback" not in first.stderr
+        assert tasker("db", "migrate").returncode == 0
+        again = tasker("coordinator", "--once")
+        assert again.returncode == 0, again.stderr
+        assert again.stderr.count(f"Using the embedded PostgreSQL in {data_dir}") == 1
+        assert again.stderr.count("embedded PostgreSQL in") == 1
+        assert not (data_dir / "postmaster.pid").exists()  # stopped with its last user
+    finally:
+        from tasker.db.embedded import stop_embedded
+
+        stop_embedded(data_dir)
