@@ -452,10 +452,19 @@ def _cmd_db_url(args: argparse.Namespace) -> int:
 
 def _cmd_db_schema(args: argparse.Namespace) -> int:
     from tasker.db.connection import connect
+    from tasker.db.errors import mask_url
+    from tasker.db.migrate import schema_problem
     from tasker.db.schema import dump_schema
+    from tasker.exceptions import MigrationError
     from tasker.resources import bundled_path
 
-    with connect(_database_url()) as conn:
+    url = _database_url()
+    with connect(url) as conn:
+        problem = schema_problem(conn)  # else --write would save an unmigrated schema
+        if problem is not None:
+            raise MigrationError(
+                f"The schema of the database at {mask_url(url)} is not Tasker's yet: {problem}."
+            )
         text = dump_schema(conn)
     snapshot = bundled_path("sql") / "schema.sql"
     if args.write:

@@ -68,13 +68,48 @@ def test_an_unreachable_database_is_one_line_naming_the_masked_url(
     assert "s3cret" not in line
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["queues"],
+        ["queues", "--json"],
+        ["queues", "create", "tests.workers.flows"],
+        ["queues", "create", "tests.workers.actors"],
+        ["dlq", "list", "default"],
+        ["dlq", "replay", "default", "--all"],
+        ["dlq", "replay", "default", "--id", "1"],
+        ["dlq", "purge", "default", "--yes"],
+        ["dlq", "tasks", "list"],
+        [
+            "dlq",
+            "tasks",
+            "resolve",
+            "00000000-0000-0000-0000-000000000000",
+            "--status",
+            "cancelled",
+        ],
+        ["workers"],
+        ["scale"],
+        ["db", "schema", "--check"],
+        ["db", "schema", "--write"],
+    ],
+    ids=" ".join,
+)
 def test_an_unmigrated_database_says_to_migrate(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], empty_database_url: str
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    empty_database_url: str,
+    argv: list[str],
 ) -> None:
+    """(`tasker worker` says it in each worker process and restarts it with backoff:
+    tests/test_worker_supervisor.py; `coordinator --once` in its report: below.)"""
     monkeypatch.setenv("TASKER_ENV", "test")
     monkeypatch.setenv("TASKER_DATABASE__URL", empty_database_url)
-    assert main(["queues"]) == 1
-    assert "run `tasker db migrate`" in _error_line(capsys)
+    snapshot = (ROOT / "sql" / "schema.sql").read_text()
+    assert main(argv) == 1
+    line = _error_line(capsys)
+    assert "run `tasker db migrate`" in line and line.endswith("`tasker db migrate`.")
+    assert (ROOT / "sql" / "schema.sql").read_text() == snapshot  # --write wrote nothing
 
 
 def test_a_coordinator_on_an_unmigrated_database_waits_and_says_to_migrate(
