@@ -322,7 +322,21 @@ def test_the_coordinator_names_a_port_in_use(env: str, capsys: pytest.CaptureFix
 
 
 @pytest.mark.parametrize(
-    "argv", [["settings"], ["queues", "--json"], ["dlq", "tasks", "list", "--json"]], ids=" ".join
+    "argv",
+    [
+        ["settings"],
+        ["queues"],
+        ["queues", "--json"],
+        ["dlq", "tasks", "list", "--json"],
+        ["db", "status"],
+        ["db", "url"],
+        ["db", "schema"],
+        ["workers"],
+        ["scale"],
+        ["coordinator", "--once"],
+        ["deploy", "workers", "fulfillment", "billing", "--modules", "myapp.flows"],
+    ],
+    ids=" ".join,
 )
 def test_a_closed_stdout_ends_the_command_quietly(env: str, argv: list[str]) -> None:
     """`tasker ... | head -1`: the reader is gone before the output is written."""
@@ -608,3 +622,47 @@ def test_outside_a_project_without_a_url_it_says_once_where_the_embedded_server_
         from tasker.db.embedded import stop_embedded
 
         stop_embedded(data_dir)
+
+
+#: Output larger than a pipe's buffer (64 KiB on Linux), so the command is still writing when
+#: its reader goes away.
+_MANY_NAMESPACES = [f"pool_{n}" for n in range(40)]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["deploy", "workers", *_MANY_NAMESPACES, "--modules", "myapp.flows", "--orchestration"],
+        ["--help"],
+        ["deploy", "workers", "--help"],
+        ["settings"],
+        ["queues"],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+def test_a_reader_that_stops_after_one_line_ends_the_command_quietly(
+    env: str, argv: list[str]
+) -> None:
+    """`tasker ... | head -1`: the reader takes one line and closes the pipe while the command
+    may still be writing; it ends with 141, or 0 when its output was all in the pipe before the
+    reader left (some sandboxes never report a closed pipe to a writer once it was read from:
+    the test above closes it before the command starts), never with a traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasker.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        assert proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert code in (0, EXIT_BROKEN_PIPE), err
+    assert "Traceback" not in err and "Error" not in err and "Exception" not in err
