@@ -8,6 +8,8 @@ from __future__ import annotations
 from tasker.backends import PostgresRateLimiterBackend, PostgresResultBackend
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.client import Client
+from tasker.engine.actions import ActionResult, AuditEntry, CancelResult
+from tasker.engine.listing import TaskPage, TaskSummary
 from tasker.engine.status import StepStatus, TaskStatus
 from tasker.engine.tasks import TaskHandle
 from tasker.exceptions import (
@@ -17,6 +19,7 @@ from tasker.exceptions import (
     DatabaseUnavailableError,
     DlqEntryNotFoundError,
     IdempotencyConflictError,
+    InvalidFilterError,
     MigrationError,
     PayloadError,
     QueueNameError,
@@ -42,13 +45,17 @@ from tasker.workflow.states import InvalidTransitionError, StepState, TaskState
 
 __all__ = [
     "ActionNotAllowedError",
+    "ActionResult",
+    "AuditEntry",
     "BackoffPolicy",
+    "CancelResult",
     "Client",
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailableError",
     "DlqEntryNotFoundError",
     "IdempotencyConflictError",
+    "InvalidFilterError",
     "InvalidTransitionError",
     "MigrationError",
     "PGMQBroker",
@@ -66,8 +73,10 @@ __all__ = [
     "StepStatus",
     "TaskHandle",
     "TaskNotFoundError",
+    "TaskPage",
     "TaskState",
     "TaskStatus",
+    "TaskSummary",
     "TaskTimeoutError",
     "TaskerError",
     "TemplateConflictError",

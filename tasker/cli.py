@@ -17,7 +17,21 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from tasker.cli_args import non_negative_float, non_negative_int, positive_int
+from tasker.cli_args import (
+    LIMIT_MAX,
+    PROCESSES_MAX,
+    REPLICAS_MAX,
+    SECONDS_MAX,
+    THREADS_MAX,
+    int_range,
+    limit,
+    msg_id,
+    processes,
+    replicas,
+    seconds,
+    shutdown_seconds,
+    threads,
+)
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
 from tasker.cli_tasks import add_task_commands
 from tasker.exceptions import ConfigurationError, TaskerError
@@ -127,7 +141,10 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="run the demo end to end (embedded PostgreSQL, migrations, a worker)"
     )
     demo.add_argument(
-        "--orders", type=positive_int, default=5, help="orders to process (default 5)"
+        "--orders",
+        type=int_range(1, 1000),
+        default=5,
+        help="orders to process, 1 to 1000 (default 5)",
     )
     demo.set_defaults(handler=_cmd_demo)
     return parser
@@ -176,16 +193,17 @@ def _add_worker_command(commands: Any) -> None:
     worker.add_argument(
         "-p",
         "--processes",
-        type=positive_int,
-        default=os.cpu_count() or 1,
-        help="worker processes to run (default: the number of CPUs, %(default)s)",
+        type=processes,
+        default=min(os.cpu_count() or 1, PROCESSES_MAX),
+        help=f"worker processes to run, 1 to {PROCESSES_MAX} (default: the number of CPUs, "
+        "%(default)s)",
     )
     worker.add_argument(
         "-t",
         "--threads",
-        type=positive_int,
+        type=threads,
         default=8,
-        help="worker threads per process (default: %(default)s)",
+        help=f"worker threads per process, 1 to {THREADS_MAX} (default: %(default)s)",
     )
     worker.add_argument(
         "-Q",
@@ -203,10 +221,11 @@ def _add_worker_command(commands: Any) -> None:
     )
     worker.add_argument(
         "--shutdown-timeout",
-        type=non_negative_float,
+        type=shutdown_seconds,
         default=600.0,
         metavar="SECONDS",
-        help="graceful stop: how long running handlers may take to finish (default: 600)",
+        help="graceful stop: how long running handlers may take to finish, at most "
+        f"{SECONDS_MAX} (default: 600)",
     )
     worker.set_defaults(handler=_cmd_worker)
 
@@ -225,22 +244,49 @@ def _add_dlq_commands(commands: Any) -> None:
     dlq = commands.add_parser("dlq", help="inspect, replay or purge dead-lettered messages")
     sub = dlq.add_subparsers(title="dlq commands", metavar="COMMAND", required=True)
     show = sub.add_parser("list", help="list dead letters of a queue")
-    show.add_argument("queue", help="Dramatiq queue name, e.g. default")
     show.add_argument(
-        "--limit", type=positive_int, default=50, help="at most this many (default 50)"
+        "queue", help="Dramatiq queue name (e.g. default), or the PGMQ name `tasker queues` prints"
+    )
+    show.add_argument(
+        "--limit",
+        type=limit,
+        default=50,
+        help=f"at most this many, up to {LIMIT_MAX} (default 50)",
     )
     show.set_defaults(handler=_cmd_dlq_list)
     replay = sub.add_parser("replay", help="send dead letters back to their queue")
-    replay.add_argument("queue")
+    replay.add_argument(
+        "queue", help="Dramatiq queue name, or the PGMQ name `tasker queues` prints"
+    )
     target = replay.add_mutually_exclusive_group(required=True)
     target.add_argument(
-        "--id", type=positive_int, nargs="+", dest="ids", help="dead-letter msg_ids"
+        "--id",
+        type=msg_id,
+        nargs="+",
+        dest="ids",
+        help="dead-letter msg_ids (`dlq list` shows them)",
     )
     target.add_argument("--all", action="store_true", help="every dead letter of the queue")
     replay.set_defaults(handler=_cmd_dlq_replay)
-    purge = sub.add_parser("purge", help="delete every dead letter of a queue")
-    purge.add_argument("queue")
-    purge.set_defaults(handler=_cmd_dlq_purge)
+    purge = sub.add_parser(
+        "purge",
+        help="delete every dead letter of a queue (asks first; --yes to skip)",
+        description="Deletes every dead letter of QUEUE for good. On a terminal it says how "
+        "many and asks y/N (no: nothing is deleted, exit code 1); elsewhere (a script, a cron "
+        "job, a pipe) it refuses unless --yes is given (exit code 2).",
+    )
+    purge.add_argument(
+        "queue",
+        metavar="QUEUE",
+        help="Dramatiq queue name, or the PGMQ name `tasker queues` prints",
+    )
+    purge.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="delete without asking (required when stdin is not a terminal)",
+    )
+    purge.set_defaults(handler=_cmd_dlq_purge, parser=purge)
     add_dlq_task_commands(sub)
 
 
@@ -308,21 +354,21 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--min-replicas",
-        type=positive_int,
+        type=replicas,
         default=1,
         metavar="N",
-        help="autoscaler minimum (default: 1)",
+        help=f"autoscaler minimum, 1 to {REPLICAS_MAX} (default: 1)",
     )
     workers.add_argument(
         "--max-replicas",
-        type=positive_int,
+        type=replicas,
         default=10,
         metavar="N",
-        help="autoscaler maximum (default: 10)",
+        help=f"autoscaler maximum, 1 to {REPLICAS_MAX} (default: 10)",
     )
     workers.add_argument(
         "--shutdown-timeout",
-        type=non_negative_int,
+        type=seconds,
         default=50,
         metavar="SECONDS",
         help="`tasker worker --shutdown-timeout`: how long running handlers may finish after "
@@ -330,26 +376,27 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     )
     workers.add_argument(
         "--processes",
-        type=positive_int,
+        type=processes,
         default=None,
         metavar="N",
-        help="worker processes per pod (default: coordinator.scaling.processes, the capacity the "
-        "scaling rule assumes)",
+        help=f"worker processes per pod, 1 to {PROCESSES_MAX} (default: "
+        "coordinator.scaling.processes, the capacity the scaling rule assumes)",
     )
     workers.add_argument(
         "--threads",
-        type=positive_int,
+        type=threads,
         default=None,
         metavar="N",
-        help="threads per worker process (default: coordinator.scaling.threads)",
+        help=f"threads per worker process, 1 to {THREADS_MAX} (default: "
+        "coordinator.scaling.threads)",
     )
     workers.add_argument(
         "--termination-grace-period",
-        type=positive_int,
+        type=int_range(1, SECONDS_MAX, "a day"),
         default=60,
         metavar="SECONDS",
-        help="the pods' terminationGracePeriodSeconds, after which the kubelet sends SIGKILL "
-        "(default: 60)",
+        help="the pods' terminationGracePeriodSeconds, after which the kubelet sends SIGKILL, "
+        f"at most {SECONDS_MAX} (default: 60)",
     )
 
 
@@ -407,10 +454,19 @@ def _cmd_db_url(args: argparse.Namespace) -> int:
 
 def _cmd_db_schema(args: argparse.Namespace) -> int:
     from tasker.db.connection import connect
+    from tasker.db.errors import mask_url
+    from tasker.db.migrate import schema_problem
     from tasker.db.schema import dump_schema
+    from tasker.exceptions import MigrationError
     from tasker.resources import bundled_path
 
-    with connect(_database_url()) as conn:
+    url = _database_url()
+    with connect(url) as conn:
+        problem = schema_problem(conn)  # else --write would save an unmigrated schema
+        if problem is not None:
+            raise MigrationError(
+                f"The schema of the database at {mask_url(url)} is not Tasker's yet: {problem}."
+            )
         text = dump_schema(conn)
     snapshot = bundled_path("sql") / "schema.sql"
     if args.write:
@@ -537,15 +593,27 @@ def _cmd_queues(args: argparse.Namespace) -> int:
 
 
 def _cmd_queues_create(args: argparse.Namespace) -> int:
+    """Declare what a worker of MODULES declares at boot (``tasker.actors``): the orchestration
+    stages, every plain actor, and the step actors of every workflow, on their namespace's
+    ``worker_<namespace>_queue``; then create those queues."""
     import dramatiq
 
+    from tasker.runtime.workflows import bind_workflow, install_from_settings
+    from tasker.workflow.definition import registered_workflows
+
     broker = _broker()
-    dramatiq.set_broker(broker)
-    _import_modules(args.modules)
-    for queue_name in sorted(broker.get_declared_queues()):
-        broker.ensure_queue(broker.names(queue_name), create=True)
-        print(f"queue {queue_name} -> pgmq.q_{broker.names(queue_name).main}")
-    broker.close()
+    try:
+        dramatiq.set_broker(broker)
+        # a worker binds each workflow's steps as it is defined; here, once all are imported
+        install_from_settings(broker, _settings(), bind_workflows=False)
+        _import_modules(args.modules)
+        for flow in registered_workflows():
+            bind_workflow(broker, flow)
+        for queue_name in sorted(broker.get_declared_queues()):
+            broker.ensure_queue(broker.names(queue_name), create=True)
+            print(f"queue {queue_name} -> pgmq.q_{broker.names(queue_name).main}")
+    finally:
+        broker.close()
     return 0
 
 
@@ -578,12 +646,45 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_dlq_purge(args: argparse.Namespace) -> int:
-    from tasker.brokers.admin import purge_dead_letters
+    from tasker.brokers.admin import dead_letter_summary, purge_dead_letters
 
-    settings = _settings()
-    deleted = purge_dead_letters(_database_url(), args.queue, namespace=settings.broker.namespace)
+    if not args.yes and not _stdin_is_terminal():
+        args.parser.error(
+            f"purge deletes every dead letter of {args.queue!r} for good: pass --yes to confirm "
+            "(stdin is not a terminal, so it cannot ask)"
+        )
+    namespace = _settings().broker.namespace
+    url = _database_url()
+    through = None
+    if not args.yes:
+        count, through = dead_letter_summary(url, args.queue, namespace=namespace)
+        if count == 0:
+            print(f"{args.queue} has no dead letters: nothing to delete")
+            return 0
+        if not _confirm(f"Delete the {count} dead letter(s) of {args.queue} for good? [y/N] "):
+            print("Nothing deleted.", file=sys.stderr)
+            return 1
+    deleted = purge_dead_letters(url, args.queue, namespace=namespace, through=through)
     print(f"deleted {deleted} dead letter(s) of {args.queue}")
     return 0
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):  # closed or replaced
+        return False
+
+
+def _confirm(question: str) -> bool:
+    """Ask ``question`` on stderr (stdout may be piped) and read the answer: only y or yes (any
+    case) is a yes; end of input is a no."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if not answer:
+        sys.stderr.write("\n")
+    return answer.strip().lower() in ("y", "yes")
 
 
 # -- deploy ----------------------------------------------------------------------------------
@@ -617,12 +718,21 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
 def _cmd_settings(args: argparse.Namespace) -> int:
     import msgspec
 
+    print(json.dumps(_masked(msgspec.to_builtins(_settings())), indent=2))
+    return 0
+
+
+def _masked(value: Any) -> Any:
+    """``value`` (settings as JSON data) with the password of every URL in it masked: not only
+    ``database.url``, any string setting holding a URL or ``password=`` pair (``mask_url``
+    leaves other strings as they are)."""
     from tasker.db.errors import mask_url
 
-    data = msgspec.to_builtins(_settings())
-    data["database"]["url"] = mask_url(data["database"]["url"])
-    print(json.dumps(data, indent=2))
-    return 0
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return mask_url(value) if isinstance(value, str) else value
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -1,5 +1,10 @@
 """Argument types of the ``tasker`` CLI: a bad number is an argparse usage error (exit code 2)
-naming the option and the values it takes, never a traceback or a silently odd run."""
+naming the option and the values it takes, never a traceback or a silently odd run.
+
+Every whole number has an upper bound too: at most a PostgreSQL ``bigint`` (an id, a count sent
+to SQL), and a sane one where a huge value can only be a typo (``-p 100000`` worker processes,
+``--limit`` rows to print, seconds beyond a day).
+"""
 
 from __future__ import annotations
 
@@ -11,54 +16,113 @@ from datetime import datetime
 from typing import Any
 
 __all__ = [
-    "bounded_int",
+    "INT64_MAX",
+    "LIMIT_MAX",
+    "PROCESSES_MAX",
+    "REPLICAS_MAX",
+    "SECONDS_MAX",
+    "THREADS_MAX",
     "coordinator_interval",
+    "int_range",
     "iso_datetime",
     "json_object",
     "json_value",
     "key_value",
+    "limit",
+    "msg_id",
     "non_negative_float",
     "non_negative_int",
     "positive_int",
+    "processes",
+    "replicas",
+    "seconds",
+    "shutdown_seconds",
     "tcp_port",
+    "threads",
 ]
+
+#: PostgreSQL's ``bigint``: ids and counts beyond it cannot reach SQL.
+INT64_MAX = 2**63 - 1
+#: Rows a listing prints (``--limit``).
+LIMIT_MAX = 100_000
+#: Worker processes per ``tasker worker`` (or per pod).
+PROCESSES_MAX = 256
+#: Threads per worker process.
+THREADS_MAX = 1024
+#: Pods an autoscaler may run per Deployment.
+REPLICAS_MAX = 1000
+#: A day: the longest shutdown timeout or grace period.
+SECONDS_MAX = 86_400
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 40 else value[:37] + "...")
 
 
 def _int(value: str) -> int:
     try:
         return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {value!r}") from None
+    except ValueError:  # also past Python's 4300 digits
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {_shown(value)}") from None
 
 
 def _float(value: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, not {value!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a number, not {_shown(value)}") from None
 
 
-def positive_int(value: str) -> int:
-    """A whole number of at least 1 (counts, limits, ids)."""
-    number = _int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
+def int_range(low: int, high: int, why: str = "") -> Callable[[str], int]:
+    """The argument type of a whole number from ``low`` to ``high``; ``why`` (``"a day"``) says
+    in the error what the upper bound is."""
+
+    def parse(value: str) -> int:
+        number = _int(value)
+        if number < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {number}")
+        if number > high:
+            bound = f"{high} ({why})" if why else str(high)
+            raise argparse.ArgumentTypeError(f"must be at most {bound}, not {number}")
+        return number
+
+    parse.__name__ = f"int_{low}_to_{high}"
+    return parse
 
 
-def non_negative_int(value: str) -> int:
-    """A whole number of at least 0."""
-    number = _int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {number}")
-    return number
+#: A whole number of at least 1 (counts, ids), at most a ``bigint``.
+positive_int = int_range(1, INT64_MAX, "the largest bigint")
+#: A whole number of at least 0, at most a ``bigint``.
+non_negative_int = int_range(0, INT64_MAX, "the largest bigint")
+#: A PGMQ ``msg_id``.
+msg_id = int_range(1, INT64_MAX, "the largest msg_id, a bigint")
+#: How many rows a listing prints.
+limit = int_range(1, LIMIT_MAX)
+#: Worker processes.
+processes = int_range(1, PROCESSES_MAX)
+#: Threads per worker process.
+threads = int_range(1, THREADS_MAX)
+#: Autoscaler bounds.
+replicas = int_range(1, REPLICAS_MAX)
+#: Whole seconds, 0 to a day.
+seconds = int_range(0, SECONDS_MAX, "a day")
 
 
 def non_negative_float(value: str) -> float:
-    """A finite number of seconds, 0 or more."""
+    """A finite number, 0 or more."""
     number = _float(value)
     if not 0 <= number < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {value}")
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {value}")
+    return number
+
+
+def shutdown_seconds(value: str) -> float:
+    """Seconds that running handlers may take to finish: 0 to a day."""
+    number = _float(value)
+    if not 0 <= number <= SECONDS_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 0 to {SECONDS_MAX} (a day), not {value}"
+        )
     return number
 
 
@@ -81,18 +145,6 @@ def coordinator_interval(value: str) -> float:
     if problem is not None:
         raise argparse.ArgumentTypeError(f"{problem} (seconds per cycle)")
     return number
-
-
-def bounded_int(low: int, high: int) -> Callable[[str], int]:
-    """A whole number from ``low`` to ``high``."""
-
-    def parse(value: str) -> int:
-        number = _int(value)
-        if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, not {number}")
-        return number
-
-    return parse
 
 
 def json_value(value: str) -> Any:

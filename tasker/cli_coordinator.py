@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from tasker.cli_args import coordinator_interval, positive_int, tcp_port
+from tasker.cli_args import LIMIT_MAX, coordinator_interval, limit, tcp_port
 
 if TYPE_CHECKING:
     from tasker.coordinator.http import HealthServer
@@ -77,7 +77,10 @@ def add_dlq_task_commands(dlq_commands: Any) -> None:
         help="entries with this resolution status (default: pending)",
     )
     listing.add_argument(
-        "--limit", type=positive_int, default=50, help="at most this many (default 50)"
+        "--limit",
+        type=limit,
+        default=50,
+        help=f"at most this many, up to {LIMIT_MAX} (default 50)",
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_cmd_dlq_tasks_list)

@@ -23,10 +23,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasker.cli_args import bounded_int, iso_datetime, json_object, json_value, key_value
+from tasker.cli_args import int_range, iso_datetime, json_object, json_value, key_value
 from tasker.exceptions import (
     DatabaseUnavailableError,
     DlqEntryNotFoundError,
+    InvalidFilterError,
     StepNotFoundError,
     TaskerError,
     TaskNotFoundError,
@@ -121,7 +122,7 @@ def _add_task_submit(sub: Any) -> None:
     submit.add_argument("--version", help="template version (default: the latest release)")
     submit.add_argument("--idempotency-key", help="one task per key (see docs/workflows.md)")
     submit.add_argument(
-        "--priority", type=bounded_int(-100, 100), default=0, help="-100..100 (default 0)"
+        "--priority", type=int_range(-100, 100), default=0, help="-100..100 (default 0)"
     )
     submit.add_argument("--initiator", help="who asks (stored, searchable)")
     submit.add_argument("--source-system", help="which system asks (stored, searchable)")
@@ -179,7 +180,7 @@ def _add_task_views(sub: Any) -> None:
         help="tasks with this tag (repeatable: all of them)",
     )
     listing.add_argument(
-        "--limit", type=bounded_int(1, 1000), default=50, help="tasks per page, 1..1000 (50)"
+        "--limit", type=int_range(1, 1000), default=50, help="tasks per page, 1..1000 (50)"
     )
     listing.add_argument("--cursor", help="the cursor a previous page printed")
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -484,7 +485,7 @@ def _guarded(handler: Handler) -> Handler:
 
 
 def _error_code(exc: TaskerError) -> int:
-    if isinstance(exc, _UsageError):
+    if isinstance(exc, (_UsageError, InvalidFilterError)):
         return EXIT_USAGE
     if isinstance(
         exc, (TaskNotFoundError, StepNotFoundError, TemplateNotFoundError, DlqEntryNotFoundError)

@@ -46,6 +46,7 @@ from tasker.engine.actions import (
     step_audit,
     task_audit,
 )
+from tasker.engine.listing import TaskPage, list_tasks
 from tasker.engine.status import StepStatus, TaskStatus, task_status
 from tasker.engine.tasks import TaskHandle, TaskRequest, create_task
 from tasker.engine.templates import (
@@ -222,12 +223,11 @@ class Client:
         tags: Mapping[str, Any] | None = None,
         limit: int = 50,
         cursor: str | None = None,
-    ) -> Any:
+    ) -> TaskPage:
         """Tasks matching every filter given, newest first, ``limit`` at a time; pass the page's
         ``next_cursor`` as ``cursor`` for the next page (keyset pagination: stable while tasks
-        are added). See :func:`tasker.engine.listing.list_tasks` for the filters' rules."""
-        from tasker.engine.listing import list_tasks
-
+        are added). See :func:`tasker.engine.listing.list_tasks` for the filters' rules; a bad
+        filter raises :class:`~tasker.exceptions.InvalidFilterError`."""
         with self._connection() as conn:
             return list_tasks(
                 conn,

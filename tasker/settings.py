@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -158,8 +159,9 @@ def _settings_path(settings_file: str | Path | None) -> Path:
     if chosen:
         path = Path(chosen)
         if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
             raise ConfigurationError(
-                f"Settings file {path} does not exist; fix {SETTINGS_FILE_VAR} or --settings."
+                f"Settings file {path} {what}; fix {SETTINGS_FILE_VAR} or --settings."
             )
         return path
     local = Path.cwd() / "settings" / "settings.toml"
@@ -191,9 +193,33 @@ def _lower_keys(value: Any) -> Any:
     return value
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The settings file as TOML; a file that cannot be read or parsed is a
+    :class:`ConfigurationError` naming it and the line (never a traceback)."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        problem = f"is not valid TOML: {exc}"
+    except UnicodeDecodeError as exc:
+        problem = f"is not UTF-8 text, as TOML must be ({exc.reason} at byte {exc.start})"
+    except OSError as exc:
+        problem = f"cannot be read: {exc.strerror or exc}"
+    raise ConfigurationError(
+        f"Settings file {path} {problem}. Fix it, or point {SETTINGS_FILE_VAR} (or --settings) at "
+        "another file."
+    )
+
+
 def _check_known_environment(env: str, path: Path) -> None:
-    with path.open("rb") as handle:
-        sections = {name.lower() for name in tomllib.load(handle)} - {"default", "global"}
+    document = _read_toml(path)
+    for name, value in document.items():
+        if not isinstance(value, dict):
+            raise ConfigurationError(
+                f"Settings file {path}: {name!r} must be a [{name}] table: the file holds one "
+                "table of settings per environment ([default], [development], [production], ...)."
+            )
+    sections = {name.lower() for name in document} - {"default", "global"}
     known = sorted(sections | set(ENVIRONMENTS))
     if env not in known:
         raise ConfigurationError(
@@ -343,8 +369,9 @@ def _check_values(settings: Settings, path: Path, *, need_database: bool) -> Non
 
 
 def _url_problem(url: str) -> str | None:
-    """Why libpq cannot parse ``url`` (its password masked), or None: an unparsable URL never
-    reaches the driver, whose errors and logs may quote it whole."""
+    """Why ``url`` is not a PostgreSQL URL libpq can use (its password never shown), or None:
+    an unparsable URL never reaches the driver, whose errors and logs may quote it whole, and a
+    port that is not a number is a settings error, not "cannot reach PostgreSQL"."""
     if not url:
         return None
     import psycopg
@@ -352,14 +379,45 @@ def _url_problem(url: str) -> str | None:
 
     from tasker.db.errors import redact
 
+    scheme, is_uri, _ = url.partition("://")
+    if is_uri and scheme not in ("postgresql", "postgres"):
+        return (
+            "must be a postgresql:// URL (or postgres://, in lower case) or libpq key=value "
+            f"pairs (host=... dbname=...), not a {scheme[:20]}:// URL"
+        )
+    if not is_uri and "=" not in url:
+        return (
+            "is neither a postgresql:// URL nor libpq key=value pairs (host=... dbname=...); "
+            "e.g. postgresql://user:password@host:5432/dbname"
+        )
     try:
-        conninfo_to_dict(url)
+        params = conninfo_to_dict(url)
     except psycopg.Error as exc:
         reason = (redact(str(exc).strip(), url).splitlines() or [type(exc).__name__])[0]
-        return (
-            f"is not a PostgreSQL URL libpq can parse ({reason}); in a URL, write the "
-            "password's special characters percent-encoded (% as %25, @ as %40, / as %2F)"
+        fix = (
+            "in a URL, write the password's special characters percent-encoded (% as %25, @ as "
+            "%40, / as %2F)"
+            if is_uri
+            else "in key=value pairs, quote a value that holds spaces in single quotes "
+            "(password='a b')"
         )
+        return f"is not a PostgreSQL URL libpq can parse ({reason}); {fix}"
+    authority = re.split(r"[/?]", url.partition("://")[2], maxsplit=1)[0]
+    if authority.count("@") > 1:
+        # "user:p@ss@host" reads as password "p" and host "ss@host": never show that host
+        return (
+            "has more than one @ before the host; a password that holds / : or @ must be "
+            "percent-encoded in a URL (/ as %2F, : as %3A, @ as %40)"
+        )
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            if not is_uri:
+                return f"has port={port[:20]!r}, which is not a number from 1 to 65535"
+            # not quoted: "user:pass/word@host" reads as host "user" and port "pass"
+            return (
+                "has a port that is not a number from 1 to 65535; a password that holds / : or "
+                "@ must be percent-encoded in a URL (/ as %2F, : as %3A, @ as %40)"
+            )
     return None
 
 

@@ -9,6 +9,7 @@ Tests that stop or restart PostgreSQL use ``private_postgres`` instead: a server
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,13 @@ def drop_database(server_url: str, name: str) -> None:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A cancelled run (SIGTERM, as CI, `timeout` or `kill` send it) ends as Ctrl-C does: the
+    fixtures are torn down and the embedded PostgreSQL the run started is stopped by its exit
+    handler, where Python would otherwise die at once and leave the server running."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -58,6 +58,20 @@ def test_db_schema_check_passes_on_a_migrated_database(
             "host=db.internal password='s3cret word' dbname=app",
             "host=db.internal password=*** dbname=app",
         ),
+        ("postgres://app:s3cret@db1:5432,db2:5433/app", "postgres://app:***@db1:5432,db2:5433/app"),
+        ("postgresql://app:s3c%40ret@[::1]:5432/app", "postgresql://app:***@[::1]:5432/app"),
+        (
+            "postgresql://app@db.internal/app?sslmode=require&sslpassword=s3cret",
+            "postgresql://app@db.internal/app?sslmode=require&sslpassword=***",
+        ),
+        (
+            "host=db.internal password = s3cret dbname=app",
+            "host=db.internal password = *** dbname=app",
+        ),
+        (
+            "postgresql:///app?host=/run/pg&password=s3cret",
+            "postgresql:///app?host=/run/pg&password=***",
+        ),
     ],
 )
 def test_settings_masks_the_password(
@@ -68,6 +82,28 @@ def test_settings_masks_the_password(
     out = capsys.readouterr().out
     assert "s3cret" not in out
     assert json.loads(out)["database"]["url"] == shown
+
+
+def test_settings_masks_a_password_in_any_url_valued_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not only database.url: every string printed goes through the same masking."""
+    from tasker.cli import _masked
+
+    monkeypatch.setenv("TASKER_DATABASE__APPLICATION_NAME", "postgresql://app:s3cret@db/app")
+    assert main(["settings"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out
+    assert json.loads(out)["database"]["application_name"] == "postgresql://app:***@db/app"
+    data = {
+        "sentry": {"dsn": "https://key:s3cret@o1.ingest.sentry.io/1"},
+        "cache": ["redis://:s3cret@cache:6379/0", "host=x password=s3cret"],
+        "plain": ["INFO", ".tasker/pgdata", 5, None, True],
+    }
+    masked = _masked(data)
+    assert "s3cret" not in json.dumps(masked)
+    assert masked["sentry"]["dsn"] == "https://key:***@o1.ingest.sentry.io/1"
+    assert masked["plain"] == data["plain"]
 
 
 def test_an_unparsable_database_url_is_a_settings_error_without_the_password(
@@ -124,7 +160,7 @@ def test_queues_and_dead_letter_commands(
     assert "replayed 1" in capsys.readouterr().out
     broker.join(fails_once.queue_name, timeout=10_000)
     assert calls == [1, 1]
-    assert main(["dlq", "purge", "default"]) == 0
+    assert main(["dlq", "purge", "default", "--yes"]) == 0
     assert "deleted 0" in capsys.readouterr().out
 
 
@@ -143,6 +179,27 @@ def test_queues_create_makes_queues_without_auto_create(
         assert conn.execute("SELECT to_regclass('pgmq.q_tasker_billing__xq')").fetchone() == (
             "pgmq.q_tasker_billing__xq",
         )
+
+
+def test_queues_create_makes_the_workflow_and_orchestration_queues_a_worker_declares(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`queues create` of a workflow module creates its namespace's worker queue and the four
+    orchestration queues, as a worker of that module declares them, besides plain actors'."""
+    from tasker.brokers.queue_names import map_queue_name
+    from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, TASK_REQUEST
+
+    monkeypatch.setenv("TASKER_BROKER__AUTO_CREATE_QUEUES", "false")
+    assert main(["queues", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []  # a migrated database without queues
+    assert main(["queues", "create", "tests.workers.flows"]) == 0
+    out = capsys.readouterr().out
+    assert "queue worker_crashy_queue -> pgmq.q_tasker_worker_crashy_queue" in out
+    assert main(["queues", "--json"]) == 0
+    listed = {q["queue"] for q in json.loads(capsys.readouterr().out)}
+    expected = ["worker_crashy_queue", "default"]  # the workflow's steps; a plain actor
+    expected += [s.queue for s in (TASK_REQUEST, STEP_ENQUEUE, PROCESS_RESULT, FINALIZE)]
+    assert {map_queue_name(q, "tasker").main for q in expected} <= listed
 
 
 def test_worker_command_runs_workers_and_stops_on_sigterm(env: str, tmp_path: Any) -> None:

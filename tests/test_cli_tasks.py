@@ -165,14 +165,15 @@ def test_templates_list_and_show(cli: Any, flows: InProcessFlows) -> None:
         (["step", "retry", "00000000-0000-7000-8000-000000000000", "x"], 3, "No task"),
         (["templates", "show", "clitest", "nope"], 3, "No task template"),
         (["task", "submit", "clitest", "nope"], 3, "No task template"),
-        (["task", "list", "--state", "done"], 1, "state"),
+        (["task", "list", "--state", "done"], 2, "state"),
+        (["task", "list", "--cursor", "garbage!"], 2, "cursor"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
 )
 def test_errors_are_one_line_with_their_exit_code(
     cli: Any, argv: list[str], code: int, message: str
 ) -> None:
-    got, out, err = cli(*argv)
+    got, _, err = cli(*argv)
     assert got == code, err
     assert err.startswith("tasker: error:") and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -296,7 +296,8 @@ def test_blocks_that_cannot_be_checked_as_written_are_refused(markdown: str, ref
         ),
         ("```console\n$ tasker coordinator --once\nan output line\n```\n", "shell"),
         (
-            '```bash\nT=$(tasker task submit a b -q)\ntasker task wait "$T" || tasker task get $T\n```\n',
+            "```bash\nT=$(tasker task submit a b -q)\n"
+            'tasker task wait "$T" || tasker task get $T\n```\n',
             "shell",
         ),
         ("<!-- docs-test: background -->\n\n```bash\ntasker worker app -p 2\n```\n", "background"),

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tasker.db.embedded import stop_embedded
+
 ROOT = Path(__file__).resolve().parent.parent
 SITE_PACKAGES = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"), None)
 
@@ -25,14 +27,14 @@ with psycopg.connect(url) as conn:
 """
 
 
-def _run(data_dir: Path, *, as_user: str | None = None) -> tuple[int, int]:
+def _run(data_dir: Path, *, as_user: str | None = None, script: str = SCRIPT) -> tuple[int, int]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_RUNTIME_DIR=str(data_dir.parent / "run"))
-    command = [sys.executable, "-c", SCRIPT, str(data_dir)]
+    command = [sys.executable, "-c", script, str(data_dir)]
     if as_user is not None:
         assert SITE_PACKAGES is not None
         env["PYTHONPATH"] = f"{ROOT}:{SITE_PACKAGES}"
         python = "/usr/bin/python3.11"
-        command = ["runuser", "-u", as_user, "--", python, "-c", SCRIPT, str(data_dir)]
+        command = ["runuser", "-u", as_user, "--", python, "-c", script, str(data_dir)]
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -55,6 +57,25 @@ def test_embedded_server_is_reused_and_stopped_with_its_last_user(tmp_path: Path
     assert _stopped(data_dir)
     assert _run(data_dir) == (version, 2)  # the data was kept and reused
     assert _stopped(data_dir)
+
+
+@pytest.mark.slow
+def test_a_user_killed_before_its_exit_handlers_does_not_keep_the_server_running(
+    tmp_path: Path,
+) -> None:
+    """A process that dies without its exit handlers (SIGKILL; os._exit here) stays in the
+    package's list of the server's users: the next process to join forgets it, so the server is
+    stopped with the last live user again (it used to run until `tasker db stop`)."""
+    data_dir = tmp_path / "pgdata"
+    (tmp_path / "run").mkdir(mode=0o700)
+    killed = SCRIPT + "sys.stdout.flush()\nimport os\nos._exit(0)\n"
+    try:
+        version, _visits = _run(data_dir, script=killed)
+        assert not _stopped(data_dir), "the killed user's server is left running"
+        assert _run(data_dir) == (version, 2)
+        assert _stopped(data_dir)
+    finally:
+        stop_embedded(data_dir)  # whatever failed, leave no server behind
 
 
 @pytest.mark.slow

@@ -5,6 +5,12 @@ def test_public_api_is_pinned() -> None:
     assert sorted(tasker.__all__) == sorted(
         [
             "ActionNotAllowedError",
+            "ActionResult",
+            "AuditEntry",
+            "CancelResult",
+            "InvalidFilterError",
+            "TaskPage",
+            "TaskSummary",
             "BackoffPolicy",
             "Client",
             "ConfigurationError",

@@ -153,6 +153,13 @@ DELETE FROM {queue}
 -- name: flush_dead
 DELETE FROM {dead}
 
+-- The dead letters counted before a confirmation, not those that arrived while it was asked.
+-- name: flush_dead_through
+DELETE FROM {dead} WHERE msg_id <= %(through)s
+
+-- name: dead_letter_summary
+SELECT count(*), coalesce(max(msg_id), 0) FROM {dead}
+
 -- The dead-letter queues of one broker namespace, declared by this process or not.
 -- name: dead_letter_queues
 SELECT queue_name FROM pgmq.meta

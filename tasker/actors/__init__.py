@@ -13,7 +13,7 @@ from __future__ import annotations
 import dramatiq
 
 from tasker.runtime.broker import broker_from_settings
-from tasker.runtime.workflows import install
+from tasker.runtime.workflows import install_from_settings
 from tasker.settings import load_settings
 
 __all__ = ["broker"]
@@ -21,11 +21,4 @@ __all__ = ["broker"]
 _settings = load_settings()
 broker = broker_from_settings(_settings)
 dramatiq.set_broker(broker)
-install(
-    broker,
-    inline=_settings.engine.result_processing == "inline",
-    finalization_lease_s=_settings.engine.finalization_claim_lease_s,
-    max_payload_bytes=_settings.engine.max_payload_bytes,
-    allow_template_replace=_settings.engine.allow_template_replace,
-    coordinator=_settings.coordinator,
-)
+install_from_settings(broker, _settings)

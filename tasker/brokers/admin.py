@@ -18,6 +18,7 @@ from tasker.exceptions import QueueNameError, QueueNotFoundError
 
 __all__ = [
     "QueueStats",
+    "dead_letter_summary",
     "list_dead_letters",
     "purge_dead_letters",
     "queue_stats",
@@ -37,25 +38,32 @@ class QueueStats:
     oldest_visible_s: float
 
 
+#: What ``tasker queues create`` prints before a PGMQ name: the schema and table prefix.
+_TABLE_PREFIX = "pgmq.q_"
+
+
 def _statement(name: str, names: QueueNames) -> str:
     return render("broker", name, queue=names.table, dead=names.dead_table)
 
 
 def _existing_queue(conn: psycopg.Connection[Any], queue: str, namespace: str) -> QueueNames:
-    """The names of queue ``queue``: a Dramatiq queue name (``default``), or the PGMQ name that
-    ``tasker queues`` prints (``tasker_default``); :class:`QueueNotFoundError` when PGMQ has no
-    such queue with its dead-letter queue. A Dramatiq name wins when both exist."""
+    """The names of queue ``queue``: a Dramatiq queue name (``default``), the PGMQ name that
+    ``tasker queues`` prints (``tasker_default``), or its table as ``tasker queues create``
+    prints it (``pgmq.q_tasker_default``); :class:`QueueNotFoundError` when PGMQ has no such
+    queue with its dead-letter queue. A Dramatiq name wins when both exist."""
     try:
         names = map_queue_name(queue, namespace)
     except QueueNameError:
         names = None
     if names is not None and _exists(conn, names):
         return names
-    as_pgmq = QueueNames(dramatiq=queue, main=queue)  # SQL identifiers are quoted
-    if _exists(conn, as_pgmq) and _exists_main(conn, as_pgmq):
-        return as_pgmq
+    for pgmq_name in (queue, queue.removeprefix(_TABLE_PREFIX)):
+        as_pgmq = QueueNames(dramatiq=queue, main=pgmq_name)  # SQL identifiers are quoted
+        if _exists(conn, as_pgmq) and _exists_main(conn, as_pgmq):
+            return as_pgmq
     raise QueueNotFoundError(
-        f"No queue named {queue!r} in namespace {namespace!r}; `tasker queues` lists the "
+        f"No queue named {queue!r} in namespace {namespace!r} (a queue exists once a message "
+        "was sent to it, or `tasker queues create MODULES` made it); `tasker queues` lists the "
         f"queues, by PGMQ name ({namespace}_<queue>), and either name works here."
     )
 
@@ -122,8 +130,21 @@ def replay_dead_letters(
     return moved
 
 
-def purge_dead_letters(url: str, queue: str, *, namespace: str) -> int:
-    """Delete every dead letter of ``queue``; returns how many were deleted."""
+def dead_letter_summary(url: str, queue: str, *, namespace: str) -> tuple[int, int]:
+    """How many dead letters ``queue`` has, and the msg_id of the last one (0 for none)."""
     with connect(url) as conn:
         names = _existing_queue(conn, queue, namespace)
-        return conn.execute(_statement("flush_dead", names)).rowcount
+        row = conn.execute(_statement("dead_letter_summary", names)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def purge_dead_letters(url: str, queue: str, *, namespace: str, through: int | None = None) -> int:
+    """Delete every dead letter of ``queue`` (with ``through``, only those whose msg_id is at
+    most that: the ones a person was shown); returns how many were deleted."""
+    with connect(url) as conn:
+        names = _existing_queue(conn, queue, namespace)
+        if through is None:
+            return conn.execute(_statement("flush_dead", names)).rowcount
+        cursor = conn.execute(_statement("flush_dead_through", names), {"through": through})
+        return cursor.rowcount

@@ -38,11 +38,18 @@ from tasker.middleware.registry import WorkerRegistry
 from tasker.middleware.templates import TemplateRegistrar
 from tasker.runtime.sender import BrokerSender
 from tasker.runtime.steps import step_actors, step_executor
-from tasker.settings import CoordinatorSettings
+from tasker.settings import CoordinatorSettings, Settings
 from tasker.workflow.definition import Workflow, on_step_declared
 from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 
-__all__ = ["BrokerSender", "FinalizationClaim", "bind_workflow", "install", "step_executor"]
+__all__ = [
+    "BrokerSender",
+    "FinalizationClaim",
+    "bind_workflow",
+    "install",
+    "install_from_settings",
+    "step_executor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +95,22 @@ def install(
         actors = step_actors(broker)
         on_step_declared(lambda flow, step: actors.bind(flow, step, inline=inline))
     return sender
+
+
+def install_from_settings(
+    broker: PGMQBroker, settings: Settings, *, bind_workflows: bool = True
+) -> BrokerSender:
+    """:func:`install` configured by ``settings``: what every worker does at boot (through
+    ``tasker.actors``) and ``tasker queues create``, so both declare the same queues."""
+    return install(
+        broker,
+        inline=settings.engine.result_processing == "inline",
+        finalization_lease_s=settings.engine.finalization_claim_lease_s,
+        max_payload_bytes=settings.engine.max_payload_bytes,
+        allow_template_replace=settings.engine.allow_template_replace,
+        bind_workflows=bind_workflows,
+        coordinator=settings.coordinator,
+    )
 
 
 def bind_workflow(broker: PGMQBroker, flow: Workflow, *, inline: bool = True) -> None:
