@@ -11,10 +11,10 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from tasker.cli_args import LIMIT_MAX, coordinator_interval, limit, tcp_port
+from tasker.cli_output import jsonable
 
 if TYPE_CHECKING:
     from tasker.coordinator.http import HealthServer
@@ -130,7 +130,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
             with _connection():
                 pass  # an unreachable database is an error here, not a report of a standby
             report = coordinator.cycle()
-            _print(_jsonable(dataclasses.asdict(report)), args.json, _report_lines)
+            _print(jsonable(dataclasses.asdict(report)), args.json, _report_lines)
             return 1 if report.errors else 0  # a cron job sees a failed action
         server = _health_server(coordinator, config.port)
         server.start()
@@ -185,7 +185,7 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     with _connection() as (conn, settings):
         rows = list_workers(conn, live_s=settings.coordinator.live_worker_s)
     rows = [row for row in rows if args.all or row.live]
-    data = [_jsonable(dataclasses.asdict(row)) for row in rows]
+    data = [jsonable(dataclasses.asdict(row)) for row in rows]
     _print(data, args.json, _worker_lines)
     return 0
 
@@ -195,7 +195,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
 
     with _connection() as (conn, _settings):
         hints = read_scaling_hints(conn)
-    _print([_jsonable(dataclasses.asdict(h)) for h in hints], args.json, _scale_lines)
+    _print([jsonable(dataclasses.asdict(h)) for h in hints], args.json, _scale_lines)
     return 0
 
 
@@ -205,7 +205,7 @@ def _cmd_dlq_tasks_list(args: argparse.Namespace) -> int:
     status = None if args.status == "all" else args.status
     with _connection() as (conn, _settings):
         entries = list_dlq(conn, status=status, limit=args.limit)
-    data = [_jsonable(dataclasses.asdict(e)) for e in entries]
+    data = [jsonable(dataclasses.asdict(e)) for e in entries]
     _print(data, args.json, _dlq_lines)
     return 0
 
@@ -215,7 +215,7 @@ def _cmd_dlq_tasks_show(args: argparse.Namespace) -> int:
 
     with _connection() as (conn, _settings):
         entry = get_dlq_entry(conn, args.entry)
-    data = _jsonable(dataclasses.asdict(entry))
+    data = jsonable(dataclasses.asdict(entry))
     _print(data, args.json, _dlq_entry_lines)
     return 0
 
@@ -227,7 +227,7 @@ def _cmd_dlq_tasks_resolve(args: argparse.Namespace) -> int:
         resolve_dlq_entry(conn, args.entry, status=args.status, notes=args.notes, by=args.by)
         entry = get_dlq_entry(conn, args.entry)
     if args.json:
-        _print(_jsonable(dataclasses.asdict(entry)), True, _dlq_entry_lines)
+        _print(jsonable(dataclasses.asdict(entry)), True, _dlq_entry_lines)
     else:
         print(f"task DLQ entry {args.entry} resolved: {args.status}")
     return 0
@@ -252,18 +252,6 @@ def _connection() -> Iterator[tuple[Any, Any]]:
             yield conn, settings
     except psycopg.Error as exc:
         raise database_error(exc, url=url) from exc
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def _print(data: Any, as_json: bool, lines: Callable[[Any], Sequence[str]]) -> None:

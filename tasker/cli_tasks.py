@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasker.cli_args import int_range, iso_datetime, json_object, json_value, key_value
+from tasker.cli_output import print_json
 from tasker.exceptions import (
     DatabaseUnavailableError,
     DlqEntryNotFoundError,
@@ -300,7 +301,7 @@ def _cmd_task_submit(args: argparse.Namespace) -> int:
         if args.quiet:
             print(handle.task_uuid)
         elif args.json and not args.wait:
-            print(json.dumps(asdict(handle), indent=2))
+            print_json(asdict(handle))
         elif not args.json:
             verb = "created" if handle.created else "exists already (same identity)"
             print(
@@ -338,7 +339,7 @@ def _cmd_task_list(args: argparse.Namespace) -> int:
         )
     if args.json:
         data = {"tasks": [asdict(t) for t in page.tasks], "next_cursor": page.next_cursor}
-        print(json.dumps(_jsonable(data), indent=2))
+        print_json(data)
         return 0
     print(f"{'task':<36}  {'workflow':<36} {'state':<20} {'requested':<19}  initiator")
     for t in page.tasks:
@@ -366,7 +367,7 @@ def _cmd_task_cancel(args: argparse.Namespace) -> int:
     with _client() as client:
         done = client.cancel(args.task, by=_operator(args.by), reason=args.reason)
     if args.json:
-        print(json.dumps(asdict(done), indent=2))
+        print_json(asdict(done))
         return 0
     print(
         f"task {done.task_uuid} cancelled: {len(done.cancelled_steps)} step(s) cancelled, "
@@ -381,7 +382,7 @@ def _cmd_task_audit(args: argparse.Namespace) -> int:
     with _client() as client:
         entries = client.audit(args.task, args.step)
     if args.json:
-        print(json.dumps(_jsonable([asdict(e) for e in entries]), indent=2))
+        print_json([asdict(e) for e in entries])
         return 0
     print(f"{'when':<26} {'from':<36} {'to':<36} who / why")
     for e in entries:
@@ -412,7 +413,7 @@ def _cmd_step_action(args: argparse.Namespace) -> int:
                 args.task, args.step, result=result, by=by, reason=args.reason
             )
     if args.json:
-        print(json.dumps(asdict(done), indent=2))
+        print_json(asdict(done))
         return 0
     print(
         f"step {args.step} of task {done.task_uuid}: {done.step_state}; the task is now "
@@ -425,7 +426,7 @@ def _cmd_templates_list(args: argparse.Namespace) -> int:
     with _client() as client:
         rows = client.templates(args.namespace)
     if args.json:
-        print(json.dumps(_jsonable([asdict(r) for r in rows]), indent=2))
+        print_json([asdict(r) for r in rows])
         return 0
     print(f"{'namespace':<20} {'name':<32} {'version':<16} {'steps':>5}  registered")
     for r in rows:
@@ -442,7 +443,7 @@ def _cmd_templates_show(args: argparse.Namespace) -> int:
     with _client() as client:
         template = client.template(args.namespace, args.name, args.version)
     if args.json:
-        print(json.dumps(_jsonable(asdict(template)), indent=2))
+        print_json(asdict(template))
         return 0
     config = template.configuration
     print(
@@ -556,7 +557,7 @@ def _print_status(status: TaskStatus, as_json: bool) -> None:
     if as_json:
         data = asdict(status)
         data["finished"], data["blocked"] = status.finished, status.blocked
-        print(json.dumps(_jsonable(data), indent=2))
+        print_json(data)
         return
     print(f"task      {status.task_uuid}")
     print(f"workflow  {status.namespace}/{status.name} {status.version}")
@@ -613,15 +614,3 @@ def _seconds(text: str) -> float:
 
 def _when(value: datetime | None) -> str:
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
