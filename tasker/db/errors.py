@@ -33,6 +33,7 @@ from tasker.exceptions import (
 __all__ = [
     "database_error",
     "is_data_error",
+    "is_outage",
     "is_transient",
     "mask_url",
     "redact",
@@ -50,6 +51,22 @@ def is_transient(exc: BaseException) -> bool:
     if state is None:  # raised on the client: lost connection, pool timeout, closed connection
         return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
     return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+
+
+#: Transient errors that say nothing about the server's health: a lost race (serialization
+#: failure, deadlock) or a lock wait that timed out. The server answered.
+_RACE_CLASSES = frozenset({"40"})
+_RACE_STATES = frozenset({"55P03"})
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` says PostgreSQL cannot serve (the database breaker counts these): a
+    transient error (:func:`is_transient`) other than a lost race or a lock timeout, which the
+    server answered and the next transaction may not meet."""
+    if not is_transient(exc):
+        return False
+    state = getattr(exc, "sqlstate", None) or ""
+    return state[:2] not in _RACE_CLASSES and state not in _RACE_STATES
 
 
 def is_data_error(exc: BaseException) -> bool:
