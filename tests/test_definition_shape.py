@@ -103,6 +103,7 @@ DIFFERENT: dict[str, Edit] = {
     "timeout added": set_in("validate", "timeout_seconds", value=5),
     "inputs": set_in("charge", "handler", "initialization", value={"gateway": "sandbox"}),
     "inputs added": set_in("validate", "handler", "initialization", value={"strict": True}),
+    "breaker added": set_in("charge", "breaker", value="payments"),
     "step backoff base": set_in("charge", "retry", "backoff_base_ms", value=2500),
     "step backoff multiplier": set_in("charge", "retry", "backoff_multiplier", value=3),
     "step backoff cap": set_in("charge", "retry", "max_backoff_ms", value=1000),
@@ -150,6 +151,7 @@ def test_the_shape_reads_as_documented() -> None:
         "max_attempts": 2,
         "timeout_seconds": 90,
         "inputs": {"gateway": "live"},
+        "breaker": None,
         "backoff": {"base_seconds": 2.0, "multiplier": 2.0, "max_seconds": 300.0, "jitter": 0.1},
     }
     assert shape["input_schema"] is None

@@ -583,6 +583,9 @@ def noop(ctx: tasker.StepContext) -> None:
             {"backoff": {"base_seconds": 1}},
             "backoff must be a tasker.BackoffPolicy or None, got dict",
         ),
+        ({"breaker": "Payments"}, "breaker 'Payments' is invalid"),
+        ({"breaker": 7}, "breaker 7 is invalid"),
+        ({"breaker": "database"}, "the workers' own database breaker"),
         ({"inputs": [("a", 1)]}, "inputs of step 'charge' must be a mapping, got the list"),
         ({"inputs": {1: "a"}}, "key 1 is an int; JSON keys are strings"),
         (
@@ -650,6 +653,27 @@ def test_step_definitions_added_directly_are_checked(changes: dict[str, Any], me
     step = StepDefinition(**{"name": "charge", "handler_path": "shop:charge", **changes})
     with pytest.raises(tasker.WorkflowDefinitionError, match=message):
         flow.add_step(step)
+
+
+def test_a_step_breaker_is_kept_in_the_template_and_read_back() -> None:
+    flow = tasker.Workflow("shop", "order", "1.0.0", register=False)
+    flow.step("charge", breaker="payments")(noop)
+    flow.step("ship", depends_on=["charge"])(noop)
+    template = flow.to_template()
+    assert template["steps"][0]["breaker"] == "payments"
+    assert "breaker" not in template["steps"][1]
+    back = tasker.Workflow.from_template(template, resolve_handlers=False, register=False)
+    assert back.steps["charge"].breaker == "payments"
+    assert back.steps["ship"].breaker is None
+
+
+def test_a_yaml_step_declares_a_breaker(tmp_path: Path) -> None:
+    path = _yaml_template(tmp_path, "    breaker: payments\n")
+    flow = tasker.Workflow.from_yaml(path, resolve_handlers=False, register=False)
+    assert flow.steps["charge"].breaker == "payments"
+    bad = _yaml_template(tmp_path, "    breaker: Pay Ments\n")
+    with pytest.raises(tasker.WorkflowDefinitionError, match="breaker 'Pay Ments' is invalid"):
+        tasker.Workflow.from_yaml(bad, resolve_handlers=False, register=False)
 
 
 def test_python_input_schema_and_metadata_are_kept_in_the_template() -> None:

@@ -145,6 +145,7 @@ class StepDefinition:
     inputs: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     handler: Handler | None = field(default=None, compare=False, repr=False)
+    breaker: str | None = None
 
     def to_template(self) -> dict[str, Any]:
         """This step in the template format (``retry`` holds its own backoff, if it has one)."""
@@ -160,6 +161,8 @@ class StepDefinition:
         }
         if self.timeout is not None:
             step["timeout_seconds"] = self.timeout
+        if self.breaker is not None:
+            step["breaker"] = self.breaker
         return step
 
 
@@ -227,8 +230,14 @@ class Workflow:
         timeout: float | None = None,
         backoff: BackoffPolicy | None = None,
         inputs: Mapping[str, Any] | None = None,
+        breaker: str | None = None,
     ) -> Callable[[F], F]:
-        """Declare the decorated function as a step (sync or ``async def``)."""
+        """Declare the decorated function as a step (sync or ``async def``).
+
+        ``breaker`` names a circuit breaker shared by every worker (``"payments"``): after
+        repeated failures of the steps that name it, their messages wait, without using an
+        attempt, until it closes again (docs/operations.md, "Circuit breakers").
+        """
 
         parents = _step_names(depends_on, f"depends_on of step {name!r}" if name else "depends_on")
         if inputs is not None:
@@ -247,6 +256,7 @@ class Workflow:
                     inputs=dict(inputs) if inputs is not None else {},
                     description=(inspect.getdoc(fn) or "").split("\n")[0],
                     handler=fn,
+                    breaker=breaker,
                 )
             )
             return fn
@@ -493,8 +503,28 @@ def _check_step_settings(step: StepDefinition) -> None:
         )
     check_stored_text(step.description, f"{where}: description")
     check_stored_text(step.handler_path, f"{where}: handler_path")
+    _check_breaker(where, step.breaker)
     if step.handler is not None:
         _check_handler(step.name, step.handler)
+
+
+#: The name of the process's database breaker, not available to steps.
+_RESERVED_BREAKER = "database"
+
+
+def _check_breaker(where: str, breaker: object) -> None:
+    if breaker is None:
+        return
+    if not isinstance(breaker, str) or not _NAME.match(breaker):
+        raise WorkflowDefinitionError(
+            f"{where}: breaker {breaker!r} is invalid: name it with 1-64 lower-case letters, "
+            "digits or underscores, starting with a letter (for example 'payments')."
+        )
+    if breaker == _RESERVED_BREAKER:
+        raise WorkflowDefinitionError(
+            f"{where}: breaker 'database' is the name of the workers' own database breaker; "
+            "name the service the step calls instead (for example 'payments')."
+        )
 
 
 def _check_attempts(where: str, attempts: object) -> None:
@@ -612,6 +642,7 @@ def _step_from_template(
         inputs=dict(handler.get("initialization", {})),
         description=raw.get("description", ""),
         handler=function,
+        breaker=raw.get("breaker"),
     )
 
 

@@ -29,8 +29,9 @@ def definition_shape(
 
     - ``steps``: per step name, its ``dependencies`` (sorted: the edges), ``retryable``,
       ``max_attempts``, ``timeout_seconds`` (None without one), ``inputs`` (the handler's
-      ``initialization``) and ``backoff``, the policy the step retries with (its own, else the
-      workflow's) in seconds: ``base_seconds``, ``multiplier``, ``max_seconds``, ``jitter``;
+      ``initialization``), ``breaker`` (None without one) and ``backoff``, the policy the step
+      retries with (its own, else the workflow's) in seconds: ``base_seconds``, ``multiplier``,
+      ``max_seconds``, ``jitter``;
     - ``backoff``: the workflow's policy, in the same form;
     - ``identity_strategy``;
     - ``input_schema`` (None without one).
@@ -50,6 +51,7 @@ def definition_shape(
                 "max_attempts": step.max_attempts,
                 "timeout_seconds": step.timeout,
                 "inputs": dict(step.inputs),
+                "breaker": step.breaker,
                 "backoff": _policy(flow.step_policy(step.name)),
             }
             for step in flow.steps.values()

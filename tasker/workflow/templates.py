@@ -342,6 +342,7 @@ _STEP: Mapping[str, _Field] = {
     "dependencies": _Field(_names),
     "retry": _Field(fields=_RETRY),
     "timeout_seconds": _TIMEOUT,
+    "breaker": _Field(_nonempty_string),
     "publishes_events": _Field(
         _refused_unless_empty("Tasker publishes no domain events; remove publishes_events")
     ),
