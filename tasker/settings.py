@@ -13,6 +13,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -22,8 +23,11 @@ from tasker.exceptions import ConfigurationError
 from tasker.resources import bundled_path
 
 __all__ = [
+    "BreakerOverride",
+    "BreakerSettings",
     "BrokerSettings",
     "CoordinatorSettings",
+    "DatabaseBreakerSettings",
     "DatabaseSettings",
     "EngineSettings",
     "ScalingSettings",
@@ -116,6 +120,40 @@ class CoordinatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     scaling: ScalingSettings = ScalingSettings()
 
 
+class DatabaseBreakerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The database breaker of each worker process: outage errors in a row that open it (within
+    ``window_s``), and seconds between its probes."""
+
+    failure_threshold: int = 5
+    window_s: float = 30.0
+    open_s: float = 5.0
+
+
+class BreakerOverride(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Settings of one step breaker that differ from ``[breakers]`` (unset: the default's)."""
+
+    failure_threshold: int | None = None
+    window_s: float | None = None
+    open_s: float | None = None
+    half_open_successes: int | None = None
+    half_open_trials: int | None = None
+
+
+class BreakerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Circuit breakers (docs/operations.md, "Circuit breakers"): the step breakers' rule, their
+    overrides by name (``[breakers.overrides.<name>]``), and the database breaker."""
+
+    failure_threshold: int = 5
+    window_s: float = 30.0
+    open_s: float = 30.0
+    half_open_successes: int = 2
+    half_open_trials: int = 1
+    cache_ttl_s: float = 1.0
+    max_defer_s: float = 30.0
+    database: DatabaseBreakerSettings = DatabaseBreakerSettings()
+    overrides: dict[str, BreakerOverride] = {}
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The validated settings of one Tasker process."""
 
@@ -125,6 +163,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     broker: BrokerSettings = BrokerSettings()
     engine: EngineSettings = EngineSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()
+    breakers: BreakerSettings = BreakerSettings()
 
 
 def load_settings(
@@ -289,6 +328,16 @@ _RANGES: dict[str, tuple[float, float]] = {
     "coordinator.scaling.max_replicas": (1, math.inf),
     "coordinator.scaling.error_threshold": (0, 1),
     "coordinator.scaling.cooldown_s": (0, math.inf),
+    "breakers.failure_threshold": (1, 1000),
+    "breakers.window_s": (0, 86_400),
+    "breakers.open_s": (0, 86_400),
+    "breakers.half_open_successes": (1, 1000),
+    "breakers.half_open_trials": (1, 1000),
+    "breakers.cache_ttl_s": (0, 60),
+    "breakers.max_defer_s": (0, 86_400),
+    "breakers.database.failure_threshold": (1, 1000),
+    "breakers.database.window_s": (0, 86_400),
+    "breakers.database.open_s": (0, 86_400),
 }
 #: Keys whose lower bound is excluded: a duration or share of 0 means nothing there.
 _LOW_OPEN = frozenset(
@@ -298,6 +347,12 @@ _LOW_OPEN = frozenset(
         "coordinator.live_worker_s",
         "coordinator.retention_days",
         "coordinator.scaling.target_utilization",
+        "breakers.window_s",
+        "breakers.open_s",
+        "breakers.cache_ttl_s",
+        "breakers.max_defer_s",
+        "breakers.database.window_s",
+        "breakers.database.open_s",
     }
 )
 
@@ -357,6 +412,7 @@ def _check_values(settings: Settings, path: Path, *, need_database: bool) -> Non
             "coordinator.scaling.min_replicas",
             "must be between 0 and coordinator.scaling.max_replicas",
         )
+    _check_breaker_overrides(settings.breakers, _bad)
     problem = _url_problem(db.url)
     if problem is not None:
         _bad("database.url", problem)
@@ -366,6 +422,29 @@ def _check_values(settings: Settings, path: Path, *, need_database: bool) -> Non
             "is empty and the embedded PostgreSQL is not allowed in this environment; "
             "set it to a PostgreSQL URL",
         )
+
+
+_BREAKER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
+
+
+def _check_breaker_overrides(
+    breakers: BreakerSettings, bad: Callable[[str, str], NoReturn]
+) -> None:
+    """Each ``[breakers.overrides.<name>]`` names a breaker a step can declare, and its numbers
+    obey the ranges of the ``[breakers]`` settings they replace."""
+    for name, override in breakers.overrides.items():
+        key = f"breakers.overrides.{name}"
+        if not _BREAKER_NAME.match(name) or name == "database":
+            bad(
+                key,
+                "must name a step breaker: 1-64 lower-case letters, digits or underscores, "
+                "starting with a letter, and not 'database' (that is [breakers.database])",
+            )
+        for field in override.__struct_fields__:
+            value = getattr(override, field)
+            problem = None if value is None else number_problem(f"breakers.{field}", value)
+            if problem is not None:
+                bad(f"{key}.{field}", problem)
 
 
 def _url_problem(url: str) -> str | None:

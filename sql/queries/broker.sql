@@ -214,3 +214,7 @@ FROM {queue}
 DELETE FROM {queue}
 WHERE message->'args'->>0 = %(task)s
   AND NOT coalesce(message->'args'->>1 = ANY (%(keep)s::text[]), false)
+
+-- The database breaker's probe (tasker/breakers/database.py): does PostgreSQL answer?
+-- name: probe
+SELECT 1

@@ -76,8 +76,9 @@ def note_state(name: str, state: BreakerState, why: str = "") -> None:
 
 
 def _log(name: str, before: BreakerState, state: BreakerState, why: str) -> None:
-    level = logging.WARNING if state is BreakerState.OPEN else logging.INFO
-    if before is BreakerState.HALF_OPEN and state is BreakerState.CLOSED:
-        level = logging.WARNING  # the all-clear is as important as the alarm
+    """Opening and closing are warnings; the half-open round trips in between are info."""
+    opened = before is BreakerState.CLOSED and state is BreakerState.OPEN
+    closed = state is BreakerState.CLOSED
+    level = logging.WARNING if opened or closed else logging.INFO
     suffix = f": {why}" if why else ""
     logger.log(level, "Circuit breaker %r %s -> %s%s", name, before, state, suffix)

@@ -2,6 +2,10 @@
 
 Claims are batched and index-friendly, the read-ahead buffer is given back on close, and rows that
 cannot run (poison, undecodable) go to the dead-letter queue instead of stopping the consumer.
+
+Every claim tells the broker's database breaker (:mod:`tasker.breakers.database`) whether
+PostgreSQL answered. While the breaker is open, consumers claim nothing: they wait for its probe,
+quietly, and the messages wait in their queues.
 """
 
 from __future__ import annotations
@@ -87,6 +91,10 @@ class PGMQConsumer(Consumer):
         try:
             return self._next()
         except psycopg.OperationalError as exc:
+            breaker = self.broker.database_breaker
+            breaker.record_failure(exc)
+            if not breaker.is_closed():
+                return None  # the breaker logs it, and the next call waits for its probe
             raise connection_closed(exc) from exc
 
     def _next(self) -> MessageProxy | None:
@@ -97,6 +105,10 @@ class PGMQConsumer(Consumer):
         if broker.stopping.is_set():
             time.sleep(min(self.timeout_s, 0.1))
             return None
+        breaker = broker.database_breaker
+        if not breaker.allow():
+            breaker.wait(self.timeout_s)
+            return None
         room = self.prefetch - broker.leases.count(self.names.main)
         if room <= 0:
             broker.leases.wait_for_room(self.names.main, self.prefetch, self.timeout_s)
@@ -104,6 +116,7 @@ class PGMQConsumer(Consumer):
         if self.wake is not None:
             self.wake.clear()
         proxies = self._claim(min(room, broker.claim_batch))
+        breaker.record_success()
         if proxies:
             with self._buffer_lock:
                 self._buffer.extend(proxies[1:])

@@ -9,7 +9,9 @@ database, not in worker memory. Delivery is at-least-once with ack-late:
 * ``ack`` deletes the row, ``nack`` moves it to the dead-letter queue with the error, both fenced by
   the delivery's ``read_ct`` so a worker that lost its lease cannot touch the next delivery;
 * graceful shutdown makes prefetched but unstarted messages visible again at once;
-* a message delivered more than ``max_deliveries`` times (its workers keep dying) is dead-lettered.
+* a message delivered more than ``max_deliveries`` times (its workers keep dying) is dead-lettered;
+* a database breaker per process (``database_breaker``) stops the consumers from claiming while
+  PostgreSQL is unreachable, and lets them go again after a successful probe.
 
 ``with broker.use_connection(conn):`` makes enqueues join the caller's transaction: rolled back,
 nothing was sent and nobody was woken up.
@@ -32,6 +34,8 @@ from dramatiq.message import Message
 from dramatiq.middleware import Middleware
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from tasker.breakers.database import DEFAULT_DATABASE_POLICY, DatabaseBreaker
+from tasker.breakers.policy import BreakerPolicy
 from tasker.brokers.acks import AckBatcher
 from tasker.brokers.consumer import PGMQConsumer, PGMQMessageProxy
 from tasker.brokers.encoding import encode_message
@@ -117,6 +121,8 @@ class PGMQBroker(Broker):
       durable_consumer_commits: commit claims, acks and lease extensions synchronously. Off by
         default: such a commit lost in a *server* crash only makes a message run again, while
         waiting for the WAL flush adds a disk sync to every claim. Sends are always synchronous.
+      database_policy: when the process's database breaker (``database_breaker``) opens and
+        probes again (:data:`~tasker.breakers.database.DEFAULT_DATABASE_POLICY`).
     """
 
     def __init__(
@@ -139,6 +145,7 @@ class PGMQBroker(Broker):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         pool_max_size: int = 16,
         application_name: str = "tasker-broker",
+        database_policy: BreakerPolicy = DEFAULT_DATABASE_POLICY,
     ) -> None:
         super().__init__(middleware=middleware)
         if url is None and pool is None:
@@ -173,6 +180,8 @@ class PGMQBroker(Broker):
         self._pool_max_size = pool_max_size
         self._application_name = application_name
         self._sql_cache: dict[tuple[str, str], str] = {}
+        #: The process's database breaker: consumers and the step executor report to it.
+        self.database_breaker = DatabaseBreaker(self._probe_database, policy=database_policy)
         self.lease_hooks: list[LeaseHook] = []
         #: Called with each message put back because no actor of this broker has its name.
         self.unknown_actor_hooks: list[Callable[[Message[Any]], object]] = []
@@ -193,6 +202,7 @@ class PGMQBroker(Broker):
         self._listener: Listener | None = None
         self._acker: AckBatcher | None = None
         self._closed = False
+        self.database_breaker.reset()  # its lock may have been held by a thread of the parent
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:
@@ -233,6 +243,11 @@ class PGMQBroker(Broker):
         )
         pool.open(wait=False)
         return pool
+
+    def _probe_database(self) -> None:
+        """The database breaker's probe: one ``SELECT 1`` on a pooled connection."""
+        with self.consumer_pool.connection() as conn:
+            conn.execute(render("broker", "probe"))
 
     # -- names and SQL -----------------------------------------------------------------------
 

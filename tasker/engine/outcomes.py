@@ -13,6 +13,9 @@ included, becomes a :class:`StepOutcome` whose document PostgreSQL's jsonb accep
   ``worker_shutdown``.
 * ``SystemExit``, ``KeyboardInterrupt`` and any other ``BaseException`` are retryable failures too:
   a handler cannot stop a worker.
+* A step's circuit breaker counts an exception (``RetryableError`` included, ``PermanentError``
+  not: the handler judged its input) and a timeout (``trips_breaker``); a payload error, a
+  shutdown or another ``BaseException`` says nothing about the downstream the breaker guards.
 
 Error documents are built defensively: an exception whose ``__str__`` raises, a message with a NUL
 character or a lone surrogate, or a huge traceback still give a storable document.
@@ -67,12 +70,14 @@ class StepTimeoutError(Exception):
 @dataclass(frozen=True)
 class StepOutcome:
     """What an attempt produced: its ``workflow_steps.results`` document (JSON text) and, for a
-    failure, the error type and whether the retry rules may run the step again."""
+    failure, the error type, whether the retry rules may run the step again and whether it
+    counts against the step's circuit breaker."""
 
     success: bool
     document: str
     error_type: str | None = None
     retryable: bool = False
+    trips_breaker: bool = False
 
 
 def run_handler(
@@ -142,7 +147,10 @@ def _failure(exc: BaseException, context: StepContext) -> StepOutcome:
         )
     error = _error(exc, error_type, retryable=retryable, where="handler")
     error["retry_after"] = retry_after
-    return _failure_outcome(context.attempt, error)
+    trips = error_type == HANDLER_TIMEOUT or (
+        isinstance(exc, Exception) and not isinstance(exc, PermanentError)
+    )
+    return _failure_outcome(context.attempt, error, trips_breaker=trips)
 
 
 def _classify(exc: BaseException) -> tuple[str, bool, float | None]:
@@ -201,7 +209,9 @@ def minimal_failure_document(attempt: int, exc: BaseException) -> str:
     return _failure_outcome(attempt, error).document
 
 
-def _failure_outcome(attempt: int, error: dict[str, Any]) -> StepOutcome:
+def _failure_outcome(
+    attempt: int, error: dict[str, Any], *, trips_breaker: bool = False
+) -> StepOutcome:
     document = {
         "success": False,
         "result": None,
@@ -209,7 +219,11 @@ def _failure_outcome(attempt: int, error: dict[str, Any]) -> StepOutcome:
         "metadata": {"attempt": attempt, "retryable": bool(error["retryable"])},
     }
     return StepOutcome(
-        False, json.dumps(document), str(error["error_type"]), bool(error["retryable"])
+        False,
+        json.dumps(document),
+        str(error["error_type"]),
+        bool(error["retryable"]),
+        trips_breaker,
     )
 
 

@@ -16,6 +16,12 @@ transaction, or the message is left to come back. Never in between:
    a transient one is retried on a fresh connection for up to ``retry_window_s``, then raised so
    the message comes back; an error caused by the data fails the step permanently with a
    document saying why; if even that cannot be written, a fixed minimal document is.
+
+Two circuit breakers (:mod:`tasker.breakers`) wrap the sequence. A step declared with a
+``breaker`` passes it before the claim: while it is open, the delivery is deferred without a
+claim, so it uses no attempt; its outcome is reported to it afterwards. The process's database
+breaker hears of every claim and record: while it is open, they wait for it (within
+``retry_window_s``) instead of retrying on their own.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from typing import Any, Protocol, TypeVar
 
 from psycopg.rows import class_row
 
+from tasker.breakers.database import DatabaseBreaker
+from tasker.breakers.shared import Passage, SharedBreakers
 from tasker.db.errors import is_data_error, is_transient
 from tasker.engine.enqueue import step_messages
 from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, Sender
@@ -46,6 +54,7 @@ from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.sql import q
 from tasker.engine.sql_outcomes import ClaimOutcome, CompletionOutcome
 from tasker.engine.transitions import move_steps
+from tasker.exceptions import DatabaseUnavailableError
 from tasker.workflow.definition import StepContext
 from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 from tasker.workflow.states import StepState
@@ -102,7 +111,7 @@ class Settlement(StrEnum):
 
     RECORDED = "recorded"  # an outcome was recorded and the message removed with it
     SKIPPED = "skipped"  # nothing to run (the step is done, waiting or gone): acknowledge
-    DEFERRED = "deferred"  # another live claim holds the step: the message comes back later
+    DEFERRED = "deferred"  # a live claim or an open breaker holds the step: it comes back later
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,7 @@ class StepRunner:
     handler: Callable[[StepContext], Any]
     timeout: float | None = None
     inline: bool = True
+    breaker: str | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +261,8 @@ class StepExecutor:
       max_lease_s: claims older than this are no longer renewed, so a hung handler lets go.
       retry_window_s: how long a claim or a record is retried when the database is in trouble.
       max_payload_bytes: results larger than this (bytes of JSON) fail the step (payload_error).
+      breakers: the step breakers (steps whose runner names a breaker pass it).
+      database: the process's database breaker, told of every claim and record.
 
     It is also the broker's lease hook (``extend``/``release``), see
     :class:`tasker.brokers.leases.LeaseHook`.
@@ -265,8 +277,12 @@ class StepExecutor:
         max_lease_s: float | None = None,
         retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        breakers: SharedBreakers | None = None,
+        database: DatabaseBreaker | None = None,
     ) -> None:
         self.connect = connect
+        self.breakers = breakers
+        self.database = database
         self.max_payload_bytes = max_payload_bytes
         #: Outcomes recorded by this executor that were failures (the worker registry reports
         #: them for the scaling hints' error rate).
@@ -280,11 +296,37 @@ class StepExecutor:
     def execute(
         self, runner: StepRunner, *, task_uuid: str, step_uuid: str, delivery: Delivery
     ) -> Settlement:
-        """Claim, run, record and settle one delivery of the step's message.
+        """Pass the step's breaker, then claim, run, record and settle one delivery.
 
-        Raises only a transient database error that outlasted ``retry_window_s``: the message is
-        then left for its lease to expire (or for the broker to re-send it), never removed.
+        Raises only a transient database error that outlasted ``retry_window_s`` (or
+        :class:`~tasker.exceptions.DatabaseUnavailableError` when the database breaker stayed
+        open that long): the message is then left for its lease to expire (or for the broker to
+        re-send it), never removed.
         """
+        passage = None
+        if runner.breaker is not None and self.breakers is not None:
+            passage = self.breakers.enter(runner.breaker)
+            if not passage.run:
+                delivery.defer(passage.wait_s)
+                logger.debug(
+                    "Step %s waits %.1fs: breaker %r", step_uuid, passage.wait_s, passage.name
+                )
+                return Settlement.DEFERRED
+        verdict = _Verdict()
+        try:
+            return self._execute(runner, task_uuid, step_uuid, delivery, verdict)
+        finally:
+            if passage is not None:
+                self._leave(passage, verdict)
+
+    def _execute(
+        self,
+        runner: StepRunner,
+        task_uuid: str,
+        step_uuid: str,
+        delivery: Delivery,
+        verdict: _Verdict,
+    ) -> Settlement:
         claim = self._retrying(
             "claim",
             step_uuid,
@@ -301,12 +343,25 @@ class StepExecutor:
             return Settlement.SKIPPED
         self._held.hold(step_uuid, claim.context.attempt)
         try:
-            return self._run_and_settle(runner, step_uuid, claim.context, delivery)
+            return self._run_and_settle(runner, step_uuid, claim.context, delivery, verdict)
         finally:
             self._held.drop(step_uuid, claim.context.attempt)
 
+    def _leave(self, passage: Passage, verdict: _Verdict) -> None:
+        """Tell the step's breaker how it went (never fails the step)."""
+        assert self.breakers is not None
+        try:
+            self.breakers.leave(passage, failed=verdict.failed, error=verdict.error)
+        except Exception:
+            logger.warning("Could not report to breaker %r", passage.name, exc_info=True)
+
     def _run_and_settle(
-        self, runner: StepRunner, step_uuid: str, context: StepContext, delivery: Delivery
+        self,
+        runner: StepRunner,
+        step_uuid: str,
+        context: StepContext,
+        delivery: Delivery,
+        verdict: _Verdict,
     ) -> Settlement:
         """Run the handler once, then record its outcome whatever lands in between.
 
@@ -320,6 +375,7 @@ class StepExecutor:
             try:
                 if outcome is None:
                     outcome = run_handler(runner.handler, context, max_bytes=self.max_payload_bytes)
+                    verdict.judge(outcome)
                 return self._settle(runner, step_uuid, context.attempt, outcome, delivery)
             except Exception:
                 raise  # transient (the message comes back); _settle handles every other error
@@ -348,7 +404,7 @@ class StepExecutor:
         try:
             return self._record(runner, step_uuid, attempt, outcome, delivery)
         except Exception as exc:
-            if is_transient(exc):
+            if _passes(exc):
                 raise
             logger.error(
                 "Step %s attempt %d: the outcome could not be recorded (%s: %s); recording a "
@@ -363,7 +419,7 @@ class StepExecutor:
         try:
             return self._record(runner, step_uuid, attempt, refused, delivery)
         except Exception as exc:
-            if is_transient(exc):
+            if _passes(exc):
                 raise
             logger.exception("Step %s attempt %d: recording the failure failed", step_uuid, attempt)
             cause: BaseException = exc
@@ -409,17 +465,22 @@ class StepExecutor:
     def _retrying(self, what: str, step_uuid: str, action: Callable[[], T]) -> T:
         """Run ``action``; retry transient database errors with backoff within the window.
 
-        An interrupt meant for the handler (Dramatiq's time limit raises ``TimeLimitExceeded``
-        asynchronously, once, and it may land just after the handler returned) is not the
-        action's failure: the action runs again at once, a few times at most.
+        While the database breaker is open, the next try waits for it instead (within the same
+        window). An interrupt meant for the handler (Dramatiq's time limit raises
+        ``TimeLimitExceeded`` asynchronously, once, and it may land just after the handler
+        returned) is not the action's failure: the action runs again at once, a few times at
+        most.
         """
         deadline = time.monotonic() + self.retry_window_s
         pause = 0.05
         interrupts = 0
         while True:
+            self._wait_for_database(what, step_uuid, deadline)
             try:
-                return action()
+                result = action()
             except Exception as exc:
+                if self.database is not None:
+                    self.database.record_failure(exc)
                 if not is_transient(exc) or time.monotonic() + pause > deadline:
                     raise
                 logger.warning(
@@ -440,8 +501,27 @@ class StepExecutor:
                     type(exc).__name__,
                 )
                 continue
+            else:
+                if self.database is not None:
+                    self.database.record_success()
+                return result
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
+
+    def _wait_for_database(self, what: str, step_uuid: str, deadline: float) -> None:
+        """Return once the database breaker lets a statement through; raise
+        :class:`DatabaseUnavailableError` if it is still open at ``deadline``."""
+        breaker = self.database
+        if breaker is None:
+            return
+        while not breaker.allow():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DatabaseUnavailableError(
+                    f"The {what} of step {step_uuid} waited {self.retry_window_s:g}s for the "
+                    "database breaker to close; its message comes back when PostgreSQL does."
+                )
+            breaker.wait(left)
 
     # -- the heartbeat's lease hook ------------------------------------------------------------
 
@@ -467,6 +547,27 @@ class StepExecutor:
         }
         with self.connect() as conn:
             conn.execute(q(statement), params)
+
+
+class _Verdict:
+    """What a delivery's outcome means for its step's breaker: ``failed`` True (it counts),
+    False (a success) or None (nothing ran, or an outcome that says nothing about the
+    downstream: a payload error, a ``PermanentError``, a shutdown)."""
+
+    def __init__(self) -> None:
+        self.failed: bool | None = None
+        self.error: str | None = None
+
+    def judge(self, outcome: StepOutcome) -> None:
+        if outcome.success:
+            self.failed = False
+        elif outcome.trips_breaker:
+            self.failed, self.error = True, outcome.error_type
+
+
+def _passes(exc: BaseException) -> bool:
+    """Database trouble that passes: the message must come back, nothing be recorded."""
+    return is_transient(exc) or isinstance(exc, DatabaseUnavailableError)
 
 
 def record_outcome(

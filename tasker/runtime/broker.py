@@ -8,11 +8,12 @@ from dramatiq.middleware import CurrentMessage, GroupCallbacks, default_middlewa
 from dramatiq.results import Results
 
 from tasker.backends import PostgresRateLimiterBackend, PostgresResultBackend
+from tasker.breakers.policy import BreakerPolicy
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.db.resolve import resolve_database_url
 from tasker.settings import Settings, load_settings
 
-__all__ = ["broker_from_settings"]
+__all__ = ["broker_from_settings", "database_policy"]
 
 
 def broker_from_settings(
@@ -48,4 +49,19 @@ def broker_from_settings(
         pool_max_size=settings.database.pool_max_size,
         timeout_s=settings.database.timeout_s if timeout_s is None else timeout_s,
         application_name=settings.database.application_name,
+        database_policy=database_policy(settings),
+    )
+
+
+def database_policy(settings: Settings) -> BreakerPolicy:
+    """The database breaker's policy from ``[breakers.database]``: failures count in a row, and
+    one successful probe closes it."""
+    d = settings.breakers.database
+    return BreakerPolicy(
+        failure_threshold=d.failure_threshold,
+        window_s=d.window_s,
+        open_s=d.open_s,
+        half_open_successes=1,
+        half_open_trials=1,
+        success_resets=True,
     )

@@ -11,6 +11,8 @@
   renamed handler, a version not loaded here) is not dead-lettered: it goes back to its queue with
   a growing delay for a worker that has it, using no attempt, and the step shows what it waits for
   (``StepStatus.waiting_for``).
+* A step declared with a ``breaker`` passes that shared breaker (:mod:`tasker.breakers.shared`)
+  before its claim; the executor also reports to the broker's database breaker.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dramatiq.errors import Retry
 from dramatiq.message import Message
 from dramatiq.middleware import CurrentMessage
 
+from tasker.breakers.shared import SharedBreakers
 from tasker.brokers.pgmq import PGMQBroker, PGMQMessageProxy
 from tasker.db.errors import is_transient
 from tasker.engine.steps import StepExecutor, StepRunner, mark_step_waiting, task_version
@@ -93,11 +96,15 @@ class StepActors:
     def __init__(self, broker: PGMQBroker) -> None:
         self.broker = broker
         self.sender = BrokerSender(broker)
+        #: The step breakers of this broker's steps (configure them with ``install``).
+        self.breakers = SharedBreakers(broker.pool.connection)
         self.executor = StepExecutor(
             broker.pool.connection,
             self.sender,
             lease_s=broker.visibility_timeout_ms / 1000,
             max_lease_s=broker.max_lease_ms / 1000,
+            breakers=self.breakers,
+            database=broker.database_breaker,
         )
         broker.lease_hooks.append(self.executor)
         broker.unknown_actor_hooks.append(self._note_unknown_actor)
@@ -112,8 +119,15 @@ class StepActors:
         if actor_name in self.broker.actors or step.handler is None:
             return
         runner = StepRunner(
-            flow.namespace, flow.name, step.handler, timeout=step.timeout, inline=inline
+            flow.namespace,
+            flow.name,
+            step.handler,
+            timeout=step.timeout,
+            inline=inline,
+            breaker=step.breaker,
         )
+        if step.breaker is not None:
+            self.breakers.register(step.breaker)
         self._runners[(flow.namespace, flow.name, flow.version, step.name)] = runner
 
         def run(task_uuid: str, step_uuid: str) -> None:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import dramatiq
+import msgspec
 from dramatiq.middleware import CurrentMessage
 
+from tasker.breakers.policy import BreakerPolicy
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.db.errors import is_transient
 from tasker.engine.finalize import DEFAULT_CLAIM_LEASE_S, finalize_task
@@ -38,7 +41,7 @@ from tasker.middleware.registry import WorkerRegistry
 from tasker.middleware.templates import TemplateRegistrar
 from tasker.runtime.sender import BrokerSender
 from tasker.runtime.steps import step_actors, step_executor
-from tasker.settings import CoordinatorSettings, Settings
+from tasker.settings import BreakerSettings, CoordinatorSettings, Settings
 from tasker.workflow.definition import Workflow, on_step_declared
 from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 
@@ -46,6 +49,7 @@ __all__ = [
     "BrokerSender",
     "FinalizationClaim",
     "bind_workflow",
+    "configure_breakers",
     "install",
     "install_from_settings",
     "step_executor",
@@ -74,14 +78,17 @@ def install(
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     allow_template_replace: bool = False,
     coordinator: CoordinatorSettings | None = None,
+    breakers: BreakerSettings | None = None,
 ) -> BrokerSender:
     """Declare the orchestration actors on ``broker``; with ``bind_workflows``, every workflow
     step defined in this process, now or later, becomes an actor on it. Step results over
     ``max_payload_bytes`` bytes of JSON fail their step; a workflow version registered with
     another definition stops the worker's boot unless ``allow_template_replace``. Workers keep
     their row in the worker registry; with ``coordinator.in_worker`` each also runs a coordinator
-    thread."""
+    thread. ``breakers`` configures the step breakers (default: the seed's rule)."""
     step_executor(broker).max_payload_bytes = max_payload_bytes
+    if breakers is not None:
+        configure_breakers(broker, breakers)
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
     broker.add_middleware(FinalizationClaim(broker, lease_s=finalization_lease_s))
@@ -110,7 +117,30 @@ def install_from_settings(
         allow_template_replace=settings.engine.allow_template_replace,
         bind_workflows=bind_workflows,
         coordinator=settings.coordinator,
+        breakers=settings.breakers,
     )
+
+
+def configure_breakers(broker: PGMQBroker, settings: BreakerSettings) -> None:
+    """Apply ``[breakers]`` to the step breakers of ``broker``'s steps."""
+    default = BreakerPolicy(
+        failure_threshold=settings.failure_threshold,
+        window_s=settings.window_s,
+        open_s=settings.open_s,
+        half_open_successes=settings.half_open_successes,
+        half_open_trials=settings.half_open_trials,
+    )
+    shared = step_actors(broker).breakers
+    shared.default = default
+    shared.overrides = {
+        name: replace(
+            default,
+            **{k: v for k, v in msgspec.structs.asdict(override).items() if v is not None},
+        )
+        for name, override in settings.overrides.items()
+    }
+    shared.cache_ttl_s = settings.cache_ttl_s
+    shared.max_defer_s = settings.max_defer_s
 
 
 def bind_workflow(broker: PGMQBroker, flow: Workflow, *, inline: bool = True) -> None:
