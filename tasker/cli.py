@@ -32,6 +32,7 @@ from tasker.cli_args import (
     shutdown_seconds,
     threads,
 )
+from tasker.cli_breakers import add_breaker_commands
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
 from tasker.cli_tasks import add_task_commands
 from tasker.exceptions import ConfigurationError, TaskerError
@@ -133,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_queue_commands(commands)
     _add_dlq_commands(commands)
     add_coordinator_commands(commands)
+    add_breaker_commands(commands)
     add_task_commands(commands)
     _add_deploy_commands(commands)
     settings = commands.add_parser("settings", help="print the effective settings as JSON")

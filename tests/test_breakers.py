@@ -302,3 +302,33 @@ def test_the_registry_survives_a_failing_listener(caplog: pytest.LogCaptureFixtu
         remove_listener(broken)
         registry.note_state("listener_test", BreakerState.CLOSED, "test")
     assert "A circuit breaker listener failed" in caplog.text
+
+
+# -- tasker breakers ----------------------------------------------------------------------------
+
+
+def test_tasker_breakers_lists_and_resets(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from tasker.cli import main
+
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", database_url)
+    assert main(["breakers"]) == 0
+    assert "every step breaker is closed" in capsys.readouterr().out
+    a, _ = shared(database_url, ttl_s=0.0)
+    for _ in range(3):
+        a.leave(a.enter("gateway"), failed=True, error="ConnectionError")
+    assert main(["breakers", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["name"], row["state"], row["times_opened"]) == ("gateway", "open", 1)
+    assert 0 < row["open_for_s"] <= 60 and row["last_error"] == "ConnectionError"
+    assert main(["breakers"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["gateway", "open", "0"]
+    assert main(["breakers", "reset", "gateway"]) == 0
+    assert "breaker gateway closed" in capsys.readouterr().out
+    assert a.enter("gateway").run
+    assert main(["breakers", "reset", "nope"]) == 1
+    assert "No circuit breaker 'nope'" in capsys.readouterr().err

@@ -28,9 +28,10 @@ import uuid
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 
 from tasker.breakers import registry
 from tasker.breakers.policy import (
@@ -49,9 +50,12 @@ from tasker.db.queries import load_queries
 __all__ = [
     "DEFAULT_CACHE_TTL_S",
     "DEFAULT_MAX_DEFER_S",
+    "BreakerRow",
     "Passage",
     "SharedBreakers",
     "circuit_from_row",
+    "list_breakers",
+    "reset_breaker",
 ]
 
 logger = logging.getLogger(__name__)
@@ -339,3 +343,40 @@ def _row_params(name: str, circuit: Circuit, error: str | None) -> dict[str, Any
         "times_opened": circuit.times_opened,
         "error": error[:500] if error else None,
     }
+
+
+# -- for operators (``tasker breakers``) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BreakerRow:
+    """A shared breaker as ``tasker breakers`` shows it (``state`` is ``half_open`` once an open
+    window has passed, even before a worker wrote it)."""
+
+    name: str
+    state: str
+    failures: int
+    open_for_s: float | None
+    half_open_successes: int
+    times_opened: int
+    opened_at: datetime | None
+    last_failure_at: datetime | None
+    last_error: str | None
+    changed_at: datetime
+
+
+def list_breakers(conn: Any, name: str | None = None) -> list[BreakerRow]:
+    """Every shared breaker that has a row (no row: closed, never failed), or only ``name``."""
+    with conn.cursor(row_factory=class_row(BreakerRow)) as cursor:
+        rows: list[BreakerRow] = cursor.execute(
+            load_queries("breakers")["list_breakers"], {"name": name}
+        ).fetchall()
+    return rows
+
+
+def reset_breaker(conn: Any, name: str) -> bool:
+    """Close breaker ``name`` by hand (its failures forgotten); False when it has no row.
+    Workers see it within their ``cache_ttl_s``; steps already deferred come back when their
+    deferral ends (at most ``max_defer_s``)."""
+    row = conn.execute(load_queries("breakers")["reset_breaker"], {"name": name}).fetchone()
+    return row is not None
