@@ -18,7 +18,7 @@ import pytest
 
 from tasker.cli import _parser, main
 from tasker.engine.scaling import ScalingRule, update_scaling_hints
-from tasker.settings import CoordinatorSettings, Settings
+from tasker.settings import BreakerSettings, CoordinatorSettings, Settings
 from tests.support import ROOT
 
 DOC = (ROOT / "docs" / "operations.md").read_text()
@@ -109,21 +109,32 @@ def leaves(struct: Any, prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
             yield (*prefix, f.name)
 
 
-def test_the_settings_table_lists_every_coordinator_setting_with_its_shipped_default() -> None:
+def check_settings_table(marker: str, expected: set[tuple[str, ...]]) -> None:
+    """The table after ``<!-- marker`` lists exactly ``expected``, each with its variable and
+    the default shipped in settings/settings.toml."""
     documented = {}
-    for setting, variable, default, *_ in table_after("settings:"):
+    for setting, variable, default, *_ in table_after(marker):
         match = re.fullmatch(r"`\[([a-z_.]+)\] ([a-z_]+)`", setting)
         assert match is not None, setting
         path = setting_path(*match.groups())
         assert variable_path(variable.strip("`")) == path, (setting, variable)
         documented[path] = default
-    assert set(documented) == set(leaves(CoordinatorSettings, ("coordinator",)))
+    assert set(documented) == expected
     for path, default in documented.items():
         shipped = shipped_default(path)
         if isinstance(shipped, bool):
             assert default == str(shipped).lower(), path
         else:
             assert float(default) == float(shipped), path
+
+
+def test_the_settings_table_lists_every_coordinator_setting_with_its_shipped_default() -> None:
+    check_settings_table("settings:", set(leaves(CoordinatorSettings, ("coordinator",))))
+
+
+def test_the_breakers_table_lists_every_breaker_setting_with_its_shipped_default() -> None:
+    expected = set(leaves(BreakerSettings, ("breakers",))) - {("breakers", "overrides")}
+    check_settings_table("breaker-settings:", expected)
 
 
 # -- commands ----------------------------------------------------------------------------------
