@@ -3,6 +3,7 @@ states, listeners, log lines, and no statement on the hot path."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,14 @@ from tasker.breakers import add_listener, registry, remove_listener, states
 from tasker.breakers.database import DatabaseBreaker
 from tasker.breakers.policy import BreakerPolicy, BreakerState
 from tasker.breakers.shared import Passage, SharedBreakers
+from tasker.brokers.pgmq import PGMQBroker
+from tasker.cli import main
 from tasker.db.connection import connect
+from tasker.exceptions import ConfigurationError
+from tasker.runtime.broker import database_policy
+from tasker.runtime.steps import step_actors
+from tasker.runtime.workflows import configure_breakers
+from tasker.settings import load_settings
 from tests.support import scalar
 
 OUTAGE = psycopg.OperationalError("connection to server at 127.0.0.1 failed: Connection refused")
@@ -310,10 +318,6 @@ def test_the_registry_survives_a_failing_listener(caplog: pytest.LogCaptureFixtu
 def test_tasker_breakers_lists_and_resets(
     database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import json
-
-    from tasker.cli import main
-
     monkeypatch.setenv("TASKER_ENV", "test")
     monkeypatch.setenv("TASKER_DATABASE__URL", database_url)
     assert main(["breakers"]) == 0
@@ -332,3 +336,53 @@ def test_tasker_breakers_lists_and_resets(
     assert a.enter("gateway").run
     assert main(["breakers", "reset", "nope"]) == 1
     assert "No circuit breaker 'nope'" in capsys.readouterr().err
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def breaker_settings(tmp_path: Any, text: str) -> Any:
+    path = tmp_path / "settings.toml"
+    path.write_text("[default.database]\nurl = 'postgresql://db/app'\n" + text)
+    return load_settings("production", settings_file=path)
+
+
+def test_overrides_apply_to_one_breaker_and_the_database_breaker_has_its_own(
+    tmp_path: Any, database_url: str
+) -> None:
+
+    settings = breaker_settings(
+        tmp_path,
+        "[default.breakers]\nopen_s = 10.0\n"
+        "[default.breakers.database]\nopen_s = 2.0\n"
+        "[default.breakers.overrides.payments]\nopen_s = 120.0\nhalf_open_successes = 3\n",
+    )
+    broker = PGMQBroker(url=database_url, database_policy=database_policy(settings))
+    try:
+        configure_breakers(broker, settings.breakers)
+        breakers = step_actors(broker).breakers
+        assert breakers.policy("payments") == BreakerPolicy(open_s=120.0, half_open_successes=3)
+        assert breakers.policy("inventory") == BreakerPolicy(open_s=10.0)
+        assert broker.database_breaker.policy.open_s == 2.0
+        assert broker.database_breaker.policy.success_resets
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[default.breakers]\nopen_s = 0\n", "breakers.open_s.*greater than 0"),
+        ("[default.breakers]\nhalf_open_trials = 0\n", "breakers.half_open_trials.*at least 1"),
+        ("[default.breakers.database]\nfailure_threshold = 0\n", "database.failure_threshold"),
+        (
+            "[default.breakers.overrides.payments]\nwindow_s = -1\n",
+            "breakers.overrides.payments.window_s.*greater than 0",
+        ),
+        ("[default.breakers.overrides.database]\nopen_s = 1\n", "must name a step breaker"),
+        ("[default.breakers.overrides.payments]\nopen = 1\n", "Unknown setting"),
+    ],
+)
+def test_bad_breaker_settings_are_refused(tmp_path: Any, text: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        breaker_settings(tmp_path, text)
