@@ -60,6 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     exceptions are bugs and keep their traceback.
     """
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for word in argv:
+        if _not_unicode(word):
+            parser.error(
+                f"argument {word.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
+                "text in this locale's encoding (UTF-8 expected); pass valid text"
+            )
     args = parser.parse_args(argv)
     _DATABASE_URL.set(None)
     if not hasattr(args, "handler"):
@@ -90,6 +97,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug("%s", error, exc_info=exc)
         print(f"tasker: error: {error}", file=sys.stderr)
         return 1
+
+
+def _not_unicode(word: str) -> bool:
+    """True for an argument holding bytes the locale could not decode (lone surrogates)."""
+    try:
+        word.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _as_tasker_error(exc: Exception) -> TaskerError | None:
