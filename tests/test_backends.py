@@ -2,11 +2,17 @@
 
 Expiry is tested without sleeping: a TTL of 0 ms is already expired when read, and live rows are
 aged by moving ``expires_at`` into the past.
+
+Blocking waits are woken by NOTIFY. The tests that show it set the fallback check of a listening
+wait to 10 s (``slow_fallback``) and see the wait return well before that, and count the wait's
+reads of the row; they never rely on how fast the machine is.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,14 +26,25 @@ from dramatiq.middleware import GroupCallbacks
 from dramatiq.rate_limits import Barrier, ConcurrentRateLimiter, WindowRateLimiter
 from dramatiq.results import ResultFailure, ResultMissing, Results, ResultTimeout
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
-from tasker.backends import PostgresRateLimiterBackend, PostgresResultBackend
+from tasker.backends import PostgresRateLimiterBackend, PostgresResultBackend, _common
+from tasker.backends._common import EVENT_CHANNEL_PREFIX, RESULT_CHANNEL_PREFIX, channel_name
 from tasker.db.connection import make_pool
 from tasker.exceptions import ConfigurationError
+from tests.support import wait_for
 
 DB = psycopg.Connection[tuple[Any, ...]]
 HOUR_MS = 3_600_000
+#: The fallback check of a listening wait in the tests that show notifications wake it (s).
+SLOW_FALLBACK_S = 10.0
+#: A bound well under SLOW_FALLBACK_S: a wait that returns within it was not woken by the
+#: fallback check, however loaded the machine (s).
+WOKEN_WITHIN_S = SLOW_FALLBACK_S / 2
+#: Most time between a Barrier's release and its blocked parties' return (s): generous for a
+#: loaded machine, and yet far below SLOW_FALLBACK_S.
+RELEASE_SPREAD_S = 0.5
 
 
 @pytest.fixture
@@ -60,6 +77,79 @@ def limit_value(db: DB, key: str) -> int | None:
         (key,),
     ).fetchone()
     return None if row is None else int(row[0])
+
+
+@pytest.fixture
+def slow_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listening waits check on their own only every SLOW_FALLBACK_S seconds."""
+    monkeypatch.setattr(_common, "LISTEN_FALLBACK_POLL_S", SLOW_FALLBACK_S)
+
+
+class Waiter(threading.Thread):
+    """Runs ``call`` in a thread and notes what it returned or raised, and when."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self._call = call
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.returned_at = 0.0
+
+    def run(self) -> None:
+        try:
+            self.value = self._call()
+        except BaseException as exc:
+            self.error = exc
+        self.returned_at = time.monotonic()
+
+    def outcome(self, timeout: float = 30.0) -> Any:
+        """What ``call`` returned (its exception is raised), waiting up to ``timeout`` s."""
+        self.join(timeout)
+        assert not self.is_alive(), f"the wait did not return within {timeout}s"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def listening_sessions(db: DB) -> int:
+    """Sessions of this test's database that LISTEN and wait (a blocked backend wait)."""
+    row = db.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state = 'idle' AND query LIKE 'LISTEN %'"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def count_reads(
+    results: PostgresResultBackend, after: Callable[[int], None] | None = None
+) -> list[int]:
+    """Count ``results``' reads of a result row: the returned list grows by one per read.
+
+    ``after(n)``, when given, runs after the n-th read (from 1), before the wait sees its row.
+    """
+    reads: list[int] = []
+    read = results._get
+
+    def counted(message_key: str) -> Any:
+        found = read(message_key)
+        reads.append(len(reads) + 1)
+        if after is not None:
+            after(len(reads))
+        return found
+
+    results._get = counted  # type: ignore[method-assign]
+    return reads
+
+
+def unlistenable_pool(database_url: str, size: int = 2) -> ConnectionPool[Any]:
+    """An open pool of ``size`` working connections whose new connections all fail, so a
+    backend on it cannot open a listening connection (made with the pool's settings)."""
+    pool: ConnectionPool[Any] = make_pool(database_url, min_size=size, max_size=size)
+    pool.open(wait=True)
+    pool.conninfo = make_conninfo(
+        **{**conninfo_to_dict(database_url), "dbname": "tasker_no_such_database"}
+    )
+    return pool
 
 
 def run_threads(count: int, target: Callable[[int], None]) -> None:
@@ -115,6 +205,144 @@ def test_blocking_get_sees_a_result_stored_later(results: PostgresResultBackend)
         assert results.get_result(message, block=True, timeout=10_000) == "late"
     finally:
         storer.join()
+
+
+@pytest.mark.usefixtures("slow_fallback")
+def test_blocked_get_result_is_woken_by_the_notification(
+    results: PostgresResultBackend, db: DB
+) -> None:
+    message = make_message()
+    reads = count_reads(results)
+    waiter = Waiter(lambda: results.get_result(message, block=True, timeout=60_000))
+    waiter.start()
+    # Read once before LISTEN and once after: the wait now sleeps until a notification.
+    wait_for(lambda: len(reads) >= 2 and listening_sessions(db) == 1, 30, "a listening wait")
+    stored_at = time.monotonic()
+    results.store_result(message, "pushed", HOUR_MS)
+    assert waiter.outcome() == "pushed"
+    assert waiter.returned_at - stored_at < WOKEN_WITHIN_S
+    assert reads == [1, 2, 3], "one read per notification, none by the fallback check"
+    wait_for(lambda: listening_sessions(db) == 0, 30, "the listening connection to close")
+
+
+@pytest.mark.usefixtures("slow_fallback")
+def test_a_result_stored_just_before_listen_is_found(
+    results: PostgresResultBackend, db: DB
+) -> None:
+    message = make_message()
+
+    def store_after_first_read(read: int) -> None:
+        if read == 1:  # its NOTIFY is sent before the wait LISTENs
+            results.store_result(message, "early", HOUR_MS)
+
+    reads = count_reads(results, store_after_first_read)
+    started = time.monotonic()
+    assert results.get_result(message, block=True, timeout=60_000) == "early"
+    assert time.monotonic() - started < WOKEN_WITHIN_S
+    assert reads == [1, 2], "found by the read right after LISTEN"
+
+
+@pytest.mark.usefixtures("slow_fallback")
+def test_listening_get_result_times_out_at_its_deadline(results: PostgresResultBackend) -> None:
+    started = time.monotonic()
+    with pytest.raises(ResultTimeout):
+        results.get_result(make_message(), block=True, timeout=300)
+    assert 0.3 <= time.monotonic() - started < WOKEN_WITHIN_S
+
+
+def test_get_result_polls_when_it_cannot_listen(
+    database_url: str, db: DB, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = unlistenable_pool(database_url)
+    try:
+        backend = PostgresResultBackend(pool=pool)
+        message = make_message()
+        reads = count_reads(backend)
+        with caplog.at_level(logging.WARNING, logger="tasker.backends"):
+            with pytest.raises(ResultTimeout):
+                backend.get_result(message, block=True, timeout=100)
+            waiter = Waiter(lambda: backend.get_result(message, block=True, timeout=60_000))
+            waiter.start()
+            wait_for(lambda: len(reads) >= 4, 30, "the wait to poll")
+            backend.store_result(message, "polled", HOUR_MS)
+            assert waiter.outcome() == "polled"
+        assert "cannot LISTEN" in caplog.text
+        assert listening_sessions(db) == 0
+    finally:
+        pool.close()
+
+
+@pytest.mark.usefixtures("slow_fallback")
+def test_get_result_polls_when_its_listening_connection_is_lost(
+    results: PostgresResultBackend, db: DB, caplog: pytest.LogCaptureFixture
+) -> None:
+    message = make_message()
+    reads = count_reads(results)
+    with caplog.at_level(logging.WARNING, logger="tasker.backends"):
+        waiter = Waiter(lambda: results.get_result(message, block=True, timeout=60_000))
+        waiter.start()
+        wait_for(lambda: len(reads) >= 2 and listening_sessions(db) == 1, 30, "a listening wait")
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+        )
+        wait_for(lambda: "LISTEN connection lost" in caplog.text, 30, "the loss to be noticed")
+        stored_at = time.monotonic()
+        results.store_result(message, "polled", HOUR_MS)
+        assert waiter.outcome() == "polled"
+    assert waiter.returned_at - stored_at < WOKEN_WITHIN_S
+
+
+def test_a_callers_pool_settings_open_the_listening_connection(database_url: str, db: DB) -> None:
+    pool: ConnectionPool[Any] = make_pool(database_url, application_name="caller-app")
+    pool.open()
+    try:
+        backend = PostgresResultBackend(pool=pool)
+        message = make_message()
+        waiter = Waiter(lambda: backend.get_result(message, block=True, timeout=60_000))
+        waiter.start()
+        wait_for(lambda: listening_sessions(db) == 1, 30, "a listening wait")
+        row = db.execute(
+            "SELECT application_name FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+        ).fetchone()
+        backend.store_result(message, "done", HOUR_MS)
+        assert waiter.outcome() == "done"
+    finally:
+        pool.close()
+    assert row == ("caller-app",)
+
+
+def assert_notified(db: DB, channel: str, write: Callable[[], None]) -> None:
+    """``write`` sends one NOTIFY, with an empty payload, on ``channel``."""
+    assert len(channel.encode()) <= 63, "a channel name is an identifier"
+    db.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    write()
+    notes = list(db.notifies(timeout=30, stop_after=1))
+    assert [(note.channel, note.payload) for note in notes] == [(channel, "")]
+
+
+def test_a_stored_result_notifies_the_channel_its_waits_listen_on(
+    database_url: str, db: DB
+) -> None:
+    backend = PostgresResultBackend(
+        url=database_url, namespace="résultats-ü", use_namespace_prefix_keys=True
+    )
+    message = make_message()
+    key = backend.build_message_key(message)
+    try:
+        channel = channel_name(RESULT_CHANNEL_PREFIX, key)
+        assert_notified(db, channel, lambda: backend.store_result(message, "stored", HOUR_MS))
+    finally:
+        backend.close()
+
+
+def test_an_event_notifies_the_channel_its_waits_listen_on(
+    limits: PostgresRateLimiterBackend, db: DB
+) -> None:
+    key = "barrière-" + "x" * 200 + "@events"  # longer than any channel name
+    channel = channel_name(EVENT_CHANNEL_PREFIX, key)
+    assert_notified(db, channel, lambda: limits.wait_notify(key, HOUR_MS))
 
 
 def test_stored_exception_is_raised_as_result_failure(results: PostgresResultBackend) -> None:
@@ -361,6 +589,55 @@ def test_barrier_releases_every_blocked_party(limits: PostgresRateLimiterBackend
 
     run_threads(3, party)
     assert released == [True, True, True]
+
+
+@pytest.mark.usefixtures("slow_fallback")
+def test_blocked_barrier_parties_are_released_together(
+    limits: PostgresRateLimiterBackend, db: DB
+) -> None:
+    barrier = Barrier(limits, "barrier", ttl=HOUR_MS)
+    assert barrier.create(parties=3)
+    blocked = [Waiter(lambda: barrier.wait(block=True, timeout=60_000)) for _ in range(2)]
+    for party in blocked:
+        party.start()
+    wait_for(lambda: listening_sessions(db) == 2, 30, "two listening parties")
+    assert barrier.wait(block=True, timeout=60_000)  # the last party releases the barrier
+    returns = [time.monotonic()]
+    assert [party.outcome() for party in blocked] == [True, True]
+    returns += [party.returned_at for party in blocked]
+    assert max(returns) - min(returns) < RELEASE_SPREAD_S, "woken by the notification"
+
+
+@pytest.mark.usefixtures("slow_fallback")
+def test_listening_barrier_party_times_out_at_its_deadline(
+    limits: PostgresRateLimiterBackend,
+) -> None:
+    barrier = Barrier(limits, "barrier", ttl=HOUR_MS)
+    assert barrier.create(parties=2)
+    started = time.monotonic()
+    assert not barrier.wait(block=True, timeout=300)
+    assert 0.3 <= time.monotonic() - started < WOKEN_WITHIN_S
+
+
+def test_barrier_parties_are_released_when_they_cannot_listen(
+    database_url: str, db: DB, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = unlistenable_pool(database_url, size=4)
+    try:
+        backend = PostgresRateLimiterBackend(pool=pool)
+        lonely = Barrier(backend, "lonely", ttl=HOUR_MS)
+        barrier = Barrier(backend, "barrier", ttl=HOUR_MS)
+        assert lonely.create(parties=2) and barrier.create(parties=2)
+        with caplog.at_level(logging.WARNING, logger="tasker.backends"):
+            assert not lonely.wait(block=True, timeout=100)
+            party = Waiter(lambda: barrier.wait(block=True, timeout=60_000))
+            party.start()
+            wait_for(lambda: caplog.text.count("cannot LISTEN") >= 2, 30, "the party to poll")
+            assert barrier.wait(block=True, timeout=60_000)  # the last party releases it
+            assert party.outcome() is True
+        assert listening_sessions(db) == 0
+    finally:
+        pool.close()
 
 
 def test_blocked_barrier_party_times_out(limits: PostgresRateLimiterBackend) -> None:
