@@ -3,9 +3,10 @@
 Expiry is tested without sleeping: a TTL of 0 ms is already expired when read, and live rows are
 aged by moving ``expires_at`` into the past.
 
-Blocking waits are woken by NOTIFY. The tests that show it set the fallback check of a listening
-wait to 10 s (``slow_fallback``) and see the wait return well before that, and count the wait's
-reads of the row; they never rely on how fast the machine is.
+Blocking waits are woken by NOTIFY, on one LISTEN connection per backend. The tests that show it
+set the fallback check of a listening wait to 10 s (``slow_fallback``) and see the wait return
+well before that, and count the wait's reads of the row; they never rely on how fast the machine
+is.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
-from tasker.backends import PostgresRateLimiterBackend, PostgresResultBackend, _common
+from tasker.backends import PostgresRateLimiterBackend, PostgresResultBackend, _common, _listener
 from tasker.backends._common import EVENT_CHANNEL_PREFIX, RESULT_CHANNEL_PREFIX, channel_name
+from tasker.backends._listener import Listener
 from tasker.db.connection import make_pool
 from tasker.exceptions import ConfigurationError
 from tests.support import wait_for
@@ -85,6 +87,18 @@ def slow_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_common, "LISTEN_FALLBACK_POLL_S", SLOW_FALLBACK_S)
 
 
+@pytest.fixture
+def retry_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a listener's failure, the next wait tries a new connection at once."""
+    monkeypatch.setattr(_listener, "RETRY_INITIAL_S", 0.0)
+
+
+@pytest.fixture
+def never_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a listener's failure, waits poll for the rest of the test."""
+    monkeypatch.setattr(_listener, "RETRY_INITIAL_S", float(HOUR_MS))
+
+
 class Waiter(threading.Thread):
     """Runs ``call`` in a thread and notes what it returned or raised, and when."""
 
@@ -111,13 +125,24 @@ class Waiter(threading.Thread):
         return self.value
 
 
-def listening_sessions(db: DB) -> int:
-    """Sessions of this test's database that LISTEN and wait (a blocked backend wait)."""
-    row = db.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND state = 'idle' AND query LIKE 'LISTEN %'"
-    ).fetchone()
-    return int(row[0]) if row else 0
+def listener_of(backend: PostgresResultBackend | PostgresRateLimiterBackend) -> Listener:
+    """The listener that ``backend``'s blocked waits share in this process."""
+    return backend._db.listener()
+
+
+def listener_sessions(db: DB) -> dict[int, str]:
+    """The sessions of this test's database whose last statement was LISTEN or UNLISTEN (the
+    backends' listeners), as ``{pid: last statement}``."""
+    rows = db.execute(
+        "SELECT pid, query FROM pg_stat_activity WHERE datname = current_database() "
+        "AND (query LIKE 'LISTEN %' OR query LIKE 'UNLISTEN %')"
+    ).fetchall()
+    return {int(pid): str(query) for pid, query in rows}
+
+
+def session_alive(db: DB, pid: int | None) -> bool:
+    row = db.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return row == (1,)
 
 
 def count_reads(
@@ -213,16 +238,22 @@ def test_blocked_get_result_is_woken_by_the_notification(
 ) -> None:
     message = make_message()
     reads = count_reads(results)
+    listener = listener_of(results)
+    assert not listener.is_running(), "started by the first blocked wait"
     waiter = Waiter(lambda: results.get_result(message, block=True, timeout=60_000))
     waiter.start()
     # Read once before LISTEN and once after: the wait now sleeps until a notification.
-    wait_for(lambda: len(reads) >= 2 and listening_sessions(db) == 1, 30, "a listening wait")
+    wait_for(lambda: len(reads) >= 2 and listener.listening_waits() == 1, 30, "a listening wait")
     stored_at = time.monotonic()
     results.store_result(message, "pushed", HOUR_MS)
     assert waiter.outcome() == "pushed"
     assert waiter.returned_at - stored_at < WOKEN_WITHIN_S
     assert reads == [1, 2, 3], "one read per notification, none by the fallback check"
-    wait_for(lambda: listening_sessions(db) == 0, 30, "the listening connection to close")
+    # The connection stays open for later waits, and no longer listens on the key's channel.
+    channel = channel_name(RESULT_CHANNEL_PREFIX, results.build_message_key(message))
+    unlistened = {listener.backend_pid: f'UNLISTEN "{channel}"'}
+    wait_for(lambda: listener_sessions(db) == unlistened, 30, "the channel to be unlistened")
+    assert listener.is_running()
 
 
 @pytest.mark.usefixtures("slow_fallback")
@@ -243,6 +274,36 @@ def test_a_result_stored_just_before_listen_is_found(
 
 
 @pytest.mark.usefixtures("slow_fallback")
+def test_a_result_stored_while_its_listen_runs_is_found(
+    results: PostgresResultBackend,
+) -> None:
+    """The result is committed by the listener's thread right before it runs the wait's
+    LISTEN, so its notification is never received: the read after the LISTEN finds it."""
+    message = make_message()
+    listener = listener_of(results)
+    connect = listener._connect
+
+    def connect_storing_before_listen() -> Any:
+        conn = connect()
+        execute = conn.execute
+
+        def execute_after_store(query: Any, *args: Any, **kwargs: Any) -> Any:
+            if query.as_string(conn).startswith("LISTEN"):
+                results.store_result(message, "stored", HOUR_MS)
+            return execute(query, *args, **kwargs)
+
+        conn.execute = execute_after_store  # type: ignore[method-assign]
+        return conn
+
+    listener._connect = connect_storing_before_listen
+    reads = count_reads(results)
+    started = time.monotonic()
+    assert results.get_result(message, block=True, timeout=60_000) == "stored"
+    assert time.monotonic() - started < WOKEN_WITHIN_S
+    assert reads == [1, 2], "found by the read after LISTEN"
+
+
+@pytest.mark.usefixtures("slow_fallback")
 def test_listening_get_result_times_out_at_its_deadline(results: PostgresResultBackend) -> None:
     started = time.monotonic()
     with pytest.raises(ResultTimeout):
@@ -250,12 +311,13 @@ def test_listening_get_result_times_out_at_its_deadline(results: PostgresResultB
     assert 0.3 <= time.monotonic() - started < WOKEN_WITHIN_S
 
 
+@pytest.mark.usefixtures("never_retry")
 def test_get_result_polls_when_it_cannot_listen(
     database_url: str, db: DB, caplog: pytest.LogCaptureFixture
 ) -> None:
     pool = unlistenable_pool(database_url)
+    backend = PostgresResultBackend(pool=pool)
     try:
-        backend = PostgresResultBackend(pool=pool)
         message = make_message()
         reads = count_reads(backend)
         with caplog.at_level(logging.WARNING, logger="tasker.backends"):
@@ -266,51 +328,179 @@ def test_get_result_polls_when_it_cannot_listen(
             wait_for(lambda: len(reads) >= 4, 30, "the wait to poll")
             backend.store_result(message, "polled", HOUR_MS)
             assert waiter.outcome() == "polled"
-        assert "cannot LISTEN" in caplog.text
-        assert listening_sessions(db) == 0
+        assert caplog.text.count("cannot LISTEN") == 1, "once per failure, not per wait"
+        assert listener_sessions(db) == {}
     finally:
+        backend.close()
         pool.close()
 
 
-@pytest.mark.usefixtures("slow_fallback")
-def test_get_result_polls_when_its_listening_connection_is_lost(
+@pytest.mark.usefixtures("slow_fallback", "retry_at_once")
+def test_waits_poll_when_the_listening_connection_is_lost_and_a_later_wait_listens_again(
     results: PostgresResultBackend, db: DB, caplog: pytest.LogCaptureFixture
 ) -> None:
     message = make_message()
     reads = count_reads(results)
+    listener = listener_of(results)
     with caplog.at_level(logging.WARNING, logger="tasker.backends"):
-        waiter = Waiter(lambda: results.get_result(message, block=True, timeout=60_000))
-        waiter.start()
-        wait_for(lambda: len(reads) >= 2 and listening_sessions(db) == 1, 30, "a listening wait")
-        db.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND query LIKE 'LISTEN %'"
-        )
+        waiters = [
+            Waiter(lambda: results.get_result(message, block=True, timeout=60_000))
+            for _ in range(2)
+        ]
+        for waiter in waiters:
+            waiter.start()
+        wait_for(lambda: listener.listening_waits() == 2, 30, "two listening waits")
+        lost = listener.backend_pid
+        db.execute("SELECT pg_terminate_backend(%s)", (lost,))
         wait_for(lambda: "LISTEN connection lost" in caplog.text, 30, "the loss to be noticed")
         stored_at = time.monotonic()
         results.store_result(message, "polled", HOUR_MS)
-        assert waiter.outcome() == "polled"
-    assert waiter.returned_at - stored_at < WOKEN_WITHIN_S
+        assert [waiter.outcome() for waiter in waiters] == ["polled", "polled"]
+        assert max(waiter.returned_at for waiter in waiters) - stored_at < WOKEN_WITHIN_S
+        assert caplog.text.count("LISTEN connection lost") == 1, "once per failure, not per wait"
+
+        # A later wait opens a new listening connection and is woken by its notification.
+        later = make_message()
+        waiter = Waiter(lambda: results.get_result(later, block=True, timeout=60_000))
+        waiter.start()
+        wait_for(lambda: listener.listening_waits() == 1, 30, "a wait listening again")
+        assert listener.backend_pid not in (None, lost)
+        read_before_store = len(reads)
+        stored_at = time.monotonic()
+        results.store_result(later, "pushed", HOUR_MS)
+        assert waiter.outcome() == "pushed"
+        assert waiter.returned_at - stored_at < WOKEN_WITHIN_S
+        assert len(reads) == read_before_store + 1, "woken by the notification"
+    assert list(listener_sessions(db)) == [listener.backend_pid]
 
 
 def test_a_callers_pool_settings_open_the_listening_connection(database_url: str, db: DB) -> None:
     pool: ConnectionPool[Any] = make_pool(database_url, application_name="caller-app")
     pool.open()
+    backend = PostgresResultBackend(pool=pool)
     try:
-        backend = PostgresResultBackend(pool=pool)
         message = make_message()
+        listener = listener_of(backend)
         waiter = Waiter(lambda: backend.get_result(message, block=True, timeout=60_000))
         waiter.start()
-        wait_for(lambda: listening_sessions(db) == 1, 30, "a listening wait")
+        wait_for(lambda: listener.listening_waits() == 1, 30, "a listening wait")
         row = db.execute(
-            "SELECT application_name FROM pg_stat_activity "
-            "WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+            "SELECT application_name FROM pg_stat_activity WHERE pid = %s",
+            (listener.backend_pid,),
         ).fetchone()
         backend.store_result(message, "done", HOUR_MS)
         assert waiter.outcome() == "done"
     finally:
+        backend.close()
         pool.close()
     assert row == ("caller-app",)
+
+
+@pytest.mark.usefixtures("slow_fallback")
+def test_concurrent_waits_share_one_listening_connection(
+    results: PostgresResultBackend, db: DB
+) -> None:
+    messages = [make_message() for _ in range(20)]
+    listener = listener_of(results)
+    waiters = [
+        Waiter(lambda message=message: results.get_result(message, block=True, timeout=60_000))
+        for message in messages
+    ]
+    for waiter in waiters:
+        waiter.start()
+    wait_for(lambda: listener.listening_waits() == 20, 30, "twenty listening waits")
+    assert list(listener_sessions(db)) == [listener.backend_pid]
+    row = db.execute(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    ).fetchone()
+    assert row is not None and row[0] <= 8 + 1, "the pool's connections and one listener"
+    stored_at = time.monotonic()
+    for number, message in enumerate(messages):
+        results.store_result(message, number, HOUR_MS)
+    assert [waiter.outcome() for waiter in waiters] == list(range(20))
+    assert max(waiter.returned_at for waiter in waiters) - stored_at < WOKEN_WITHIN_S
+    assert list(listener_sessions(db)) == [listener.backend_pid]
+
+
+@pytest.mark.usefixtures("slow_fallback")
+def test_a_store_racing_the_registration_is_never_missed(
+    results: PostgresResultBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wait's result is stored right after the wait registers on its channel: in the
+    waiting thread (before its LISTEN has run, most of the time) or by another thread (racing
+    the LISTEN and the read after it). A missed notification would cost a 10 s fallback."""
+    listener = listener_of(results)
+    subscribe = listener.subscribe
+    racing: list[tuple[Message[Any], int]] = []
+    storers: list[threading.Thread] = []
+
+    def subscribe_then_store(channel: str) -> Any:
+        subscription = subscribe(channel)
+        if racing:
+            message, number = racing.pop()
+            if number % 2:
+                results.store_result(message, number, HOUR_MS)
+            else:
+                storer = threading.Thread(
+                    target=results.store_result, args=(message, number, HOUR_MS)
+                )
+                storer.start()
+                storers.append(storer)
+        return subscription
+
+    monkeypatch.setattr(listener, "subscribe", subscribe_then_store)
+    try:
+        for number in range(300):
+            message = make_message()
+            with pytest.raises(ResultTimeout):  # registers and leaves, maybe before LISTEN ran
+                results.get_result(message, block=True, timeout=2)
+            racing.append((message, number))
+            started = time.monotonic()
+            assert results.get_result(message, block=True, timeout=60_000) == number
+            assert time.monotonic() - started < WOKEN_WITHIN_S, f"wait {number} missed it"
+    finally:
+        for storer in storers:
+            storer.join(30)
+    assert listener.listening_waits() == 0
+
+
+def test_close_stops_the_listener_and_a_later_wait_starts_it_again(
+    database_url: str, db: DB
+) -> None:
+    backend = PostgresResultBackend(url=database_url)
+    try:
+        listener = listener_of(backend)
+        with pytest.raises(ResultTimeout):
+            backend.get_result(make_message(), block=True, timeout=50)
+        assert listener.is_running(), "kept after the wait"
+        threads = [t for t in threading.enumerate() if t.name == "tasker-results-listener"]
+        assert len(threads) == 1
+        first = listener.backend_pid
+        assert session_alive(db, first)
+
+        # A wait blocked when the backend closes polls for the rest of its wait.
+        message = make_message()
+        waiter = Waiter(lambda: backend.get_result(message, block=True, timeout=60_000))
+        waiter.start()
+        wait_for(lambda: listener.listening_waits() == 1, 30, "a listening wait")
+        backend.close()
+        assert not threads[0].is_alive(), "close() ends the thread"
+        assert not listener.is_running()
+        wait_for(lambda: not session_alive(db, first), 30, "the listening session to end")
+        backend.store_result(message, "polled", HOUR_MS)
+        assert waiter.outcome() == "polled"
+
+        later = make_message()
+        waiter = Waiter(lambda: backend.get_result(later, block=True, timeout=60_000))
+        waiter.start()
+        wait_for(lambda: listener.listening_waits() == 1, 30, "a wait listening again")
+        assert listener.backend_pid not in (None, first)
+        backend.store_result(later, "pushed", HOUR_MS)
+        assert waiter.outcome() == "pushed"
+    finally:
+        backend.close()
+    assert not listener.is_running()
 
 
 def assert_notified(db: DB, channel: str, write: Callable[[], None]) -> None:
@@ -600,7 +790,9 @@ def test_blocked_barrier_parties_are_released_together(
     blocked = [Waiter(lambda: barrier.wait(block=True, timeout=60_000)) for _ in range(2)]
     for party in blocked:
         party.start()
-    wait_for(lambda: listening_sessions(db) == 2, 30, "two listening parties")
+    listener = listener_of(limits)
+    wait_for(lambda: listener.listening_waits() == 2, 30, "two listening parties")
+    assert list(listener_sessions(db)) == [listener.backend_pid], "one connection for both"
     assert barrier.wait(block=True, timeout=60_000)  # the last party releases the barrier
     returns = [time.monotonic()]
     assert [party.outcome() for party in blocked] == [True, True]
@@ -619,12 +811,13 @@ def test_listening_barrier_party_times_out_at_its_deadline(
     assert 0.3 <= time.monotonic() - started < WOKEN_WITHIN_S
 
 
+@pytest.mark.usefixtures("never_retry")
 def test_barrier_parties_are_released_when_they_cannot_listen(
     database_url: str, db: DB, caplog: pytest.LogCaptureFixture
 ) -> None:
     pool = unlistenable_pool(database_url, size=4)
+    backend = PostgresRateLimiterBackend(pool=pool)
     try:
-        backend = PostgresRateLimiterBackend(pool=pool)
         lonely = Barrier(backend, "lonely", ttl=HOUR_MS)
         barrier = Barrier(backend, "barrier", ttl=HOUR_MS)
         assert lonely.create(parties=2) and barrier.create(parties=2)
@@ -632,11 +825,13 @@ def test_barrier_parties_are_released_when_they_cannot_listen(
             assert not lonely.wait(block=True, timeout=100)
             party = Waiter(lambda: barrier.wait(block=True, timeout=60_000))
             party.start()
-            wait_for(lambda: caplog.text.count("cannot LISTEN") >= 2, 30, "the party to poll")
+            wait_for(lambda: limit_value(db, "barrier") == 1, 30, "the party to wait")
             assert barrier.wait(block=True, timeout=60_000)  # the last party releases it
             assert party.outcome() is True
-        assert listening_sessions(db) == 0
+        assert caplog.text.count("cannot LISTEN") == 1, "once per failure, not per wait"
+        assert listener_sessions(db) == {}
     finally:
+        backend.close()
         pool.close()
 
 

@@ -6,16 +6,16 @@ this module as Tasker's own exceptions, each naming the fix.
 
 A blocking wait (:func:`wait_until`) is woken by NOTIFY: migration 0006 makes every stored
 result and every rate-limiter event notify the channel of its key (:func:`channel_name`). The
-wait LISTENs on a connection of its own, opened with the pool's connection settings but never
-part of the pool, so no pooled connection ever carries LISTEN state. Notifications only make a
-wait return sooner: the wait re-reads its row after each one, polls slowly in case one is lost,
-and polls as before when it cannot listen.
+waits of a backend share one LISTEN connection (:class:`~tasker.backends._listener.Listener`),
+opened with the pool's connection settings but never part of the pool, so no pooled connection
+ever carries LISTEN state. Notifications only make a wait return sooner: the wait re-reads its
+row once the LISTEN runs, after each notification, and every second in case one is lost, and
+polls as before when it cannot listen.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +28,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from tasker.backends._listener import Listener, Subscription, SubscriptionState
 from tasker.db.connection import make_pool
 from tasker.db.queries import load_queries, render
 from tasker.exceptions import ConfigurationError, DatabaseError, MigrationError
@@ -43,8 +44,6 @@ __all__ = [
     "poll_until",
     "wait_until",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: First pause, in seconds, between two polls of a wait that cannot listen; doubled after
 #: every miss.
@@ -71,7 +70,8 @@ def channel_name(prefix: str, key: str) -> str:
 
 
 class LazyPool:
-    """A connection pool that is opened on first use, or a caller's pool used as is."""
+    """A connection pool that is opened on first use, or a caller's pool used as is, and the
+    LISTEN connection the backend's blocked waits share."""
 
     def __init__(
         self,
@@ -92,6 +92,7 @@ class LazyPool:
         self._name = name
         self._max_size = max_size
         self._lock = threading.Lock()
+        self._listener: Listener | None = None
 
     def _get_pool(self) -> ConnectionPool[Any]:
         with self._lock:
@@ -119,29 +120,34 @@ class LazyPool:
                 "that the server accepts connections."
             ) from exc
 
-    def listen(self, channel: str) -> psycopg.Connection[Any]:
-        """A new autocommit connection, outside the pool, that LISTENs on ``channel``.
+    def listener(self) -> Listener:
+        """The backend's listener (its thread and connection start on the first wait)."""
+        with self._lock:
+            if self._listener is None:
+                self._listener = Listener(self._connect_listener, name=self._name)
+            return self._listener
 
-        It is opened with the pool's connection string and keyword arguments (a caller's pool's
-        too); the caller closes it. Raises ``psycopg.Error`` or ``OSError`` when it cannot be
-        opened or the LISTEN fails.
-        """
+    def _connect_listener(self) -> psycopg.Connection[Any]:
+        """A new autocommit connection, outside the pool, with the pool's connection string
+        and keyword arguments (a caller's pool's too). Raises ``psycopg.Error`` or ``OSError``
+        when it cannot be opened."""
         pool = self._get_pool()
         conninfo = pool.conninfo() if callable(pool.conninfo) else pool.conninfo
         kwargs = pool.kwargs() if callable(pool.kwargs) else pool.kwargs
-        conn = psycopg.Connection.connect(conninfo or "", **{**(kwargs or {}), "autocommit": True})
-        try:
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return psycopg.Connection.connect(conninfo or "", **{**(kwargs or {}), "autocommit": True})
 
     def close(self) -> None:
-        """Close the pool if this object opened it (a later use reopens it).
+        """Stop the listener, and close the pool if this object opened it (a later use
+        reopens both).
 
         A caller's pool is left alone.
         """
+        with self._lock:
+            listener = self._listener
+        # The listener first: its thread may be opening its connection with the pool's
+        # settings, which would reopen a pool closed before.
+        if listener is not None:
+            listener.close()
         if not self._owned:
             return
         with self._lock:
@@ -189,19 +195,17 @@ def poll_until(probe: Callable[[], bool], timeout_ms: float | None) -> bool:
 
 
 def wait_until(
-    probe: Callable[[], bool],
-    timeout_ms: float | None,
-    listen: Callable[[], psycopg.Connection[Any]],
+    probe: Callable[[], bool], timeout_ms: float | None, listener: Listener, channel: str
 ) -> bool:
     """Wait until ``probe`` returns true, for up to ``timeout_ms`` milliseconds (``None``:
-    forever), woken by the notifications of the connection ``listen`` opens.
+    forever), woken by the notifications ``listener`` receives on ``channel``.
 
-    ``probe`` runs first; only when it is false is the listening connection opened, and the
-    probe runs again right after, so a notification sent before LISTEN is never missed. Then the
-    probe runs after every notification, after every :data:`LISTEN_FALLBACK_POLL_S` seconds
-    without one, and at the deadline, so a timeout is only reported after the full wait. When
-    ``listen`` raises (``psycopg.Error``, ``OSError``), or the listening connection is lost, the
-    rest of the wait is :func:`poll_until`. The listening connection is closed on return.
+    ``probe`` runs first; only when it is false does the wait register on ``channel``, and the
+    probe runs again once the listener LISTENs on it, so a notification sent before LISTEN is
+    never missed. Then the probe runs after every notification, after every
+    :data:`LISTEN_FALLBACK_POLL_S` seconds without one, and at the deadline, so a timeout is
+    only reported after the full wait. When the listener cannot listen, or fails during the
+    wait, the rest of the wait is :func:`poll_until` (the listener logs why, once).
 
     Returns whether the probe returned true; the probe's errors propagate.
     """
@@ -210,43 +214,38 @@ def wait_until(
         return True
     if _pause(deadline, LISTEN_FALLBACK_POLL_S) is None:
         return False
-    try:
-        conn = listen()
-    except (psycopg.Error, OSError) as exc:
-        logger.warning("cannot LISTEN (%s); polling instead", exc)
+    subscription = listener.subscribe(channel)
+    if subscription is None:
         return poll_until(probe, _remaining_ms(deadline))
     try:
-        return _wait_for_notifications(conn, probe, deadline)
-    except _ListenerLostError as lost:
-        logger.warning("LISTEN connection lost (%s); polling instead", lost.__cause__)
+        found = _wait_for_notifications(subscription, probe, deadline)
     finally:
-        conn.close()
-    return poll_until(probe, _remaining_ms(deadline))
-
-
-class _ListenerLostError(Exception):
-    """The listening connection failed; its error is the ``__cause__``."""
+        listener.unsubscribe(subscription)
+    if found is None:
+        return poll_until(probe, _remaining_ms(deadline))
+    return found
 
 
 def _wait_for_notifications(
-    conn: psycopg.Connection[Any], probe: Callable[[], bool], deadline: float | None
-) -> bool:
-    """Run ``probe`` now and after each notification on ``conn`` (or a fallback pause) until
-    it returns true (``True``) or ``deadline`` passes (``False``).
+    subscription: Subscription, probe: Callable[[], bool], deadline: float | None
+) -> bool | None:
+    """Run ``probe`` whenever ``subscription``'s event is set (its LISTEN ran, or a
+    notification came) or a fallback pause passes, until it returns true (``True``) or
+    ``deadline`` passes (``False``). ``None``: the subscription was lost (poll instead).
 
-    Raises :class:`_ListenerLostError` when ``conn`` fails; the probe's errors propagate.
+    The event is cleared before each probe, so a notification during a probe wakes the next
+    one. The probe's errors propagate.
     """
     while True:
-        if probe():
-            return True
         pause = _pause(deadline, LISTEN_FALLBACK_POLL_S)
         if pause is None:
             return False
-        try:
-            for _ in conn.notifies(timeout=pause, stop_after=1):
-                pass
-        except psycopg.Error as exc:
-            raise _ListenerLostError() from exc
+        subscription.event.wait(pause)
+        subscription.event.clear()
+        if subscription.state is SubscriptionState.LOST:
+            return None
+        if probe():
+            return True
 
 
 def query(name: str) -> str:

@@ -51,8 +51,9 @@ Keys = Callable[[], Iterable[str]] | Iterable[str]
 class PostgresRateLimiterBackend(RateLimiterBackend):
     """Keep Dramatiq rate-limiter and barrier state in PostgreSQL.
 
-    A blocking ``wait`` (a blocked ``Barrier`` party) holds one more connection while it waits:
-    its own, outside the pool, listening for the event's NOTIFY.
+    Blocking ``wait`` calls (blocked ``Barrier`` parties) share one more connection, outside
+    the pool, that LISTENs for their events' NOTIFY: the first blocking wait opens it and it
+    stays open until ``close()``.
 
     Parameters:
       url: A PostgreSQL URL; the backend then owns a pool, opened on first use.
@@ -74,7 +75,8 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         self._writes = itertools.count(1)
 
     def close(self) -> None:
-        """Close the connection pool this backend opened (a caller's pool is left open)."""
+        """Close the listening connection, and the connection pool this backend opened (a
+        caller's pool is left open); a later use reopens them."""
         self._db.close()
 
     def add(self, key: str, value: int, ttl: int) -> bool:
@@ -122,11 +124,11 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         """Block up to ``timeout`` ms (forever when ``None``) for a notification on ``key``.
 
         A notification is not consumed: every waiter sees it until its TTL expires. A wait that
-        does not find one at once opens a connection of its own (outside the pool, with the
-        pool's settings) that LISTENs for the event's NOTIFY; it re-checks on every
-        notification, every ``LISTEN_FALLBACK_POLL_S`` (1 s) in case one is lost, and at the
-        deadline. When that connection cannot be opened, or is lost, the wait polls with a
-        doubling pause (10 ms up to 250 ms) instead.
+        does not find one at once has the backend's listening connection LISTEN for the
+        event's NOTIFY; it re-checks once the LISTEN has run, on every notification, every
+        ``LISTEN_FALLBACK_POLL_S`` (1 s) in case one is lost, and at the deadline. When the
+        listening connection cannot be opened, or is lost, the wait polls with a doubling
+        pause (10 ms up to 250 ms) instead.
 
         Returns whether a notification arrived in time (``False`` on timeout). Raises
         ``DatabaseError`` when PostgreSQL is unreachable (``MigrationError``: tables missing).
@@ -138,7 +140,7 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
             return bool(row and row[0])
 
         return wait_until(
-            probe, timeout, lambda: self._db.listen(channel_name(EVENT_CHANNEL_PREFIX, key))
+            probe, timeout, self._db.listener(), channel_name(EVENT_CHANNEL_PREFIX, key)
         )
 
     def wait_notify(self, key: str, ttl: int) -> None:

@@ -52,8 +52,9 @@ class ResultTimeoutError(TaskerError, ResultTimeout):
 class PostgresResultBackend(ResultBackend):
     """Store Dramatiq message results in PostgreSQL.
 
-    A blocking ``get_result`` holds one more connection while it waits: its own, outside the
-    pool, listening for the result's NOTIFY.
+    Blocking ``get_result`` calls share one more connection, outside the pool, that LISTENs
+    for their results' NOTIFY: the first blocking wait opens it and it stays open until
+    ``close()``.
 
     Parameters:
       url: A PostgreSQL URL; the backend then owns a pool, opened on first use.
@@ -87,7 +88,8 @@ class PostgresResultBackend(ResultBackend):
         self._stores = itertools.count(1)
 
     def close(self) -> None:
-        """Close the connection pool this backend opened (a caller's pool is left open)."""
+        """Close the listening connection, and the connection pool this backend opened (a
+        caller's pool is left open); a later use reopens them."""
         self._db.close()
 
     def get_result(
@@ -96,10 +98,10 @@ class PostgresResultBackend(ResultBackend):
         """Get the result of ``message``, waiting up to ``timeout`` ms when ``block`` is true.
 
         ``timeout`` defaults to Dramatiq's ``DEFAULT_TIMEOUT`` (10,000 ms). A blocking wait
-        that does not find the result at once opens a connection of its own (outside the pool,
-        with the pool's settings) that LISTENs for the result's notification; it re-reads the
-        result on every notification, every ``LISTEN_FALLBACK_POLL_S`` (1 s) in case one is
-        lost, and at the deadline. When that connection cannot be opened, or is lost, the wait
+        that does not find the result at once has the backend's listening connection LISTEN
+        for the result's notification; it re-reads the result once the LISTEN has run, on
+        every notification, every ``LISTEN_FALLBACK_POLL_S`` (1 s) in case one is lost, and at
+        the deadline. When the listening connection cannot be opened, or is lost, the wait
         polls with a doubling pause (10 ms up to 250 ms) instead.
 
         Returns the decoded result. Raises:
@@ -125,7 +127,8 @@ class PostgresResultBackend(ResultBackend):
         elif not wait_until(
             probe,
             DEFAULT_TIMEOUT if timeout is None else timeout,
-            lambda: self._db.listen(channel_name(RESULT_CHANNEL_PREFIX, message_key)),
+            self._db.listener(),
+            channel_name(RESULT_CHANNEL_PREFIX, message_key),
         ):
             raise ResultTimeoutError(message)
         return self.unwrap_result(found[0])  # type: ignore[no-untyped-call]
