@@ -12,6 +12,8 @@ is.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -501,6 +503,63 @@ def test_close_stops_the_listener_and_a_later_wait_starts_it_again(
     finally:
         backend.close()
     assert not listener.is_running()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.usefixtures("slow_fallback")
+def test_a_forked_child_listens_on_its_own_connection(
+    results: PostgresResultBackend, db: DB
+) -> None:
+    listener = listener_of(results)
+    with pytest.raises(ResultTimeout):
+        results.get_result(make_message(), block=True, timeout=50)
+    parents = listener.backend_pid
+    message = make_message()
+    context = multiprocessing.get_context("fork")
+    reports, child_end = context.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            own = listener_of(results)
+            waiter = Waiter(lambda: results.get_result(message, block=True, timeout=60_000))
+            waiter.start()
+            wait_for(lambda: own.listening_waits() == 1, 20, "the child's wait to listen")
+            child_end.send(("listening", own is listener, own.backend_pid))
+            child_end.send(("woken", waiter.outcome()))
+            results.close()  # the child's pool and listener, never the parent's
+        except BaseException as exc:
+            child_end.send(("failed", repr(exc)))
+
+    process = context.Process(target=child, daemon=True)
+    process.start()
+    try:
+        assert reports.poll(30), "the child did not report"
+        kind, same, childs = reports.recv()
+        assert (kind, same) == ("listening", False), (kind, same, childs)
+        assert childs != parents and session_alive(db, childs)
+        stored_at = time.monotonic()
+        results.store_result(message, "for the child", HOUR_MS)
+        assert reports.poll(30), "the child did not report"
+        assert reports.recv() == ("woken", "for the child")
+        assert time.monotonic() - stored_at < WOKEN_WITHIN_S
+        process.join(30)
+        assert process.exitcode == 0
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join(30)
+
+    # The parent's listener was neither used nor closed by the child.
+    assert listener.backend_pid == parents and session_alive(db, parents)
+    again = make_message()
+    waiter = Waiter(lambda: results.get_result(again, block=True, timeout=60_000))
+    waiter.start()
+    wait_for(lambda: listener.listening_waits() == 1, 30, "the parent's wait to listen")
+    stored_at = time.monotonic()
+    results.store_result(again, "for the parent", HOUR_MS)
+    assert waiter.outcome() == "for the parent"
+    assert waiter.returned_at - stored_at < WOKEN_WITHIN_S
+    assert listener.backend_pid == parents
 
 
 def assert_notified(db: DB, channel: str, write: Callable[[], None]) -> None:

@@ -11,11 +11,16 @@ opened with the pool's connection settings but never part of the pool, so no poo
 ever carries LISTEN state. Notifications only make a wait return sooner: the wait re-reads its
 row once the LISTEN runs, after each notification, and every second in case one is lost, and
 polls as before when it cannot listen.
+
+After a fork, a backend's owned pool and its listener are the parent's sessions: the child
+makes its own on first use and neither uses nor closes the parent's (a caller's pool is the
+caller's to handle).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,6 +74,33 @@ def channel_name(prefix: str, key: str) -> str:
     return prefix + hashlib.md5(key.encode(), usedforsecurity=False).hexdigest()
 
 
+def _new_fork_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+#: Serialises the replacement of a LazyPool's state in a forked child. Made anew in every
+#: child, so a thread that held it at the fork cannot leave it locked there.
+_fork_lock = _new_fork_lock()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_lock  # noqa: PLW0603 - a module-wide lock, re-made after a fork
+    _fork_lock = _new_fork_lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _ProcessState:
+    """What a :class:`LazyPool` holds in one process: a lock, the pool, the listener."""
+
+    def __init__(self, pool: ConnectionPool[Any] | None) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.pool = pool
+        self.listener: Listener | None = None
+
+
 class LazyPool:
     """A connection pool that is opened on first use, or a caller's pool used as is, and the
     LISTEN connection the backend's blocked waits share."""
@@ -87,21 +119,31 @@ class LazyPool:
                 "psycopg_pool.ConnectionPool)."
             )
         self._url = url
-        self._pool = pool
+        self._callers_pool = pool
         self._owned = pool is None
         self._name = name
         self._max_size = max_size
-        self._lock = threading.Lock()
-        self._listener: Listener | None = None
+        self._state = _ProcessState(pool)
+
+    def _process(self) -> _ProcessState:
+        """This process's state: after a fork, a new one (the parent's is left untouched)."""
+        state = self._state
+        if state.pid != os.getpid():
+            with _fork_lock:
+                if self._state.pid != os.getpid():
+                    self._state = _ProcessState(self._callers_pool)
+                state = self._state
+        return state
 
     def _get_pool(self) -> ConnectionPool[Any]:
-        with self._lock:
-            if self._pool is None:
+        state = self._process()
+        with state.lock:
+            if state.pool is None:
                 assert self._url is not None
                 pool = make_pool(self._url, max_size=self._max_size, name=self._name)
                 pool.open()
-                self._pool = pool
-            return self._pool
+                state.pool = pool
+            return state.pool
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -121,11 +163,12 @@ class LazyPool:
             ) from exc
 
     def listener(self) -> Listener:
-        """The backend's listener (its thread and connection start on the first wait)."""
-        with self._lock:
-            if self._listener is None:
-                self._listener = Listener(self._connect_listener, name=self._name)
-            return self._listener
+        """This process's listener (its thread and connection start on the first wait)."""
+        state = self._process()
+        with state.lock:
+            if state.listener is None:
+                state.listener = Listener(self._connect_listener, name=self._name)
+            return state.listener
 
     def _connect_listener(self) -> psycopg.Connection[Any]:
         """A new autocommit connection, outside the pool, with the pool's connection string
@@ -142,16 +185,17 @@ class LazyPool:
 
         A caller's pool is left alone.
         """
-        with self._lock:
-            listener = self._listener
+        state = self._process()
+        with state.lock:
+            listener = state.listener
         # The listener first: its thread may be opening its connection with the pool's
         # settings, which would reopen a pool closed before.
         if listener is not None:
             listener.close()
         if not self._owned:
             return
-        with self._lock:
-            pool, self._pool = self._pool, None
+        with state.lock:
+            pool, state.pool = state.pool, None
         if pool is not None:
             pool.close()
 

@@ -31,6 +31,12 @@ Failures
   logged once. Later waits poll too, without logging, until a backoff (1 s, doubling up to
   30 s) has passed; the first wait after it starts a new thread and connection. A failure
   after a failure is logged at debug level, and the first success again at info level.
+
+Forks
+  A listener belongs to the process that made it (:attr:`Listener.pid`): its connection and
+  sockets are the parent's after a fork. The backends make a new one in a child (see
+  ``LazyPool``), and leave the parent's alone: closing it in the child would end the
+  parent's session.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import selectors
 import socket
 import threading
@@ -138,6 +145,8 @@ class Listener:
     def __init__(self, connect: Callable[[], psycopg.Connection[Any]], *, name: str) -> None:
         self._connect = connect
         self._name = name
+        #: The process this listener belongs to.
+        self.pid = os.getpid()
         self._lock = threading.Lock()
         self._channels: dict[str, _Channel] = {}
         self._session: _Session | None = None
@@ -153,6 +162,8 @@ class Listener:
         listener failed less than a backoff ago, or its thread cannot start. The caller must
         :meth:`unsubscribe` what this returns.
         """
+        if os.getpid() != self.pid:
+            return None  # the parent's listener; the backend makes one for this process
         with self._lock:
             session = self._session
             if session is None:
@@ -186,8 +197,11 @@ class Listener:
         """Stop the thread and close its connection; a later :meth:`subscribe` starts anew.
 
         Registered waits are told (their subscriptions are lost) and poll. Waits up to
-        ``CLOSE_TIMEOUT_S`` for the thread to end.
+        ``CLOSE_TIMEOUT_S`` for the thread to end. Does nothing in another process than the
+        listener's: the connection is the parent's.
         """
+        if os.getpid() != self.pid:
+            return
         with self._lock:
             session, self._session = self._session, None
             if session is None:
