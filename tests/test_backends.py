@@ -337,6 +337,34 @@ def test_get_result_polls_when_it_cannot_listen(
         pool.close()
 
 
+@pytest.mark.usefixtures("retry_at_once")
+def test_a_listener_that_cannot_connect_warns_once_and_connects_on_a_later_wait(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = unlistenable_pool(database_url)
+    backend = PostgresResultBackend(pool=pool)
+    listener = listener_of(backend)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="tasker.backends"):
+            for _ in range(3):
+                with pytest.raises(ResultTimeout):
+                    backend.get_result(make_message(), block=True, timeout=100)
+                wait_for(lambda: not listener.is_running(), 30, "the attempt to fail")
+            pool.conninfo = database_url  # the server accepts the listener again
+            message = make_message()
+            waiter = Waiter(lambda: backend.get_result(message, block=True, timeout=60_000))
+            waiter.start()
+            wait_for(lambda: listener.listening_waits() == 1, 30, "a listening wait")
+            backend.store_result(message, "listened", HOUR_MS)
+            assert waiter.outcome() == "listened"
+    finally:
+        backend.close()
+        pool.close()
+    failures = [r.levelname for r in caplog.records if "cannot LISTEN" in r.getMessage()]
+    assert failures == ["WARNING", "DEBUG", "DEBUG"], "one warning per outage, not per attempt"
+    assert "LISTEN connection re-established" in caplog.text
+
+
 @pytest.mark.usefixtures("slow_fallback", "retry_at_once")
 def test_waits_poll_when_the_listening_connection_is_lost_and_a_later_wait_listens_again(
     results: PostgresResultBackend, db: DB, caplog: pytest.LogCaptureFixture

@@ -1,20 +1,21 @@
 """One LISTEN connection shared by all the blocked waits of a backend (:class:`Listener`).
 
 A daemon thread owns one autocommit connection, opened on the first blocking wait that needs it
-and kept afterwards (until the backend's ``close()``, a connection failure, or a fork). Waits
+and kept afterwards (until the backend's ``close()`` or a connection failure). Waits
 register their channel (:meth:`Listener.subscribe`); the thread LISTENs on a channel while at
 least one wait is registered on it and UNLISTENs it when the last one leaves, so a wait costs
 one round trip on an open connection instead of a new connection.
 
 Registration and wake-up
   The thread sleeps in ``selectors`` on two sockets: the connection's and the read end of a
-  ``socket.socketpair`` (a self-pipe that also works on Windows). A registration, a departure
-  or ``close()`` writes one byte to the pair, so the thread wakes at once and compares the
-  channels that waits want with the channels it LISTENs on, runs the missing LISTENs and the
-  stale UNLISTENs, and only then marks the new subscriptions *listening* and sets their
-  events. A wait does not trust a notification it might have missed before that point: it
-  re-reads its row after its subscription is listening (see ``wait_until``). A channel
-  already listened on is confirmed at registration, without a round trip.
+  ``socket.socketpair`` (a self-pipe that, unlike ``os.pipe``, Windows can select too). A
+  registration, a departure or ``close()`` writes one byte to the pair, so the thread wakes
+  at once and compares the channels that waits want with the channels it LISTENs on, runs
+  the missing LISTENs and the stale UNLISTENs, and only then marks the new subscriptions
+  *listening* and sets their events. A wait does not trust a notification it might have
+  missed before that point: it re-reads its row after its subscription is listening (see
+  ``wait_until``). A channel already listened on is confirmed at registration, without a
+  round trip.
 
   When the connection's socket is readable the thread reads it with libpq's non-blocking
   calls (``pgconn.consume_input()`` and ``pgconn.notifies()``), never with psycopg's blocking
@@ -150,7 +151,7 @@ class Listener:
         self._lock = threading.Lock()
         self._channels: dict[str, _Channel] = {}
         self._session: _Session | None = None
-        self._backoff = 0.0  # 0: no failure since the last success
+        self._failures = 0  # in a row, since the last success
         self._retry_at = 0.0
 
     # -- waits' side ------------------------------------------------------------------------
@@ -328,7 +329,7 @@ class Listener:
                             subscription._move(SubscriptionState.LISTENING)
             if not session.established:
                 session.established = True
-                recovered, self._backoff = self._backoff > 0, 0.0
+                recovered, self._failures = self._failures > 0, 0
         if recovered:
             logger.info("%s: LISTEN connection re-established", self._name)
 
@@ -341,10 +342,10 @@ class Listener:
             self._lose_all()
             if failure is None:
                 return
-            first = self._backoff == 0
-            self._backoff = RETRY_INITIAL_S if first else min(self._backoff * 2, RETRY_MAX_S)
-            self._retry_at = time.monotonic() + self._backoff
-            backoff = self._backoff
+            first = self._failures == 0
+            backoff = min(RETRY_INITIAL_S * 2 ** min(self._failures, 16), RETRY_MAX_S)
+            self._failures += 1
+            self._retry_at = time.monotonic() + backoff
         what = "LISTEN connection lost" if session.established else "cannot LISTEN"
         logger.log(
             logging.WARNING if first else logging.DEBUG,
