@@ -523,6 +523,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     try:
         _check_findable(args.modules, args.path)
+        _check_sentry_installed()
     except ConfigurationError as exc:  # the exit code a worker process gives for it too
         print(f"tasker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -537,6 +538,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         verbose=args.verbose,
     )
     return supervise(options, env=env)
+
+
+def _check_sentry_installed() -> None:
+    """A :class:`ConfigurationError` when ``sentry.dsn`` is set and sentry-sdk is missing,
+    before starting any worker process: each would refuse to start."""
+    if _settings().sentry.dsn:
+        from tasker.runtime.sentry import import_sentry_sdk
+
+        import_sentry_sdk()
 
 
 def _check_findable(modules: Sequence[str], paths: Sequence[str]) -> None:
@@ -734,14 +744,18 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
 def _cmd_settings(args: argparse.Namespace) -> int:
     import msgspec
 
-    print(json.dumps(_masked(msgspec.to_builtins(_settings())), indent=2))
+    from tasker.settings import mask_dsn
+
+    settings = msgspec.to_builtins(_settings())
+    settings["sentry"]["dsn"] = mask_dsn(settings["sentry"]["dsn"])
+    print(json.dumps(_masked(settings), indent=2))
     return 0
 
 
 def _masked(value: Any) -> Any:
     """``value`` (settings as JSON data) with the password of every URL in it masked: not only
     ``database.url``, any string setting holding a URL or ``password=`` pair (``mask_url``
-    leaves other strings as they are)."""
+    leaves other strings as they are; the Sentry DSN's key is masked before)."""
     from tasker.db.errors import mask_url
 
     if isinstance(value, dict):
