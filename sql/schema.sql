@@ -261,3 +261,4 @@ FUNCTION tasker.task_execution_context_v2(p_task uuid) RETURNS TABLE(total integ
 FUNCTION tasker.uuid_generate_v7() RETURNS uuid -- body md5 eee0acdc88453d41b1322c0c1efaf68d
 TRIGGER dramatiq_rate_limit_events_notify: CREATE TRIGGER dramatiq_rate_limit_events_notify AFTER INSERT ON tasker.dramatiq_rate_limit_events FOR EACH ROW EXECUTE FUNCTION tasker.dramatiq_rate_limit_events_notify()
 TRIGGER dramatiq_results_notify: CREATE TRIGGER dramatiq_results_notify AFTER INSERT OR UPDATE ON tasker.dramatiq_results FOR EACH ROW EXECUTE FUNCTION tasker.dramatiq_results_notify()
+TRIGGER tasks_settled_notify: CREATE TRIGGER tasks_settled_notify AFTER UPDATE OF state ON tasker.tasks FOR EACH ROW WHEN (((new.state IS DISTINCT FROM old.state) AND (new.state = ANY (ARRAY['complete'::text, 'error'::text, 'cancelled'::text, 'resolved_manually'::text, 'blocked_by_failures'::text])))) EXECUTE FUNCTION tasker.notify_task_settled_v1()
