@@ -577,13 +577,14 @@ def _check_findable(modules: Sequence[str], paths: Sequence[str]) -> None:
 # -- queues and dead letters -------------------------------------------------------------------
 
 
-def _import_modules(modules: Sequence[str]) -> None:
+def _import_modules(modules: Sequence[str]) -> list[Any]:
     """Import the actor modules (the current directory first on ``sys.path``); a module that
     cannot be imported is a :class:`ConfigurationError` naming it (``-v`` logs the traceback)."""
     sys.path.insert(0, os.getcwd())
+    imported = []
     for module in modules:
         try:
-            importlib.import_module(module)
+            imported.append(importlib.import_module(module))
         except ModuleNotFoundError as exc:
             logger.debug("Importing %s failed", module, exc_info=True)
             if exc.name and (module == exc.name or module.startswith(f"{exc.name}.")):
@@ -600,6 +601,7 @@ def _import_modules(modules: Sequence[str]) -> None:
                 f"Importing module {module!r} failed: {type(exc).__name__}: {exc} "
                 "(`tasker -v ...` shows the traceback)"
             ) from None
+    return imported
 
 
 def _cmd_queues(args: argparse.Namespace) -> int:
@@ -632,7 +634,11 @@ def _cmd_queues_create(args: argparse.Namespace) -> int:
         dramatiq.set_broker(broker)
         # a worker binds each workflow's steps as it is defined; here, once all are imported
         install_from_settings(broker, _settings(), bind_workflows=False)
-        _import_modules(args.modules)
+        for module in _import_modules(args.modules):
+            # the plain actors' queues, also of a module imported before (bound elsewhere)
+            for value in vars(module).values():
+                if isinstance(value, dramatiq.Actor):
+                    broker.declare_queue(value.queue_name)
         for flow in registered_workflows():
             bind_workflow(broker, flow)
         for queue_name in sorted(broker.get_declared_queues()):
