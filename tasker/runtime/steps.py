@@ -112,7 +112,12 @@ class StepActors:
         if actor_name in self.broker.actors or step.handler is None:
             return
         runner = StepRunner(
-            flow.namespace, flow.name, step.handler, timeout=step.timeout, inline=inline
+            flow.namespace,
+            flow.name,
+            step.handler,
+            timeout=step.timeout,
+            inline=inline,
+            step=step.name,
         )
         self._runners[(flow.namespace, flow.name, flow.version, step.name)] = runner
 
