@@ -30,6 +30,7 @@ from tasker.cli_args import (
     replicas,
     seconds,
     shutdown_seconds,
+    tcp_port,
     threads,
 )
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
@@ -226,6 +227,14 @@ def _add_worker_command(commands: Any) -> None:
         metavar="SECONDS",
         help="graceful stop: how long running handlers may take to finish, at most "
         f"{SECONDS_MAX} (default: 600)",
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=tcp_port,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics, /health/live and /health/ready on this port (default: "
+        "worker.metrics_port, 9192; 0: any free port)",
     )
     worker.set_defaults(handler=_cmd_worker)
 
@@ -511,6 +520,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print(f"tasker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     env = dict(os.environ, TASKER_DATABASE__URL=_database_url())
+    port = args.metrics_port
     options = WorkerOptions(
         modules=args.modules,
         processes=args.processes,
@@ -519,6 +529,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         paths=args.path,
         shutdown_timeout_s=args.shutdown_timeout,
         verbose=args.verbose,
+        metrics_port=_settings().worker.metrics_port if port is None else port,
     )
     return supervise(options, env=env)
 

@@ -57,6 +57,7 @@ from tasker.engine.templates import (
     register_template,
 )
 from tasker.exceptions import TaskTimeoutError
+from tasker.metrics import worker_metrics
 from tasker.runtime.sender import BrokerSender
 from tasker.settings import Settings, load_settings
 from tasker.workflow.definition import Workflow
@@ -126,7 +127,8 @@ class Client:
         A duplicate (same identity) returns the existing task with ``created=False``. With
         ``connection``, the task starts inside the caller's transaction: rolled back, nothing
         exists and nothing was sent. Without it, a submit that loses its connection is repeated
-        once on a fresh one; the repeat finds the task if the first try created it.
+        once on a fresh one; the repeat finds the task if the first try created it. A created
+        task counts in ``tasker_tasks_created_total`` (:mod:`tasker.metrics`) when this returns.
         """
         request = TaskRequest(
             namespace=namespace,
@@ -140,23 +142,26 @@ class Client:
         nonce = str(uuid.uuid4())
         if connection is not None:
             with self._translated():
-                return create_task(
-                    connection,
-                    self._sender,
-                    request,
-                    nonce=nonce,
-                    max_context_bytes=self.max_payload_bytes,
+                return _counted(
+                    create_task(
+                        connection,
+                        self._sender,
+                        request,
+                        nonce=nonce,
+                        max_context_bytes=self.max_payload_bytes,
+                    )
                 )
         for attempt in (1, 2):
             try:
                 with self.broker.pool.connection() as conn:
-                    return create_task(
+                    handle = create_task(
                         conn,
                         self._sender,
                         request,
                         nonce=nonce,
                         max_context_bytes=self.max_payload_bytes,
                     )
+                return _counted(handle)
             except psycopg.Error as exc:
                 if attempt == 2 or isinstance(exc, PoolTimeout) or not is_transient(exc):
                     raise self._error(exc) from exc
@@ -408,3 +413,10 @@ def _await_settled(listener: psycopg.Connection[Any] | None, task: str, seconds:
     except psycopg.Error as exc:  # the listener died: the caller's next read decides
         logger.info("The wait's listening connection failed (%s); polling", exc)
         time.sleep(max(min(deadline - time.monotonic(), 0.5), 0))
+
+
+def _counted(handle: TaskHandle) -> TaskHandle:
+    """``handle``, counted in ``tasker_tasks_created_total`` when it is a new task."""
+    if handle.created:
+        worker_metrics().tasks_created.labels(handle.namespace, handle.name).inc()
+    return handle

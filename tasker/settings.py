@@ -29,6 +29,7 @@ __all__ = [
     "ScalingSettings",
     "Settings",
     "StalenessSettings",
+    "WorkerSettings",
     "load_settings",
     "number_problem",
 ]
@@ -116,6 +117,13 @@ class CoordinatorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     scaling: ScalingSettings = ScalingSettings()
 
 
+class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``tasker worker``: what its supervisor serves (docs/operations.md, "Worker metrics")."""
+
+    #: /metrics, /health/live and /health/ready of the supervisor (0: any free port).
+    metrics_port: int = 9192
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The validated settings of one Tasker process."""
 
@@ -125,6 +133,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     broker: BrokerSettings = BrokerSettings()
     engine: EngineSettings = EngineSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()
+    worker: WorkerSettings = WorkerSettings()
 
 
 def load_settings(
@@ -289,6 +298,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "coordinator.scaling.max_replicas": (1, math.inf),
     "coordinator.scaling.error_threshold": (0, 1),
     "coordinator.scaling.cooldown_s": (0, math.inf),
+    "worker.metrics_port": (0, 65535),
 }
 #: Keys whose lower bound is excluded: a duration or share of 0 means nothing there.
 _LOW_OPEN = frozenset(

@@ -23,6 +23,10 @@ naming the process, import :mod:`tasker.actors` (the broker built from settings)
   that restarting cannot help. If the database lacks migrations it exits with
   :data:`EXIT_NOT_MIGRATED` and is restarted with backoff, so workers deployed before the
   migrate Job ran come up once it has.
+* **Readiness.** With ``--state-dir`` (the supervisor's private directory) it reports there
+  when it has booted, when it starts stopping, and what
+  :func:`~tasker.readiness.set_process_ready` is told; the supervisor's ``/health/ready`` reads
+  it. Its metrics go to the ``PROMETHEUS_MULTIPROC_DIR`` the supervisor set.
 
 The main thread never runs handlers: it only waits for SIGTERM with ``sigtimedwait`` (which says
 who sent it; the signal stays blocked in every thread, so no handler ever interrupts a lock
@@ -42,6 +46,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from tasker import readiness
 
 __all__ = [
     "EXIT_CONFIG",
@@ -147,12 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     parent = args.parent_pid or os.getppid()
     _setup_logging(args.worker_id, args.verbose)
+    readiness.configure(args.state_dir, args.worker_id)
     try:
         broker, worker = _boot(args)
     except _BootError as exc:
         return exc.code
+    readiness.report_booted()
     logger.info("Worker process %d is ready (pid %d).", args.worker_id, os.getpid())
     _wait_for_stop(stop, parent)
+    readiness.report_stopping()
     return _shutdown(broker, worker, stop, args.shutdown_timeout)
 
 
@@ -168,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-Q", "--queues", nargs="+", default=None, help="only these queues")
     parser.add_argument("--path", action="append", default=[], help="prepend to sys.path")
     parser.add_argument("--shutdown-timeout", type=float, default=600.0, help="seconds")
+    parser.add_argument("--state-dir", default=None, help="report readiness to the supervisor")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 

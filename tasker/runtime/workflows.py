@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from tasker.engine.tasks import TaskRequest, create_task
 from tasker.exceptions import DatabaseUnavailableError
 from tasker.middleware.coordinator import InWorkerCoordinator
 from tasker.middleware.finalization import FinalizationClaim
+from tasker.middleware.metrics import Metrics
 from tasker.middleware.registry import WorkerRegistry
 from tasker.middleware.templates import TemplateRegistrar
 from tasker.runtime.sender import BrokerSender
@@ -80,10 +82,15 @@ def install(
     ``max_payload_bytes`` bytes of JSON fail their step; a workflow version registered with
     another definition stops the worker's boot unless ``allow_template_replace``. Workers keep
     their row in the worker registry; with ``coordinator.in_worker`` each also runs a coordinator
-    thread."""
-    step_executor(broker).max_payload_bytes = max_payload_bytes
+    thread. Its :class:`~tasker.middleware.metrics.Metrics` count steps and tasks."""
+    executor = step_executor(broker)
+    executor.max_payload_bytes = max_payload_bytes
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
+    if not any(isinstance(m, Metrics) for m in broker.middleware):
+        metrics = Metrics()
+        broker.add_middleware(metrics)
+        executor.observers.append(metrics)
     broker.add_middleware(FinalizationClaim(broker, lease_s=finalization_lease_s))
     broker.add_middleware(TemplateRegistrar(broker, allow_replace=allow_template_replace))
     broker.add_middleware(WorkerRegistry(broker))
@@ -132,24 +139,28 @@ def _declare_stages(broker: PGMQBroker, sender: BrokerSender) -> None:
             **options,
         )
 
+    # Each stage returns what it did (the task, or the task's new state) for the middleware
+    # (Metrics); nothing stores these results.
+
     @stage(TASK_REQUEST)
-    def task_request(request: dict[str, Any]) -> str:
+    def task_request(request: dict[str, Any]) -> dict[str, Any]:
         with broker.pool.connection() as conn:
-            return create_task(conn, sender, TaskRequest(**request)).task_uuid
+            return dataclasses.asdict(create_task(conn, sender, TaskRequest(**request)))
 
     @stage(STEP_ENQUEUE)
-    def enqueue_steps(task_uuid: str) -> None:
+    def enqueue_steps(task_uuid: str) -> str | None:
         with broker.pool.connection() as conn:
-            reevaluate_task(conn, sender, task_uuid)
+            return reevaluate_task(conn, sender, task_uuid)
 
     @stage(PROCESS_RESULT)
-    def process_step_result(task_uuid: str, step_uuid: str) -> None:
+    def process_step_result(task_uuid: str, step_uuid: str) -> str | None:
         with broker.pool.connection() as conn:
-            process_result(conn, sender, task_uuid, step_uuid)
+            return process_result(conn, sender, task_uuid, step_uuid)
 
     @stage(FINALIZE, finalization_claim=True)
-    def finalize(task_uuid: str) -> None:
+    def finalize(task_uuid: str) -> str | None:
         with broker.pool.connection() as conn:
             final = finalize_task(conn, task_uuid)
         if final:
             logger.info("Task %s finalized: %s", task_uuid, final)
+        return final
