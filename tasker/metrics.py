@@ -86,6 +86,13 @@ class WorkerMetrics:
             ["state"],
             registry=r,
         )
+        self.messages = Counter(
+            "tasker_messages",
+            "Messages this process's actors processed: done, failed (the actor raised; Dramatiq "
+            "may retry it) or skipped (a middleware skipped it)",
+            ["queue", "outcome"],
+            registry=r,
+        )
         self.step_claims = Counter(
             "tasker_step_claims",
             "Deliveries of step messages, by what their claim answered",

@@ -1,14 +1,16 @@
 """The worker's Prometheus metrics as Dramatiq middleware (the families: :mod:`tasker.metrics`).
 
-:class:`Metrics` counts, in memory, what the engine already knows, never asking the database:
+:class:`Metrics` counts, in memory, what the worker already knows, never asking the database:
 
+* **messages**: every message its actors processed, by queue and outcome (Dramatiq's
+  ``after_process_message`` and ``after_skip_message``);
 * **steps**: it observes the step executor (:class:`tasker.engine.steps.StepObserver`), which
   reports every delivery once it is settled: the claim's outcome, the state the recorded outcome
   left the step in, the handler's run time and the attempt;
-* **tasks**: the orchestration stages' results, after their commit (Dramatiq's
-  ``after_process_message``): a task created from a task request, and a task moved to a final
-  state or to ``blocked_by_failures`` by finalization, result processing or re-evaluation. A step
-  whose inline record moves its task there counts too.
+* **tasks**: the orchestration stages tell it (:meth:`Metrics.task_created`,
+  :meth:`Metrics.task_moved`) what they did once it committed: a task created from a task
+  request, a task moved to a final state or to ``blocked_by_failures`` by finalization, result
+  processing or re-evaluation. A step whose inline record moves its task there counts too.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from dramatiq.broker import Broker, MessageProxy
 from dramatiq.middleware import Middleware
 from prometheus_client import Counter, Gauge, Histogram
 
-from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, TASK_REQUEST
 from tasker.engine.sql_outcomes import ClaimOutcome
 from tasker.engine.steps import StepReport, StepRunner
+from tasker.engine.tasks import TaskHandle
 from tasker.metrics import WorkerMetrics, worker_metrics
 from tasker.workflow.states import StepState, TaskState
 
@@ -32,8 +34,6 @@ __all__ = ["Metrics", "counts_as_finished"]
 _RUNS = frozenset({ClaimOutcome.CLAIMED, ClaimOutcome.RECLAIMED, ClaimOutcome.REPEATED})
 #: Step states after which a step never runs again (its attempts are observed).
 _STEP_DONE = frozenset({StepState.COMPLETE, StepState.ERROR})
-#: Stage actors whose result is the task's new state.
-_MOVES_TASKS = frozenset({FINALIZE.actor, PROCESS_RESULT.actor, STEP_ENQUEUE.actor})
 
 
 def counts_as_finished(state: object) -> bool:
@@ -55,17 +55,53 @@ class _StepSeries:
 
 
 class Metrics(Middleware):
-    """Counts steps and tasks in ``metrics`` (this process's :func:`worker_metrics` by
-    default). It is the step executor's observer too: :func:`tasker.runtime.workflows.install`
-    adds it to the broker and to the executor's ``observers``."""
+    """Counts messages, steps and tasks in ``metrics`` (this process's :func:`worker_metrics`
+    by default). :func:`tasker.runtime.workflows.install` adds it to the broker and to the step
+    executor's ``observers``, and hands it to the orchestration stages."""
 
     def __init__(self, metrics: WorkerMetrics | None = None) -> None:
         self.metrics = metrics or worker_metrics()
         self._steps: dict[tuple[str, str, str], _StepSeries] = {}
         self._claims: dict[tuple[str, str, ClaimOutcome], Counter] = {}
         self._finished: dict[tuple[str, str, str, StepState], Counter] = {}
+        self._messages: dict[tuple[str, str], Counter] = {}
 
-    # -- the step executor's observer ------------------------------------------------------------
+    # -- Dramatiq hooks ------------------------------------------------------------------------
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        self._message_counter(message.queue_name, "done" if exception is None else "failed").inc()
+
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        self._message_counter(message.queue_name, "skipped").inc()
+
+    def _message_counter(self, queue: str, outcome: str) -> Counter:
+        counter = self._messages.get((queue, outcome))
+        if counter is None:
+            counter = self._messages[(queue, outcome)] = self.metrics.messages.labels(
+                queue, outcome
+            )
+        return counter
+
+    # -- the orchestration stages --------------------------------------------------------------
+
+    def task_created(self, handle: TaskHandle) -> None:
+        """A task request was handled: ``handle`` (counted if it created the task)."""
+        if handle.created:
+            self.metrics.tasks_created.labels(handle.namespace, handle.name).inc()
+
+    def task_moved(self, state: str | None) -> None:
+        """A stage moved a task to ``state`` (None: it did nothing)."""
+        if counts_as_finished(state):
+            self.metrics.tasks_finished.labels(state).inc()
+
+    # -- the step executor's observer ----------------------------------------------------------
 
     def step_started(self, runner: StepRunner, attempt: int) -> None:
         self._series(runner).running.inc()
@@ -95,8 +131,7 @@ class Metrics(Middleware):
         counter.inc()
         if state in _STEP_DONE and report.attempt:
             (series or self._series(runner)).attempts.observe(report.attempt)
-        if counts_as_finished(applied.task_state):
-            self.metrics.tasks_finished.labels(applied.task_state).inc()
+        self.task_moved(applied.task_state)
 
     def _series(self, runner: StepRunner) -> _StepSeries:
         key = (runner.namespace, runner.workflow, runner.step)
@@ -119,22 +154,3 @@ class Metrics(Middleware):
                 runner.namespace, runner.workflow, outcome.value
             )
         return counter
-
-    # -- Dramatiq hooks: the orchestration stages ------------------------------------------------
-
-    def after_process_message(
-        self,
-        broker: Broker,
-        message: MessageProxy,
-        *,
-        result: Any = None,
-        exception: BaseException | None = None,
-    ) -> None:
-        if exception is not None:
-            return
-        actor = message.actor_name
-        if actor in _MOVES_TASKS:
-            if counts_as_finished(result):
-                self.metrics.tasks_finished.labels(result).inc()
-        elif actor == TASK_REQUEST.actor and isinstance(result, dict) and result.get("created"):
-            self.metrics.tasks_created.labels(result["namespace"], result["name"]).inc()

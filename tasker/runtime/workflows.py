@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -87,7 +86,8 @@ def install(
     executor.max_payload_bytes = max_payload_bytes
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
-    if not any(isinstance(m, Metrics) for m in broker.middleware):
+    metrics = next((m for m in broker.middleware if isinstance(m, Metrics)), None)
+    if metrics is None:
         metrics = Metrics()
         broker.add_middleware(metrics)
         executor.observers.append(metrics)
@@ -97,7 +97,7 @@ def install(
     if coordinator is not None and coordinator.in_worker:
         broker.add_middleware(InWorkerCoordinator(broker, coordinator))
     sender = BrokerSender(broker)
-    _declare_stages(broker, sender)
+    _declare_stages(broker, sender, metrics)
     if bind_workflows:
         actors = step_actors(broker)
         on_step_declared(lambda flow, step: actors.bind(flow, step, inline=inline))
@@ -127,7 +127,7 @@ def bind_workflow(broker: PGMQBroker, flow: Workflow, *, inline: bool = True) ->
         actors.bind(flow, step, inline=inline)
 
 
-def _declare_stages(broker: PGMQBroker, sender: BrokerSender) -> None:
+def _declare_stages(broker: PGMQBroker, sender: BrokerSender, metrics: Metrics) -> None:
     def stage(definition: OrchestrationStage, **options: Any) -> Callable[[Fn], Any]:
         return dramatiq.actor(
             broker=broker,
@@ -139,28 +139,32 @@ def _declare_stages(broker: PGMQBroker, sender: BrokerSender) -> None:
             **options,
         )
 
-    # Each stage returns what it did (the task, or the task's new state) for the middleware
-    # (Metrics); nothing stores these results.
+    # Each stage tells the metrics what it did once it committed (the task it created, or the
+    # task's new state): in memory, no query.
 
     @stage(TASK_REQUEST)
-    def task_request(request: dict[str, Any]) -> dict[str, Any]:
+    def task_request(request: dict[str, Any]) -> str:
         with broker.pool.connection() as conn:
-            return dataclasses.asdict(create_task(conn, sender, TaskRequest(**request)))
+            handle = create_task(conn, sender, TaskRequest(**request))
+        metrics.task_created(handle)
+        return handle.task_uuid
 
     @stage(STEP_ENQUEUE)
-    def enqueue_steps(task_uuid: str) -> str | None:
+    def enqueue_steps(task_uuid: str) -> None:
         with broker.pool.connection() as conn:
-            return reevaluate_task(conn, sender, task_uuid)
+            state = reevaluate_task(conn, sender, task_uuid)
+        metrics.task_moved(state)
 
     @stage(PROCESS_RESULT)
-    def process_step_result(task_uuid: str, step_uuid: str) -> str | None:
+    def process_step_result(task_uuid: str, step_uuid: str) -> None:
         with broker.pool.connection() as conn:
-            return process_result(conn, sender, task_uuid, step_uuid)
+            state = process_result(conn, sender, task_uuid, step_uuid)
+        metrics.task_moved(state)
 
     @stage(FINALIZE, finalization_claim=True)
-    def finalize(task_uuid: str) -> str | None:
+    def finalize(task_uuid: str) -> None:
         with broker.pool.connection() as conn:
             final = finalize_task(conn, task_uuid)
         if final:
             logger.info("Task %s finalized: %s", task_uuid, final)
-        return final
+        metrics.task_moved(final)
