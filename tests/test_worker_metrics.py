@@ -447,3 +447,23 @@ def test_the_pod_is_ready_only_when_every_process_and_check_is() -> None:
     assert not failed.ready
     assert failed.reasons[0] == "queue too deep"
     assert failed.reasons[1].startswith("broken raised RuntimeError")
+
+
+# -- the supervisor's HTTP thread and the parent-death signal -------------------------------
+
+
+def test_sigterms_after_the_supervisor_is_gone_are_one_request() -> None:
+    """PR_SET_PDEATHSIG sends one SIGTERM per supervisor thread that exits after the one that
+    started the process (the HTTP server's is one): they never add up to a forced stop."""
+    from tasker.runtime.worker_process import StopRequests
+
+    orphaned = StopRequests(parent=os.getppid() + 100_000)  # not our parent: it is gone
+    orphaned.request(4242)
+    orphaned.request(4242)
+    orphaned.request(StopRequests.PARENT_GONE)
+    assert orphaned.requested and not orphaned.forced
+    attached = StopRequests(parent=os.getppid())
+    attached.request(4242)
+    assert not attached.forced
+    attached.request(4242)
+    assert attached.forced

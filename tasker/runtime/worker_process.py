@@ -101,12 +101,19 @@ class StopRequests:
     (:attr:`forced`). SIGTERM stays blocked in every thread and is taken with
     :func:`signal.sigtimedwait` by the main thread, so the sender's pid is known and no handler
     runs between two bytecodes of a thread that holds a lock.
+
+    Once the ``parent`` (the supervisor) is gone, every request is the one request
+    :attr:`PARENT_GONE`, however often it comes: ``PR_SET_PDEATHSIG`` sends a SIGTERM, "from" the
+    supervisor, each time the thread this process is attached to exits, which is once per
+    supervisor thread that outlives the one that started it (its HTTP server's), and the main
+    loop notices the new parent too. None of it is a second request.
     """
 
     PARENT_GONE = -1  # the sender recorded when the supervisor disappeared
 
-    def __init__(self) -> None:
+    def __init__(self, parent: int = 0) -> None:
         self.by_sender: dict[int, int] = {}
+        self.parent = parent  # 0: unknown (no parent check)
 
     def install(self) -> None:
         """Block SIGTERM in this thread (and every thread started later), ignore SIGINT and
@@ -125,6 +132,9 @@ class StopRequests:
 
     def request(self, sender: int) -> None:
         """Record a stop request from process ``sender`` (or :attr:`PARENT_GONE`)."""
+        if sender == self.PARENT_GONE or (self.parent and os.getppid() != self.parent):
+            self.by_sender[self.PARENT_GONE] = 1
+            return
         self.by_sender[sender] = self.by_sender.get(sender, 0) + 1
         if self.by_sender[sender] == 1 and len(self.by_sender) > 1:
             logger.info("Stop request from pid %d too: still one request.", sender)
@@ -152,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop.install()
     args = _parser().parse_args(argv)
     parent = args.parent_pid or os.getppid()
+    stop.parent = parent
     _setup_logging(args.worker_id, args.verbose)
     readiness.configure(args.state_dir, args.worker_id)
     try:
