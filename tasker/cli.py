@@ -354,6 +354,8 @@ def _add_deploy_commands(commands: Any) -> None:
 
 
 def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
+    from tasker.deploy_manifests import DEFAULT_METRICS_PORT
+
     workers.add_argument(
         "--namespace",
         dest="k8s_namespace",
@@ -406,6 +408,14 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="the pods' terminationGracePeriodSeconds, after which the kubelet sends SIGKILL, "
         f"at most {SECONDS_MAX} (default: 60)",
+    )
+    workers.add_argument(
+        "--metrics-port",
+        type=int_range(1, 65535),
+        default=DEFAULT_METRICS_PORT,
+        metavar="PORT",
+        help="`tasker worker --metrics-port`: the containers' port named metrics, for /metrics "
+        "and the probes (default: %(default)s)",
     )
 
 
@@ -717,6 +727,7 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         grace_period_s=args.termination_grace_period,
         scalers_only=args.scalers_only,
+        metrics_port=args.metrics_port,
     )
     manifests = render_workers(args.namespaces, options, orchestration=args.orchestration)
     sys.stdout.write(dump_manifests(manifests))
