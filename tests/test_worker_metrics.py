@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -467,3 +468,39 @@ def test_sigterms_after_the_supervisor_is_gone_are_one_request() -> None:
     assert not attached.forced
     attached.request(4242)
     assert attached.forced
+
+
+# -- docs/operations.md ------------------------------------------------------------------------
+
+
+def _documented(marker: str) -> dict[str, str]:
+    """Metric name -> type, from the table after ``<!-- marker`` in docs/operations.md."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    lines = doc[doc.index(f"<!-- {marker}") :].splitlines()[3:]
+    found = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        name, kind = (cell.strip() for cell in line.strip("|").split("|")[:2])
+        found[re.match(r"`(tasker_[a-z_]+)", name).group(1)] = kind  # type: ignore[union-attr]
+    return found
+
+
+def _exported(registry: CollectorRegistry) -> dict[str, str]:
+    return {
+        family.name + ("_total" if family.type == "counter" else ""): family.type
+        for family in registry.collect()
+    }
+
+
+def test_the_guide_tables_every_worker_metric() -> None:
+    registry = CollectorRegistry()
+    WorkerMetrics(registry)
+    registry.register(SupervisorMetrics(lambda: (True, {}, 0)))
+    assert _documented("worker-metrics") == _exported(registry)
+
+
+def test_the_guide_tables_every_coordinator_metric() -> None:
+    registry = CollectorRegistry()
+    CoordinatorMetrics(registry)
+    assert _documented("coordinator-metrics") == _exported(registry)
