@@ -504,3 +504,24 @@ def test_the_guide_tables_every_coordinator_metric() -> None:
     registry = CollectorRegistry()
     CoordinatorMetrics(registry)
     assert _documented("coordinator-metrics") == _exported(registry)
+
+
+def test_a_metrics_port_in_use_stops_tasker_worker_before_it_starts_anything(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    from tasker.cli import main
+
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", database_url)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["worker", "tests.workers.dying", "-p", "1", "--metrics-port", str(port)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"tasker: error: port {port} is in use (by another tasker worker?)" in err
+    assert "pass --metrics-port" in err and "TASKER_WORKER__METRICS_PORT" in err
+    assert "Started worker process" not in err
