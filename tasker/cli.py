@@ -61,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     exceptions are bugs and keep their traceback.
     """
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for word in argv:
+        if _not_unicode(word):
+            parser.error(
+                f"argument {word.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
+                "text in this locale's encoding (UTF-8 expected); pass valid text"
+            )
     args = parser.parse_args(argv)
     _DATABASE_URL.set(None)
     if not hasattr(args, "handler"):
@@ -91,6 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug("%s", error, exc_info=exc)
         print(f"tasker: error: {error}", file=sys.stderr)
         return 1
+
+
+def _not_unicode(word: str) -> bool:
+    """True for an argument holding bytes the locale could not decode (lone surrogates)."""
+    try:
+        word.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _as_tasker_error(exc: Exception) -> TaskerError | None:
@@ -526,6 +542,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     try:
         _check_findable(args.modules, args.path)
+        _check_sentry_installed()
     except ConfigurationError as exc:  # the exit code a worker process gives for it too
         print(f"tasker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -542,6 +559,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         metrics_port=_settings().worker.metrics_port if port is None else port,
     )
     return supervise(options, env=env)
+
+
+def _check_sentry_installed() -> None:
+    """A :class:`ConfigurationError` when ``sentry.dsn`` is set and sentry-sdk is missing,
+    before starting any worker process: each would refuse to start."""
+    if _settings().sentry.dsn:
+        from tasker.runtime.sentry import import_sentry_sdk
+
+        import_sentry_sdk()
 
 
 def _check_findable(modules: Sequence[str], paths: Sequence[str]) -> None:
@@ -740,14 +766,18 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
 def _cmd_settings(args: argparse.Namespace) -> int:
     import msgspec
 
-    print(json.dumps(_masked(msgspec.to_builtins(_settings())), indent=2))
+    from tasker.settings import mask_dsn
+
+    settings = msgspec.to_builtins(_settings())
+    settings["sentry"]["dsn"] = mask_dsn(settings["sentry"]["dsn"])
+    print(json.dumps(_masked(settings), indent=2))
     return 0
 
 
 def _masked(value: Any) -> Any:
     """``value`` (settings as JSON data) with the password of every URL in it masked: not only
     ``database.url``, any string setting holding a URL or ``password=`` pair (``mask_url``
-    leaves other strings as they are)."""
+    leaves other strings as they are; the Sentry DSN's key is masked before)."""
     from tasker.db.errors import mask_url
 
     if isinstance(value, dict):

@@ -111,6 +111,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
     from tasker.coordinator.loop import Coordinator
     from tasker.runtime.broker import broker_from_settings
+    from tasker.runtime.sentry import init_sentry
     from tasker.settings import load_settings
 
     if args.json and not args.once:
@@ -122,6 +123,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     config = msgspec.structs.replace(settings.coordinator, **overrides)
+    init_sentry(settings, component="coordinator")  # before the broker (see init_sentry)
     broker = broker_from_settings(settings)
     coordinator = Coordinator(broker, config)
     try:

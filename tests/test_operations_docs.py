@@ -5,6 +5,7 @@ computes, on the rule alone and on a real queue."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import tomllib
@@ -18,7 +19,7 @@ import pytest
 
 from tasker.cli import _parser, main
 from tasker.engine.scaling import ScalingRule, update_scaling_hints
-from tasker.settings import CoordinatorSettings, Settings
+from tasker.settings import CoordinatorSettings, SentrySettings, Settings
 from tests.support import ROOT
 
 DOC = (ROOT / "docs" / "operations.md").read_text()
@@ -109,19 +110,31 @@ def leaves(struct: Any, prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
             yield (*prefix, f.name)
 
 
-def test_the_settings_table_lists_every_coordinator_setting_with_its_shipped_default() -> None:
+@pytest.mark.parametrize(
+    ("marker", "section", "struct"),
+    [
+        ("settings:", "coordinator", CoordinatorSettings),
+        ("sentry-settings:", "sentry", SentrySettings),
+    ],
+    ids=["coordinator", "sentry"],
+)
+def test_a_settings_table_lists_every_setting_of_its_section_with_its_shipped_default(
+    marker: str, section: str, struct: type[msgspec.Struct]
+) -> None:
     documented = {}
-    for setting, variable, default, *_ in table_after("settings:"):
+    for setting, variable, default, *_ in table_after(marker):
         match = re.fullmatch(r"`\[([a-z_.]+)\] ([a-z_]+)`", setting)
         assert match is not None, setting
         path = setting_path(*match.groups())
         assert variable_path(variable.strip("`")) == path, (setting, variable)
         documented[path] = default
-    assert set(documented) == set(leaves(CoordinatorSettings, ("coordinator",)))
+    assert set(documented) == set(leaves(struct, (section,)))
     for path, default in documented.items():
         shipped = shipped_default(path)
         if isinstance(shipped, bool):
             assert default == str(shipped).lower(), path
+        elif isinstance(shipped, str):
+            assert default == f"`{json.dumps(shipped)}`", path
         else:
             assert float(default) == float(shipped), path
 

@@ -27,7 +27,7 @@ import logging
 import math
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tasker.workflow.definition import PermanentError, RetryableError, StepContext
@@ -67,12 +67,14 @@ class StepTimeoutError(Exception):
 @dataclass(frozen=True)
 class StepOutcome:
     """What an attempt produced: its ``workflow_steps.results`` document (JSON text) and, for a
-    failure, the error type and whether the retry rules may run the step again."""
+    failure, the error type, whether the retry rules may run the step again and the exception
+    it came from (with its traceback, for error reporting; never stored)."""
 
     success: bool
     document: str
     error_type: str | None = None
     retryable: bool = False
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
 
 def run_handler(
@@ -142,7 +144,7 @@ def _failure(exc: BaseException, context: StepContext) -> StepOutcome:
         )
     error = _error(exc, error_type, retryable=retryable, where="handler")
     error["retry_after"] = retry_after
-    return _failure_outcome(context.attempt, error)
+    return _failure_outcome(context.attempt, error, exc)
 
 
 def _classify(exc: BaseException) -> tuple[str, bool, float | None]:
@@ -175,7 +177,7 @@ def refused_outcome(attempt: int, exc: BaseException, *, where: str) -> StepOutc
     """
     error_type = PAYLOAD_ERROR if where == "result" else OUTCOME_NOT_RECORDABLE
     error = _error(exc, error_type, retryable=False, where=where)
-    return _failure_outcome(attempt, error)
+    return _failure_outcome(attempt, error, exc)
 
 
 def worker_died_outcome(attempt: int) -> StepOutcome:
@@ -201,7 +203,9 @@ def minimal_failure_document(attempt: int, exc: BaseException) -> str:
     return _failure_outcome(attempt, error).document
 
 
-def _failure_outcome(attempt: int, error: dict[str, Any]) -> StepOutcome:
+def _failure_outcome(
+    attempt: int, error: dict[str, Any], exc: BaseException | None = None
+) -> StepOutcome:
     document = {
         "success": False,
         "result": None,
@@ -209,7 +213,7 @@ def _failure_outcome(attempt: int, error: dict[str, Any]) -> StepOutcome:
         "metadata": {"attempt": attempt, "retryable": bool(error["retryable"])},
     }
     return StepOutcome(
-        False, json.dumps(document), str(error["error_type"]), bool(error["retryable"])
+        False, json.dumps(document), str(error["error_type"]), bool(error["retryable"]), exc
     )
 
 

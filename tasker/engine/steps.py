@@ -16,6 +16,13 @@ transaction, or the message is left to come back. Never in between:
    a transient one is retried on a fresh connection for up to ``retry_window_s``, then raised so
    the message comes back; an error caused by the data fails the step permanently with a
    document saying why; if even that cannot be written, a fixed minimal document is.
+4. **Report** a failed attempt to the executor's optional :class:`FailureReporter` (error
+   tracking such as Sentry, which never sees the handler's exception otherwise: ``run_handler``
+   keeps it), saying whether the failure is final by the rule the engine applies when it
+   processes the outcome (:func:`~tasker.workflow.backoff.final_failure_reason`).
+5. **Tell** the executor's observers (:class:`StepObserver`: the worker's metrics) what every
+   delivery came to, in a :class:`StepReport`: the claim's outcome, the states the record left,
+   the handler's run time. In memory, after the commit: no statement is added.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from tasker.engine.results import ResultApplied, apply_result, reevaluate_task
 from tasker.engine.sql import q
 from tasker.engine.sql_outcomes import ClaimOutcome, CompletionOutcome
 from tasker.engine.transitions import move_steps
+from tasker.workflow.backoff import final_failure_reason
 from tasker.workflow.definition import StepContext
 from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 from tasker.workflow.states import StepState
@@ -56,8 +64,10 @@ __all__ = [
     "ClaimOutcome",
     "Connect",
     "Delivery",
+    "FailureReporter",
     "Settlement",
     "StepExecutor",
+    "StepFailure",
     "StepObserver",
     "StepReport",
     "StepRunner",
@@ -109,13 +119,15 @@ class Settlement(StrEnum):
 
 @dataclass(frozen=True)
 class StepRunner:
-    """What is fixed per step actor: whose step it is, its handler, how results are processed."""
+    """What is fixed per step actor: whose step it is, its handler, how results are processed,
+    and whether its definition lets a failure be retried (``retryable``)."""
 
     namespace: str
     workflow: str
     handler: Callable[[StepContext], Any]
     timeout: float | None = None
     inline: bool = True
+    retryable: bool = True
     step: str = ""  # the step's name, for metrics (the claim reads it from the database too)
 
 
@@ -153,6 +165,28 @@ class _Run:
 
     applied: ResultApplied | None = None
     handler_s: float | None = None
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """A failed attempt, as a :class:`FailureReporter` sees it once its outcome is recorded.
+
+    ``final`` says whether the step will not run again; ``reason`` says why (the reason the
+    engine records), None when the step is retried.
+    """
+
+    context: StepContext
+    outcome: StepOutcome
+    final: bool
+    reason: str | None
+
+
+class FailureReporter(Protocol):
+    """Receives every failed attempt a :class:`StepExecutor` recorded (error tracking)."""
+
+    def step_failed(self, failure: StepFailure) -> None:
+        """Report ``failure``; must not block for long (it runs on the worker's thread)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -290,6 +324,8 @@ class StepExecutor:
       max_lease_s: claims older than this are no longer renewed, so a hung handler lets go.
       retry_window_s: how long a claim or a record is retried when the database is in trouble.
       max_payload_bytes: results larger than this (bytes of JSON) fail the step (payload_error).
+      failure_reporter: told of every failed attempt after its outcome is recorded; what it
+        raises is logged and dropped.
 
     It is also the broker's lease hook (``extend``/``release``), see
     :class:`tasker.brokers.leases.LeaseHook`.
@@ -304,9 +340,11 @@ class StepExecutor:
         max_lease_s: float | None = None,
         retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        failure_reporter: FailureReporter | None = None,
     ) -> None:
         self.connect = connect
         self.max_payload_bytes = max_payload_bytes
+        self.failure_reporter = failure_reporter
         #: Outcomes recorded by this executor that were failures (the worker registry reports
         #: them for the scaling hints' error rate).
         self.failures_recorded = 0
@@ -383,7 +421,6 @@ class StepExecutor:
                     finally:
                         run.handler_s = time.perf_counter() - started
                 run.applied = self._settle(runner, step_uuid, context.attempt, outcome, delivery)
-                return
             except Exception:
                 raise  # transient (the message comes back); _settle handles every other error
             except BaseException as exc:
@@ -391,6 +428,10 @@ class StepExecutor:
                     "Step %s: %r landed while recording; recording again", step_uuid, exc
                 )
                 interrupt = exc
+                continue
+            if not outcome.success:
+                self._report(runner, context, outcome)
+            return
         assert interrupt is not None
         raise interrupt
 
@@ -407,6 +448,28 @@ class StepExecutor:
                 observer.step_finished(report)
             except Exception:
                 logger.exception("Step observer %r failed", observer)
+
+    def _report(self, runner: StepRunner, context: StepContext, outcome: StepOutcome) -> None:
+        """Tell the failure reporter, if any; its errors (and an interrupt meant for the handler
+        landing here) are logged, never raised: the outcome is recorded already."""
+        if self.failure_reporter is None:
+            return
+        reason = final_failure_reason(
+            template_retryable=runner.retryable,
+            error_retryable=outcome.retryable,
+            attempts=context.attempt,
+            max_attempts=context.max_attempts,
+        )
+        failure = StepFailure(context, outcome, final=reason is not None, reason=reason)
+        try:
+            self.failure_reporter.step_failed(failure)
+        except BaseException:
+            logger.warning(
+                "Could not report the failure of step %s attempt %d",
+                context.step_uuid,
+                context.attempt,
+                exc_info=True,
+            )
 
     def _claim(self, runner: StepRunner, task_uuid: str, step_uuid: str, token: str) -> Claim:
         with self.connect() as conn:

@@ -2,5 +2,6 @@
 
 * :mod:`tasker.middleware.finalization`: run finalization actors under the task's atomic claim;
 * :mod:`tasker.middleware.metrics`: count messages, steps and tasks (Prometheus);
-* :mod:`tasker.middleware.templates`: register the process's workflow templates at worker boot.
+* :mod:`tasker.middleware.templates`: register the process's workflow templates at worker boot;
+* :mod:`tasker.middleware.sentry`: report step failures to Sentry (only with ``sentry.dsn``).
 """

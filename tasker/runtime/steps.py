@@ -117,6 +117,7 @@ class StepActors:
             step.handler,
             timeout=step.timeout,
             inline=inline,
+            retryable=step.retryable,
             step=step.name,
         )
         self._runners[(flow.namespace, flow.name, flow.version, step.name)] = runner

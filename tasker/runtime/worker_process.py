@@ -217,6 +217,7 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
     import dramatiq
 
     from tasker.exceptions import (
+        ConfigurationError,
         DatabaseUnavailableError,
         MigrationError,
         WorkflowDefinitionError,
@@ -231,6 +232,9 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
         broker.emit_after("process_boot")
         for module in args.modules:
             importlib.import_module(module)
+    except ConfigurationError as exc:  # the settings (their message names the fix)
+        logger.critical("%s", exc)
+        raise _BootError(EXIT_CONFIG) from None
     except Exception:
         logger.exception("Could not load the broker or the modules %s.", args.modules)
         raise _BootError(EXIT_CONFIG) from None

@@ -8,6 +8,8 @@
   :class:`~tasker.middleware.finalization.FinalizationClaim`).
 * Workers register the templates of the workflows they run when they boot
   (:class:`~tasker.middleware.templates.TemplateRegistrar`).
+* With ``sentry``, failed steps are reported to Sentry
+  (:class:`~tasker.middleware.sentry.SentryStepFailures`, imported only then).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from tasker.middleware.metrics import Metrics
 from tasker.middleware.registry import WorkerRegistry
 from tasker.middleware.templates import TemplateRegistrar
 from tasker.runtime.sender import BrokerSender
+from tasker.runtime.sentry import import_sentry_sdk
 from tasker.runtime.steps import step_actors, step_executor
 from tasker.settings import CoordinatorSettings, Settings
 from tasker.workflow.definition import Workflow, on_step_declared
@@ -75,13 +78,16 @@ def install(
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     allow_template_replace: bool = False,
     coordinator: CoordinatorSettings | None = None,
+    sentry: bool = False,
 ) -> BrokerSender:
     """Declare the orchestration actors on ``broker``; with ``bind_workflows``, every workflow
     step defined in this process, now or later, becomes an actor on it. Step results over
     ``max_payload_bytes`` bytes of JSON fail their step; a workflow version registered with
     another definition stops the worker's boot unless ``allow_template_replace``. Workers keep
     their row in the worker registry; with ``coordinator.in_worker`` each also runs a coordinator
-    thread. Its :class:`~tasker.middleware.metrics.Metrics` count steps and tasks."""
+    thread. With ``sentry`` (sentry-sdk initialised by :func:`tasker.runtime.sentry.init_sentry`)
+    step failures are reported to Sentry. Its :class:`~tasker.middleware.metrics.Metrics` count
+    messages, steps and tasks."""
     executor = step_executor(broker)
     executor.max_payload_bytes = max_payload_bytes
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
@@ -96,6 +102,11 @@ def install(
     broker.add_middleware(WorkerRegistry(broker))
     if coordinator is not None and coordinator.in_worker:
         broker.add_middleware(InWorkerCoordinator(broker, coordinator))
+    if sentry:
+        import_sentry_sdk()  # one line saying how to install it, not an ImportError
+        from tasker.middleware.sentry import SentryStepFailures
+
+        broker.add_middleware(SentryStepFailures(broker))
     sender = BrokerSender(broker)
     _declare_stages(broker, sender, metrics)
     if bind_workflows:
@@ -117,6 +128,7 @@ def install_from_settings(
         allow_template_replace=settings.engine.allow_template_replace,
         bind_workflows=bind_workflows,
         coordinator=settings.coordinator,
+        sentry=bool(settings.sentry.dsn),
     )
 
 
