@@ -29,7 +29,8 @@ handler calling ``os._exit`` or one process killed by the OOM killer takes the w
   :mod:`tasker.runtime.pod_metrics`), ``/health/live`` and ``/health/ready``
   (:mod:`tasker.runtime.pod_health`) from before the first child starts until the last one has
   exited. The children's metric and readiness files live in a private directory made at start
-  and deleted at exit.
+  and deleted at exit. That thread outlives the main one when the supervisor is SIGKILLed, so
+  ``PR_SET_PDEATHSIG`` may reach a child twice; the child takes both as one stop request.
 """
 
 from __future__ import annotations
