@@ -30,6 +30,7 @@ from tasker.cli_args import (
     replicas,
     seconds,
     shutdown_seconds,
+    tcp_port,
     threads,
 )
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
@@ -243,6 +244,14 @@ def _add_worker_command(commands: Any) -> None:
         help="graceful stop: how long running handlers may take to finish, at most "
         f"{SECONDS_MAX} (default: 600)",
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=tcp_port,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics, /health/live and /health/ready on this port (default: "
+        "worker.metrics_port, 9192; 0: any free port)",
+    )
     worker.set_defaults(handler=_cmd_worker)
 
 
@@ -361,6 +370,8 @@ def _add_deploy_commands(commands: Any) -> None:
 
 
 def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
+    from tasker.deploy_manifests import DEFAULT_METRICS_PORT
+
     workers.add_argument(
         "--namespace",
         dest="k8s_namespace",
@@ -413,6 +424,14 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="the pods' terminationGracePeriodSeconds, after which the kubelet sends SIGKILL, "
         f"at most {SECONDS_MAX} (default: 60)",
+    )
+    workers.add_argument(
+        "--metrics-port",
+        type=int_range(1, 65535),
+        default=DEFAULT_METRICS_PORT,
+        metavar="PORT",
+        help="`tasker worker --metrics-port`: the containers' port named metrics, for /metrics "
+        "and the probes (default: %(default)s)",
     )
 
 
@@ -528,6 +547,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print(f"tasker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     env = dict(os.environ, TASKER_DATABASE__URL=_database_url())
+    port = args.metrics_port
     options = WorkerOptions(
         modules=args.modules,
         processes=args.processes,
@@ -536,6 +556,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         paths=args.path,
         shutdown_timeout_s=args.shutdown_timeout,
         verbose=args.verbose,
+        metrics_port=_settings().worker.metrics_port if port is None else port,
     )
     return supervise(options, env=env)
 
@@ -738,6 +759,7 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         grace_period_s=args.termination_grace_period,
         scalers_only=args.scalers_only,
+        metrics_port=args.metrics_port,
     )
     manifests = render_workers(args.namespaces, options, orchestration=args.orchestration)
     sys.stdout.write(dump_manifests(manifests))

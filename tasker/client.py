@@ -58,6 +58,7 @@ from tasker.engine.templates import (
     register_template,
 )
 from tasker.exceptions import ConfigurationError, PayloadError, TaskTimeoutError
+from tasker.metrics import worker_metrics
 from tasker.runtime.sender import BrokerSender
 from tasker.settings import Settings, load_settings
 from tasker.workflow.definition import Workflow
@@ -127,7 +128,8 @@ class Client:
         A duplicate (same identity) returns the existing task with ``created=False``. With
         ``connection``, the task starts inside the caller's transaction: rolled back, nothing
         exists and nothing was sent. Without it, a submit that loses its connection is repeated
-        once on a fresh one; the repeat finds the task if the first try created it.
+        once on a fresh one; the repeat finds the task if the first try created it. A created
+        task counts in ``tasker_tasks_created_total`` (:mod:`tasker.metrics`) when this returns.
         """
         request = TaskRequest(
             namespace=namespace,
@@ -141,23 +143,26 @@ class Client:
         nonce = str(uuid.uuid4())
         if connection is not None:
             with self._translated():
-                return create_task(
-                    connection,
-                    self._sender,
-                    request,
-                    nonce=nonce,
-                    max_context_bytes=self.max_payload_bytes,
+                return _counted(
+                    create_task(
+                        connection,
+                        self._sender,
+                        request,
+                        nonce=nonce,
+                        max_context_bytes=self.max_payload_bytes,
+                    )
                 )
         for attempt in (1, 2):
             try:
                 with self.broker.pool.connection() as conn:
-                    return create_task(
+                    handle = create_task(
                         conn,
                         self._sender,
                         request,
                         nonce=nonce,
                         max_context_bytes=self.max_payload_bytes,
                     )
+                return _counted(handle)
             except psycopg.Error as exc:
                 if attempt == 2 or isinstance(exc, PoolTimeout) or not is_transient(exc):
                     raise self._error(exc) from exc
@@ -425,3 +430,10 @@ def _still_running(status: TaskStatus, timeout: float) -> str:
         hint = f"are workers running for namespace {status.namespace!r} (tasker worker MODULES)?"
     still = f"Task {status.task_uuid} is still {status.state} after {timeout:g}s"
     return f"{still} (steps: {steps}); {hint}"
+
+
+def _counted(handle: TaskHandle) -> TaskHandle:
+    """``handle``, counted in ``tasker_tasks_created_total`` when it is a new task."""
+    if handle.created:
+        worker_metrics().tasks_created.labels(handle.namespace, handle.name).inc()
+    return handle

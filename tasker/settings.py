@@ -30,6 +30,7 @@ __all__ = [
     "SentrySettings",
     "Settings",
     "StalenessSettings",
+    "WorkerSettings",
     "load_settings",
     "mask_dsn",
     "number_problem",
@@ -131,6 +132,13 @@ class SentrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     traces_sample_rate: float = 0.0
 
 
+class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``tasker worker``: what its supervisor serves (docs/operations.md, "Worker metrics")."""
+
+    #: /metrics, /health/live and /health/ready of the supervisor (0: any free port).
+    metrics_port: int = 9192
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The validated settings of one Tasker process."""
 
@@ -141,6 +149,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     engine: EngineSettings = EngineSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()
     sentry: SentrySettings = SentrySettings()
+    worker: WorkerSettings = WorkerSettings()
 
 
 def load_settings(
@@ -306,6 +315,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "coordinator.scaling.error_threshold": (0, 1),
     "coordinator.scaling.cooldown_s": (0, math.inf),
     "sentry.traces_sample_rate": (0, 1),
+    "worker.metrics_port": (0, 65535),
 }
 #: Keys whose lower bound is excluded: a duration or share of 0 means nothing there.
 _LOW_OPEN = frozenset(

@@ -20,6 +20,9 @@ transaction, or the message is left to come back. Never in between:
    tracking such as Sentry, which never sees the handler's exception otherwise: ``run_handler``
    keeps it), saying whether the failure is final by the rule the engine applies when it
    processes the outcome (:func:`~tasker.workflow.backoff.final_failure_reason`).
+5. **Tell** the executor's observers (:class:`StepObserver`: the worker's metrics) what every
+   delivery came to, in a :class:`StepReport`: the claim's outcome, the states the record left,
+   the handler's run time. In memory, after the commit: no statement is added.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from tasker.engine.outcomes import (
     run_handler,
     worker_died_outcome,
 )
-from tasker.engine.results import process_result, reevaluate_task
+from tasker.engine.results import ResultApplied, apply_result, reevaluate_task
 from tasker.engine.sql import q
 from tasker.engine.sql_outcomes import ClaimOutcome, CompletionOutcome
 from tasker.engine.transitions import move_steps
@@ -65,6 +68,8 @@ __all__ = [
     "Settlement",
     "StepExecutor",
     "StepFailure",
+    "StepObserver",
+    "StepReport",
     "StepRunner",
     "claim_step",
     "mark_step_waiting",
@@ -123,6 +128,43 @@ class StepRunner:
     timeout: float | None = None
     inline: bool = True
     retryable: bool = True
+    step: str = ""  # the step's name, for metrics (the claim reads it from the database too)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one delivery of a step's message came to, for each :class:`StepObserver` (the
+    worker's metrics): names, outcomes and states, never ids."""
+
+    runner: StepRunner
+    claim: ClaimOutcome
+    attempt: int | None = None
+    #: Where the recorded outcome left the step and its task; None when nothing was recorded
+    #: (deferred, skipped, the attempt had lost its claim, or a transient error escaped).
+    applied: ResultApplied | None = None
+    #: Seconds the handler ran; None when no handler ran.
+    handler_s: float | None = None
+
+
+class StepObserver(Protocol):
+    """Told about each delivery by :class:`StepExecutor` (its ``observers``), in the worker
+    thread, after the delivery's commit: keep it to in-memory work, it runs once per step."""
+
+    def step_started(self, runner: StepRunner, attempt: int) -> None:
+        """A claimed attempt's handler is about to run."""
+        ...
+
+    def step_finished(self, report: StepReport) -> None:
+        """A delivery is done, whatever it came to (after ``step_started`` if a handler ran)."""
+        ...
+
+
+@dataclass(slots=True)
+class _Run:
+    """What a claimed delivery came to, filled in as it goes (read even when it raised)."""
+
+    applied: ResultApplied | None = None
+    handler_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -306,6 +348,8 @@ class StepExecutor:
         #: Outcomes recorded by this executor that were failures (the worker registry reports
         #: them for the scaling hints' error rate).
         self.failures_recorded = 0
+        #: Told about every delivery (the worker's metrics): see :class:`StepObserver`.
+        self.observers: list[StepObserver] = []
         self.sender = sender
         self.lease_s = lease_s
         self.max_lease_s = max_lease_s
@@ -327,22 +371,37 @@ class StepExecutor:
         )
         if claim.outcome is ClaimOutcome.BUSY:
             delivery.defer(max(claim.lease_left_s, 0.0) + _DEFER_MARGIN_S)
+            self._finished(StepReport(runner, claim.outcome, claim.attempt))
             return Settlement.DEFERRED
         if claim.outcome is ClaimOutcome.EXHAUSTED:
             attempt = int(claim.attempt or 0)
-            return self._settle(runner, step_uuid, attempt, worker_died_outcome(attempt), delivery)
+            died = worker_died_outcome(attempt)
+            applied = self._settle(runner, step_uuid, attempt, died, delivery)
+            self._finished(StepReport(runner, claim.outcome, attempt, applied))
+            return Settlement.RECORDED
         if claim.context is None:
             logger.info("Skipping step %s: %s (%s)", step_uuid, claim.outcome, claim.state)
+            self._finished(StepReport(runner, claim.outcome, claim.attempt))
             return Settlement.SKIPPED
-        self._held.hold(step_uuid, claim.context.attempt)
+        attempt = claim.context.attempt
+        self._held.hold(step_uuid, attempt)
+        self._started(runner, attempt)
+        run = _Run()
         try:
-            return self._run_and_settle(runner, step_uuid, claim.context, delivery)
+            self._run_and_settle(runner, step_uuid, claim.context, delivery, run)
+            return Settlement.RECORDED
         finally:
-            self._held.drop(step_uuid, claim.context.attempt)
+            self._held.drop(step_uuid, attempt)
+            self._finished(StepReport(runner, claim.outcome, attempt, run.applied, run.handler_s))
 
     def _run_and_settle(
-        self, runner: StepRunner, step_uuid: str, context: StepContext, delivery: Delivery
-    ) -> Settlement:
+        self,
+        runner: StepRunner,
+        step_uuid: str,
+        context: StepContext,
+        delivery: Delivery,
+        run: _Run,
+    ) -> None:
         """Run the handler once, then record its outcome whatever lands in between.
 
         Dramatiq's time limit interrupts the thread asynchronously, once per message; when the
@@ -354,8 +413,14 @@ class StepExecutor:
         for _ in range(_MAX_INTERRUPTS):
             try:
                 if outcome is None:
-                    outcome = run_handler(runner.handler, context, max_bytes=self.max_payload_bytes)
-                settlement = self._settle(runner, step_uuid, context.attempt, outcome, delivery)
+                    started = time.perf_counter()
+                    try:
+                        outcome = run_handler(
+                            runner.handler, context, max_bytes=self.max_payload_bytes
+                        )
+                    finally:
+                        run.handler_s = time.perf_counter() - started
+                run.applied = self._settle(runner, step_uuid, context.attempt, outcome, delivery)
             except Exception:
                 raise  # transient (the message comes back); _settle handles every other error
             except BaseException as exc:
@@ -366,9 +431,23 @@ class StepExecutor:
                 continue
             if not outcome.success:
                 self._report(runner, context, outcome)
-            return settlement
+            return
         assert interrupt is not None
         raise interrupt
+
+    def _started(self, runner: StepRunner, attempt: int) -> None:
+        for observer in self.observers:
+            try:
+                observer.step_started(runner, attempt)
+            except Exception:  # an observer never changes what happens to the step
+                logger.exception("Step observer %r failed", observer)
+
+    def _finished(self, report: StepReport) -> None:
+        for observer in self.observers:
+            try:
+                observer.step_finished(report)
+            except Exception:
+                logger.exception("Step observer %r failed", observer)
 
     def _report(self, runner: StepRunner, context: StepContext, outcome: StepOutcome) -> None:
         """Tell the failure reporter, if any; its errors (and an interrupt meant for the handler
@@ -403,9 +482,10 @@ class StepExecutor:
         attempt: int,
         outcome: StepOutcome,
         delivery: Delivery,
-    ) -> Settlement:
+    ) -> ResultApplied | None:
         """Record ``outcome``; if the database refuses it, a permanent failure saying why; if
-        that is refused too, the minimal document. Transient errors propagate."""
+        that is refused too, the minimal document. Transient errors propagate. Returns where it
+        left the step (None: the attempt had lost its claim)."""
         try:
             return self._record(runner, step_uuid, attempt, outcome, delivery)
         except Exception as exc:
@@ -434,21 +514,23 @@ class StepExecutor:
 
     def _record(
         self, runner: StepRunner, step_uuid: str, attempt: int, outcome: StepOutcome, delivery: Any
-    ) -> Settlement:
-        def once() -> Settlement:
+    ) -> ResultApplied | None:
+        def once() -> ResultApplied | None:
             with self.connect() as conn, conn.transaction():
-                record_outcome(conn, self.sender, step_uuid, attempt, outcome, inline=runner.inline)
+                applied = record_outcome(
+                    conn, self.sender, step_uuid, attempt, outcome, inline=runner.inline
+                )
                 delivery.settle_in(conn)  # fenced: removes nothing if the lease was lost
             delivery.mark_settled()
             if not outcome.success:
                 self.failures_recorded += 1
-            return Settlement.RECORDED
+            return applied
 
         return self._retrying("record", step_uuid, once)
 
     def _record_minimal(
         self, step_uuid: str, attempt: int, cause: BaseException, delivery: Delivery
-    ) -> Settlement:
+    ) -> ResultApplied | None:
         document = minimal_failure_document(attempt, cause)
         params = {"step": step_uuid, "attempt": attempt, "results": document}
         with self.connect() as conn, conn.transaction():
@@ -465,7 +547,7 @@ class StepExecutor:
                 self.sender.send_stage(conn, STEP_ENQUEUE, str(row[0]))
             delivery.settle_in(conn)
         delivery.mark_settled()
-        return Settlement.RECORDED
+        return None if row is None else ResultApplied(StepState.ERROR)
 
     def _retrying(self, what: str, step_uuid: str, action: Callable[[], T]) -> T:
         """Run ``action``; retry transient database errors with backoff within the window.
@@ -538,8 +620,9 @@ def record_outcome(
     outcome: StepOutcome,
     *,
     inline: bool,
-) -> bool:
-    """Store the outcome and process it (inline) or hand it on; False if the step was lost."""
+) -> ResultApplied | None:
+    """Store the outcome and process it (inline) or hand it on; returns where that left the
+    step and its task, or None if the attempt had lost its claim (nothing stored)."""
     if outcome.success and inline:
         return _complete_inline(conn, sender, step_uuid, attempt, outcome)
     to = (
@@ -555,18 +638,17 @@ def record_outcome(
         logger.warning(
             "Step %s attempt %d lost its claim; its outcome is dropped", step_uuid, attempt
         )
-        return False
+        return None
     move_steps(conn, [step_uuid], [StepState.IN_PROGRESS], to, attempt=attempt)
-    if inline:
-        process_result(conn, sender, row[0], step_uuid)
-    else:
+    if not inline:
         sender.send_stage(conn, PROCESS_RESULT, str(row[0]), step_uuid)
-    return True
+        return ResultApplied(to)
+    return apply_result(conn, sender, row[0], step_uuid) or ResultApplied(to)
 
 
 def _complete_inline(
     conn: Any, sender: Sender, step_uuid: str, attempt: int, outcome: StepOutcome
-) -> bool:
+) -> ResultApplied | None:
     """The fast path of a success: one call of ``tasker.complete_step_v2``, then the messages."""
     params = {"step": step_uuid, "attempt": attempt, "results": outcome.document}
     with conn.cursor(row_factory=_COMPLETION) as cursor:
@@ -575,7 +657,8 @@ def _complete_inline(
         logger.warning(
             "Step %s attempt %d lost its claim; its outcome is dropped", step_uuid, attempt
         )
-        return False
+        return None
+    task_state = None
     if done.outcome == CompletionOutcome.ENQUEUED:
         pairs = list(zip(done.enqueued or (), done.enqueued_names or (), strict=True))
         sender.send_steps(
@@ -587,8 +670,8 @@ def _complete_inline(
     elif done.outcome == CompletionOutcome.FINALIZE:
         sender.send_stage(conn, FINALIZE, str(done.task_uuid))
     elif done.outcome == CompletionOutcome.EVALUATE:  # the general path; the task is locked
-        reevaluate_task(conn, sender, done.task_uuid)
-    return True
+        task_state = reevaluate_task(conn, sender, done.task_uuid)
+    return ResultApplied(StepState.COMPLETE, task_state)
 
 
 def task_version(conn: Any, task_uuid: str) -> str | None:

@@ -118,6 +118,7 @@ class StepActors:
             timeout=step.timeout,
             inline=inline,
             retryable=step.retryable,
+            step=step.name,
         )
         self._runners[(flow.namespace, flow.name, flow.version, step.name)] = runner
 
