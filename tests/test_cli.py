@@ -186,10 +186,10 @@ def test_queues_create_makes_the_workflow_and_orchestration_queues_a_worker_decl
 ) -> None:
     """`queues create` of a workflow module creates its namespace's worker queue and the four
     orchestration queues, as a worker of that module declares them, besides plain actors'."""
+    import importlib
+
     from tasker.brokers.queue_names import map_queue_name
     from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, TASK_REQUEST
-
-    import importlib
 
     monkeypatch.setenv("TASKER_BROKER__AUTO_CREATE_QUEUES", "false")
     importlib.import_module("tests.workers.queued")  # imported before: its actor bound elsewhere
