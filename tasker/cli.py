@@ -30,6 +30,7 @@ from tasker.cli_args import (
     replicas,
     seconds,
     shutdown_seconds,
+    tcp_port,
     threads,
 )
 from tasker.cli_breakers import add_breaker_commands
@@ -61,6 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     exceptions are bugs and keep their traceback.
     """
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for word in argv:
+        if _not_unicode(word):
+            parser.error(
+                f"argument {word.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
+                "text in this locale's encoding (UTF-8 expected); pass valid text"
+            )
     args = parser.parse_args(argv)
     _DATABASE_URL.set(None)
     if not hasattr(args, "handler"):
@@ -91,6 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug("%s", error, exc_info=exc)
         print(f"tasker: error: {error}", file=sys.stderr)
         return 1
+
+
+def _not_unicode(word: str) -> bool:
+    """True for an argument holding bytes the locale could not decode (lone surrogates)."""
+    try:
+        word.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _as_tasker_error(exc: Exception) -> TaskerError | None:
@@ -229,6 +246,14 @@ def _add_worker_command(commands: Any) -> None:
         help="graceful stop: how long running handlers may take to finish, at most "
         f"{SECONDS_MAX} (default: 600)",
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=tcp_port,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics, /health/live and /health/ready on this port (default: "
+        "worker.metrics_port, 9192; 0: any free port)",
+    )
     worker.set_defaults(handler=_cmd_worker)
 
 
@@ -347,6 +372,8 @@ def _add_deploy_commands(commands: Any) -> None:
 
 
 def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
+    from tasker.deploy_manifests import DEFAULT_METRICS_PORT
+
     workers.add_argument(
         "--namespace",
         dest="k8s_namespace",
@@ -399,6 +426,14 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="the pods' terminationGracePeriodSeconds, after which the kubelet sends SIGKILL, "
         f"at most {SECONDS_MAX} (default: 60)",
+    )
+    workers.add_argument(
+        "--metrics-port",
+        type=int_range(1, 65535),
+        default=DEFAULT_METRICS_PORT,
+        metavar="PORT",
+        help="`tasker worker --metrics-port`: the containers' port named metrics, for /metrics "
+        "and the probes (default: %(default)s)",
     )
 
 
@@ -509,10 +544,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     try:
         _check_findable(args.modules, args.path)
+        _check_sentry_installed()
     except ConfigurationError as exc:  # the exit code a worker process gives for it too
         print(f"tasker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     env = dict(os.environ, TASKER_DATABASE__URL=_database_url())
+    port = args.metrics_port
     options = WorkerOptions(
         modules=args.modules,
         processes=args.processes,
@@ -521,8 +558,18 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         paths=args.path,
         shutdown_timeout_s=args.shutdown_timeout,
         verbose=args.verbose,
+        metrics_port=_settings().worker.metrics_port if port is None else port,
     )
     return supervise(options, env=env)
+
+
+def _check_sentry_installed() -> None:
+    """A :class:`ConfigurationError` when ``sentry.dsn`` is set and sentry-sdk is missing,
+    before starting any worker process: each would refuse to start."""
+    if _settings().sentry.dsn:
+        from tasker.runtime.sentry import import_sentry_sdk
+
+        import_sentry_sdk()
 
 
 def _check_findable(modules: Sequence[str], paths: Sequence[str]) -> None:
@@ -553,13 +600,14 @@ def _check_findable(modules: Sequence[str], paths: Sequence[str]) -> None:
 # -- queues and dead letters -------------------------------------------------------------------
 
 
-def _import_modules(modules: Sequence[str]) -> None:
+def _import_modules(modules: Sequence[str]) -> list[Any]:
     """Import the actor modules (the current directory first on ``sys.path``); a module that
     cannot be imported is a :class:`ConfigurationError` naming it (``-v`` logs the traceback)."""
     sys.path.insert(0, os.getcwd())
+    imported = []
     for module in modules:
         try:
-            importlib.import_module(module)
+            imported.append(importlib.import_module(module))
         except ModuleNotFoundError as exc:
             logger.debug("Importing %s failed", module, exc_info=True)
             if exc.name and (module == exc.name or module.startswith(f"{exc.name}.")):
@@ -576,6 +624,7 @@ def _import_modules(modules: Sequence[str]) -> None:
                 f"Importing module {module!r} failed: {type(exc).__name__}: {exc} "
                 "(`tasker -v ...` shows the traceback)"
             ) from None
+    return imported
 
 
 def _cmd_queues(args: argparse.Namespace) -> int:
@@ -608,7 +657,11 @@ def _cmd_queues_create(args: argparse.Namespace) -> int:
         dramatiq.set_broker(broker)
         # a worker binds each workflow's steps as it is defined; here, once all are imported
         install_from_settings(broker, _settings(), bind_workflows=False)
-        _import_modules(args.modules)
+        for module in _import_modules(args.modules):
+            # the plain actors' queues, also of a module imported before (bound elsewhere)
+            for value in vars(module).values():
+                if isinstance(value, dramatiq.Actor):
+                    broker.declare_queue(value.queue_name)
         for flow in registered_workflows():
             bind_workflow(broker, flow)
         for queue_name in sorted(broker.get_declared_queues()):
@@ -708,6 +761,7 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         grace_period_s=args.termination_grace_period,
         scalers_only=args.scalers_only,
+        metrics_port=args.metrics_port,
     )
     manifests = render_workers(args.namespaces, options, orchestration=args.orchestration)
     sys.stdout.write(dump_manifests(manifests))
@@ -720,14 +774,18 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
 def _cmd_settings(args: argparse.Namespace) -> int:
     import msgspec
 
-    print(json.dumps(_masked(msgspec.to_builtins(_settings())), indent=2))
+    from tasker.settings import mask_dsn
+
+    settings = msgspec.to_builtins(_settings())
+    settings["sentry"]["dsn"] = mask_dsn(settings["sentry"]["dsn"])
+    print(json.dumps(_masked(settings), indent=2))
     return 0
 
 
 def _masked(value: Any) -> Any:
     """``value`` (settings as JSON data) with the password of every URL in it masked: not only
     ``database.url``, any string setting holding a URL or ``password=`` pair (``mask_url``
-    leaves other strings as they are)."""
+    leaves other strings as they are; the Sentry DSN's key is masked before)."""
     from tasker.db.errors import mask_url
 
     if isinstance(value, dict):

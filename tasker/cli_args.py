@@ -22,6 +22,7 @@ __all__ = [
     "REPLICAS_MAX",
     "SECONDS_MAX",
     "THREADS_MAX",
+    "actor_text",
     "coordinator_interval",
     "int_range",
     "iso_datetime",
@@ -34,9 +35,11 @@ __all__ = [
     "non_negative_int",
     "positive_int",
     "processes",
+    "reason_text",
     "replicas",
     "seconds",
     "shutdown_seconds",
+    "strict_json",
     "tcp_port",
     "threads",
 ]
@@ -147,14 +150,46 @@ def coordinator_interval(value: str) -> float:
     return number
 
 
+def strict_json(text: str) -> Any:
+    """JSON as PostgreSQL's jsonb reads it: ``NaN``, ``Infinity`` and numbers too large for a
+    float are refused (``ValueError``) instead of becoming values no JSON reader accepts."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    def number(literal: str) -> float:
+        value = float(literal)
+        if math.isinf(value):
+            raise ValueError(f"{literal} is too large for a JSON number")
+        return value
+
+    return json.loads(text, parse_constant=refuse, parse_float=number)
+
+
 def json_value(value: str) -> Any:
     """Any JSON value (a result, a tag's value)."""
     try:
-        return json.loads(value)
+        return strict_json(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(
             f"must be JSON ({exc}); quote it for the shell: '{{\"key\": 1}}'"
         ) from None
+
+
+def actor_text(value: str) -> str:
+    """Who takes an action (``--by``): 1 to 128 characters, no control character."""
+    if not value.strip() or len(value) > 128:
+        raise argparse.ArgumentTypeError("must have 1 to 128 characters")
+    if not value.isprintable():
+        raise argparse.ArgumentTypeError("must not hold control characters (newlines, escapes)")
+    return value
+
+
+def reason_text(value: str) -> str:
+    """Why an action was taken (``--reason``): at most 2000 characters, no NUL."""
+    if len(value) > 2000 or "\x00" in value:
+        raise argparse.ArgumentTypeError("must have at most 2000 characters, without NUL")
+    return value
 
 
 def json_object(value: str) -> dict[str, Any]:
@@ -173,7 +208,7 @@ def key_value(value: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"must be KEY=VALUE, not {value!r}")
     try:
-        return key, json.loads(text)
+        return key, strict_json(text)
     except ValueError:
         return key, text
 
@@ -182,9 +217,9 @@ def iso_datetime(value: str) -> datetime:
     """An ISO 8601 date or time; without a zone, the local one."""
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return parsed if parsed.tzinfo is not None else parsed.astimezone()
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(
-            f"must be an ISO 8601 date or time such as 2026-11-30 or 2026-11-30T14:00Z, "
-            f"not {value!r}"
+            f"must be an ISO 8601 date or time from year 1 to 9999 such as 2026-11-30 or "
+            f"2026-11-30T14:00Z (without a zone: local time), not {value!r}"
         ) from None
-    return parsed if parsed.tzinfo is not None else parsed.astimezone()

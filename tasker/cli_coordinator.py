@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import signal
 import threading
@@ -17,8 +16,8 @@ from tasker.cli_args import LIMIT_MAX, coordinator_interval, limit, tcp_port
 from tasker.cli_output import jsonable
 
 if TYPE_CHECKING:
-    from tasker.coordinator.http import HealthServer
     from tasker.coordinator.loop import Coordinator
+    from tasker.health_http import HealthServer
 
 __all__ = ["add_coordinator_commands", "add_dlq_task_commands"]
 
@@ -112,6 +111,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
     from tasker.coordinator.loop import Coordinator
     from tasker.runtime.broker import broker_from_settings
+    from tasker.runtime.sentry import init_sentry
     from tasker.settings import load_settings
 
     if args.json and not args.once:
@@ -123,6 +123,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     config = msgspec.structs.replace(settings.coordinator, **overrides)
+    init_sentry(settings, component="coordinator")  # before the broker (see init_sentry)
     broker = broker_from_settings(settings)
     coordinator = Coordinator(broker, config)
     try:
@@ -148,21 +149,17 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 def _health_server(coordinator: Coordinator, port: int) -> HealthServer:
     """The coordinator's HTTP server on ``port``; a port it cannot listen on is a
     :class:`ConfigurationError` saying how to choose another."""
-    from tasker.coordinator.http import HealthServer
-    from tasker.exceptions import ConfigurationError
+    from tasker.health_http import HealthServer, listen_error
 
     try:
         return HealthServer(coordinator.metrics.registry, coordinator.ready, port=port)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            why = f"port {port} is in use (by another coordinator?)"
-        elif exc.errno == errno.EACCES:
-            why = f"no permission to listen on port {port} (ports below 1024 need privileges)"
-        else:
-            why = f"cannot listen on port {port} ({exc.strerror or exc})"
-        raise ConfigurationError(
-            f"{why}; pass --port with a free port (0: any free one), or set coordinator.port "
-            "(TASKER_COORDINATOR__PORT)."
+        raise listen_error(
+            exc,
+            port,
+            who="coordinator",
+            fix="pass --port with a free port (0: any free one), or set coordinator.port "
+            "(TASKER_COORDINATOR__PORT).",
         ) from None
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -23,12 +24,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasker.cli_args import int_range, iso_datetime, json_object, json_value, key_value
-from tasker.cli_output import print_json
+from tasker.cli_args import (
+    actor_text,
+    int_range,
+    iso_datetime,
+    json_object,
+    json_value,
+    key_value,
+    reason_text,
+    strict_json,
+)
+from tasker.cli_output import print_json, printable
 from tasker.exceptions import (
     DatabaseUnavailableError,
     DlqEntryNotFoundError,
     InvalidFilterError,
+    PayloadError,
     StepNotFoundError,
     TaskerError,
     TaskNotFoundError,
@@ -72,7 +83,10 @@ _OUTCOMES_HELP = (
     "(waiting for `tasker step retry|resolve|complete`), 3 no such task, 4 timed out, "
     "10 database unreachable"
 )
-_BY_HELP = "who takes the action, for the audit (default: your user name @ this host)"
+_REASON_HELP = "why (kept in the audit; at most 2000 characters)"
+_BY_HELP = (
+    "who takes the action, for the audit; 1 to 128 characters (default: your user name @ this host)"
+)
 
 
 def outcome_exit_code(state: str) -> int:
@@ -109,7 +123,9 @@ def _add_task_submit(sub: Any) -> None:
         help="create a task from a registered template; prints its id",
         description="Create a task of NAMESPACE/NAME (the latest registered version unless "
         "--version). Prints the task id. With --wait, waits as `tasker task wait` does and "
-        "exits with the task's outcome. " + _OUTCOMES_HELP + ".",
+        "exits with the task's outcome. "
+        + _OUTCOMES_HELP.replace("3 no such task", "3 no such template")
+        + ".",
     )
     submit.add_argument("namespace", help="the workflow's namespace")
     submit.add_argument("name", help="the workflow's name")
@@ -118,7 +134,10 @@ def _add_task_submit(sub: Any) -> None:
         "--context", type=json_object, default=None, help="the task context, a JSON object"
     )
     context.add_argument(
-        "--context-file", type=Path, default=None, help="read the context from this JSON file"
+        "--context-file",
+        type=Path,
+        default=None,
+        help="read the context from this JSON file (- for stdin)",
     )
     submit.add_argument("--version", help="template version (default: the latest release)")
     submit.add_argument("--idempotency-key", help="one task per key (see docs/workflows.md)")
@@ -219,8 +238,13 @@ def _add_task_actions(sub: Any) -> None:
         "recorded. Refused (exit 1) for a task that is final already.",
     )
     cancel.add_argument("task", metavar="TASK", help="task id")
-    cancel.add_argument("--reason", default="", help="why (kept in the audit)")
-    cancel.add_argument("--by", default=None, help=_BY_HELP)
+    cancel.add_argument(
+        "--reason",
+        type=reason_text,
+        default="",
+        help="why (kept in the audit; at most 2000 characters)",
+    )
+    cancel.add_argument("--by", type=actor_text, default=None, help=_BY_HELP)
     cancel.add_argument("--json", action="store_true", help="print JSON")
     cancel.set_defaults(handler=_guarded(_cmd_task_cancel))
 
@@ -245,14 +269,26 @@ def _add_step(commands: Any) -> None:
         parser.add_argument("step", metavar="STEP", help="step name or id")
         if name == "complete":
             result = parser.add_mutually_exclusive_group(required=True)
+            # SUPPRESS: a result of null is a result, not a missing option
             result.add_argument(
-                "--result", type=json_value, help="the step's result, as JSON (e.g. '{\"n\": 1}')"
+                "--result",
+                type=json_value,
+                default=argparse.SUPPRESS,
+                help="the step's result, as JSON (e.g. '{\"n\": 1}'; null is a result too)",
             )
             result.add_argument(
-                "--result-file", type=Path, help="read the result from this JSON file"
+                "--result-file",
+                type=Path,
+                default=argparse.SUPPRESS,
+                help="read the result from this JSON file (- for stdin)",
             )
-        parser.add_argument("--reason", default="", help="why (kept in the audit)")
-        parser.add_argument("--by", default=None, help=_BY_HELP)
+        parser.add_argument(
+            "--reason",
+            type=reason_text,
+            default="",
+            help="why (kept in the audit; at most 2000 characters)",
+        )
+        parser.add_argument("--by", type=actor_text, default=None, help=_BY_HELP)
         parser.add_argument("--json", action="store_true", help="print JSON")
         parser.set_defaults(handler=_guarded(_cmd_step_action), action=name)
 
@@ -309,7 +345,12 @@ def _cmd_task_submit(args: argparse.Namespace) -> int:
             )
         if not args.wait:
             return 0
-        status = _wait(client, handle.task_uuid, args.timeout, quiet=args.quiet)
+        try:
+            status = _wait(client, handle.task_uuid, args.timeout, quiet=args.quiet)
+        except TaskTimeoutError:
+            if args.json:  # the script still learns which task it created
+                print_json({**asdict(handle), "settled": False})
+            raise
     if not args.quiet:
         _print_status(status, args.json)
     return outcome_exit_code(status.state)
@@ -341,17 +382,17 @@ def _cmd_task_list(args: argparse.Namespace) -> int:
         data = {"tasks": [asdict(t) for t in page.tasks], "next_cursor": page.next_cursor}
         print_json(data)
         return 0
-    print(f"{'task':<36}  {'workflow':<36} {'state':<20} {'requested':<19}  initiator")
+    print(f"{'task':<36}  {'workflow':<36} {'state':<20} {'requested':<25}  initiator")
     for t in page.tasks:
-        workflow = f"{t.namespace}/{t.workflow} {t.version}"
+        workflow = printable(f"{t.namespace}/{t.workflow} {t.version}")
         print(
             f"{t.task_uuid:<36}  {workflow[:36]:<36} {t.state:<20} "
-            f"{_when(t.requested_at):<19}  {t.initiator or '-'}"
+            f"{_when(t.requested_at):<25}  {printable(t.initiator or '-')}"
         )
     if not page.tasks:
         print("(no tasks match)")
     if page.next_cursor:
-        print(f"next page: tasker task list ... --cursor {page.next_cursor}")
+        print(f"next page: the same command with --cursor {page.next_cursor}")
     return 0
 
 
@@ -384,7 +425,7 @@ def _cmd_task_audit(args: argparse.Namespace) -> int:
     if args.json:
         print_json([asdict(e) for e in entries])
         return 0
-    print(f"{'when':<26} {'from':<36} {'to':<36} who / why")
+    print(f"{'when':<29} {'from':<36} {'to':<36} who / why")
     for e in entries:
         who = " ".join(
             part
@@ -392,8 +433,8 @@ def _cmd_task_audit(args: argparse.Namespace) -> int:
             if part
         )
         print(
-            f"{e.created_at.isoformat(sep=' ', timespec='milliseconds'):<26} "
-            f"{e.from_state or '-':<36} {e.to_state:<36} {who}"
+            f"{_when(e.created_at, milliseconds=True):<29} "
+            f"{e.from_state or '-':<36} {e.to_state:<36} {printable(who)}"
         )
     return 0
 
@@ -406,9 +447,10 @@ def _cmd_step_action(args: argparse.Namespace) -> int:
         elif args.action == "resolve":
             done = client.resolve_step(args.task, args.step, by=by, reason=args.reason)
         else:
-            result = args.result
-            if args.result_file is not None:
+            if hasattr(args, "result_file"):
                 result = _read_json(args.result_file, "--result-file")
+            else:
+                result = args.result
             done = client.complete_step(
                 args.task, args.step, result=result, by=by, reason=args.reason
             )
@@ -486,7 +528,7 @@ def _guarded(handler: Handler) -> Handler:
 
 
 def _error_code(exc: TaskerError) -> int:
-    if isinstance(exc, (_UsageError, InvalidFilterError)):
+    if isinstance(exc, (_UsageError, InvalidFilterError, PayloadError)):
         return EXIT_USAGE
     if isinstance(
         exc, (TaskNotFoundError, StepNotFoundError, TemplateNotFoundError, DlqEntryNotFoundError)
@@ -503,6 +545,8 @@ def _error_code(exc: TaskerError) -> int:
 def _client() -> Iterator[Client]:
     from tasker.client import Client
 
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # -v shows the pool's retries
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     client = Client()
     try:
         yield client
@@ -569,6 +613,19 @@ def _print_status(status: TaskStatus, as_json: bool) -> None:
         f"requested {_when(status.requested_at)}"
         + (f", finished {_when(status.completed_at)}" if status.completed_at else "")
     )
+    asked = ", ".join(
+        f"{label} {printable(value)}"
+        for label, value in (
+            ("by", status.initiator),
+            ("from", status.source_system),
+            ("because", status.reason),
+        )
+        if value
+    )
+    if asked:
+        print(f"asked     {asked}")
+    if status.tags:
+        print(f"tags      {printable(json.dumps(status.tags, ensure_ascii=False))}")
     print()
     print(f"{'step':<28} {'state':<22} {'attempts':>8}  last error")
     for s in status.steps:
@@ -579,12 +636,12 @@ def _print_status(status: TaskStatus, as_json: bool) -> None:
             error = f"(waiting: {s.waiting_for})"
         print(
             f"{s.name[:28]:<28} {s.state:<22} {s.attempts:>3}/{s.max_attempts:<4}  "
-            f"{error.splitlines()[0][:70] if error else ''}"
+            f"{printable(error.splitlines()[0][:70]) if error else ''}"
         )
 
 
 def _operator(by: str | None) -> str:
-    if by:
+    if by is not None:
         return by
     try:
         user = getpass.getuser()
@@ -595,7 +652,8 @@ def _operator(by: str | None) -> str:
 
 def _read_json(path: Path, option: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+        return strict_json(text)
     except OSError as exc:
         raise _UsageError(f"{option} {path}: cannot read it ({exc.strerror})") from None
     except ValueError as exc:
@@ -612,5 +670,9 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _when(value: datetime | None) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+def _when(value: datetime | None, *, milliseconds: bool = False) -> str:
+    """A time in the local zone, with its UTC offset (so every table says which zone)."""
+    if value is None:
+        return "-"
+    spec = "milliseconds" if milliseconds else "seconds"
+    return value.astimezone().isoformat(sep=" ", timespec=spec)

@@ -23,6 +23,7 @@ seconds (5 by default), naming the setting to check.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -56,7 +57,8 @@ from tasker.engine.templates import (
     list_templates,
     register_template,
 )
-from tasker.exceptions import TaskTimeoutError
+from tasker.exceptions import ConfigurationError, PayloadError, TaskTimeoutError
+from tasker.metrics import worker_metrics
 from tasker.runtime.sender import BrokerSender
 from tasker.settings import Settings, load_settings
 from tasker.workflow.definition import Workflow
@@ -126,7 +128,8 @@ class Client:
         A duplicate (same identity) returns the existing task with ``created=False``. With
         ``connection``, the task starts inside the caller's transaction: rolled back, nothing
         exists and nothing was sent. Without it, a submit that loses its connection is repeated
-        once on a fresh one; the repeat finds the task if the first try created it.
+        once on a fresh one; the repeat finds the task if the first try created it. A created
+        task counts in ``tasker_tasks_created_total`` (:mod:`tasker.metrics`) when this returns.
         """
         request = TaskRequest(
             namespace=namespace,
@@ -140,23 +143,26 @@ class Client:
         nonce = str(uuid.uuid4())
         if connection is not None:
             with self._translated():
-                return create_task(
-                    connection,
-                    self._sender,
-                    request,
-                    nonce=nonce,
-                    max_context_bytes=self.max_payload_bytes,
+                return _counted(
+                    create_task(
+                        connection,
+                        self._sender,
+                        request,
+                        nonce=nonce,
+                        max_context_bytes=self.max_payload_bytes,
+                    )
                 )
         for attempt in (1, 2):
             try:
                 with self.broker.pool.connection() as conn:
-                    return create_task(
+                    handle = create_task(
                         conn,
                         self._sender,
                         request,
                         nonce=nonce,
                         max_context_bytes=self.max_payload_bytes,
                     )
+                return _counted(handle)
             except psycopg.Error as exc:
                 if attempt == 2 or isinstance(exc, PoolTimeout) or not is_transient(exc):
                     raise self._error(exc) from exc
@@ -188,8 +194,11 @@ class Client:
         Raises :class:`~tasker.exceptions.TaskTimeoutError` after ``timeout`` seconds,
         :class:`~tasker.exceptions.TaskNotFoundError` for an unknown task.
         """
-        if not poll_interval > 0:
-            raise ValueError("poll_interval must be a positive number of seconds")
+        for name, value in (("timeout", timeout), ("poll_interval", poll_interval)):
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ConfigurationError(
+                    f"{name} must be a positive, finite number of seconds, not {value!r}."
+                )
         deadline = time.monotonic() + timeout
         task = str(task_uuid)
         with self._settled_listener() as listener:
@@ -201,12 +210,7 @@ class Client:
                     return status
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    steps = ", ".join(f"{s.name} {s.state}" for s in status.steps)
-                    raise TaskTimeoutError(
-                        f"Task {task} is still {status.state} after {timeout}s (steps: {steps}); "
-                        f"are workers running for namespace {status.namespace!r} "
-                        "(tasker worker MODULES)?"
-                    )
+                    raise TaskTimeoutError(_still_running(status, timeout))
                 _await_settled(listener, task, min(poll_interval, left))
 
     def list_tasks(
@@ -378,6 +382,12 @@ class Client:
             yield
         except psycopg.Error as exc:
             raise self._error(exc) from exc
+        except UnicodeEncodeError as exc:  # text PostgreSQL cannot store, in any argument
+            raise PayloadError(
+                f"An argument holds text that is not valid Unicode ({exc.reason} at position "
+                f"{exc.start}: a lone surrogate, e.g. from bytes that were not UTF-8); pass "
+                "valid text."
+            ) from None
 
     def _error(self, exc: BaseException) -> Exception:
         if isinstance(exc, PoolTimeout):  # say why no connection came, when the pool knows
@@ -408,3 +418,22 @@ def _await_settled(listener: psycopg.Connection[Any] | None, task: str, seconds:
     except psycopg.Error as exc:  # the listener died: the caller's next read decides
         logger.info("The wait's listening connection failed (%s); polling", exc)
         time.sleep(max(min(deadline - time.monotonic(), 0.5), 0))
+
+
+def _still_running(status: TaskStatus, timeout: float) -> str:
+    """Why a wait timed out, and what to check."""
+    steps = ", ".join(f"{s.name} {s.state}" for s in status.steps)
+    running = [s for s in status.steps if s.state == "in_progress"]
+    if running:
+        hint = "its steps are running: wait longer (a larger timeout)"
+    else:
+        hint = f"are workers running for namespace {status.namespace!r} (tasker worker MODULES)?"
+    still = f"Task {status.task_uuid} is still {status.state} after {timeout:g}s"
+    return f"{still} (steps: {steps}); {hint}"
+
+
+def _counted(handle: TaskHandle) -> TaskHandle:
+    """``handle``, counted in ``tasker_tasks_created_total`` when it is a new task."""
+    if handle.created:
+        worker_metrics().tasks_created.labels(handle.namespace, handle.name).inc()
+    return handle

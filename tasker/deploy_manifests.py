@@ -19,6 +19,10 @@ Deployment, and two HPAs on one Deployment fight):
 Both aim at exactly the coordinator's ``desired_replicas`` (target average value 1 per replica)
 within ``min_replicas``..``max_replicas``; the orchestration Deployment, which consumes four
 queues, scales on the coordinator's row for the pool of them (``orchestration``).
+
+Every worker container serves ``/metrics``, ``/health/live`` and ``/health/ready`` on its port
+named ``metrics`` (``--metrics-port``, 9192): the probes use it, and the pod's
+``prometheus.io/*`` annotations point Prometheus at it, as the coordinator's do.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ from tasker import __version__
 from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, TASK_REQUEST
 from tasker.engine.scaling import ORCHESTRATION_POOL
 from tasker.exceptions import ConfigurationError
+from tasker.settings import WorkerSettings
 
 __all__ = [
     "DEFAULT_IMAGE",
+    "DEFAULT_METRICS_PORT",
     "DESIRED_WORKERS_METRIC",
     "ORCHESTRATION_QUEUES",
     "SCALING_CHOICES",
@@ -61,6 +67,8 @@ Scaling = Literal["hpa", "keda", "none"]
 
 SCALING_CHOICES: tuple[Scaling, ...] = ("hpa", "keda", "none")
 DEFAULT_IMAGE = f"tasker:{__version__}"
+#: The workers' ``/metrics`` and probes: ``worker.metrics_port``'s default.
+DEFAULT_METRICS_PORT = WorkerSettings().metrics_port
 #: The coordinator's gauge, one series per queue: ``tasker_desired_workers{queue="..."}``.
 DESIRED_WORKERS_METRIC = "tasker_desired_workers"
 #: The four orchestration queues, consumed by the ``tasker-orchestration`` Deployment.
@@ -100,6 +108,8 @@ class RenderOptions:
     #: (``coordinator.scaling.processes`` and ``threads``).
     processes: int = 2
     threads: int = 8
+    #: The port of the workers' ``/metrics`` and probes (``tasker worker --metrics-port``).
+    metrics_port: int = DEFAULT_METRICS_PORT
 
 
 @dataclass(frozen=True)
@@ -210,10 +220,16 @@ def deployment(pool: WorkerPool, options: RenderOptions) -> Manifest:
     """The worker Deployment of ``pool``: ``tasker worker MODULES -Q QUEUES``.
 
     It has no ``replicas`` (the autoscaler owns the count; a fixed number would reset it on every
-    apply), never lowers capacity during a rollout (``maxUnavailable: 0``), and stops with SIGTERM:
+    apply), never lowers capacity during a rollout (``maxUnavailable: 0``: a new pod must be
+    ready, every worker process booted, before an old one stops), and stops with SIGTERM:
     ``--shutdown-timeout`` stays below ``terminationGracePeriodSeconds``.
     """
     labels = _labels(pool)
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(options.metrics_port),
+        "prometheus.io/path": "/metrics",
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -226,7 +242,10 @@ def deployment(pool: WorkerPool, options: RenderOptions) -> Manifest:
                 "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0},
             },
             "selector": {"matchLabels": _selector(pool)},
-            "template": {"metadata": {"labels": labels}, "spec": _pod_spec(pool, options)},
+            "template": {
+                "metadata": {"labels": labels, "annotations": annotations},
+                "spec": _pod_spec(pool, options),
+            },
         },
     }
 
@@ -358,11 +377,13 @@ def _container(pool: WorkerPool, options: RenderOptions) -> Manifest:
         "imagePullPolicy": "IfNotPresent",
         "command": ["tasker"],
         "args": worker_args(pool, options),
+        "ports": [{"name": "metrics", "containerPort": options.metrics_port, "protocol": "TCP"}],
         "envFrom": [
             {"configMapRef": {"name": CONFIGMAP}},
             {"secretRef": {"name": DATABASE_SECRET}},
         ],
         "env": [{"name": "TASKER_DATABASE__APPLICATION_NAME", "value": pool.name}],
+        **_probes(),
         "resources": {  # per worker process: requests 500m / 256Mi, limits 1 CPU / 512Mi
             "requests": {
                 "cpu": f"{options.processes * 500}m",
@@ -379,9 +400,38 @@ def _container(pool: WorkerPool, options: RenderOptions) -> Manifest:
     }
 
 
+def _probes() -> Manifest:
+    """The supervisor serves HTTP from its start: live while its loop turns, ready once every
+    worker process booted, not ready again from the first SIGTERM (docs/operations.md)."""
+
+    def get(path: str) -> Manifest:
+        return {"path": path, "port": "metrics"}
+
+    return {
+        "startupProbe": {
+            "httpGet": get("/health/live"),
+            "periodSeconds": 2,
+            "failureThreshold": 30,
+        },
+        "livenessProbe": {
+            "httpGet": get("/health/live"),
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": get("/health/ready"),
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+    }
+
+
 def worker_args(pool: WorkerPool, options: RenderOptions) -> list[str]:
-    """``worker MODULES -Q QUEUES -p PROCESSES -t THREADS --shutdown-timeout SECONDS`` (after the
-    ``tasker`` command): the pod's capacity is the one the coordinator's scaling rule assumes."""
+    """``worker MODULES -Q QUEUES -p PROCESSES -t THREADS --shutdown-timeout SECONDS
+    --metrics-port PORT`` (after the ``tasker`` command): the pod's capacity is the one the
+    coordinator's scaling rule assumes."""
     return [
         "worker",
         *options.modules,
@@ -393,6 +443,8 @@ def worker_args(pool: WorkerPool, options: RenderOptions) -> list[str]:
         str(options.threads),
         "--shutdown-timeout",
         str(options.shutdown_timeout_s),
+        "--metrics-port",
+        str(options.metrics_port),
     ]
 
 
@@ -468,6 +520,10 @@ def _check_options(options: RenderOptions) -> None:
     if len(options.k8s_namespace) > _MAX_NAME or not _DNS1123_LABEL.match(options.k8s_namespace):
         raise ConfigurationError(
             f"invalid Kubernetes namespace {options.k8s_namespace!r} (DNS-1123 label)"
+        )
+    if not 1 <= options.metrics_port <= 65535:
+        raise ConfigurationError(
+            f"--metrics-port must be a TCP port from 1 to 65535, got {options.metrics_port}"
         )
     if not options.image or any(c.isspace() for c in options.image):
         raise ConfigurationError(f"invalid image {options.image!r}")

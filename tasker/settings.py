@@ -31,9 +31,12 @@ __all__ = [
     "DatabaseSettings",
     "EngineSettings",
     "ScalingSettings",
+    "SentrySettings",
     "Settings",
     "StalenessSettings",
+    "WorkerSettings",
     "load_settings",
+    "mask_dsn",
     "number_problem",
 ]
 
@@ -154,6 +157,26 @@ class BreakerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     overrides: dict[str, BreakerOverride] = {}
 
 
+class SentrySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Error reporting to Sentry (docs/operations.md, "Sentry"): off while ``dsn`` is empty.
+
+    ``environment`` empty means the Tasker environment's name; ``release`` empty lets sentry-sdk
+    find one (``SENTRY_RELEASE``, the git commit); ``traces_sample_rate`` 0 sends no traces.
+    """
+
+    dsn: str = ""
+    environment: str = ""
+    release: str = ""
+    traces_sample_rate: float = 0.0
+
+
+class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``tasker worker``: what its supervisor serves (docs/operations.md, "Worker metrics")."""
+
+    #: /metrics, /health/live and /health/ready of the supervisor (0: any free port).
+    metrics_port: int = 9192
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The validated settings of one Tasker process."""
 
@@ -164,6 +187,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     engine: EngineSettings = EngineSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()
     breakers: BreakerSettings = BreakerSettings()
+    sentry: SentrySettings = SentrySettings()
+    worker: WorkerSettings = WorkerSettings()
 
 
 def load_settings(
@@ -338,6 +363,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "breakers.database.failure_threshold": (1, 1000),
     "breakers.database.window_s": (0, 86_400),
     "breakers.database.open_s": (0, 86_400),
+    "sentry.traces_sample_rate": (0, 1),
+    "worker.metrics_port": (0, 65535),
 }
 #: Keys whose lower bound is excluded: a duration or share of 0 means nothing there.
 _LOW_OPEN = frozenset(
@@ -416,6 +443,8 @@ def _check_values(settings: Settings, path: Path, *, need_database: bool) -> Non
     problem = _url_problem(db.url)
     if problem is not None:
         _bad("database.url", problem)
+    for key, problem in _sentry_problems(settings.sentry):
+        _bad(key, problem)
     if need_database and not db.url and not db.allow_embedded:
         _bad(
             "database.url",
@@ -506,3 +535,59 @@ def _invalid(env: str, path: Path, key: str, problem: str) -> NoReturn:
         f"Invalid setting {key!r} for environment {env!r}: {problem}. "
         f"Fix it in {path} or in the environment variable {variable}."
     )
+
+
+def _sentry_problems(sentry: SentrySettings) -> list[tuple[str, str]]:
+    """``(key, problem)`` for every invalid ``sentry`` setting (Sentry's own rules for names);
+    a DSN is never quoted."""
+    problems = {
+        "sentry.dsn": _dsn_problem(sentry.dsn),
+        "sentry.environment": _name_problem(sentry.environment, 64, "/ \t\r\n", {"None"}),
+        "sentry.release": _name_problem(sentry.release, 200, "/\\\t\r\n", {".", ".."}),
+    }
+    return [(key, problem) for key, problem in problems.items() if problem is not None]
+
+
+def _name_problem(value: str, limit: int, forbidden: str, reserved: set[str]) -> str | None:
+    if len(value) > limit:
+        return f"must be at most {limit} characters"
+    bad = sorted({repr(c) for c in value if c in forbidden})
+    if bad:
+        return f"must not contain {', '.join(bad)}"
+    if value in reserved:
+        return f"must not be {value!r}"
+    return None
+
+
+def _dsn_problem(dsn: str) -> str | None:
+    """Why ``dsn`` is not a DSN sentry-sdk accepts (``https://KEY@HOST/PROJECT_ID``), or None;
+    the same checks as sentry-sdk's ``Dsn``, which is not imported here."""
+    if not dsn:
+        return None
+    from urllib.parse import urlsplit
+
+    fix = "copy it from the Sentry project's Client Keys (DSN) page"
+    try:
+        parts = urlsplit(dsn)
+        parts.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError:
+        return f"is not a URL; {fix}"
+    if parts.scheme not in ("http", "https"):
+        return f"must be an https:// (or http://) URL; {fix}"
+    if not parts.username or not parts.hostname:
+        return f"lacks its key or host (https://KEY@HOST/PROJECT_ID); {fix}"
+    if not parts.path.rsplit("/", 1)[-1].strip().isdigit():
+        return f"must end with the project's number (https://KEY@HOST/PROJECT_ID); {fix}"
+    return None
+
+
+def mask_dsn(dsn: str) -> str:
+    """``dsn`` with its key (and secret) replaced by ``***``: ``https://***@HOST/PROJECT_ID``.
+    A value that is not such a URL is masked whole."""
+    if not dsn:
+        return dsn
+    scheme, sep, rest = dsn.partition("://")
+    userinfo, at, location = rest.rpartition("@")
+    if not sep or not at or not userinfo:
+        return "***"
+    return f"{scheme}://***@{location}"

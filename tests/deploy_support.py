@@ -376,3 +376,27 @@ def check_worker_deployment(deployment: Obj) -> None:
     assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selects(deployment["spec"]["selector"], labels)
+    check_worker_probes(deployment)
+
+
+def check_worker_probes(deployment: Obj) -> None:
+    """The supervisor's port is named ``metrics``, probed on /health/live and /health/ready, and
+    announced to Prometheus by the pod's annotations (as the coordinator's is)."""
+    ctr = container(deployment)
+    (port,) = ctr["ports"]
+    assert port["name"] == "metrics" and port["protocol"] == "TCP"
+    assert worker_command(deployment).metrics_port == port["containerPort"]
+    paths = {kind: ctr[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe")}
+    paths["readinessProbe"] = ctr["readinessProbe"]["httpGet"]
+    assert {kind: get["path"] for kind, get in paths.items()} == {
+        "startupProbe": "/health/live",
+        "livenessProbe": "/health/live",
+        "readinessProbe": "/health/ready",
+    }
+    assert all(get["port"] == "metrics" for get in paths.values())
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port["containerPort"]),
+        "prometheus.io/path": "/metrics",
+    }

@@ -122,16 +122,16 @@ class InProcessFlows:
 
     ``register(flow)`` binds the flow's steps and registers its template; ``start(flow)`` also
     starts the worker (once); ``run(flow, context)`` also submits a task and waits for its final
-    state.
+    state. ``install_options`` go to :func:`tasker.runtime.workflows.install`.
     """
 
-    def __init__(self, broker: PGMQBroker, url: str) -> None:
+    def __init__(self, broker: PGMQBroker, url: str, **install_options: Any) -> None:
         import dramatiq
 
         import tasker
         from tasker.runtime.workflows import install
 
-        install(broker, bind_workflows=False, finalization_lease_s=5)
+        install(broker, bind_workflows=False, finalization_lease_s=5, **install_options)
         self.broker = broker
         self.url = url
         self.client = tasker.Client(broker=broker)
@@ -157,4 +157,7 @@ class InProcessFlows:
         return self.client.wait(handle.task_uuid, timeout=timeout)
 
     def stop(self) -> None:
-        self.worker.stop()
+        """Stop the worker once (running handlers finish first); later calls do nothing."""
+        if not getattr(self, "_stopped", False):
+            self._stopped = True
+            self.worker.stop()

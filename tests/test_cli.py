@@ -186,18 +186,21 @@ def test_queues_create_makes_the_workflow_and_orchestration_queues_a_worker_decl
 ) -> None:
     """`queues create` of a workflow module creates its namespace's worker queue and the four
     orchestration queues, as a worker of that module declares them, besides plain actors'."""
+    import importlib
+
     from tasker.brokers.queue_names import map_queue_name
     from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, TASK_REQUEST
 
     monkeypatch.setenv("TASKER_BROKER__AUTO_CREATE_QUEUES", "false")
+    importlib.import_module("tests.workers.queued")  # imported before: its actor bound elsewhere
     assert main(["queues", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []  # a migrated database without queues
-    assert main(["queues", "create", "tests.workers.flows"]) == 0
+    assert main(["queues", "create", "tests.workers.queued"]) == 0
     out = capsys.readouterr().out
-    assert "queue worker_crashy_queue -> pgmq.q_tasker_worker_crashy_queue" in out
+    assert "queue worker_queued_queue -> pgmq.q_tasker_worker_queued_queue" in out
     assert main(["queues", "--json"]) == 0
     listed = {q["queue"] for q in json.loads(capsys.readouterr().out)}
-    expected = ["worker_crashy_queue", "default"]  # the workflow's steps; a plain actor
+    expected = ["worker_queued_queue", "queued_plain"]  # the workflow's steps; a plain actor
     expected += [s.queue for s in (TASK_REQUEST, STEP_ENQUEUE, PROCESS_RESULT, FINALIZE)]
     assert {map_queue_name(q, "tasker").main for q in expected} <= listed
 

@@ -239,3 +239,141 @@ def test_an_unreachable_database_exits_10(
     assert main(["task", "list"]) == 10
     err = capsys.readouterr().err
     assert "Cannot reach PostgreSQL" in err and "s3cret" not in err
+
+
+# -- what a stranger tried ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["task", "submit", "sh\udcffop", "diamond"],
+        ["task", "submit", "shop", "diamond", "--version", "1\udcff"],
+        ["templates", "show", "shop", "x\udcff"],
+        ["templates", "list", "--namespace", "x\udcff"],
+        ["task", "cancel", "00000000-0000-7000-8000-000000000000", "--by", "x\udcff"],
+        ["step", "retry", "00000000-0000-7000-8000-000000000000", "s", "--reason", "x\udcff"],
+    ],
+    ids=lambda argv: " ".join(w.encode("utf-8", "backslashreplace").decode() for w in argv),
+)
+def test_arguments_that_are_not_valid_text_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates (PEP 383)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not valid text" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["task", "submit", "a", "b", "--context", '{"a": NaN}'],
+        ["task", "submit", "a", "b", "--context", '{"a": 1e999}'],
+        ["task", "submit", "a", "b", "--context", '{"a": -Infinity}'],
+        ["step", "complete", "t", "s", "--result", '{"a": NaN}'],
+        ["step", "complete", "t", "s", "--result", "1e400"],
+        ["step", "resolve", "t", "s", "--by", ""],
+        ["step", "resolve", "t", "s", "--by", "a\nb"],
+        ["step", "resolve", "t", "s", "--by", "x" * 129],
+        ["task", "cancel", "t", "--reason", "x" * 2001],
+        ["task", "list", "--since", "0001-01-01"],
+    ],
+    ids=lambda argv: " ".join(argv)[:60],
+)
+def test_values_postgresql_would_refuse_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_null_result_and_a_result_from_stdin_complete_a_step(
+    cli: Any, flows: InProcessFlows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    flows.start(_flow({"charge"}))
+    for result, stdin in (("null", None), (None, '{"charged": 3}')):
+        task = cli("task", "submit", "clitest", "order", "-q")[1].strip()
+        assert cli("task", "wait", task, "-q")[0] == 6
+        if stdin is None:
+            code, _, err = cli("step", "complete", task, "charge", "--result", str(result))
+        else:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+            code, _, err = cli("step", "complete", task, "charge", "--result-file", "-")
+        assert code == 0, err
+        status = _json(cli, "task", "wait", task)
+        expected = None if stdin is None else {"charged": 3}
+        assert status["steps"][2]["result"] == {"shipped": expected}
+
+
+def test_submit_wait_json_names_the_task_when_the_wait_times_out(
+    cli: Any, flows: InProcessFlows
+) -> None:
+    flows.register(_flow(set()))  # no worker
+    code, out, err = cli(
+        "task", "submit", "clitest", "order", "--wait", "--json", "--timeout", "0.2"
+    )
+    assert code == 4 and "still steps_in_process" in err
+    shown = json.loads(out)
+    assert shown["created"] and not shown["settled"] and len(shown["task_uuid"]) == 36
+
+
+def test_stored_text_cannot_forge_table_rows_or_redraw_the_terminal(
+    cli: Any, flows: InProcessFlows
+) -> None:
+    flows.register(_flow(set()))
+    evil = "evil\x1b[31mRED\x1b[0m\nfake row\u202e"
+    task = cli(
+        "task", "submit", "clitest", "order", "--initiator", evil[:40], "--reason", "r\rx", "-q"
+    )[1].strip()
+    assert cli("task", "cancel", task, "--reason", "line1\nline2\x1b[2J")[0] == 0
+    for argv in (["task", "list"], ["task", "get", task], ["task", "audit", task]):
+        code, out, _ = cli(*argv)
+        assert code == 0
+        assert "\x1b" not in out and "\r" not in out and "\u202e" not in out, argv
+        assert "fake row" not in out.splitlines()[-1] or "\\n" in out
+    assert "evil\\x1b[31mRED" in cli("task", "list")[1]
+
+
+def test_task_and_step_ids_are_accepted_in_every_uuid_form(cli: Any, flows: InProcessFlows) -> None:
+    flows.start(_flow({"charge"}))
+    task = cli("task", "submit", "clitest", "order", "-q")[1].strip()
+    assert cli("task", "wait", f"urn:uuid:{task}", "-q")[0] == 6
+    status = _json(cli, "task", "get", task.upper())
+    step = status["steps"][1]["step_uuid"]
+    assert status["steps"][1]["name"] == "charge"
+    code, _, err = cli("step", "resolve", f"urn:uuid:{task}", step.upper())
+    assert code == 0, err
+
+
+def test_an_unreachable_database_is_one_line_without_the_pools_retries(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", UNREACHABLE)
+    monkeypatch.setenv("TASKER_DATABASE__TIMEOUT_S", "1")
+    assert main(["task", "get", "00000000-0000-7000-8000-000000000000"]) == 10
+    assert [r for r in caplog.records if r.name.startswith("psycopg.pool")] == []
+    assert capsys.readouterr().err.count("tasker: error:") == 1
+
+
+def test_a_database_that_does_not_exist_says_to_fix_the_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], database_url: str
+) -> None:
+    import psycopg.conninfo
+
+    missing = psycopg.conninfo.make_conninfo(database_url, dbname="tasker_no_such_db")
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv("TASKER_DATABASE__URL", missing)
+    monkeypatch.setenv("TASKER_DATABASE__TIMEOUT_S", "1")
+    assert main(["task", "list"]) == 10
+    err = capsys.readouterr().err
+    assert "refused the connection" in err and "does not exist" in err

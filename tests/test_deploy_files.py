@@ -376,6 +376,16 @@ def test_compose_runs_the_coordinator_with_a_health_check() -> None:
     assert "deploy" not in service, "one coordinator is enough on one machine"
 
 
+def test_compose_checks_the_workers_readiness_without_publishing_its_port() -> None:
+    service = compose()["services"]["worker"]
+    test = service["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"] and "/health/ready" in test[-1]
+    production = load_settings("production", settings_file=SETTINGS_TOML, need_database=False)
+    port = production.worker.metrics_port
+    assert f"127.0.0.1:{port}/" in test[-1], "worker.metrics_port of production"
+    assert "ports" not in service, "two replicas cannot share a host port"
+
+
 def compose_spec_schema() -> dict[str, Any]:
     vendor = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
     schema = json.loads((vendor / "compose-spec.json").read_text(encoding="utf-8"))

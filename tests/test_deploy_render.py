@@ -117,6 +117,7 @@ CASES = {
         "--termination-grace-period",
         "130",
     ],
+    "another metrics port": ["metered", "--modules", "m", "--metrics-port", "9300"],
 }
 
 
@@ -140,6 +141,7 @@ def test_rendered_streams_are_valid(argv: list[str]) -> None:
         )
         assert container(deployment)["image"] == options.image
         assert deployment["metadata"]["namespace"] == options.k8s_namespace
+        assert command.metrics_port == options.metrics_port  # also probed and annotated
 
 
 def test_each_namespace_gets_a_deployment_on_its_queue() -> None:
@@ -250,6 +252,8 @@ def test_the_render_functions_refuse_what_the_cli_refuses() -> None:
         render_workers(["a"], RenderOptions(modules=()))
     with pytest.raises(ConfigurationError, match="scaling"):
         render_workers(["a"], RenderOptions(modules=("m",), scaling="both"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="--metrics-port"):
+        render_workers(["a"], RenderOptions(modules=("m",), metrics_port=0))
     options = RenderOptions(modules=("m",))
     objects = render_workers(["a"], options)
     before = copy.deepcopy(objects)

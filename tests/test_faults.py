@@ -118,10 +118,10 @@ def test_a_step_that_always_kills_its_worker_fails_after_its_attempts(
     harness.wait(
         lambda: (
             query(harness.url, "SELECT state FROM tasker.tasks WHERE task_uuid = %s", (doomed,))
-            == [("error",)]
+            == [("blocked_by_failures",)]  # it waits for a decision
         ),
         90,
-        "the doomed task to fail",
+        "the doomed task to fail and wait for a decision",
     )
     harness.accepted.remove(str(doomed))
     harness.settle()

@@ -1,10 +1,11 @@
 """docs/operations.md against the code: every setting, variable and command it names exists, its
-settings table carries the shipped defaults, and its worked scaling example is what the SQL rule
+settings tables carry the shipped defaults, and its worked scaling example is what the SQL rule
 computes, on the rule alone and on a real queue."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import tomllib
@@ -18,7 +19,7 @@ import pytest
 
 from tasker.cli import _parser, main
 from tasker.engine.scaling import ScalingRule, update_scaling_hints
-from tasker.settings import BreakerSettings, CoordinatorSettings, Settings
+from tasker.settings import BreakerSettings, CoordinatorSettings, SentrySettings, Settings
 from tests.support import ROOT
 
 DOC = (ROOT / "docs" / "operations.md").read_text()
@@ -109,7 +110,24 @@ def leaves(struct: Any, prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
             yield (*prefix, f.name)
 
 
-def check_settings_table(marker: str, expected: set[tuple[str, ...]]) -> None:
+#: Each settings table of the guide (its marker) and the settings it lists: every leaf of its
+#: section (a step breaker's overrides are named in prose, not tabled).
+SETTINGS_TABLES = {
+    "coordinator": ("settings:", set(leaves(CoordinatorSettings, ("coordinator",)))),
+    "sentry": ("sentry-settings:", set(leaves(SentrySettings, ("sentry",)))),
+    "breakers": (
+        "breaker-settings:",
+        set(leaves(BreakerSettings, ("breakers",))) - {("breakers", "overrides")},
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("marker", "expected"), list(SETTINGS_TABLES.values()), ids=list(SETTINGS_TABLES)
+)
+def test_a_settings_table_lists_every_setting_of_its_section_with_its_shipped_default(
+    marker: str, expected: set[tuple[str, ...]]
+) -> None:
     """The table after ``<!-- marker`` lists exactly ``expected``, each with its variable and
     the default shipped in settings/settings.toml."""
     documented = {}
@@ -124,17 +142,10 @@ def check_settings_table(marker: str, expected: set[tuple[str, ...]]) -> None:
         shipped = shipped_default(path)
         if isinstance(shipped, bool):
             assert default == str(shipped).lower(), path
+        elif isinstance(shipped, str):
+            assert default == f"`{json.dumps(shipped)}`", path
         else:
             assert float(default) == float(shipped), path
-
-
-def test_the_settings_table_lists_every_coordinator_setting_with_its_shipped_default() -> None:
-    check_settings_table("settings:", set(leaves(CoordinatorSettings, ("coordinator",))))
-
-
-def test_the_breakers_table_lists_every_breaker_setting_with_its_shipped_default() -> None:
-    expected = set(leaves(BreakerSettings, ("breakers",))) - {("breakers", "overrides")}
-    check_settings_table("breaker-settings:", expected)
 
 
 # -- commands ----------------------------------------------------------------------------------

@@ -137,8 +137,12 @@ def test_a_blocked_task_moves_to_error_after_the_limit_and_a_retry_runs_it_again
     settings = replace(NOW, staleness=StalenessSettings(blocked_by_failures_minutes=5))
     coordinator = Coordinator(flows.broker, settings, name="blocked")
     try:
-        assert coordinator.cycle().dead_lettered == []  # within its limit: it waits
-        _age_task(flows.url, task, minutes=6)
+        _age_task(flows.url, task, minutes=1)  # past the recovery sweep's grace: not stuck
+        for _ in range(2):  # within its limit it waits, and the sweep leaves it alone
+            report = coordinator.cycle()
+            assert (report.dead_lettered, report.recovered) == ([], [])
+        assert scalar(flows.url, "SELECT count(*) FROM tasker.coordinator_actions") == 0
+        _age_task(flows.url, task, minutes=5)
         assert coordinator.cycle().dead_lettered == [task]
     finally:
         coordinator.close()
@@ -363,3 +367,29 @@ def test_wait_returns_for_a_blocked_task_through_the_notification(
     began = time.monotonic()
     status = flows.client.wait(task, timeout=60, poll_interval=10)
     assert status.blocked and time.monotonic() - began < 9
+
+
+def test_text_postgresql_cannot_store_is_refused_before_anything_is_written(
+    flows: InProcessFlows,
+) -> None:
+    task = _run_until_blocked(flows, _diamond("bad_text", {"left"})).task_uuid
+    client = flows.client
+    for call in (
+        lambda: client.cancel(task, by="ops", reason="\udcff"),
+        lambda: client.resolve_step(task, "left", by="m\udcffe"),
+        lambda: client.resolve_step(task, "left", by="ops", reason="nul\x00"),
+        lambda: client.submit("ops", "bad_text", {}, version="1\udcff"),
+        lambda: client.submit("o\x00ps", "bad_text", {}),
+        lambda: client.templates("x\udcff"),
+    ):
+        with pytest.raises(tasker.TaskerError):
+            call()
+    assert client.status(task).state == "blocked_by_failures"
+
+
+@pytest.mark.parametrize("timeout", [-1, 0, float("nan"), float("inf")])
+def test_wait_refuses_a_timeout_that_is_not_a_positive_number(
+    flows: InProcessFlows, timeout: float
+) -> None:
+    with pytest.raises(tasker.ConfigurationError, match="timeout must be a positive"):
+        flows.client.wait("00000000-0000-7000-8000-000000000000", timeout=timeout)

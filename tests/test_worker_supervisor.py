@@ -80,6 +80,9 @@ class TaskerWorker:
     ) -> None:
         self.module = module
         self.env = _environment(database_url, settings)
+        # The supervisor's private directory goes in the test's directory, so a supervisor the
+        # test SIGKILLs (which leaves it behind) leaves nothing in the system's /tmp.
+        self.env["TMPDIR"] = str(log_path.parent)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -17,7 +17,12 @@ from hypothesis import strategies as st
 import tasker
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.runtime.workflows import bind_workflow, install
-from tasker.workflow.backoff import MAX_BACKOFF_S, BackoffPolicy, decide_retry
+from tasker.workflow.backoff import (
+    MAX_BACKOFF_S,
+    BackoffPolicy,
+    decide_retry,
+    final_failure_reason,
+)
 from tasker.workflow.states import check_step_path, check_task_path
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -239,6 +244,14 @@ def test_retry_needs_template_error_and_attempts(
     assert decision.retry == (template and error and attempts < max_attempts)
     if decision.retry and retry_after is not None:
         assert decision.delay_seconds == min(retry_after, 50)
+    final = final_failure_reason(
+        template_retryable=template,
+        error_retryable=error,
+        attempts=attempts,
+        max_attempts=max_attempts,
+    )
+    assert (final is None) == decision.retry  # what a worker reports as final is what is final
+    assert final is None or final == decision.reason
 
 
 def _unique_name() -> str:

@@ -57,11 +57,14 @@ RETURNING task_uuid
 
 -- Active tasks with nothing running or scheduled for longer than the grace (a lost finalization
 -- or retry message): their next move is computed again.
+-- A task waiting in blocked_by_failures is settled (it waits for a person, or for its staleness
+-- limit), not stuck.
 -- name: stuck_tasks
 SELECT t.task_uuid, t.state
 FROM tasker.tasks t
 JOIN tasker.task_transitions tr ON tr.task_uuid = t.task_uuid AND tr.most_recent
-WHERE t.state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
+WHERE t.state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually',
+                      'blocked_by_failures')
   AND tr.created_at < clock_timestamp() - %(grace_s)s * interval '1 second'
   AND NOT EXISTS (
     SELECT 1 FROM tasker.workflow_steps ws

@@ -177,7 +177,8 @@ WHERE workflow_step_uuid = %(step)s AND state = 'enqueued'
 
 -- name: task_status
 SELECT t.task_uuid, t.state, ns.name AS namespace, nt.name AS workflow, nt.version, t.context,
-       t.requested_at, t.completed_at, t.correlation_id, t.priority
+       t.requested_at, t.completed_at, t.correlation_id, t.priority, t.initiator,
+       t.source_system, t.reason, t.tags
 FROM tasker.tasks t
 JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid

@@ -8,7 +8,8 @@ deleted in small batches every ``cleanup_every`` writes.
 
 ``wait``/``wait_notify`` follow the Redis backend: a notification stays visible to every waiter
 until its TTL runs out (Redis ``BRPOPLPUSH key key`` re-pushes the event it pops), which is what
-lets one :class:`dramatiq.rate_limits.Barrier` release all the parties blocked on it.
+lets one :class:`dramatiq.rate_limits.Barrier` release all the parties blocked on it. The event
+row's insert also sends a NOTIFY (migration 0006) that wakes the blocked ``wait`` calls at once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ import psycopg
 from dramatiq.rate_limits import RateLimiterBackend
 from psycopg_pool import ConnectionPool
 
-from tasker.backends._common import LazyPool, delete_expired, poll_until, query
+from tasker.backends._common import (
+    EVENT_CHANNEL_PREFIX,
+    LazyPool,
+    channel_name,
+    delete_expired,
+    query,
+    wait_until,
+)
 from tasker.exceptions import ConfigurationError
 
 __all__ = ["ADVISORY_LOCK_CLASS", "DEFAULT_CLEANUP_EVERY", "PostgresRateLimiterBackend"]
@@ -43,6 +51,10 @@ Keys = Callable[[], Iterable[str]] | Iterable[str]
 class PostgresRateLimiterBackend(RateLimiterBackend):
     """Keep Dramatiq rate-limiter and barrier state in PostgreSQL.
 
+    Blocking ``wait`` calls (blocked ``Barrier`` parties) share one more connection, outside
+    the pool, that LISTENs for their events' NOTIFY: the first blocking wait opens it and it
+    stays open until ``close()``.
+
     Parameters:
       url: A PostgreSQL URL; the backend then owns a pool, opened on first use.
       pool: An open :class:`psycopg_pool.ConnectionPool` to use instead of ``url``.
@@ -63,7 +75,8 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
         self._writes = itertools.count(1)
 
     def close(self) -> None:
-        """Close the connection pool this backend opened (a caller's pool is left open)."""
+        """Close the listening connection, and the connection pool this backend opened (a
+        caller's pool is left open); a later use reopens them."""
         self._db.close()
 
     def add(self, key: str, value: int, ttl: int) -> bool:
@@ -110,7 +123,15 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
     def wait(self, key: str, timeout: int | None) -> bool:
         """Block up to ``timeout`` ms (forever when ``None``) for a notification on ``key``.
 
-        A notification is not consumed: every waiter sees it until its TTL expires.
+        A notification is not consumed: every waiter sees it until its TTL expires. A wait that
+        does not find one at once has the backend's listening connection LISTEN for the
+        event's NOTIFY; it re-checks once the LISTEN has run, on every notification, every
+        ``LISTEN_FALLBACK_POLL_S`` (1 s) in case one is lost, and at the deadline. When the
+        listening connection cannot be opened, or is lost, the wait polls with a doubling
+        pause (10 ms up to 250 ms) instead.
+
+        Returns whether a notification arrived in time (``False`` on timeout). Raises
+        ``DatabaseError`` when PostgreSQL is unreachable (``MigrationError``: tables missing).
         """
 
         def probe() -> bool:
@@ -118,10 +139,13 @@ class PostgresRateLimiterBackend(RateLimiterBackend):
                 row = conn.execute(query("has_event"), {"key": key}).fetchone()
             return bool(row and row[0])
 
-        return poll_until(probe, timeout)
+        return wait_until(
+            probe, timeout, self._db.listener(), channel_name(EVENT_CHANNEL_PREFIX, key)
+        )
 
     def wait_notify(self, key: str, ttl: int) -> None:
-        """Publish a notification on ``key`` that waiters see for ``ttl`` ms."""
+        """Publish a notification on ``key`` that waiters see for ``ttl`` ms, and wake the
+        waits blocked on ``key`` (a NOTIFY sent by the insert's trigger, migration 0006)."""
         self._write(query("notify"), {"key": key, "ttl": int(ttl)})
 
     def _adjust(self, key: str, delta: int, lower: int, upper: int, ttl: int) -> bool:

@@ -2,7 +2,8 @@
 
 Results are encoded with the backend's encoder and stored with an expiry computed by the
 database clock. Expired rows read as missing and are deleted in small batches every
-``cleanup_every`` stores, so the table needs no external janitor.
+``cleanup_every`` stores, so the table needs no external janitor. Storing a result sends a
+NOTIFY (migration 0006) that wakes the blocking ``get_result`` calls waiting for it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from dramatiq.results import ResultBackend, ResultMissing, ResultTimeout
 from dramatiq.results.backend import DEFAULT_TIMEOUT, Missing
 from psycopg_pool import ConnectionPool
 
-from tasker.backends._common import LazyPool, delete_expired, poll_until, query
+from tasker.backends._common import (
+    RESULT_CHANNEL_PREFIX,
+    LazyPool,
+    channel_name,
+    delete_expired,
+    query,
+    wait_until,
+)
 from tasker.exceptions import ConfigurationError, TaskerError
 
 __all__ = ["DEFAULT_CLEANUP_BATCH", "DEFAULT_CLEANUP_EVERY", "PostgresResultBackend"]
@@ -43,6 +51,10 @@ class ResultTimeoutError(TaskerError, ResultTimeout):
 
 class PostgresResultBackend(ResultBackend):
     """Store Dramatiq message results in PostgreSQL.
+
+    Blocking ``get_result`` calls share one more connection, outside the pool, that LISTENs
+    for their results' NOTIFY: the first blocking wait opens it and it stays open until
+    ``close()``.
 
     Parameters:
       url: A PostgreSQL URL; the backend then owns a pool, opened on first use.
@@ -76,7 +88,8 @@ class PostgresResultBackend(ResultBackend):
         self._stores = itertools.count(1)
 
     def close(self) -> None:
-        """Close the connection pool this backend opened (a caller's pool is left open)."""
+        """Close the listening connection, and the connection pool this backend opened (a
+        caller's pool is left open); a later use reopens them."""
         self._db.close()
 
     def get_result(
@@ -84,12 +97,18 @@ class PostgresResultBackend(ResultBackend):
     ) -> Any:
         """Get the result of ``message``, waiting up to ``timeout`` ms when ``block`` is true.
 
-        A blocking wait polls with a doubling pause (10 ms up to 250 ms) and makes a last
-        check at the deadline.
+        ``timeout`` defaults to Dramatiq's ``DEFAULT_TIMEOUT`` (10,000 ms). A blocking wait
+        that does not find the result at once has the backend's listening connection LISTEN
+        for the result's notification; it re-reads the result once the LISTEN has run, on
+        every notification, every ``LISTEN_FALLBACK_POLL_S`` (1 s) in case one is lost, and at
+        the deadline. When the listening connection cannot be opened, or is lost, the wait
+        polls with a doubling pause (10 ms up to 250 ms) instead.
 
-        Raises:
+        Returns the decoded result. Raises:
           ResultMissing: ``block`` is false and there is no (unexpired) result.
           ResultTimeout: ``block`` is true and no result arrived within ``timeout``.
+          ResultFailure: the stored result is an exception (Dramatiq's ``unwrap_result``).
+          DatabaseError: PostgreSQL is unreachable (``MigrationError``: tables missing).
         """
         message_key = self.build_message_key(message)
         found: list[Any] = []
@@ -105,7 +124,12 @@ class PostgresResultBackend(ResultBackend):
         if not block:
             if not probe():
                 raise ResultMissingError(message)
-        elif not poll_until(probe, DEFAULT_TIMEOUT if timeout is None else timeout):
+        elif not wait_until(
+            probe,
+            DEFAULT_TIMEOUT if timeout is None else timeout,
+            self._db.listener(),
+            channel_name(RESULT_CHANNEL_PREFIX, message_key),
+        ):
             raise ResultTimeoutError(message)
         return self.unwrap_result(found[0])  # type: ignore[no-untyped-call]
 

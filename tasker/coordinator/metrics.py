@@ -8,7 +8,27 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tasker.engine.scaling import ScalingHint
 
-__all__ = ["CoordinatorMetrics"]
+__all__ = ["METRIC_NAMES", "CoordinatorMetrics"]
+
+#: The families below (without ``_total``). An in-worker coordinator (``coordinator.in_worker``)
+#: writes them to its worker process's multiprocess files too, where a leader's queue gauges
+#: would outlive its lead; the ``tasker worker`` supervisor leaves them out of its ``/metrics``.
+METRIC_NAMES = frozenset(
+    {
+        "tasker_coordinator_leader",
+        "tasker_coordinator_cycles",
+        "tasker_coordinator_cycle_seconds",
+        "tasker_coordinator_actions",
+        "tasker_coordinator_errors",
+        "tasker_queue_depth",
+        "tasker_queue_oldest_age_seconds",
+        "tasker_queue_in_flight",
+        "tasker_queue_completions_per_second",
+        "tasker_queue_error_ratio",
+        "tasker_live_workers",
+        "tasker_desired_workers",
+    }
+)
 
 
 class CoordinatorMetrics:

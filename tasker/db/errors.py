@@ -179,7 +179,10 @@ def database_error(
     where = mask_url(url) if url else "the configured database"
     state = getattr(exc, "sqlstate", None) or ""
     reason = _first_line(exc, url)
-    if state[:2] == "28" or state == "3D000":  # authentication, or no such database
+    # authentication, or no such database (a refusal at connect time carries no SQLSTATE in
+    # psycopg: its server message says it)
+    refused = re.search(r'database "[^"]*" does not exist|authentication failed', reason)
+    if state[:2] == "28" or state == "3D000" or (not state and refused):
         return DatabaseUnavailableError(
             f"PostgreSQL at {where} refused the connection: {reason}; fix database.url "
             "(TASKER_DATABASE__URL)."

@@ -40,7 +40,7 @@ from tasker.exceptions import (
     StepNotFoundError,
     TaskNotFoundError,
 )
-from tasker.workflow.payloads import MAX_PAYLOAD_BYTES, check_payload, dump_json
+from tasker.workflow.payloads import MAX_PAYLOAD_BYTES, check_payload, dump_json, payload_problem
 
 __all__ = [
     "ActionResult",
@@ -246,8 +246,12 @@ def find_step(conn: Any, task_uuid: str, step: str) -> str:
         exists = conn.execute("SELECT 1 FROM tasker.tasks WHERE task_uuid = %s", (task_uuid,))
         if exists.fetchone() is None:
             raise TaskNotFoundError(f"No task {task_uuid}; check the id (tasker task list).")
+    try:  # a step id in any form uuid.UUID reads (upper case, urn:uuid:...)
+        wanted = str(uuid.UUID(step))
+    except ValueError:
+        wanted = step
     for step_uuid, name in rows:
-        if step in (step_uuid, name):
+        if wanted in (step_uuid, name) or step == name:
             return str(step_uuid)
     names = ", ".join(name for _, name in rows) or "none"
     raise StepNotFoundError(f"Task {task_uuid} has no step {step!r}; its steps: {names}.")
@@ -285,7 +289,8 @@ def _check_manual(
         raise StepNotFoundError(f"Task {task} has no step {step!r} any more.")
     if outcome is ManualOutcome.TASK_FINAL:
         raise ActionNotAllowedError(
-            f"Task {task} is {row.task_state}: a final task's steps cannot be changed.",
+            f"Task {task} is {row.task_state}: a final task's steps cannot be changed; to run "
+            "the work again, submit a new task.",
             state=row.task_state,
         )
     if outcome is ManualOutcome.STEP_RUNNING:
@@ -324,23 +329,30 @@ def _task_id(task_uuid: Any) -> str:
         return str(uuid.UUID(str(task_uuid)))
     except ValueError:
         raise TaskNotFoundError(
-            f"{task_uuid!r} is not a task id: task ids are UUIDs, as returned by submit()."
+            f"{task_uuid!r} is not a task id: task ids are UUIDs (tasker task list shows them)."
         ) from None
 
 
 def _text(value: Any, what: str, limit: int) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(f"{what} must be a non-empty string (who takes the action).")
-    if len(value) > limit or "\x00" in value:
-        raise ConfigurationError(f"{what} must be at most {limit} characters, without NUL.")
-    return value
+    return _stored_text(value, what, limit)
 
 
 def _reason(value: Any) -> str:
     if value is None:
         return ""
-    if not isinstance(value, str) or len(value) > MAX_REASON_CHARS or "\x00" in value:
-        raise ConfigurationError(
-            f"reason must be a string of at most {MAX_REASON_CHARS} characters, without NUL."
-        )
+    if not isinstance(value, str):
+        raise ConfigurationError(f"reason must be a string, not {type(value).__name__}.")
+    return _stored_text(value, "reason", MAX_REASON_CHARS)
+
+
+def _stored_text(value: str, what: str, limit: int) -> str:
+    """``value`` if PostgreSQL stores it as given: at most ``limit`` characters, no NUL, no lone
+    surrogate."""
+    if len(value) > limit:
+        raise ConfigurationError(f"{what} must be at most {limit} characters, not {len(value)}.")
+    problem = payload_problem(value)
+    if problem is not None:
+        raise ConfigurationError(f"{what}: {problem[1]}")
     return value

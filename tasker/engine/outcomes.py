@@ -30,7 +30,7 @@ import logging
 import math
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tasker.workflow.definition import PermanentError, RetryableError, StepContext
@@ -70,14 +70,16 @@ class StepTimeoutError(Exception):
 @dataclass(frozen=True)
 class StepOutcome:
     """What an attempt produced: its ``workflow_steps.results`` document (JSON text) and, for a
-    failure, the error type, whether the retry rules may run the step again and whether it
-    counts against the step's circuit breaker."""
+    failure, the error type, whether the retry rules may run the step again, whether it counts
+    against the step's circuit breaker and the exception it came from (with its traceback, for
+    error reporting; never stored)."""
 
     success: bool
     document: str
     error_type: str | None = None
     retryable: bool = False
     trips_breaker: bool = False
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
 
 def run_handler(
@@ -150,7 +152,7 @@ def _failure(exc: BaseException, context: StepContext) -> StepOutcome:
     trips = error_type == HANDLER_TIMEOUT or (
         isinstance(exc, Exception) and not isinstance(exc, PermanentError)
     )
-    return _failure_outcome(context.attempt, error, trips_breaker=trips)
+    return _failure_outcome(context.attempt, error, exc, trips_breaker=trips)
 
 
 def _classify(exc: BaseException) -> tuple[str, bool, float | None]:
@@ -183,7 +185,7 @@ def refused_outcome(attempt: int, exc: BaseException, *, where: str) -> StepOutc
     """
     error_type = PAYLOAD_ERROR if where == "result" else OUTCOME_NOT_RECORDABLE
     error = _error(exc, error_type, retryable=False, where=where)
-    return _failure_outcome(attempt, error)
+    return _failure_outcome(attempt, error, exc)
 
 
 def worker_died_outcome(attempt: int) -> StepOutcome:
@@ -210,7 +212,11 @@ def minimal_failure_document(attempt: int, exc: BaseException) -> str:
 
 
 def _failure_outcome(
-    attempt: int, error: dict[str, Any], *, trips_breaker: bool = False
+    attempt: int,
+    error: dict[str, Any],
+    exc: BaseException | None = None,
+    *,
+    trips_breaker: bool = False,
 ) -> StepOutcome:
     document = {
         "success": False,
@@ -224,6 +230,7 @@ def _failure_outcome(
         str(error["error_type"]),
         bool(error["retryable"]),
         trips_breaker,
+        exc,
     )
 
 

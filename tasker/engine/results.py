@@ -24,7 +24,7 @@ from tasker.workflow.backoff import BackoffPolicy, decide_retry
 from tasker.workflow.definition import Workflow
 from tasker.workflow.states import StepState, TaskState
 
-__all__ = ["advance_task", "process_result"]
+__all__ = ["ResultApplied", "advance_task", "apply_result", "process_result"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,23 @@ class _StepResult:
 _STEP_RESULT = class_row(_StepResult)
 
 
+@dataclass(frozen=True)
+class ResultApplied:
+    """Where a recorded step outcome left its step and its task (for the worker's metrics)."""
+
+    step_state: StepState
+    #: The task's state after moving it forward (None: nothing moved it).
+    task_state: str | None = None
+
+
 def process_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) -> str | None:
     """Apply a recorded step outcome; returns the task's new state (None: nothing to do)."""
+    applied = apply_result(conn, sender, task_uuid, step_uuid)
+    return None if applied is None else applied.task_state
+
+
+def apply_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) -> ResultApplied | None:
+    """:func:`process_result`, answering the step's new state too (None: nothing to do)."""
     with conn.transaction():
         task = lock_task(conn, task_uuid)
         if task is None:
@@ -58,21 +73,23 @@ def process_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) ->
         if state == StepState.ENQUEUED_FOR_ORCHESTRATION:
             conn.execute(q("complete_step"), {"step": step_uuid})
             move_steps(conn, [step_uuid], [state], StepState.COMPLETE)
+            new_state = StepState.COMPLETE
         elif state == StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION:
             if TaskState(task.state).terminal:  # cancelled while it ran: no retry
                 conn.execute(q("error_step"), {"step": step_uuid})
                 move_steps(conn, [step_uuid], [state], StepState.ERROR, reason=f"task {task.state}")
+                new_state = StepState.ERROR
             else:
-                _apply_failure(conn, sender, task, step_uuid, step)
+                new_state = _apply_failure(conn, sender, task, step_uuid, step)
         else:
             return None  # already processed: a duplicate result message
-        return advance_task(conn, sender, task)
+        return ResultApplied(new_state, advance_task(conn, sender, task))
 
 
 def _apply_failure(
     conn: Any, sender: Sender, task: LockedTask, step_uuid: Any, step: _StepResult
-) -> None:
-    """Retry (after a backoff) or fail the step, as its retry policy decides."""
+) -> StepState:
+    """Retry (after a backoff) or fail the step, as its retry policy decides; returns which."""
     error = (step.results or {}).get("error") or {}
     decision = decide_retry(
         template_retryable=step.retryable,
@@ -96,15 +113,16 @@ def _apply_failure(
         )
         delay_ms = max(int(decision.delay_seconds * 1000), 0)
         sender.send_stage(conn, STEP_ENQUEUE, str(task.task_uuid), delay_ms=delay_ms)
-    else:
-        conn.execute(q("error_step"), {"step": step_uuid})
-        move_steps(
-            conn,
-            [step_uuid],
-            [StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION],
-            StepState.ERROR,
-            reason=decision.reason,
-        )
+        return StepState.WAITING_FOR_RETRY
+    conn.execute(q("error_step"), {"step": step_uuid})
+    move_steps(
+        conn,
+        [step_uuid],
+        [StepState.ENQUEUED_AS_ERROR_FOR_ORCHESTRATION],
+        StepState.ERROR,
+        reason=decision.reason,
+    )
+    return StepState.ERROR
 
 
 def _policy(flow: Workflow, step: str) -> BackoffPolicy:

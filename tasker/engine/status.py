@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -57,6 +57,10 @@ class TaskStatus:
     correlation_id: str
     priority: int
     steps: tuple[StepStatus, ...]
+    initiator: str | None = None
+    source_system: str | None = None
+    reason: str | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -100,6 +104,10 @@ class _TaskRow:
     completed_at: datetime | None
     correlation_id: Any
     priority: int
+    initiator: str | None
+    source_system: str | None
+    reason: str | None
+    tags: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -121,10 +129,10 @@ class _StepRow:
 def task_status(conn: Any, task_uuid: Any) -> TaskStatus:
     """The task and all its steps; :class:`TaskNotFoundError` if there is no such task."""
     try:
-        uuid.UUID(str(task_uuid))
+        task_uuid = str(uuid.UUID(str(task_uuid)))  # also urn:uuid:..., {...}, upper case
     except ValueError:
         raise TaskNotFoundError(
-            f"{task_uuid!r} is not a task id: task ids are UUIDs, as returned by submit()."
+            f"{task_uuid!r} is not a task id: task ids are UUIDs (tasker task list shows them)."
         ) from None
     with conn.cursor(row_factory=class_row(_TaskRow)) as cursor:
         task = cursor.execute(q("task_status"), {"task": task_uuid}).fetchone()
@@ -144,6 +152,10 @@ def task_status(conn: Any, task_uuid: Any) -> TaskStatus:
         correlation_id=str(task.correlation_id),
         priority=task.priority,
         steps=tuple(_step_status(step) for step in steps),
+        initiator=task.initiator,
+        source_system=task.source_system,
+        reason=task.reason,
+        tags=task.tags,
     )
 
 

@@ -16,12 +16,20 @@ transaction, or the message is left to come back. Never in between:
    a transient one is retried on a fresh connection for up to ``retry_window_s``, then raised so
    the message comes back; an error caused by the data fails the step permanently with a
    document saying why; if even that cannot be written, a fixed minimal document is.
+4. **Report** a failed attempt to the executor's optional :class:`FailureReporter` (error
+   tracking such as Sentry, which never sees the handler's exception otherwise: ``run_handler``
+   keeps it), saying whether the failure is final by the rule the engine applies when it
+   processes the outcome (:func:`~tasker.workflow.backoff.final_failure_reason`).
+5. **Tell** the executor's observers (:class:`StepObserver`: the worker's metrics) what every
+   delivery came to, in a :class:`StepReport`: the claim's outcome, the states the record left,
+   the handler's run time. In memory, after the commit: no statement is added.
 
 Two circuit breakers (:mod:`tasker.breakers`) wrap the sequence. A step declared with a
 ``breaker`` passes it before the claim: while it is open, the delivery is deferred without a
 claim, so it uses no attempt; its outcome is reported to it afterwards. The process's database
 breaker hears of every claim and record: while it is open, they wait for it (within
-``retry_window_s``) instead of retrying on their own.
+``retry_window_s``) instead of retrying on their own. A delivery its breaker deferred is
+reported to the observers too, with the claim outcome ``breaker_open`` (:class:`Unclaimed`).
 """
 
 from __future__ import annotations
@@ -50,11 +58,12 @@ from tasker.engine.outcomes import (
     run_handler,
     worker_died_outcome,
 )
-from tasker.engine.results import process_result, reevaluate_task
+from tasker.engine.results import ResultApplied, apply_result, reevaluate_task
 from tasker.engine.sql import q
 from tasker.engine.sql_outcomes import ClaimOutcome, CompletionOutcome
 from tasker.engine.transitions import move_steps
 from tasker.exceptions import DatabaseUnavailableError
+from tasker.workflow.backoff import final_failure_reason
 from tasker.workflow.definition import StepContext
 from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 from tasker.workflow.states import StepState
@@ -65,9 +74,14 @@ __all__ = [
     "ClaimOutcome",
     "Connect",
     "Delivery",
+    "FailureReporter",
     "Settlement",
     "StepExecutor",
+    "StepFailure",
+    "StepObserver",
+    "StepReport",
     "StepRunner",
+    "Unclaimed",
     "claim_step",
     "mark_step_waiting",
     "record_outcome",
@@ -114,9 +128,17 @@ class Settlement(StrEnum):
     DEFERRED = "deferred"  # a live claim or an open breaker holds the step: it comes back later
 
 
+class Unclaimed(StrEnum):
+    """A :class:`StepReport`'s ``claim`` when the executor asked for no claim at all: not an
+    answer of ``tasker.claim_step_v2`` (those are :class:`ClaimOutcome`)."""
+
+    BREAKER_OPEN = "breaker_open"  # the step's breaker held it: deferred, no attempt used
+
+
 @dataclass(frozen=True)
 class StepRunner:
-    """What is fixed per step actor: whose step it is, its handler, how results are processed."""
+    """What is fixed per step actor: whose step it is, its handler, how results are processed,
+    and whether its definition lets a failure be retried (``retryable``)."""
 
     namespace: str
     workflow: str
@@ -124,6 +146,67 @@ class StepRunner:
     timeout: float | None = None
     inline: bool = True
     breaker: str | None = None
+    retryable: bool = True
+    step: str = ""  # the step's name, for metrics (the claim reads it from the database too)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one delivery of a step's message came to, for each :class:`StepObserver` (the
+    worker's metrics): names, outcomes and states, never ids."""
+
+    runner: StepRunner
+    #: What the claim answered, or why no claim was asked for (:class:`Unclaimed`).
+    claim: ClaimOutcome | Unclaimed
+    attempt: int | None = None
+    #: Where the recorded outcome left the step and its task; None when nothing was recorded
+    #: (deferred, skipped, the attempt had lost its claim, or a transient error escaped).
+    applied: ResultApplied | None = None
+    #: Seconds the handler ran; None when no handler ran.
+    handler_s: float | None = None
+
+
+class StepObserver(Protocol):
+    """Told about each delivery by :class:`StepExecutor` (its ``observers``), in the worker
+    thread, after the delivery's commit: keep it to in-memory work, it runs once per step."""
+
+    def step_started(self, runner: StepRunner, attempt: int) -> None:
+        """A claimed attempt's handler is about to run."""
+        ...
+
+    def step_finished(self, report: StepReport) -> None:
+        """A delivery is done, whatever it came to (after ``step_started`` if a handler ran)."""
+        ...
+
+
+@dataclass(slots=True)
+class _Run:
+    """What a claimed delivery came to, filled in as it goes (read even when it raised)."""
+
+    applied: ResultApplied | None = None
+    handler_s: float | None = None
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """A failed attempt, as a :class:`FailureReporter` sees it once its outcome is recorded.
+
+    ``final`` says whether the step will not run again; ``reason`` says why (the reason the
+    engine records), None when the step is retried.
+    """
+
+    context: StepContext
+    outcome: StepOutcome
+    final: bool
+    reason: str | None
+
+
+class FailureReporter(Protocol):
+    """Receives every failed attempt a :class:`StepExecutor` recorded (error tracking)."""
+
+    def step_failed(self, failure: StepFailure) -> None:
+        """Report ``failure``; must not block for long (it runs on the worker's thread)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -263,6 +346,8 @@ class StepExecutor:
       max_payload_bytes: results larger than this (bytes of JSON) fail the step (payload_error).
       breakers: the step breakers (steps whose runner names a breaker pass it).
       database: the process's database breaker, told of every claim and record.
+      failure_reporter: told of every failed attempt after its outcome is recorded; what it
+        raises is logged and dropped.
 
     It is also the broker's lease hook (``extend``/``release``), see
     :class:`tasker.brokers.leases.LeaseHook`.
@@ -279,14 +364,18 @@ class StepExecutor:
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         breakers: SharedBreakers | None = None,
         database: DatabaseBreaker | None = None,
+        failure_reporter: FailureReporter | None = None,
     ) -> None:
         self.connect = connect
         self.breakers = breakers
         self.database = database
         self.max_payload_bytes = max_payload_bytes
+        self.failure_reporter = failure_reporter
         #: Outcomes recorded by this executor that were failures (the worker registry reports
         #: them for the scaling hints' error rate).
         self.failures_recorded = 0
+        #: Told about every delivery (the worker's metrics): see :class:`StepObserver`.
+        self.observers: list[StepObserver] = []
         self.sender = sender
         self.lease_s = lease_s
         self.max_lease_s = max_lease_s
@@ -311,6 +400,7 @@ class StepExecutor:
                 logger.debug(
                     "Step %s waits %.1fs: breaker %r", step_uuid, passage.wait_s, passage.name
                 )
+                self._finished(StepReport(runner, Unclaimed.BREAKER_OPEN))
                 return Settlement.DEFERRED
         verdict = _Verdict()
         try:
@@ -334,18 +424,30 @@ class StepExecutor:
         )
         if claim.outcome is ClaimOutcome.BUSY:
             delivery.defer(max(claim.lease_left_s, 0.0) + _DEFER_MARGIN_S)
+            self._finished(StepReport(runner, claim.outcome, claim.attempt))
             return Settlement.DEFERRED
         if claim.outcome is ClaimOutcome.EXHAUSTED:
             attempt = int(claim.attempt or 0)
-            return self._settle(runner, step_uuid, attempt, worker_died_outcome(attempt), delivery)
+            died = worker_died_outcome(attempt)
+            applied = self._settle(runner, step_uuid, attempt, died, delivery)
+            self._finished(StepReport(runner, claim.outcome, attempt, applied))
+            return Settlement.RECORDED
         if claim.context is None:
             logger.info("Skipping step %s: %s (%s)", step_uuid, claim.outcome, claim.state)
+            self._finished(StepReport(runner, claim.outcome, claim.attempt))
             return Settlement.SKIPPED
-        self._held.hold(step_uuid, claim.context.attempt)
+        attempt = claim.context.attempt
+        self._held.hold(step_uuid, attempt)
+        self._started(runner, attempt)
+        run = _Run()
         try:
-            return self._run_and_settle(runner, step_uuid, claim.context, delivery, verdict)
+            self._run_and_settle(
+                runner, step_uuid, claim.context, delivery, run=run, verdict=verdict
+            )
+            return Settlement.RECORDED
         finally:
-            self._held.drop(step_uuid, claim.context.attempt)
+            self._held.drop(step_uuid, attempt)
+            self._finished(StepReport(runner, claim.outcome, attempt, run.applied, run.handler_s))
 
     def _leave(self, passage: Passage, verdict: _Verdict) -> None:
         """Tell the step's breaker how it went (never fails the step)."""
@@ -361,8 +463,10 @@ class StepExecutor:
         step_uuid: str,
         context: StepContext,
         delivery: Delivery,
+        *,
+        run: _Run,
         verdict: _Verdict,
-    ) -> Settlement:
+    ) -> None:
         """Run the handler once, then record its outcome whatever lands in between.
 
         Dramatiq's time limit interrupts the thread asynchronously, once per message; when the
@@ -374,9 +478,15 @@ class StepExecutor:
         for _ in range(_MAX_INTERRUPTS):
             try:
                 if outcome is None:
-                    outcome = run_handler(runner.handler, context, max_bytes=self.max_payload_bytes)
+                    started = time.perf_counter()
+                    try:
+                        outcome = run_handler(
+                            runner.handler, context, max_bytes=self.max_payload_bytes
+                        )
+                    finally:
+                        run.handler_s = time.perf_counter() - started
                     verdict.judge(outcome)
-                return self._settle(runner, step_uuid, context.attempt, outcome, delivery)
+                run.applied = self._settle(runner, step_uuid, context.attempt, outcome, delivery)
             except Exception:
                 raise  # transient (the message comes back); _settle handles every other error
             except BaseException as exc:
@@ -384,8 +494,48 @@ class StepExecutor:
                     "Step %s: %r landed while recording; recording again", step_uuid, exc
                 )
                 interrupt = exc
+                continue
+            if not outcome.success:
+                self._report(runner, context, outcome)
+            return
         assert interrupt is not None
         raise interrupt
+
+    def _started(self, runner: StepRunner, attempt: int) -> None:
+        for observer in self.observers:
+            try:
+                observer.step_started(runner, attempt)
+            except Exception:  # an observer never changes what happens to the step
+                logger.exception("Step observer %r failed", observer)
+
+    def _finished(self, report: StepReport) -> None:
+        for observer in self.observers:
+            try:
+                observer.step_finished(report)
+            except Exception:
+                logger.exception("Step observer %r failed", observer)
+
+    def _report(self, runner: StepRunner, context: StepContext, outcome: StepOutcome) -> None:
+        """Tell the failure reporter, if any; its errors (and an interrupt meant for the handler
+        landing here) are logged, never raised: the outcome is recorded already."""
+        if self.failure_reporter is None:
+            return
+        reason = final_failure_reason(
+            template_retryable=runner.retryable,
+            error_retryable=outcome.retryable,
+            attempts=context.attempt,
+            max_attempts=context.max_attempts,
+        )
+        failure = StepFailure(context, outcome, final=reason is not None, reason=reason)
+        try:
+            self.failure_reporter.step_failed(failure)
+        except BaseException:
+            logger.warning(
+                "Could not report the failure of step %s attempt %d",
+                context.step_uuid,
+                context.attempt,
+                exc_info=True,
+            )
 
     def _claim(self, runner: StepRunner, task_uuid: str, step_uuid: str, token: str) -> Claim:
         with self.connect() as conn:
@@ -398,9 +548,10 @@ class StepExecutor:
         attempt: int,
         outcome: StepOutcome,
         delivery: Delivery,
-    ) -> Settlement:
+    ) -> ResultApplied | None:
         """Record ``outcome``; if the database refuses it, a permanent failure saying why; if
-        that is refused too, the minimal document. Transient errors propagate."""
+        that is refused too, the minimal document. Transient errors propagate. Returns where it
+        left the step (None: the attempt had lost its claim)."""
         try:
             return self._record(runner, step_uuid, attempt, outcome, delivery)
         except Exception as exc:
@@ -429,21 +580,23 @@ class StepExecutor:
 
     def _record(
         self, runner: StepRunner, step_uuid: str, attempt: int, outcome: StepOutcome, delivery: Any
-    ) -> Settlement:
-        def once() -> Settlement:
+    ) -> ResultApplied | None:
+        def once() -> ResultApplied | None:
             with self.connect() as conn, conn.transaction():
-                record_outcome(conn, self.sender, step_uuid, attempt, outcome, inline=runner.inline)
+                applied = record_outcome(
+                    conn, self.sender, step_uuid, attempt, outcome, inline=runner.inline
+                )
                 delivery.settle_in(conn)  # fenced: removes nothing if the lease was lost
             delivery.mark_settled()
             if not outcome.success:
                 self.failures_recorded += 1
-            return Settlement.RECORDED
+            return applied
 
         return self._retrying("record", step_uuid, once)
 
     def _record_minimal(
         self, step_uuid: str, attempt: int, cause: BaseException, delivery: Delivery
-    ) -> Settlement:
+    ) -> ResultApplied | None:
         document = minimal_failure_document(attempt, cause)
         params = {"step": step_uuid, "attempt": attempt, "results": document}
         with self.connect() as conn, conn.transaction():
@@ -460,7 +613,7 @@ class StepExecutor:
                 self.sender.send_stage(conn, STEP_ENQUEUE, str(row[0]))
             delivery.settle_in(conn)
         delivery.mark_settled()
-        return Settlement.RECORDED
+        return None if row is None else ResultApplied(StepState.ERROR)
 
     def _retrying(self, what: str, step_uuid: str, action: Callable[[], T]) -> T:
         """Run ``action``; retry transient database errors with backoff within the window.
@@ -578,8 +731,9 @@ def record_outcome(
     outcome: StepOutcome,
     *,
     inline: bool,
-) -> bool:
-    """Store the outcome and process it (inline) or hand it on; False if the step was lost."""
+) -> ResultApplied | None:
+    """Store the outcome and process it (inline) or hand it on; returns where that left the
+    step and its task, or None if the attempt had lost its claim (nothing stored)."""
     if outcome.success and inline:
         return _complete_inline(conn, sender, step_uuid, attempt, outcome)
     to = (
@@ -595,18 +749,17 @@ def record_outcome(
         logger.warning(
             "Step %s attempt %d lost its claim; its outcome is dropped", step_uuid, attempt
         )
-        return False
+        return None
     move_steps(conn, [step_uuid], [StepState.IN_PROGRESS], to, attempt=attempt)
-    if inline:
-        process_result(conn, sender, row[0], step_uuid)
-    else:
+    if not inline:
         sender.send_stage(conn, PROCESS_RESULT, str(row[0]), step_uuid)
-    return True
+        return ResultApplied(to)
+    return apply_result(conn, sender, row[0], step_uuid) or ResultApplied(to)
 
 
 def _complete_inline(
     conn: Any, sender: Sender, step_uuid: str, attempt: int, outcome: StepOutcome
-) -> bool:
+) -> ResultApplied | None:
     """The fast path of a success: one call of ``tasker.complete_step_v2``, then the messages."""
     params = {"step": step_uuid, "attempt": attempt, "results": outcome.document}
     with conn.cursor(row_factory=_COMPLETION) as cursor:
@@ -615,7 +768,8 @@ def _complete_inline(
         logger.warning(
             "Step %s attempt %d lost its claim; its outcome is dropped", step_uuid, attempt
         )
-        return False
+        return None
+    task_state = None
     if done.outcome == CompletionOutcome.ENQUEUED:
         pairs = list(zip(done.enqueued or (), done.enqueued_names or (), strict=True))
         sender.send_steps(
@@ -627,8 +781,8 @@ def _complete_inline(
     elif done.outcome == CompletionOutcome.FINALIZE:
         sender.send_stage(conn, FINALIZE, str(done.task_uuid))
     elif done.outcome == CompletionOutcome.EVALUATE:  # the general path; the task is locked
-        reevaluate_task(conn, sender, done.task_uuid)
-    return True
+        task_state = reevaluate_task(conn, sender, done.task_uuid)
+    return ResultApplied(StepState.COMPLETE, task_state)
 
 
 def task_version(conn: Any, task_uuid: str) -> str | None:

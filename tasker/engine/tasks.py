@@ -110,6 +110,8 @@ def _validate(request: TaskRequest, max_bytes: int) -> str:
     priority = request.priority
     if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
         raise PayloadError(f"priority must be a whole number from -100 to 100, got {priority!r}.")
+    for field in ("namespace", "name", "version"):
+        _check_text(field, getattr(request, field), MAX_KEY_CHARS)
     _check_text("idempotency_key", request.idempotency_key, MAX_KEY_CHARS)
     for field in ("correlation_id", "parent_correlation_id"):
         value = getattr(request, field)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from dramatiq.broker import Broker, MessageProxy
@@ -17,6 +18,7 @@ from tasker.engine.finalize import (
     release_finalization,
 )
 from tasker.engine.messages import FINALIZE
+from tasker.metrics import worker_metrics
 from tasker.runtime.sender import BrokerSender
 
 __all__ = ["FinalizationClaim"]
@@ -27,7 +29,9 @@ class FinalizationClaim(Middleware):
 
     A finalizer that finds the claim held elsewhere skips (counted as contention) and schedules
     one re-check after the lease, in case the holder dies before finishing. ``attempts`` and
-    ``contention`` count claim attempts and lost ones in this process.
+    ``contention`` count claim attempts and lost ones in this process, as do the metrics
+    ``tasker_finalization_claim_attempts_total{outcome}`` and
+    ``tasker_finalization_claim_duration_seconds``.
     """
 
     def __init__(self, broker: PGMQBroker, *, lease_s: int = DEFAULT_CLAIM_LEASE_S) -> None:
@@ -51,8 +55,13 @@ class FinalizationClaim(Middleware):
             return
         task_uuid = message.args[0]
         holder = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        metrics = worker_metrics()
         with self.pgmq.pool.connection() as conn:
+            started = time.perf_counter()
             result = claim_finalization(conn, task_uuid, holder, self.lease_s)
+            metrics.finalization_claim_seconds.observe(time.perf_counter() - started)
+            outcome = "claimed" if result.claimed else "already_claimed"
+            metrics.finalization_claims.labels(outcome).inc()
             with self._lock:
                 self.attempts += 1
                 if not result.claimed:

@@ -125,6 +125,8 @@ class StepActors:
             timeout=step.timeout,
             inline=inline,
             breaker=step.breaker,
+            retryable=step.retryable,
+            step=step.name,
         )
         if step.breaker is not None:
             self.breakers.register(step.breaker)

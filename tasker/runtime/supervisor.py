@@ -24,6 +24,13 @@ handler calling ``os._exit`` or one process killed by the OOM killer takes the w
   loop is still one graceful stop. SIGHUP restarts every child gracefully.
 * **Exit code.** 0 when every child stopped cleanly, 1 when one failed while stopping. A child
   still running ``shutdown_timeout_s + SHUTDOWN_GRACE_S`` after the stop request is SIGKILLed.
+* **Metrics and probes.** With ``metrics_port``, a thread serves ``/metrics`` (the children's
+  metrics, in prometheus-client's multiprocess mode, plus the supervisor's own:
+  :mod:`tasker.runtime.pod_metrics`), ``/health/live`` and ``/health/ready``
+  (:mod:`tasker.runtime.pod_health`) from before the first child starts until the last one has
+  exited. The children's metric and readiness files live in a private directory made at start
+  and deleted at exit. That thread outlives the main one when the supervisor is SIGKILLed, so
+  ``PR_SET_PDEATHSIG`` may reach a child twice; the child takes both as one stop request.
 """
 
 from __future__ import annotations
@@ -34,10 +41,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
+from tasker.health_http import HealthServer, listen_error
+from tasker.readiness import read_statuses
+from tasker.runtime.pod_health import LIVE_STALE_S, Check, ChildView, PodHealth
+from tasker.runtime.pod_metrics import PodFiles, SupervisorMetrics, pod_registry
 from tasker.runtime.worker_process import EXIT_CONFIG
 
 __all__ = ["Backoff", "Child", "Supervisor", "WorkerOptions", "describe_exit", "supervise"]
@@ -63,11 +75,15 @@ class WorkerOptions:
     paths: list[str] = field(default_factory=list)
     shutdown_timeout_s: float = 600.0
     verbose: bool = False
+    #: Serve /metrics, /health/live and /health/ready on this port (0: any free one; None: no).
+    metrics_port: int | None = None
 
-    def command(self, index: int, parent_pid: int) -> list[str]:
+    def command(self, index: int, parent_pid: int, state_dir: str | None = None) -> list[str]:
         """The command line of worker process ``index``."""
         command = [sys.executable, "-m", "tasker.runtime.worker_process"]
         command += ["--worker-id", str(index), "--parent-pid", str(parent_pid)]
+        if state_dir is not None:
+            command += ["--state-dir", state_dir]
         command += ["--threads", str(self.threads)]
         command += ["--shutdown-timeout", str(self.shutdown_timeout_s)]
         for path in self.paths:
@@ -138,16 +154,38 @@ class Supervisor:
         *,
         env: dict[str, str] | None = None,
         backoff: Callable[[], Backoff] = Backoff,
+        checks: Sequence[Check] = (),
     ) -> None:
         self.options = options
         self.env = env
         self.children = [Child(i, backoff()) for i in range(options.processes)]
+        #: Readiness checks of ``/health/ready``, beside the worker processes' own.
+        self.checks = list(checks)
+        #: Children restarted after they exited unasked.
+        self.restarts = 0
+        self.server: HealthServer | None = None
+        self._files: PodFiles | None = None
         self._stop_requests = 0
         self._reload_requested = False
         self._fatal = False
+        self._turned_at = time.monotonic()
 
     def run(self) -> int:
-        """Supervise until stopped; returns the exit code for the ``tasker worker`` process."""
+        """Supervise until stopped; returns the exit code for the ``tasker worker`` process.
+
+        Raises :class:`~tasker.exceptions.ConfigurationError` before starting anything when it
+        cannot listen on ``options.metrics_port``.
+        """
+        self._files = PodFiles()
+        try:
+            self.server = self._health_server(self._files)
+            return self._supervise()
+        finally:
+            if self.server is not None:
+                self.server.stop()
+            self._files.close()
+
+    def _supervise(self) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in HANDLED_SIGNALS}
         logger.info(
             "Supervising %d worker process(es) of %d thread(s) for %s (pid %d).",
@@ -174,6 +212,7 @@ class Supervisor:
 
     def _serve(self) -> None:
         while self._stop_requests == 0 and not self._fatal:
+            self._turned_at = time.monotonic()
             if self._reload_requested:
                 self._reload()
             for child in self.children:
@@ -186,6 +225,7 @@ class Supervisor:
         if child.proc is None or child.proc.poll() is None:
             return
         proc, child.proc = child.proc, None
+        self._exited(proc)
         code = proc.returncode
         now = time.monotonic()
         if child.reloading:
@@ -203,6 +243,7 @@ class Supervisor:
         else:
             delay = child.backoff.delay(now - child.started_at)
             child.start_at = now + delay
+            self.restarts += 1
             logger.error(
                 "Worker process %d (pid %d) %s; restarting in %.1f s.",
                 child.index,
@@ -219,10 +260,13 @@ class Supervisor:
 
     def _start(self, child: Child) -> None:
         """Start the process of ``child`` with the handled signals blocked (see the module doc)."""
-        command = self.options.command(child.index, os.getpid())
+        assert self._files is not None
+        state_dir = str(self._files.state_dir)
+        command = self.options.command(child.index, os.getpid(), state_dir)
+        env = self._files.child_env(os.environ if self.env is None else self.env)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
-            child.proc = subprocess.Popen(command, env=self.env)
+            child.proc = subprocess.Popen(command, env=env)
         except OSError:
             delay = child.backoff.delay(0.0)
             child.start_at = time.monotonic() + delay
@@ -257,6 +301,7 @@ class Supervisor:
         give_up_at = kill_at + KILL_WAIT_S
         failed = False
         while any(c.proc is not None for c in self.children) and time.monotonic() < give_up_at:
+            self._turned_at = time.monotonic()
             level = min(max(self._stop_requests, 1), 2)
             for child in self.children:
                 self._forward_stop(child, level, kill=time.monotonic() >= kill_at)
@@ -288,6 +333,7 @@ class Supervisor:
         if child.proc is None or child.proc.poll() is None:
             return False
         proc, child.proc = child.proc, None
+        self._exited(proc)
         log = logger.info if proc.returncode == 0 else logger.warning
         log("Worker process %d (pid %d) %s.", child.index, proc.pid, describe_exit(proc.returncode))
         return proc.returncode != 0
@@ -302,6 +348,62 @@ class Supervisor:
             why,
         )
         child.proc.send_signal(signum)
+
+    def _exited(self, proc: _Popen) -> None:
+        assert self._files is not None
+        self._files.process_exited(proc.pid)
+
+    # -- metrics and probes --------------------------------------------------------------------
+
+    def _health_server(self, files: PodFiles) -> HealthServer | None:
+        port = self.options.metrics_port
+        if port is None:
+            return None
+        registry = pod_registry(files, SupervisorMetrics(self._metrics_snapshot))
+        try:
+            server = HealthServer(registry, self.ready, live=self.live, port=port)
+        except OSError as exc:
+            raise listen_error(
+                exc,
+                port,
+                who="tasker worker",
+                fix="pass --metrics-port with a free port (0: any free one), or set "
+                "worker.metrics_port (TASKER_WORKER__METRICS_PORT).",
+            ) from None
+        logger.info("Serving /metrics, /health/live and /health/ready on port %d.", server.port)
+        return server.start()
+
+    def health(self) -> PodHealth:
+        """The pod's readiness now (see :mod:`tasker.runtime.pod_health`)."""
+        views = []
+        for child in self.children:
+            proc = child.proc  # read once: the main loop may reap it meanwhile
+            pid = None if proc is None else proc.pid
+            views.append(ChildView(child.index, pid, child.terms_sent > 0 or child.reloading))
+        stopping = None
+        if self._fatal:
+            stopping = "the supervisor gave up (a worker process could not load its modules)"
+        elif self._stop_requests:
+            stopping = "stopping (a stop request was received)"
+        statuses = read_statuses(self._files.state_dir) if self._files is not None else {}
+        return PodHealth.evaluate(views, statuses, stopping=stopping, checks=self.checks)
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """``/health/ready``."""
+        health = self.health()
+        return health.ready, health.body()
+
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        """``/health/live``: the supervisor's loop turned within :data:`LIVE_STALE_S`."""
+        age = time.monotonic() - self._turned_at
+        return age < LIVE_STALE_S, {"loop_age_s": round(age, 3)}
+
+    def _metrics_snapshot(self) -> tuple[bool, Mapping[str, int], int]:
+        health = self.health()
+        by_state: dict[str, int] = {}
+        for state in health.states.values():
+            by_state[state] = by_state.get(state, 0) + 1
+        return health.ready, by_state, self.restarts
 
 
 def supervise(options: WorkerOptions, *, env: dict[str, str] | None = None) -> int:

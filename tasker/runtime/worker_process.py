@@ -23,6 +23,10 @@ naming the process, import :mod:`tasker.actors` (the broker built from settings)
   that restarting cannot help. If the database lacks migrations it exits with
   :data:`EXIT_NOT_MIGRATED` and is restarted with backoff, so workers deployed before the
   migrate Job ran come up once it has.
+* **Readiness.** With ``--state-dir`` (the supervisor's private directory) it reports there
+  when it has booted, when it starts stopping, and what
+  :func:`~tasker.readiness.set_process_ready` is told; the supervisor's ``/health/ready`` reads
+  it. Its metrics go to the ``PROMETHEUS_MULTIPROC_DIR`` the supervisor set.
 
 The main thread never runs handlers: it only waits for SIGTERM with ``sigtimedwait`` (which says
 who sent it; the signal stays blocked in every thread, so no handler ever interrupts a lock
@@ -42,6 +46,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from tasker import readiness
 
 __all__ = [
     "EXIT_CONFIG",
@@ -95,12 +101,19 @@ class StopRequests:
     (:attr:`forced`). SIGTERM stays blocked in every thread and is taken with
     :func:`signal.sigtimedwait` by the main thread, so the sender's pid is known and no handler
     runs between two bytecodes of a thread that holds a lock.
+
+    Once the ``parent`` (the supervisor) is gone, every request is the one request
+    :attr:`PARENT_GONE`, however often it comes: ``PR_SET_PDEATHSIG`` sends a SIGTERM, "from" the
+    supervisor, each time the thread this process is attached to exits, which is once per
+    supervisor thread that outlives the one that started it (its HTTP server's), and the main
+    loop notices the new parent too. None of it is a second request.
     """
 
     PARENT_GONE = -1  # the sender recorded when the supervisor disappeared
 
-    def __init__(self) -> None:
+    def __init__(self, parent: int = 0) -> None:
         self.by_sender: dict[int, int] = {}
+        self.parent = parent  # 0: unknown (no parent check)
 
     def install(self) -> None:
         """Block SIGTERM in this thread (and every thread started later), ignore SIGINT and
@@ -119,6 +132,9 @@ class StopRequests:
 
     def request(self, sender: int) -> None:
         """Record a stop request from process ``sender`` (or :attr:`PARENT_GONE`)."""
+        if sender == self.PARENT_GONE or (self.parent and os.getppid() != self.parent):
+            self.by_sender[self.PARENT_GONE] = 1
+            return
         self.by_sender[sender] = self.by_sender.get(sender, 0) + 1
         if self.by_sender[sender] == 1 and len(self.by_sender) > 1:
             logger.info("Stop request from pid %d too: still one request.", sender)
@@ -146,13 +162,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop.install()
     args = _parser().parse_args(argv)
     parent = args.parent_pid or os.getppid()
+    stop.parent = parent
     _setup_logging(args.worker_id, args.verbose)
+    readiness.configure(args.state_dir, args.worker_id)
     try:
         broker, worker = _boot(args)
     except _BootError as exc:
         return exc.code
+    readiness.report_booted()
     logger.info("Worker process %d is ready (pid %d).", args.worker_id, os.getpid())
     _wait_for_stop(stop, parent)
+    readiness.report_stopping()
     return _shutdown(broker, worker, stop, args.shutdown_timeout)
 
 
@@ -168,6 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-Q", "--queues", nargs="+", default=None, help="only these queues")
     parser.add_argument("--path", action="append", default=[], help="prepend to sys.path")
     parser.add_argument("--shutdown-timeout", type=float, default=600.0, help="seconds")
+    parser.add_argument("--state-dir", default=None, help="report readiness to the supervisor")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -196,6 +217,7 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
     import dramatiq
 
     from tasker.exceptions import (
+        ConfigurationError,
         DatabaseUnavailableError,
         MigrationError,
         WorkflowDefinitionError,
@@ -210,6 +232,9 @@ def _boot(args: argparse.Namespace) -> tuple[Any, Any]:
         broker.emit_after("process_boot")
         for module in args.modules:
             importlib.import_module(module)
+    except ConfigurationError as exc:  # the settings (their message names the fix)
+        logger.critical("%s", exc)
+        raise _BootError(EXIT_CONFIG) from None
     except Exception:
         logger.exception("Could not load the broker or the modules %s.", args.modules)
         raise _BootError(EXIT_CONFIG) from None

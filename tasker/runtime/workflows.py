@@ -8,6 +8,8 @@
   :class:`~tasker.middleware.finalization.FinalizationClaim`).
 * Workers register the templates of the workflows they run when they boot
   (:class:`~tasker.middleware.templates.TemplateRegistrar`).
+* With ``sentry``, failed steps are reported to Sentry
+  (:class:`~tasker.middleware.sentry.SentryStepFailures`, imported only then).
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ from tasker.engine.tasks import TaskRequest, create_task
 from tasker.exceptions import DatabaseUnavailableError
 from tasker.middleware.coordinator import InWorkerCoordinator
 from tasker.middleware.finalization import FinalizationClaim
+from tasker.middleware.metrics import Metrics
 from tasker.middleware.registry import WorkerRegistry
 from tasker.middleware.templates import TemplateRegistrar
 from tasker.runtime.sender import BrokerSender
+from tasker.runtime.sentry import import_sentry_sdk
 from tasker.runtime.steps import step_actors, step_executor
 from tasker.settings import BreakerSettings, CoordinatorSettings, Settings
 from tasker.workflow.definition import Workflow, on_step_declared
@@ -79,25 +83,40 @@ def install(
     allow_template_replace: bool = False,
     coordinator: CoordinatorSettings | None = None,
     breakers: BreakerSettings | None = None,
+    sentry: bool = False,
 ) -> BrokerSender:
     """Declare the orchestration actors on ``broker``; with ``bind_workflows``, every workflow
     step defined in this process, now or later, becomes an actor on it. Step results over
     ``max_payload_bytes`` bytes of JSON fail their step; a workflow version registered with
     another definition stops the worker's boot unless ``allow_template_replace``. Workers keep
     their row in the worker registry; with ``coordinator.in_worker`` each also runs a coordinator
-    thread. ``breakers`` configures the step breakers (default: the seed's rule)."""
-    step_executor(broker).max_payload_bytes = max_payload_bytes
+    thread. ``breakers`` configures the step breakers (default: the seed's rule). With
+    ``sentry`` (sentry-sdk initialised by :func:`tasker.runtime.sentry.init_sentry`) step
+    failures are reported to Sentry. Its :class:`~tasker.middleware.metrics.Metrics` count
+    messages, steps and tasks."""
+    executor = step_executor(broker)
+    executor.max_payload_bytes = max_payload_bytes
     if breakers is not None:
         configure_breakers(broker, breakers)
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
+    metrics = next((m for m in broker.middleware if isinstance(m, Metrics)), None)
+    if metrics is None:
+        metrics = Metrics()
+        broker.add_middleware(metrics)
+        executor.observers.append(metrics)
     broker.add_middleware(FinalizationClaim(broker, lease_s=finalization_lease_s))
     broker.add_middleware(TemplateRegistrar(broker, allow_replace=allow_template_replace))
     broker.add_middleware(WorkerRegistry(broker))
     if coordinator is not None and coordinator.in_worker:
         broker.add_middleware(InWorkerCoordinator(broker, coordinator))
+    if sentry:
+        import_sentry_sdk()  # one line saying how to install it, not an ImportError
+        from tasker.middleware.sentry import SentryStepFailures
+
+        broker.add_middleware(SentryStepFailures(broker))
     sender = BrokerSender(broker)
-    _declare_stages(broker, sender)
+    _declare_stages(broker, sender, metrics)
     if bind_workflows:
         actors = step_actors(broker)
         on_step_declared(lambda flow, step: actors.bind(flow, step, inline=inline))
@@ -118,6 +137,7 @@ def install_from_settings(
         bind_workflows=bind_workflows,
         coordinator=settings.coordinator,
         breakers=settings.breakers,
+        sentry=bool(settings.sentry.dsn),
     )
 
 
@@ -150,7 +170,7 @@ def bind_workflow(broker: PGMQBroker, flow: Workflow, *, inline: bool = True) ->
         actors.bind(flow, step, inline=inline)
 
 
-def _declare_stages(broker: PGMQBroker, sender: BrokerSender) -> None:
+def _declare_stages(broker: PGMQBroker, sender: BrokerSender, metrics: Metrics) -> None:
     def stage(definition: OrchestrationStage, **options: Any) -> Callable[[Fn], Any]:
         return dramatiq.actor(
             broker=broker,
@@ -162,20 +182,27 @@ def _declare_stages(broker: PGMQBroker, sender: BrokerSender) -> None:
             **options,
         )
 
+    # Each stage tells the metrics what it did once it committed (the task it created, or the
+    # task's new state): in memory, no query.
+
     @stage(TASK_REQUEST)
     def task_request(request: dict[str, Any]) -> str:
         with broker.pool.connection() as conn:
-            return create_task(conn, sender, TaskRequest(**request)).task_uuid
+            handle = create_task(conn, sender, TaskRequest(**request))
+        metrics.task_created(handle)
+        return handle.task_uuid
 
     @stage(STEP_ENQUEUE)
     def enqueue_steps(task_uuid: str) -> None:
         with broker.pool.connection() as conn:
-            reevaluate_task(conn, sender, task_uuid)
+            state = reevaluate_task(conn, sender, task_uuid)
+        metrics.task_moved(state)
 
     @stage(PROCESS_RESULT)
     def process_step_result(task_uuid: str, step_uuid: str) -> None:
         with broker.pool.connection() as conn:
-            process_result(conn, sender, task_uuid, step_uuid)
+            state = process_result(conn, sender, task_uuid, step_uuid)
+        metrics.task_moved(state)
 
     @stage(FINALIZE, finalization_claim=True)
     def finalize(task_uuid: str) -> None:
@@ -183,3 +210,4 @@ def _declare_stages(broker: PGMQBroker, sender: BrokerSender) -> None:
             final = finalize_task(conn, task_uuid)
         if final:
             logger.info("Task %s finalized: %s", task_uuid, final)
+        metrics.task_moved(final)

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 from tasker.exceptions import WorkflowDefinitionError
 
-__all__ = ["MAX_BACKOFF_S", "BackoffPolicy", "RetryDecision", "decide_retry"]
+__all__ = [
+    "MAX_BACKOFF_S",
+    "BackoffPolicy",
+    "RetryDecision",
+    "decide_retry",
+    "final_failure_reason",
+]
 
 #: The longest delay a policy may ask for, in seconds (30 days): a retry further away is a
 #: scheduling job, not a retry, and PostgreSQL's timestamps end at year 294276.
@@ -90,12 +96,31 @@ def decide_retry(
 
     A handler's ``retry_after`` wins over the computed backoff (capped by the policy maximum).
     """
-    if not error_retryable:
-        return RetryDecision(False, 0.0, "permanent error")
-    if not template_retryable:
-        return RetryDecision(False, 0.0, "step is not retryable")
-    if attempts >= max_attempts:
-        return RetryDecision(False, 0.0, f"attempts exhausted ({attempts}/{max_attempts})")
+    reason = final_failure_reason(
+        template_retryable=template_retryable,
+        error_retryable=error_retryable,
+        attempts=attempts,
+        max_attempts=max_attempts,
+    )
+    if reason is not None:
+        return RetryDecision(False, 0.0, reason)
     if retry_after is not None:
         return RetryDecision(True, min(max(retry_after, 0.0), policy.max_seconds), "retry_after")
     return RetryDecision(True, policy.delay(attempts, rng), "backoff")
+
+
+def final_failure_reason(
+    *, template_retryable: bool, error_retryable: bool, attempts: int, max_attempts: int
+) -> str | None:
+    """Why a failed attempt is the step's last (:func:`decide_retry` gives up for this reason),
+    or None when the step runs again.
+
+    Workers use it to tell, before the outcome is processed, whether a failure is final.
+    """
+    if not error_retryable:
+        return "permanent error"
+    if not template_retryable:
+        return "step is not retryable"
+    if attempts >= max_attempts:
+        return f"attempts exhausted ({attempts}/{max_attempts})"
+    return None
