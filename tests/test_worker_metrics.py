@@ -28,7 +28,7 @@ from tasker.coordinator.metrics import METRIC_NAMES, CoordinatorMetrics
 from tasker.engine.messages import TASK_REQUEST
 from tasker.engine.results import ResultApplied
 from tasker.engine.sql_outcomes import ClaimOutcome
-from tasker.engine.steps import StepExecutor, StepReport, StepRunner
+from tasker.engine.steps import StepExecutor, StepReport, StepRunner, Unclaimed
 from tasker.metrics import BreakerState, WorkerMetrics, set_breaker_state, worker_metrics
 from tasker.middleware.metrics import Metrics, counts_as_finished
 from tasker.readiness import ProcessStatus
@@ -174,6 +174,7 @@ def test_the_observer_counts_each_report_by_its_claim_and_state() -> None:
     runner = StepRunner("ns", "wf", lambda ctx: None, step="s")
     metrics.step_finished(StepReport(runner, ClaimOutcome.BUSY))
     metrics.step_finished(StepReport(runner, ClaimOutcome.SKIPPED))
+    metrics.step_finished(StepReport(runner, Unclaimed.BREAKER_OPEN))
     metrics.step_started(runner, 2)
     applied = ResultApplied(StepState.ERROR, "blocked_by_failures")
     metrics.step_finished(StepReport(runner, ClaimOutcome.RECLAIMED, 2, applied, 0.25))
@@ -186,7 +187,7 @@ def test_the_observer_counts_each_report_by_its_claim_and_state() -> None:
 
     ns = {"namespace": "ns", "workflow": "wf"}
     step = {**ns, "step": "s"}
-    for outcome in ("busy", "skipped", "reclaimed", "exhausted"):
+    for outcome in ("busy", "skipped", "breaker_open", "reclaimed", "exhausted"):
         assert value("tasker_step_claims_total", outcome=outcome, **ns) == 1
     assert value("tasker_steps_in_progress", **ns) == 0  # started once, finished once
     assert value("tasker_steps_finished_total", state="error", **step) == 2
@@ -498,6 +499,15 @@ def test_the_guide_tables_every_worker_metric() -> None:
     WorkerMetrics(registry)
     registry.register(SupervisorMetrics(lambda: (True, {}, 0)))
     assert _documented("worker-metrics") == _exported(registry)
+
+
+def test_the_guide_names_every_claim_outcome() -> None:
+    """``tasker_step_claims_total``'s outcomes: the claim's answers, and ``breaker_open``."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `tasker_step_claims_total`"))
+    meaning = row.strip("|").split("|")[3]
+    documented = set(re.findall(r"`([a-z_]+)`", meaning))
+    assert documented == {o.value for o in ClaimOutcome} | {u.value for u in Unclaimed}
 
 
 def test_the_guide_tables_every_coordinator_metric() -> None:
