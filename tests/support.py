@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,30 @@ def wait_for(
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextmanager
+def reporting_readiness(directory: Path) -> Iterator[Callable[[], bool]]:
+    """This test process reports its readiness to ``directory`` as a booted worker process
+    would; yields ``() -> ready``: what the supervisor's ``/health/ready`` makes of the file (a
+    pod of this one process). The process's readiness is restored afterwards."""
+    from tasker import readiness
+    from tasker.runtime.pod_health import ChildView, PodHealth
+
+    saved = (readiness._Reporter.status, readiness._Reporter.directory)
+    readiness._Reporter.status = readiness.ProcessStatus(pid=0)
+    readiness.configure(directory)
+    readiness.report_booted()
+    pid = os.getpid()
+
+    def pod_ready() -> bool:
+        statuses = readiness.read_statuses(directory)
+        return PodHealth.evaluate([ChildView(0, pid, False)], statuses, stopping=None).ready
+
+    try:
+        yield pod_ready
+    finally:
+        readiness._Reporter.status, readiness._Reporter.directory = saved
 
 
 def scalar(url: str, query: str, params: tuple[Any, ...] = ()) -> Any:

@@ -2,9 +2,12 @@
 
 * The database breaker: a private PostgreSQL is stopped under a running worker; its consumers stop
   claiming (no busy loop), and after the restart every message is processed as expected.
+  Meanwhile the worker process is not ready (what its pod's ``/health/ready`` reads) and
+  ``tasker_circuit_breaker_state{breaker="database"}`` is 1 or 2; both are back after it closes.
 * A step breaker: one worker's failures open it; another worker's deliveries of that step are
-  deferred without a claim, so they use no attempt and are never dead-lettered whatever their
-  read count; half-open trials close it and every task completes.
+  deferred without a claim (counted as the claim outcome ``breaker_open``), so they use no
+  attempt and are never dead-lettered whatever their read count; half-open trials close it and
+  every task completes.
 """
 
 from __future__ import annotations
@@ -14,19 +17,26 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 import tasker
+from tasker import readiness
 from tasker.breakers import BreakerPolicy, add_listener, remove_listener
 from tasker.brokers.consumer import PGMQConsumer
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.runtime.steps import step_actors
-from tasker.runtime.workflows import configure_breakers, step_executor
+from tasker.runtime.workflows import (
+    DATABASE_BREAKER_READINESS,
+    configure_breakers,
+    step_executor,
+)
 from tasker.settings import BreakerSettings
 from tests.private_postgres import PrivatePostgres
-from tests.support import InProcessFlows, scalar
+from tests.support import InProcessFlows, reporting_readiness, scalar
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
@@ -69,13 +79,28 @@ def retry_then_succeed_flow(calls: Counter[int]) -> tasker.Workflow:
     return flow
 
 
+@pytest.fixture
+def pod_ready(tmp_path: Path) -> Iterator[Callable[[], bool]]:
+    """This process reports its readiness as a booted worker process; ``() -> ready``: what its
+    pod's ``/health/ready`` makes of it."""
+    with reporting_readiness(tmp_path) as ready:
+        yield ready
+
+
+def breaker_gauge(name: str) -> float | None:
+    """``tasker_circuit_breaker_state{breaker=name}`` of this process."""
+    return REGISTRY.get_sample_value("tasker_circuit_breaker_state", {"breaker": name})
+
+
 @pytest.mark.slow
 def test_the_database_breaker_stops_claims_while_postgresql_is_down(
     private_postgres: PrivatePostgres,
     private_database_url: str,
+    *,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     breaker_changes: list[tuple[str, str]],
+    pod_ready: Callable[[], bool],
 ) -> None:
     open_s = 0.5
     broker = PGMQBroker(
@@ -104,7 +129,12 @@ def test_the_database_breaker_stops_claims_while_postgresql_is_down(
     calls: Counter[int] = Counter()
     flow = retry_then_succeed_flow(calls)
     breaker = broker.database_breaker
+
+    def held_back() -> bool:
+        return DATABASE_BREAKER_READINESS in readiness.process_status().not_ready
+
     try:
+        assert pod_ready() and breaker_gauge("database") in (None, 0.0)
         flows.start(flow)
         handles = [flows.client.submit("outage", "retry_once", {"n": n}) for n in range(6)]
         wait_for(
@@ -119,6 +149,10 @@ def test_the_database_breaker_stops_claims_while_postgresql_is_down(
         )
         private_postgres.stop("fast")
         wait_for(lambda: breaker.state is tasker.breakers.BreakerState.OPEN, "the breaker to open")
+        # The listeners run just after the change; the file is written just after the memory.
+        wait_for(lambda: not pod_ready(), "the pod's /health/ready to answer 503")
+        assert held_back()
+        assert breaker_gauge("database") in (1.0, 2.0)  # open, or half-open while it probes
         # While it is open: no claim at all, a probe per open window, no error lines.
         claims_before, probes_before = claims["claims"], breaker.probes
         caplog.clear()
@@ -128,11 +162,15 @@ def test_the_database_breaker_stops_claims_while_postgresql_is_down(
         assert claims["claims"] == claims_before
         assert breaker.probes - probes_before <= elapsed / open_s + 2
         assert breaker.state is not tasker.breakers.BreakerState.CLOSED
+        assert held_back() and not pod_ready()  # through every probe, open or half-open
         noisy = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert noisy == [], [r.getMessage() for r in noisy]
 
         private_postgres.start()
         wait_for(breaker.is_closed, "the breaker to close after the restart")
+        wait_for(pod_ready, "the pod's /health/ready to answer 200 again")
+        assert not held_back()
+        assert breaker_gauge("database") == 0
         statuses = [flows.client.wait(h.task_uuid, timeout=90) for h in handles]
     finally:
         flows.stop()
@@ -194,6 +232,8 @@ def test_a_step_breaker_opened_by_one_worker_holds_the_steps_of_another(
     for b in brokers.values():
         configure_breakers(b, BREAKERS)
     row = "SELECT {} FROM tasker.circuit_breakers WHERE name = 'payments'"
+    held_labels = {"namespace": "pay", "workflow": "checkout", "outcome": "breaker_open"}
+    held_before = REGISTRY.get_sample_value("tasker_step_claims_total", held_labels) or 0.0
     try:
         # 1. Worker a alone: three failures open the breaker, for everyone.
         workers["a"].start(flow)
@@ -238,6 +278,10 @@ def test_a_step_breaker_opened_by_one_worker_holds_the_steps_of_another(
     assert scalar(database_url, "SELECT count(*) FROM pgmq.q_tasker_worker_pay_queue__xq") == 0
     seen = {state for name, state in breaker_changes if name == "payments"}
     assert seen == {"open", "half_open", "closed"}
+    # The deferred deliveries reached the metrics, as deliveries that asked for no claim.
+    held = REGISTRY.get_sample_value("tasker_step_claims_total", held_labels) or 0.0
+    assert held - held_before >= 1
+    assert breaker_gauge("payments") == 0
 
 
 def test_a_closed_breaker_costs_no_statement_per_step(

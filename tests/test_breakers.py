@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
+from tasker import readiness
 from tasker.breakers import add_listener, registry, remove_listener, states
-from tasker.breakers.database import DatabaseBreaker
+from tasker.breakers.database import DATABASE_BREAKER, DatabaseBreaker
 from tasker.breakers.policy import BreakerPolicy, BreakerState
 from tasker.breakers.shared import Passage, SharedBreakers
 from tasker.brokers.pgmq import PGMQBroker
@@ -23,9 +25,15 @@ from tasker.db.connection import connect
 from tasker.exceptions import ConfigurationError
 from tasker.runtime.broker import database_policy
 from tasker.runtime.steps import step_actors
-from tasker.runtime.workflows import configure_breakers
+from tasker.runtime.workflows import (
+    DATABASE_BREAKER_READINESS,
+    DATABASE_BREAKER_REASON,
+    _breaker_changed,
+    configure_breakers,
+    report_breaker_states,
+)
 from tasker.settings import load_settings
-from tests.support import scalar
+from tests.support import reporting_readiness, scalar
 
 OUTAGE = psycopg.OperationalError("connection to server at 127.0.0.1 failed: Connection refused")
 
@@ -310,6 +318,61 @@ def test_the_registry_survives_a_failing_listener(caplog: pytest.LogCaptureFixtu
         remove_listener(broken)
         registry.note_state("listener_test", BreakerState.CLOSED, "test")
     assert "A circuit breaker listener failed" in caplog.text
+
+
+# -- metrics and readiness ---------------------------------------------------------------------
+
+
+def gauge(name: str) -> float | None:
+    return REGISTRY.get_sample_value("tasker_circuit_breaker_state", {"breaker": name})
+
+
+@pytest.fixture
+def reported(tmp_path: Any) -> Iterator[Callable[[], bool]]:
+    """The breakers' reports wired as a worker's boot wires them, and this process reporting
+    its readiness to a file; every breaker the test moves is closed again afterwards."""
+    report_breaker_states()  # once per process: install() may have done it already
+    try:
+        with reporting_readiness(tmp_path) as pod_ready:
+            yield pod_ready
+    finally:
+        for name in (DATABASE_BREAKER, "unit_gateway"):
+            registry.note_state(name, BreakerState.CLOSED, "test")
+
+
+def test_a_state_change_sets_the_gauge_and_the_database_breaker_the_readiness(
+    reported: Callable[[], bool],
+) -> None:
+    def not_ready() -> dict[str, str]:
+        return dict(readiness.process_status().not_ready)
+
+    assert reported()
+    registry.note_state(DATABASE_BREAKER, BreakerState.OPEN, "test outage")
+    assert gauge(DATABASE_BREAKER) == 1
+    assert not_ready() == {DATABASE_BREAKER_READINESS: DATABASE_BREAKER_REASON}
+    assert not reported()  # the pod's /health/ready: 503
+    registry.note_state(DATABASE_BREAKER, BreakerState.HALF_OPEN, "probing")
+    assert gauge(DATABASE_BREAKER) == 2
+    assert not reported()
+    registry.note_state(DATABASE_BREAKER, BreakerState.CLOSED, "the probe succeeded")
+    assert gauge(DATABASE_BREAKER) == 0
+    assert not_ready() == {}
+    assert reported()
+    # A step breaker has its gauge, and leaves the readiness alone: the worker can run others.
+    registry.note_state("unit_gateway", BreakerState.OPEN, "step failed")
+    assert gauge("unit_gateway") == 1
+    assert reported()
+    registry.note_state("unit_gateway", BreakerState.CLOSED, "trial steps succeeded")
+    assert gauge("unit_gateway") == 0
+
+
+def test_a_late_listener_call_exports_the_latest_state(reported: Callable[[], bool]) -> None:
+    """Two threads may announce their changes out of order: the export follows the registry."""
+    registry.note_state(DATABASE_BREAKER, BreakerState.OPEN, "test outage")
+    registry.note_state(DATABASE_BREAKER, BreakerState.CLOSED, "the probe succeeded")
+    _breaker_changed(DATABASE_BREAKER, "open")  # the opening thread's listeners, late
+    assert gauge(DATABASE_BREAKER) == 0
+    assert reported()
 
 
 # -- tasker breakers ----------------------------------------------------------------------------

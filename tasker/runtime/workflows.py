@@ -10,11 +10,15 @@
   (:class:`~tasker.middleware.templates.TemplateRegistrar`).
 * With ``sentry``, failed steps are reported to Sentry
   (:class:`~tasker.middleware.sentry.SentryStepFailures`, imported only then).
+* Every circuit breaker state change of the process is exported
+  (``tasker_circuit_breaker_state``), and an open database breaker holds the worker process's
+  readiness back (:func:`report_breaker_states`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -23,7 +27,9 @@ import dramatiq
 import msgspec
 from dramatiq.middleware import CurrentMessage
 
-from tasker.breakers.policy import BreakerPolicy
+from tasker.breakers import add_listener, states
+from tasker.breakers.database import DATABASE_BREAKER
+from tasker.breakers.policy import BreakerPolicy, BreakerState
 from tasker.brokers.pgmq import PGMQBroker
 from tasker.db.errors import is_transient
 from tasker.engine.finalize import DEFAULT_CLAIM_LEASE_S, finalize_task
@@ -37,11 +43,13 @@ from tasker.engine.messages import (
 from tasker.engine.results import process_result, reevaluate_task
 from tasker.engine.tasks import TaskRequest, create_task
 from tasker.exceptions import DatabaseUnavailableError
+from tasker.metrics import set_breaker_state
 from tasker.middleware.coordinator import InWorkerCoordinator
 from tasker.middleware.finalization import FinalizationClaim
 from tasker.middleware.metrics import Metrics
 from tasker.middleware.registry import WorkerRegistry
 from tasker.middleware.templates import TemplateRegistrar
+from tasker.readiness import set_process_ready
 from tasker.runtime.sender import BrokerSender
 from tasker.runtime.sentry import import_sentry_sdk
 from tasker.runtime.steps import step_actors, step_executor
@@ -50,12 +58,15 @@ from tasker.workflow.definition import Workflow, on_step_declared
 from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
 
 __all__ = [
+    "DATABASE_BREAKER_READINESS",
+    "DATABASE_BREAKER_REASON",
     "BrokerSender",
     "FinalizationClaim",
     "bind_workflow",
     "configure_breakers",
     "install",
     "install_from_settings",
+    "report_breaker_states",
     "step_executor",
 ]
 
@@ -93,11 +104,13 @@ def install(
     thread. ``breakers`` configures the step breakers (default: the seed's rule). With
     ``sentry`` (sentry-sdk initialised by :func:`tasker.runtime.sentry.init_sentry`) step
     failures are reported to Sentry. Its :class:`~tasker.middleware.metrics.Metrics` count
-    messages, steps and tasks."""
+    messages, steps and tasks, and the process's breakers report their states
+    (:func:`report_breaker_states`)."""
     executor = step_executor(broker)
     executor.max_payload_bytes = max_payload_bytes
     if breakers is not None:
         configure_breakers(broker, breakers)
+    report_breaker_states()
     if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
         broker.add_middleware(CurrentMessage())
     metrics = next((m for m in broker.middleware if isinstance(m, Metrics)), None)
@@ -161,6 +174,54 @@ def configure_breakers(broker: PGMQBroker, settings: BreakerSettings) -> None:
     }
     shared.cache_ttl_s = settings.cache_ttl_s
     shared.max_defer_s = settings.max_defer_s
+
+
+#: The readiness source (:func:`tasker.readiness.set_process_ready`) of the database breaker.
+DATABASE_BREAKER_READINESS = "database_breaker"
+#: Why a worker process is not ready while its database breaker is open or half-open.
+DATABASE_BREAKER_REASON = "database circuit breaker open: PostgreSQL unreachable"
+
+
+class _BreakerReports:
+    # Reentrant: the subscription exports the states known already under it.
+    lock = threading.RLock()
+    subscribed = False
+
+
+def report_breaker_states() -> None:
+    """Export the circuit breakers of this process (once per process; :func:`install` calls it).
+
+    Every state change a breaker of this process sees (:func:`tasker.breakers.add_listener`) sets
+    ``tasker_circuit_breaker_state{breaker}`` (:func:`tasker.metrics.set_breaker_state`: 0
+    closed, 1 open, 2 half-open). While the database breaker is open or half-open the worker
+    process holds its readiness back (:func:`tasker.readiness.set_process_ready`, source
+    ``database_breaker``), so the pod's ``/health/ready`` answers 503 until PostgreSQL is back.
+    The breakers known already are exported at once.
+    """
+    with _BreakerReports.lock:
+        if _BreakerReports.subscribed:
+            return
+        _BreakerReports.subscribed = True
+        add_listener(_breaker_changed)
+        for name, state in states().items():
+            _breaker_changed(name, state)
+
+
+def _breaker_changed(name: str, state: str) -> None:
+    """Export breaker ``name``'s state as the registry has it now. Changes seen by different
+    threads may reach their listeners out of order; exporting the latest state under a lock
+    makes the last export right (a database breaker that closed never stays not ready)."""
+    with _BreakerReports.lock:
+        state = states().get(name, state)
+        set_breaker_state(name, state)
+        if name != DATABASE_BREAKER:
+            return
+        if state == BreakerState.CLOSED:
+            set_process_ready(True, source=DATABASE_BREAKER_READINESS)
+        else:
+            # One reason for open and half-open: its probes flip it between the two every
+            # open_s, and an unchanged reason rewrites no readiness file.
+            set_process_ready(False, DATABASE_BREAKER_REASON, source=DATABASE_BREAKER_READINESS)
 
 
 def bind_workflow(broker: PGMQBroker, flow: Workflow, *, inline: bool = True) -> None:
