@@ -35,6 +35,7 @@ from tasker.cli_args import (
 )
 from tasker.cli_breakers import add_breaker_commands
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
+from tasker.cli_output import print_json
 from tasker.cli_tasks import add_task_commands
 from tasker.exceptions import ConfigurationError, TaskerError
 from tasker.settings import Settings, load_settings
@@ -175,9 +176,11 @@ def _add_db_commands(commands: Any) -> None:
     sub.add_parser("migrate", help="install PGMQ and apply pending migrations").set_defaults(
         handler=_cmd_db_migrate
     )
-    sub.add_parser("status", help="show applied and pending migrations").set_defaults(
-        handler=_cmd_db_status
+    status = sub.add_parser(
+        "status", help="show applied and pending migrations (exit 1 while any is pending)"
     )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_cmd_db_status)
     sub.add_parser(
         "url", help="print the database URL (starts the embedded server if it is used)"
     ).set_defaults(handler=_cmd_db_url)
@@ -279,6 +282,11 @@ def _add_dlq_commands(commands: Any) -> None:
         type=limit,
         default=50,
         help=f"at most this many, up to {LIMIT_MAX} (default 50)",
+    )
+    show.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON array (default: one JSON object per line, the count on stderr)",
     )
     show.set_defaults(handler=_cmd_dlq_list)
     replay = sub.add_parser("replay", help="send dead letters back to their queue")
@@ -477,6 +485,15 @@ def _cmd_db_status(args: argparse.Namespace) -> int:
     from tasker.db.migrate import migration_status
 
     status = migration_status(_database_url())
+    if args.json:
+        print_json(
+            {
+                "pgmq": status.pgmq,
+                "applied": list(status.applied),
+                "pending": [f"{m.version:04d}_{m.name}" for m in status.pending],
+            }
+        )
+        return 1 if status.pending else 0
     print(f"pgmq: {status.pgmq or 'not installed'}")
     print(f"applied: {', '.join(f'{v:04d}' for v in status.applied) or 'none'}")
     for migration in status.pending:
@@ -542,9 +559,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from tasker.runtime.supervisor import WorkerOptions, supervise
     from tasker.runtime.worker_process import EXIT_CONFIG
 
+    settings = _settings()  # invalid settings: one line and exit 1, before anything starts
     try:
         _check_findable(args.modules, args.path)
-        _check_sentry_installed()
+        _check_sentry_installed(settings)
     except ConfigurationError as exc:  # the exit code a worker process gives for it too
         print(f"tasker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -558,15 +576,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         paths=args.path,
         shutdown_timeout_s=args.shutdown_timeout,
         verbose=args.verbose,
-        metrics_port=_settings().worker.metrics_port if port is None else port,
+        metrics_port=settings.worker.metrics_port if port is None else port,
     )
     return supervise(options, env=env)
 
 
-def _check_sentry_installed() -> None:
+def _check_sentry_installed(settings: Settings) -> None:
     """A :class:`ConfigurationError` when ``sentry.dsn`` is set and sentry-sdk is missing,
     before starting any worker process: each would refuse to start."""
-    if _settings().sentry.dsn:
+    if settings.sentry.dsn:
         from tasker.runtime.sentry import import_sentry_sdk
 
         import_sentry_sdk()
@@ -679,6 +697,9 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
     letters = list_dead_letters(
         _database_url(), args.queue, namespace=settings.broker.namespace, limit=args.limit
     )
+    if args.json:
+        print_json(letters)
+        return 0
     for letter in letters:
         print(json.dumps(letter, default=str))
     print(f"{len(letters)} dead letter(s)", file=sys.stderr)

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -81,13 +82,20 @@ def _handler(
     registry: CollectorRegistry, ready: Probe, live: Probe
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        _head_only = False  # HEAD: the status and headers of GET, without the body
+
+        def do_HEAD(self) -> None:
+            self._head_only = True
+            self.do_GET()
+
         def do_GET(self) -> None:
-            if self.path == "/metrics":
+            path = urlsplit(self.path).path  # a scrape's query parameters change nothing
+            if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif self.path == "/health/live":
+            elif path == "/health/live":
                 ok, detail = live()
                 self._json(200 if ok else 503, {"status": "alive" if ok else "dead", **detail})
-            elif self.path in ("/health/ready", "/health"):
+            elif path in ("/health/ready", "/health"):
                 ok, detail = ready()
                 self._json(200 if ok else 503, {"status": "ready" if ok else "not ready", **detail})
             else:
@@ -101,7 +109,8 @@ def _handler(
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not self._head_only:
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # probes every few seconds would flood the log

@@ -248,6 +248,8 @@ def _read_with_dynaconf(path: Path, env: str) -> dict[str, Any]:
     except Exception as exc:  # dynaconf raises plain exceptions for unparsable files or values
         raise ConfigurationError(f"Could not read settings from {path}: {exc}") from exc
     lowered: dict[str, Any] = _lower_keys(data)
+    # TASKER_SETTINGS_FILE names the file; Dynaconf reads it as a TASKER_* setting too
+    lowered.pop(SETTINGS_FILE_VAR.removeprefix("TASKER_").lower(), None)
     return lowered
 
 

@@ -299,3 +299,57 @@ def test_a_closed_breaker_costs_no_statement_per_step(
     assert [s.state for s in statuses] == ["complete"] * 10
     assert breakers.statements == 1  # the first step read the copy; the other nine read nothing
     assert scalar(database_url, "SELECT count(*) FROM tasker.circuit_breakers") == 0
+
+
+@pytest.mark.slow
+def test_an_outcome_waits_out_an_outage_longer_than_its_lease_and_the_claim_window(
+    private_postgres: PrivatePostgres, private_database_url: str
+) -> None:
+    """A handler on its last attempt finishes while PostgreSQL is down for longer than the
+    step's lease and the claim's retry window: its outcome is recorded when PostgreSQL is back,
+    the redelivered message (its lease ran out) does not re-claim it, the handler ran once."""
+    broker = PGMQBroker(
+        url=private_database_url,
+        visibility_timeout_ms=2_000,
+        poll_interval_ms=100,
+        timeout_s=1,
+        database_policy=BreakerPolicy(
+            failure_threshold=3, window_s=30, open_s=0.5, half_open_successes=1
+        ),
+    )
+    flows = InProcessFlows(broker, private_database_url)
+    executor = step_executor(broker)
+    executor.retry_window_s = 1.0  # the claim's window: far shorter than the outage
+    runs: Counter[int] = Counter()
+    started = threading.Event()
+    release = threading.Event()
+    flow = tasker.Workflow("outage", "last_attempt", register=False)
+
+    @flow.step(max_attempts=1)
+    def only(ctx: tasker.StepContext) -> dict[str, int]:
+        runs[ctx.task_context["n"]] += 1
+        started.set()
+        assert release.wait(60)
+        return {"n": ctx.task_context["n"]}
+
+    try:
+        flows.start(flow)
+        handle = flows.client.submit("outage", "last_attempt", {"n": 1})
+        assert started.wait(60)
+        private_postgres.stop("fast")
+        release.set()  # the handler returns into the outage
+        wait_for(
+            lambda: broker.database_breaker.state is tasker.breakers.BreakerState.OPEN,
+            "the database breaker to open",
+        )
+        # longer than the lease (2 s) and the claim's window (1 s): the lease runs out
+        outage_until = time.monotonic() + 4.0
+        wait_for(lambda: time.monotonic() >= outage_until, "the outage to outlast the lease")
+        private_postgres.start()
+        status = flows.client.wait(handle.task_uuid, timeout=90)
+    finally:
+        flows.stop()
+        broker.close()
+    assert status.state == "complete", status
+    assert status.step("only").attempts == 1 and status.step("only").result == {"n": 1}
+    assert runs == Counter({1: 1})

@@ -254,3 +254,16 @@ def test_demo_runs_end_to_end(env: str) -> None:
     assert "3/3 orders complete" in result.stdout
     assert "retrying: payment provider busy" in result.stdout
     assert "ship_order         complete" in result.stdout
+
+
+def test_db_status_and_dlq_list_print_json(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from tasker.db.migrate import available_migrations
+
+    assert main(["db", "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["pending"] == [] and status["pgmq"]
+    assert status["applied"] == [m.version for m in available_migrations()]
+    assert main(["queues", "create", "tests.workers.queued"]) == 0
+    capsys.readouterr()
+    assert main(["dlq", "list", "queued_plain", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

@@ -666,3 +666,22 @@ def test_a_reader_that_stops_after_one_line_ends_the_command_quietly(
         proc.stderr.close()
     assert code in (0, EXIT_BROKEN_PIPE), err
     assert "Traceback" not in err and "Error" not in err and "Exception" not in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TASKER_BREAKERS__OPEN_S", "-1"),
+        ("TASKER_WORKER__METRICS_PORT", "-1"),
+        ("TASKER_NO_SUCH_SETTING", "1"),
+        ("TASKER_COORDINATOR__STALENESS__BLOCKED_BY_FAILURES_MINUTES", "0"),
+    ],
+)
+def test_a_worker_with_invalid_settings_refuses_to_start_with_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str
+) -> None:
+    """Before any worker process starts (docs/workers.md: exit 1, not 78)."""
+    monkeypatch.setenv("TASKER_ENV", "test")
+    monkeypatch.setenv(variable, value)
+    assert main(["worker", "tests.workers.flows", "-p", "1"]) == 1
+    assert _error_line(capsys).startswith("tasker: error:")

@@ -102,6 +102,30 @@ def test_custom_settings_file_and_extra_environment(tmp_path: Path) -> None:
     assert settings.database.url == "postgresql://staging/db"
 
 
+@pytest.mark.parametrize("how", ["variable", "option"])
+def test_a_settings_file_named_by_the_variable_or_the_option_is_read(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    how: str,
+) -> None:
+    """TASKER_SETTINGS_FILE (set by --settings too) names the file; it is not a setting."""
+    from tasker.cli import main
+
+    path = tmp_path / "settings.toml"
+    path.write_text("[default.broker]\nnamespace = 'shop'\n")
+    monkeypatch.delenv("TASKER_SETTINGS_FILE", raising=False)
+    monkeypatch.setenv("TASKER_DATABASE__URL", "postgresql://app@db/app")
+    if how == "variable":
+        monkeypatch.setenv("TASKER_SETTINGS_FILE", str(path))
+        assert load_settings("development").broker.namespace == "shop"
+        argv = ["settings"]
+    else:
+        argv = ["--settings", str(path), "settings"]
+    assert main(argv) == 0
+    assert '"namespace": "shop"' in capsys.readouterr().out
+
+
 def test_missing_settings_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="does not exist"):
         load_settings(settings_file=tmp_path / "nope.toml")

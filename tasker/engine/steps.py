@@ -13,9 +13,11 @@ transaction, or the message is left to come back. Never in between:
    which turns anything the handler does into an outcome).
 3. **Record** the outcome fenced by the attempt, process it (inline mode) and delete the message,
    in one transaction. Database errors are sorted by :func:`tasker.db.errors.is_transient`:
-   a transient one is retried on a fresh connection for up to ``retry_window_s``, then raised so
-   the message comes back; an error caused by the data fails the step permanently with a
-   document saying why; if even that cannot be written, a fixed minimal document is.
+   a transient one is retried on a fresh connection for up to ``record_window_s`` (an hour:
+   the handler ran, so its outcome waits in memory for the database), then raised so the
+   message comes back; a redelivery of a step this process still holds is deferred, not
+   re-claimed; an error caused by the data fails the step permanently with a document saying
+   why; if even that cannot be written, a fixed minimal document is.
 4. **Report** a failed attempt to the executor's optional :class:`FailureReporter` (error
    tracking such as Sentry, which never sees the handler's exception otherwise: ``run_handler``
    keeps it), saying whether the failure is final by the rule the engine applies when it
@@ -28,8 +30,9 @@ Two circuit breakers (:mod:`tasker.breakers`) wrap the sequence. A step declared
 ``breaker`` passes it before the claim: while it is open, the delivery is deferred without a
 claim, so it uses no attempt; its outcome is reported to it afterwards. The process's database
 breaker hears of every claim and record: while it is open, they wait for it (within
-``retry_window_s``) instead of retrying on their own. A delivery its breaker deferred is
-reported to the observers too, with the claim outcome ``breaker_open`` (:class:`Unclaimed`).
+``retry_window_s`` and ``record_window_s``) instead of retrying on their own. A delivery its
+breaker deferred is reported to the observers too, with the claim outcome ``breaker_open``
+(:class:`Unclaimed`).
 """
 
 from __future__ import annotations
@@ -90,8 +93,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a claim or a record is retried on fresh connections when the database is in trouble.
+#: Seconds a claim is retried on fresh connections when the database is in trouble.
 DEFAULT_RETRY_WINDOW_S = 10.0
+#: Seconds the outcome of a handler that ran waits for the database to take it (an outage, a
+#: failover): the attempt happened, so it is kept in memory and recorded when PostgreSQL is back.
+DEFAULT_RECORD_WINDOW_S = 3600.0
 _DEFER_MARGIN_S = 0.05
 _MAX_INTERRUPTS = 3
 
@@ -313,6 +319,15 @@ class _HeldClaims:
         with self._lock:
             self._held[step_uuid] = (attempt, time.monotonic())
 
+    def holds(self, step_uuid: str, younger_than_s: float | None = None) -> bool:
+        """Whether a handler here holds the step's claim (one younger than ``younger_than_s``:
+        an older one is let go, as :meth:`StepExecutor.extend` no longer renews it)."""
+        with self._lock:
+            held = self._held.get(step_uuid)
+        if held is None:
+            return False
+        return younger_than_s is None or time.monotonic() - held[1] < younger_than_s
+
     def drop(self, step_uuid: str, attempt: int) -> None:
         with self._lock:
             if self._held.get(step_uuid, (None,))[0] == attempt:
@@ -342,7 +357,9 @@ class StepExecutor:
       sender: sends the messages a recorded outcome causes, on the recording connection.
       lease_s: length of a step claim, renewed by :meth:`extend` (the broker's heartbeat).
       max_lease_s: claims older than this are no longer renewed, so a hung handler lets go.
-      retry_window_s: how long a claim or a record is retried when the database is in trouble.
+      retry_window_s: how long a claim is retried when the database is in trouble (seconds).
+      record_window_s: how long the outcome of a handler that ran waits for the database to
+        take it (an outage longer than this loses the outcome: the message comes back).
       max_payload_bytes: results larger than this (bytes of JSON) fail the step (payload_error).
       breakers: the step breakers (steps whose runner names a breaker pass it).
       database: the process's database breaker, told of every claim and record.
@@ -361,6 +378,7 @@ class StepExecutor:
         lease_s: float,
         max_lease_s: float | None = None,
         retry_window_s: float = DEFAULT_RETRY_WINDOW_S,
+        record_window_s: float = DEFAULT_RECORD_WINDOW_S,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         breakers: SharedBreakers | None = None,
         database: DatabaseBreaker | None = None,
@@ -380,6 +398,7 @@ class StepExecutor:
         self.lease_s = lease_s
         self.max_lease_s = max_lease_s
         self.retry_window_s = retry_window_s
+        self.record_window_s = record_window_s
         self._held = _HeldClaims()
 
     def execute(
@@ -417,6 +436,13 @@ class StepExecutor:
         delivery: Delivery,
         verdict: _Verdict,
     ) -> Settlement:
+        if self._held.holds(step_uuid, self.max_lease_s):
+            # Another thread of this process runs the step, or holds its outcome until the
+            # database takes it (its lease ran out in an outage): that thread settles it, so
+            # this redelivery must not re-claim it (an attempt used, or worker_died on the last).
+            delivery.defer(self.lease_s + _DEFER_MARGIN_S)
+            self._finished(StepReport(runner, ClaimOutcome.BUSY))
+            return Settlement.DEFERRED
         claim = self._retrying(
             "claim",
             step_uuid,
@@ -575,7 +601,10 @@ class StepExecutor:
             logger.exception("Step %s attempt %d: recording the failure failed", step_uuid, attempt)
             cause: BaseException = exc
         return self._retrying(
-            "record", step_uuid, lambda: self._record_minimal(step_uuid, attempt, cause, delivery)
+            "record",
+            step_uuid,
+            lambda: self._record_minimal(step_uuid, attempt, cause, delivery),
+            window_s=self.record_window_s,
         )
 
     def _record(
@@ -592,7 +621,7 @@ class StepExecutor:
                 self.failures_recorded += 1
             return applied
 
-        return self._retrying("record", step_uuid, once)
+        return self._retrying("record", step_uuid, once, window_s=self.record_window_s)
 
     def _record_minimal(
         self, step_uuid: str, attempt: int, cause: BaseException, delivery: Delivery
@@ -615,8 +644,11 @@ class StepExecutor:
         delivery.mark_settled()
         return None if row is None else ResultApplied(StepState.ERROR)
 
-    def _retrying(self, what: str, step_uuid: str, action: Callable[[], T]) -> T:
-        """Run ``action``; retry transient database errors with backoff within the window.
+    def _retrying(
+        self, what: str, step_uuid: str, action: Callable[[], T], *, window_s: float | None = None
+    ) -> T:
+        """Run ``action``; retry transient database errors with backoff within ``window_s``
+        seconds (default: ``retry_window_s``).
 
         While the database breaker is open, the next try waits for it instead (within the same
         window). An interrupt meant for the handler (Dramatiq's time limit raises
@@ -624,11 +656,12 @@ class StepExecutor:
         returned) is not the action's failure: the action runs again at once, a few times at
         most.
         """
-        deadline = time.monotonic() + self.retry_window_s
+        window = self.retry_window_s if window_s is None else window_s
+        deadline = time.monotonic() + window
         pause = 0.05
         interrupts = 0
         while True:
-            self._wait_for_database(what, step_uuid, deadline)
+            self._wait_for_database(what, step_uuid, deadline, window)
             try:
                 result = action()
             except Exception as exc:
@@ -661,7 +694,7 @@ class StepExecutor:
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
 
-    def _wait_for_database(self, what: str, step_uuid: str, deadline: float) -> None:
+    def _wait_for_database(self, what: str, step_uuid: str, deadline: float, window: float) -> None:
         """Return once the database breaker lets a statement through; raise
         :class:`DatabaseUnavailableError` if it is still open at ``deadline``."""
         breaker = self.database
@@ -671,7 +704,7 @@ class StepExecutor:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DatabaseUnavailableError(
-                    f"The {what} of step {step_uuid} waited {self.retry_window_s:g}s for the "
+                    f"The {what} of step {step_uuid} waited {window:g}s for the "
                     "database breaker to close; its message comes back when PostgreSQL does."
                 )
             breaker.wait(left)
