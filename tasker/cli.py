@@ -438,10 +438,11 @@ def _add_deploy_numbers(workers: argparse.ArgumentParser) -> None:
     workers.add_argument(
         "--metrics-port",
         type=int_range(1, 65535),
-        default=DEFAULT_METRICS_PORT,
+        default=None,
         metavar="PORT",
         help="`tasker worker --metrics-port`: the containers' port named metrics, for /metrics "
-        "and the probes (default: %(default)s)",
+        f"and the probes (default: worker.metrics_port when it is a fixed port, else "
+        f"{DEFAULT_METRICS_PORT})",
     )
 
 
@@ -767,9 +768,17 @@ def _confirm(question: str) -> bool:
 
 
 def _cmd_deploy_workers(args: argparse.Namespace) -> int:
-    from tasker.deploy_manifests import RenderOptions, dump_manifests, render_workers
+    from tasker.deploy_manifests import (
+        DEFAULT_METRICS_PORT,
+        RenderOptions,
+        dump_manifests,
+        render_workers,
+    )
 
-    scaling = load_settings(need_database=False).coordinator.scaling  # renders, never connects
+    settings = load_settings(need_database=False)  # renders, never connects
+    scaling = settings.coordinator.scaling
+    # a pod needs a fixed port: worker.metrics_port 0 ("any free port") is not one
+    metrics_port = args.metrics_port or settings.worker.metrics_port or DEFAULT_METRICS_PORT
     options = RenderOptions(
         processes=args.processes or scaling.processes,
         threads=args.threads or scaling.threads,
@@ -782,7 +791,7 @@ def _cmd_deploy_workers(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         grace_period_s=args.termination_grace_period,
         scalers_only=args.scalers_only,
-        metrics_port=args.metrics_port,
+        metrics_port=metrics_port,
     )
     manifests = render_workers(args.namespaces, options, orchestration=args.orchestration)
     sys.stdout.write(dump_manifests(manifests))

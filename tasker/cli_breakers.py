@@ -36,7 +36,7 @@ def add_breaker_commands(commands: Any) -> None:
         "reset",
         help="close a breaker now (workers see it within breakers.cache_ttl_s)",
     )
-    reset.add_argument("name", help="the breaker's name")
+    reset.add_argument("name", type=_breaker_name, help="the breaker's name")
     reset.add_argument("--json", action="store_true", help="print the breaker as JSON")
     reset.set_defaults(handler=_cmd_breakers_reset)
 
@@ -103,3 +103,13 @@ def _connection() -> Iterator[Any]:
             yield conn
     except psycopg.Error as exc:
         raise database_error(exc, url=url) from exc
+
+
+def _breaker_name(value: str) -> str:
+    """A step breaker's name; anything else is a usage error saying why."""
+    from tasker.workflow.definition import breaker_name_problem
+
+    problem = breaker_name_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value

@@ -399,6 +399,10 @@ def test_tasker_breakers_lists_and_resets(
     assert a.enter("gateway").run
     assert main(["breakers", "reset", "nope"]) == 1
     assert "No circuit breaker 'nope'" in capsys.readouterr().err
+    for name, why in (("database", "each worker process"), ("Bad Name", "lower-case")):
+        with pytest.raises(SystemExit) as exited:
+            main(["breakers", "reset", name])
+        assert exited.value.code == 2 and why in capsys.readouterr().err
 
 
 # -- settings ------------------------------------------------------------------------------------

@@ -141,7 +141,16 @@ def test_rendered_streams_are_valid(argv: list[str]) -> None:
         )
         assert container(deployment)["image"] == options.image
         assert deployment["metadata"]["namespace"] == options.k8s_namespace
-        assert command.metrics_port == options.metrics_port  # also probed and annotated
+        assert command.metrics_port == (options.metrics_port or 9192)  # also probed, annotated
+
+
+@pytest.mark.parametrize(("setting", "port"), [("9300", 9300), ("0", 9192)])
+def test_the_metrics_port_follows_the_setting_when_it_is_a_fixed_port(
+    monkeypatch: pytest.MonkeyPatch, setting: str, port: int
+) -> None:
+    monkeypatch.setenv("TASKER_WORKER__METRICS_PORT", setting)
+    [deployment, *_] = render(["shop", "--modules", "m"])
+    assert worker_command(deployment).metrics_port == port
 
 
 def test_each_namespace_gets_a_deployment_on_its_queue() -> None:

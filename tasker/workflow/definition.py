@@ -512,18 +512,29 @@ def _check_step_settings(step: StepDefinition) -> None:
 _RESERVED_BREAKER = "database"
 
 
+def breaker_name_problem(breaker: object) -> str | None:
+    """What is wrong with ``breaker`` as a step breaker's name (None: nothing): 1-64 lower-case
+    letters, digits or underscores, starting with a letter, and not ``database``."""
+    if not isinstance(breaker, str) or not _NAME.match(breaker):
+        return (
+            f"breaker {breaker!r} is invalid: name it with 1-64 lower-case letters, digits or "
+            "underscores, starting with a letter (for example 'payments')"
+        )
+    if breaker == _RESERVED_BREAKER:
+        return (
+            "breaker 'database' is the name of the workers' own database breaker, which lives "
+            "in each worker process's memory and closes by itself when its probe succeeds"
+        )
+    return None
+
+
 def _check_breaker(where: str, breaker: object) -> None:
     if breaker is None:
         return
-    if not isinstance(breaker, str) or not _NAME.match(breaker):
+    problem = breaker_name_problem(breaker)
+    if problem is not None:
         raise WorkflowDefinitionError(
-            f"{where}: breaker {breaker!r} is invalid: name it with 1-64 lower-case letters, "
-            "digits or underscores, starting with a letter (for example 'payments')."
-        )
-    if breaker == _RESERVED_BREAKER:
-        raise WorkflowDefinitionError(
-            f"{where}: breaker 'database' is the name of the workers' own database breaker; "
-            "name the service the step calls instead (for example 'payments')."
+            f"{where}: {problem}; name the service the step calls (for example 'payments')."
         )
 
 
