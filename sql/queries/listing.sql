@@ -19,9 +19,9 @@ ORDER BY nt.named_task_uuid
 -- UNION ALL, which PostgreSQL merges in task_uuid order (Merge Append), reading each branch only
 -- as far as the page needs. The templates' names are joined to the page, not to the branches.
 -- name: list_tasks
-SELECT t.task_uuid, ns.name AS namespace, nt.name AS workflow, nt.version, t.state, t.priority,
-       t.initiator, t.source_system, t.reason, t.tags, t.correlation_id, t.requested_at,
-       t.completed_at
+SELECT t.task_uuid::text, ns.name AS namespace, nt.name AS workflow, nt.version, t.state,
+       t.priority, t.initiator, t.source_system, t.reason, t.tags,
+       t.correlation_id::text, t.requested_at, t.completed_at
 FROM (
     SELECT * FROM ({branches}) AS branch
     ORDER BY branch.task_uuid DESC

@@ -106,23 +106,6 @@ class TaskPage:
     next_cursor: str | None
 
 
-@dataclass(frozen=True)
-class _Row:
-    task_uuid: uuid.UUID
-    namespace: str
-    workflow: str
-    version: str
-    state: str
-    priority: int
-    initiator: str | None
-    source_system: str | None
-    reason: str | None
-    tags: dict[str, Any]
-    correlation_id: uuid.UUID
-    requested_at: datetime
-    completed_at: datetime | None
-
-
 def list_tasks(
     conn: Any,
     *,
@@ -173,12 +156,12 @@ def list_tasks(
         if not templates:
             return TaskPage((), None)
     statement, keys = _statement(templates, states)
-    with conn.cursor(row_factory=class_row(_Row)) as cur:
+    with conn.cursor(row_factory=class_row(TaskSummary)) as cur:
         # unprepared: PostgreSQL plans the unnamed statement with the values bound to it
         rows = cur.execute(statement, params | keys, prepare=False).fetchall()
     page = rows[:size]
-    next_cursor = _encode_cursor(page[-1].task_uuid) if len(rows) > size else None
-    return TaskPage(tuple(_summary(row) for row in page), next_cursor)
+    next_cursor = _encode_cursor(uuid.UUID(page[-1].task_uuid)) if len(rows) > size else None
+    return TaskPage(tuple(page), next_cursor)
 
 
 def _queries() -> dict[str, str]:
@@ -218,24 +201,6 @@ def _statement(
         branches.append(sql.SQL(queries["list_tasks_branch"]).format(key=where))
     union = sql.SQL(" UNION ALL ").join(branches)
     return sql.SQL(queries["list_tasks"]).format(branches=union), values
-
-
-def _summary(row: _Row) -> TaskSummary:
-    return TaskSummary(
-        task_uuid=str(row.task_uuid),
-        namespace=row.namespace,
-        workflow=row.workflow,
-        version=row.version,
-        state=row.state,
-        priority=row.priority,
-        initiator=row.initiator,
-        source_system=row.source_system,
-        reason=row.reason,
-        tags=row.tags,
-        correlation_id=str(row.correlation_id),
-        requested_at=row.requested_at,
-        completed_at=row.completed_at,
-    )
 
 
 def _text(name: str, value: Any) -> str | None:
