@@ -245,3 +245,9 @@ FROM tasker.named_tasks nt
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
 WHERE %(namespace)s::text IS NULL OR ns.name = %(namespace)s::text
 ORDER BY ns.name, nt.name, nt.created_at
+
+-- A task's steps by name (every task has at least one: none means no such task).
+-- name: task_step_names
+SELECT workflow_step_uuid::text, name FROM tasker.workflow_steps
+WHERE task_uuid = %(task)s
+ORDER BY name

@@ -33,6 +33,7 @@ from tasker.engine.messages import STAGES, Sender
 from tasker.engine.results import advance_task
 from tasker.engine.sql import q
 from tasker.engine.sql_outcomes import CancelOutcome, ManualAction, ManualOutcome
+from tasker.engine.status import task_id
 from tasker.engine.task_rows import lock_task
 from tasker.exceptions import (
     ActionNotAllowedError,
@@ -146,7 +147,7 @@ def cancel_task(conn: Any, sender: Sender, task_uuid: str, *, by: str, reason: s
     Raises :class:`TaskNotFoundError` (no such task) and :class:`ActionNotAllowedError` when the
     task is final already (its ``state`` is on the error).
     """
-    task = _task_id(task_uuid)
+    task = task_id(task_uuid)
     params = {"task": task, "by": _text(by, "by", MAX_ACTOR_CHARS), "reason": _reason(reason)}
     with conn.transaction():
         with conn.cursor(row_factory=class_row(_CancelRow)) as cursor:
@@ -195,7 +196,7 @@ def act_on_step(
     allow the action; the message says what can be done instead).
     """
     chosen = _action(action)
-    task = _task_id(task_uuid)
+    task = task_id(task_uuid)
     document = None
     if chosen is ManualAction.COMPLETE:
         check_payload(result, "result")
@@ -237,35 +238,29 @@ def act_on_step(
 def find_step(conn: Any, task_uuid: str, step: str) -> str:
     """The id of the task's step given by name or by id; :class:`TaskNotFoundError` or
     :class:`StepNotFoundError` naming the task's steps."""
-    rows = conn.execute(
-        "SELECT workflow_step_uuid::text, name FROM tasker.workflow_steps WHERE task_uuid = %s "
-        "ORDER BY name",
-        (task_uuid,),
-    ).fetchall()
-    if not rows:
-        exists = conn.execute("SELECT 1 FROM tasker.tasks WHERE task_uuid = %s", (task_uuid,))
-        if exists.fetchone() is None:
-            raise TaskNotFoundError(f"No task {task_uuid}; check the id (tasker task list).")
+    rows = conn.execute(q("task_step_names"), {"task": task_uuid}).fetchall()
+    if not rows:  # every task has a step
+        raise TaskNotFoundError(f"No task {task_uuid}; check the id (tasker task list).")
     try:  # a step id in any form uuid.UUID reads (upper case, urn:uuid:...)
         wanted = str(uuid.UUID(step))
     except ValueError:
         wanted = step
     for step_uuid, name in rows:
-        if wanted in (step_uuid, name) or step == name:
+        if step == name or wanted == step_uuid:
             return str(step_uuid)
-    names = ", ".join(name for _, name in rows) or "none"
+    names = ", ".join(name for _, name in rows)
     raise StepNotFoundError(f"Task {task_uuid} has no step {step!r}; its steps: {names}.")
 
 
 def step_audit(conn: Any, task_uuid: str, step: str) -> list[AuditEntry]:
     """Every transition of the task's ``step`` (name or id), newest first."""
-    step_uuid = find_step(conn, _task_id(task_uuid), step)
+    step_uuid = find_step(conn, task_id(task_uuid), step)
     return _audit(conn, "step_audit", {"step": step_uuid})
 
 
 def task_audit(conn: Any, task_uuid: str) -> list[AuditEntry]:
     """Every transition of the task, newest first; :class:`TaskNotFoundError` if none."""
-    entries = _audit(conn, "task_audit", {"task": _task_id(task_uuid)})
+    entries = _audit(conn, "task_audit", {"task": task_id(task_uuid)})
     if not entries:
         raise TaskNotFoundError(f"No task {task_uuid}; check the id (tasker task list).")
     return entries
@@ -322,15 +317,6 @@ def _action(action: ManualAction | str) -> ManualAction:
     except ValueError:
         known = ", ".join(a.value for a in ManualAction)
         raise ConfigurationError(f"Unknown step action {action!r}; use one of: {known}.") from None
-
-
-def _task_id(task_uuid: Any) -> str:
-    try:
-        return str(uuid.UUID(str(task_uuid)))
-    except ValueError:
-        raise TaskNotFoundError(
-            f"{task_uuid!r} is not a task id: task ids are UUIDs (tasker task list shows them)."
-        ) from None
 
 
 def _text(value: Any, what: str, limit: int) -> str:

@@ -13,7 +13,7 @@ from tasker.engine.sql import q
 from tasker.exceptions import StepNotFoundError, TaskNotFoundError
 from tasker.workflow.states import TaskState
 
-__all__ = ["StepStatus", "TaskStatus", "task_status"]
+__all__ = ["StepStatus", "TaskStatus", "task_id", "task_status"]
 
 
 @dataclass(frozen=True)
@@ -126,14 +126,20 @@ class _StepRow:
     depends_on: list[str]
 
 
-def task_status(conn: Any, task_uuid: Any) -> TaskStatus:
-    """The task and all its steps; :class:`TaskNotFoundError` if there is no such task."""
+def task_id(value: Any) -> str:
+    """``value`` as a task id in canonical form (also from ``urn:uuid:...``, ``{...}``, upper
+    case); :class:`TaskNotFoundError` when it is not a UUID."""
     try:
-        task_uuid = str(uuid.UUID(str(task_uuid)))  # also urn:uuid:..., {...}, upper case
+        return str(uuid.UUID(str(value)))
     except ValueError:
         raise TaskNotFoundError(
-            f"{task_uuid!r} is not a task id: task ids are UUIDs (tasker task list shows them)."
+            f"{value!r} is not a task id: task ids are UUIDs (tasker task list shows them)."
         ) from None
+
+
+def task_status(conn: Any, task_uuid: Any) -> TaskStatus:
+    """The task and all its steps; :class:`TaskNotFoundError` if there is no such task."""
+    task_uuid = task_id(task_uuid)
     with conn.cursor(row_factory=class_row(_TaskRow)) as cursor:
         task = cursor.execute(q("task_status"), {"task": task_uuid}).fetchone()
     if task is None:
