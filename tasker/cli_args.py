@@ -42,6 +42,7 @@ __all__ = [
     "strict_json",
     "tcp_port",
     "threads",
+    "wait_seconds",
 ]
 
 #: PostgreSQL's ``bigint``: ids and counts beyond it cannot reach SQL.
@@ -125,6 +126,16 @@ def shutdown_seconds(value: str) -> float:
     if not 0 <= number <= SECONDS_MAX:
         raise argparse.ArgumentTypeError(
             f"must be a number of seconds from 0 to {SECONDS_MAX} (a day), not {value}"
+        )
+    return number
+
+
+def wait_seconds(value: str) -> float:
+    """Seconds to wait for something (``task wait --timeout``): more than 0, at most a week."""
+    number = _float(value)
+    if not 0 < number <= 7 * 86_400:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most 604800 (a week), not {value}"
         )
     return number
 

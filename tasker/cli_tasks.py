@@ -33,6 +33,7 @@ from tasker.cli_args import (
     key_value,
     reason_text,
     strict_json,
+    wait_seconds,
 )
 from tasker.cli_output import print_json, printable
 from tasker.exceptions import (
@@ -157,7 +158,7 @@ def _add_task_submit(sub: Any) -> None:
     )
     submit.add_argument("--wait", action="store_true", help="wait for the task to settle")
     submit.add_argument(
-        "--timeout", type=_seconds, default=60.0, help="with --wait: seconds (default 60)"
+        "--timeout", type=wait_seconds, default=60.0, help="with --wait: seconds (default 60)"
     )
     submit.add_argument("--json", action="store_true", help="print JSON")
     submit.add_argument("-q", "--quiet", action="store_true", help="print the task id only")
@@ -225,7 +226,7 @@ def _add_task_actions(sub: Any) -> None:
         "`tasker task get` does. " + _OUTCOMES_HELP + ".",
     )
     wait.add_argument("task", metavar="TASK", help="task id")
-    wait.add_argument("--timeout", type=_seconds, default=60.0, help="seconds (default 60)")
+    wait.add_argument("--timeout", type=wait_seconds, default=60.0, help="seconds (default 60)")
     wait.add_argument("--json", action="store_true", help="print the final status as JSON")
     wait.add_argument("-q", "--quiet", action="store_true", help="no progress, no output")
     wait.set_defaults(handler=_guarded(_cmd_task_wait))
@@ -658,16 +659,6 @@ def _read_json(path: Path, option: str) -> Any:
         raise _UsageError(f"{option} {path}: cannot read it ({exc.strerror})") from None
     except ValueError as exc:
         raise _UsageError(f"{option} {path}: not JSON ({exc})") from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 86_400 * 7:
-        raise argparse.ArgumentTypeError("must be more than 0 and at most 604800 (a week)")
-    return value
 
 
 def _when(value: datetime | None, *, milliseconds: bool = False) -> str:
