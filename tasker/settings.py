@@ -23,6 +23,9 @@ from tasker.exceptions import ConfigurationError
 from tasker.resources import bundled_path
 
 __all__ = [
+    "ApiAuthSettings",
+    "ApiKey",
+    "ApiSettings",
     "BreakerOverride",
     "BreakerSettings",
     "BrokerSettings",
@@ -177,6 +180,65 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics_port: int = 9192
 
 
+class ApiKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One API key of ``tasker serve`` (``api.auth.api_keys``), sent as ``X-API-Key``.
+
+    ``permissions`` are seed-spec §9.1's strings (``tasks:create``, ``tasks:*``, ``*:*``);
+    ``namespaces`` empty means every namespace, else requests made with the key see and act only
+    on tasks of those namespaces. ``name`` is what logs and audit rows show (never the key).
+    """
+
+    name: str
+    key: str
+    permissions: list[str] = []
+    namespaces: list[str] = []
+
+
+class ApiAuthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Who may call the HTTP API (docs/api.md, "Authentication").
+
+    ``enabled`` is off in development and test, on in production, where ``tasker serve`` refuses
+    to start without an API key or a JWT setting. JWTs (``Authorization: Bearer``) are checked
+    with ``jwt_secret`` (HS256), ``jwt_public_key`` (PEM, RS256) or the keys at ``jwt_jwks_url``
+    (RS256); ``jwt_issuer`` / ``jwt_audience`` are required claims when set. A token's
+    permissions and namespaces are the list claims ``permissions_claim`` / ``namespaces_claim``.
+    """
+
+    enabled: bool = False
+    api_keys: list[ApiKey] = []
+    jwt_secret: str = ""
+    jwt_public_key: str = ""
+    jwt_jwks_url: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    permissions_claim: str = "permissions"
+    namespaces_claim: str = "namespaces"
+    #: Seconds of clock difference tolerated on ``exp`` / ``nbf``.
+    jwt_leeway_s: float = 30.0
+
+
+class ApiSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``tasker serve``: the HTTP API (docs/api.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Largest request body, in bytes (413 above it): a 1 MiB context with room for the rest.
+    max_body_bytes: int = 2 * 1024 * 1024
+    #: ``POST /v1/tasks`` answers 503 with ``Retry-After`` while the deepest queue of this
+    #: deployment holds more messages than this (0: never).
+    max_queue_depth: int = 10_000
+    #: Seconds between two reads of the queues' depth (the check itself is cached between them).
+    backpressure_check_s: float = 5.0
+    #: ``Retry-After`` seconds of a 503 for a deep queue, and for an unreachable database.
+    queue_retry_after_s: int = 60
+    database_retry_after_s: int = 30
+    #: Threads that run requests (each holds a pooled connection while it works).
+    threads: int = 40
+    #: Serve the OpenAPI document's UI at ``/api-docs``.
+    docs_ui: bool = True
+    auth: ApiAuthSettings = ApiAuthSettings()
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The validated settings of one Tasker process."""
 
@@ -189,6 +251,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     breakers: BreakerSettings = BreakerSettings()
     sentry: SentrySettings = SentrySettings()
     worker: WorkerSettings = WorkerSettings()
+    api: ApiSettings = ApiSettings()
 
 
 def load_settings(
@@ -367,6 +430,14 @@ _RANGES: dict[str, tuple[float, float]] = {
     "breakers.database.open_s": (0, 86_400),
     "sentry.traces_sample_rate": (0, 1),
     "worker.metrics_port": (0, 65535),
+    "api.port": (0, 65535),
+    "api.max_body_bytes": (1024, math.inf),
+    "api.max_queue_depth": (0, math.inf),
+    "api.backpressure_check_s": (0.1, 3600),
+    "api.queue_retry_after_s": (1, 86_400),
+    "api.database_retry_after_s": (1, 86_400),
+    "api.threads": (1, 1000),
+    "api.auth.jwt_leeway_s": (0, 3600),
 }
 #: Keys whose lower bound is excluded: a duration or share of 0 means nothing there.
 _LOW_OPEN = frozenset(
