@@ -1,0 +1,1 @@
+"""The HTTP API of Tasker (``tasker serve``): Litestar over the engine; see docs/api.md."""
