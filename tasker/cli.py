@@ -36,6 +36,7 @@ from tasker.cli_args import (
 from tasker.cli_breakers import add_breaker_commands
 from tasker.cli_coordinator import add_coordinator_commands, add_dlq_task_commands
 from tasker.cli_output import print_json
+from tasker.cli_serve import add_serve_commands
 from tasker.cli_tasks import add_task_commands
 from tasker.exceptions import ConfigurationError, TaskerError
 from tasker.settings import Settings, load_settings
@@ -154,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     add_coordinator_commands(commands)
     add_breaker_commands(commands)
     add_task_commands(commands)
+    add_serve_commands(commands)
     _add_deploy_commands(commands)
     settings = commands.add_parser("settings", help="print the effective settings as JSON")
     settings.set_defaults(handler=_cmd_settings)
@@ -808,6 +810,11 @@ def _cmd_settings(args: argparse.Namespace) -> int:
 
     settings = msgspec.to_builtins(_settings())
     settings["sentry"]["dsn"] = mask_dsn(settings["sentry"]["dsn"])
+    auth = settings["api"]["auth"]
+    for key in auth["api_keys"]:
+        key["key"] = "***"
+    if auth["jwt_secret"]:
+        auth["jwt_secret"] = "***"
     print(json.dumps(_masked(settings), indent=2))
     return 0
 

@@ -172,7 +172,7 @@ class Client:
 
     def status(self, task_uuid: str) -> TaskStatus:
         """The task's state with every step."""
-        with self._connection() as conn:
+        with self.connection() as conn:
             return task_status(conn, task_uuid)
 
     def wait(
@@ -227,12 +227,14 @@ class Client:
         tags: Mapping[str, Any] | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        namespaces: Sequence[str] | None = None,
     ) -> TaskPage:
         """Tasks matching every filter given, newest first, ``limit`` at a time; pass the page's
         ``next_cursor`` as ``cursor`` for the next page (keyset pagination: stable while tasks
-        are added). See :func:`tasker.engine.listing.list_tasks` for the filters' rules; a bad
-        filter raises :class:`~tasker.exceptions.InvalidFilterError`."""
-        with self._connection() as conn:
+        are added). ``namespaces`` limits the listing to those namespaces (a caller's scope, as
+        the HTTP API's scoped keys have). See :func:`tasker.engine.listing.list_tasks` for the
+        filters' rules; a bad filter raises :class:`~tasker.exceptions.InvalidFilterError`."""
+        with self.connection() as conn:
             return list_tasks(
                 conn,
                 namespace=namespace,
@@ -246,6 +248,7 @@ class Client:
                 tags=dict(tags) if tags is not None else None,
                 limit=limit,
                 cursor=cursor,
+                namespaces=namespaces,
             )
 
     def steps(self, task_uuid: str) -> tuple[StepStatus, ...]:
@@ -259,7 +262,7 @@ class Client:
         Raises :class:`~tasker.exceptions.TaskNotFoundError` and
         :class:`~tasker.exceptions.ActionNotAllowedError` (the task is final already).
         """
-        with self._connection() as conn:
+        with self.connection() as conn:
             return cancel_task(conn, self._sender, task_uuid, by=by, reason=reason)
 
     def retry_step(self, task_uuid: str, step: str, *, by: str, reason: str = "") -> ActionResult:
@@ -290,7 +293,7 @@ class Client:
     def audit(self, task_uuid: str, step: str | None = None) -> list[AuditEntry]:
         """The transitions of the task (or of its ``step``, by name or id), newest first, with
         who did what and why for an operator's actions."""
-        with self._connection() as conn:
+        with self.connection() as conn:
             if step is None:
                 return task_audit(conn, task_uuid)
             return step_audit(conn, task_uuid, step)
@@ -305,7 +308,7 @@ class Client:
         reason: str,
         result: Any = None,
     ) -> ActionResult:
-        with self._connection() as conn:
+        with self.connection() as conn:
             return act_on_step(
                 conn,
                 self._sender,
@@ -347,18 +350,18 @@ class Client:
         """
         if allow_replace is None:
             allow_replace = self.allow_template_replace
-        with self._connection() as conn:
+        with self.connection() as conn:
             register_template(conn, flow, allow_replace=allow_replace)
 
     def templates(self, namespace: str | None = None) -> list[TemplateSummary]:
         """The registered template versions (of ``namespace`` only, if given)."""
-        with self._connection() as conn:
+        with self.connection() as conn:
             return list_templates(conn, namespace)
 
     def template(self, namespace: str, name: str, version: str | None = None) -> Template:
         """A registered template with its whole definition (``configuration``): ``version``,
         else the latest release. Raises :class:`~tasker.exceptions.TemplateNotFoundError`."""
-        with self._connection() as conn:
+        with self.connection() as conn:
             return find_template(conn, namespace, name, version)
 
     def close(self) -> None:
@@ -372,7 +375,11 @@ class Client:
         self.close()
 
     @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of the client's pool, for the engine's functions
+        (:mod:`tasker.engine`); errors inside are Tasker's (an unreachable database raises
+        :class:`~tasker.exceptions.DatabaseUnavailableError`), the transaction is committed at
+        the end of the block unless it raises."""
         with self._translated(), self.broker.pool.connection() as conn:
             yield conn
 

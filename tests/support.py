@@ -186,3 +186,19 @@ class InProcessFlows:
         if not getattr(self, "_stopped", False):
             self._stopped = True
             self.worker.stop()
+
+
+def age_task(url: str, task: str, *, minutes: int) -> None:
+    """Make the task's last activity (its transitions and its steps' times) ``minutes`` old."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE tasker.task_transitions SET created_at = created_at - make_interval(mins => %s)"
+            " WHERE task_uuid = %s",
+            (minutes, task),
+        )
+        conn.execute(
+            "UPDATE tasker.workflow_steps SET last_attempted_at = last_attempted_at"
+            " - make_interval(mins => %s), finished_at = finished_at - make_interval(mins => %s),"
+            " processed_at = processed_at - make_interval(mins => %s) WHERE task_uuid = %s",
+            (minutes, minutes, minutes, task),
+        )

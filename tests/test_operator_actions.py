@@ -18,7 +18,7 @@ import tasker
 from tasker.coordinator.loop import Coordinator
 from tasker.engine.staleness import list_dlq
 from tasker.settings import CoordinatorSettings, StalenessSettings
-from tests.support import InProcessFlows, scalar, wait_for
+from tests.support import InProcessFlows, age_task, scalar, wait_for
 
 OPS = "ops@example.com"
 NOW = CoordinatorSettings(recovery_grace_s=0, retention_every_s=0, interval_s=1)
@@ -137,12 +137,12 @@ def test_a_blocked_task_moves_to_error_after_the_limit_and_a_retry_runs_it_again
     settings = replace(NOW, staleness=StalenessSettings(blocked_by_failures_minutes=5))
     coordinator = Coordinator(flows.broker, settings, name="blocked")
     try:
-        _age_task(flows.url, task, minutes=1)  # past the recovery sweep's grace: not stuck
+        age_task(flows.url, task, minutes=1)  # past the recovery sweep's grace: not stuck
         for _ in range(2):  # within its limit it waits, and the sweep leaves it alone
             report = coordinator.cycle()
             assert (report.dead_lettered, report.recovered) == ([], [])
         assert scalar(flows.url, "SELECT count(*) FROM tasker.coordinator_actions") == 0
-        _age_task(flows.url, task, minutes=5)
+        age_task(flows.url, task, minutes=5)
         assert coordinator.cycle().dead_lettered == [task]
     finally:
         coordinator.close()
@@ -166,29 +166,13 @@ def test_a_template_lifecycle_sets_its_own_blocked_limit(flows: InProcessFlows) 
     flow = _diamond("own_limit", {"left"})
     flow.lifecycle = {"max_blocked_by_failures_minutes": 2}
     task = _run_until_blocked(flows, flow).task_uuid
-    _age_task(flows.url, task, minutes=3)  # under the default (60), over the template's (2)
+    age_task(flows.url, task, minutes=3)  # under the default (60), over the template's (2)
     coordinator = Coordinator(flows.broker, NOW, name="own-limit")
     try:
         assert coordinator.cycle().dead_lettered == [task]
     finally:
         coordinator.close()
     assert flows.client.status(task).state == "error"
-
-
-def _age_task(url: str, task: str, *, minutes: int) -> None:
-    """Make the task's last activity ``minutes`` old."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE tasker.task_transitions SET created_at = created_at - make_interval(mins => %s)"
-            " WHERE task_uuid = %s",
-            (minutes, task),
-        )
-        conn.execute(
-            "UPDATE tasker.workflow_steps SET last_attempted_at = last_attempted_at"
-            " - make_interval(mins => %s), finished_at = finished_at - make_interval(mins => %s),"
-            " processed_at = processed_at - make_interval(mins => %s) WHERE task_uuid = %s",
-            (minutes, minutes, minutes, task),
-        )
 
 
 # -- refused actions ---------------------------------------------------------------------------

@@ -155,8 +155,21 @@ SELECT d.dlq_entry_uuid, d.task_uuid, d.original_state, d.dlq_reason, d.dlq_time
        d.task_snapshot->>'namespace' AS namespace, d.task_snapshot->>'task_name' AS task_name
 FROM tasker.tasks_dlq d
 WHERE (%(status)s::text IS NULL OR d.resolution_status = %(status)s::text)
+  AND (%(task)s::uuid IS NULL OR d.task_uuid = %(task)s::uuid)
+  AND (%(namespaces)s::text[] IS NULL
+       OR d.task_snapshot->>'namespace' = ANY (%(namespaces)s::text[]))
 ORDER BY d.dlq_timestamp DESC
 LIMIT %(limit)s
+
+-- Entries per reason and resolution status (of the namespaces given; NULL: all).
+-- name: dlq_stats
+SELECT d.dlq_reason, d.resolution_status, count(*) AS entries,
+       min(d.dlq_timestamp) AS oldest, max(d.dlq_timestamp) AS newest
+FROM tasker.tasks_dlq d
+WHERE %(namespaces)s::text[] IS NULL
+   OR d.task_snapshot->>'namespace' = ANY (%(namespaces)s::text[])
+GROUP BY d.dlq_reason, d.resolution_status
+ORDER BY d.dlq_reason, d.resolution_status
 
 -- name: get_dlq_entry
 SELECT d.dlq_entry_uuid, d.task_uuid, d.original_state, d.dlq_reason, d.dlq_timestamp,

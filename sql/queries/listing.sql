@@ -5,12 +5,14 @@
 -- is not given is bound as NULL and its "%(x)s IS NULL OR ..." folds away, and every value is a
 -- constant the planner weighs against the column statistics.
 
--- The template versions a namespace / workflow / version filter names (NULL: any).
+-- The template versions a namespace / workflow / version filter names (NULL: any), within the
+-- namespaces a caller may see (NULL: all).
 -- name: listing_templates
 SELECT nt.named_task_uuid
 FROM tasker.named_tasks nt
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
 WHERE (%(namespace)s::text IS NULL OR ns.name = %(namespace)s::text)
+  AND (%(namespaces)s::text[] IS NULL OR ns.name = ANY (%(namespaces)s::text[]))
   AND (%(workflow)s::text IS NULL OR nt.name = %(workflow)s::text)
   AND (%(version)s::text IS NULL OR nt.version = %(version)s::text)
 ORDER BY nt.named_task_uuid

@@ -120,6 +120,7 @@ def list_tasks(
     tags: Mapping[str, Any] | None = None,
     limit: int = DEFAULT_LIMIT,
     cursor: str | None = None,
+    namespaces: Iterable[str] | None = None,
 ) -> TaskPage:
     """One page of the tasks that match every filter given, newest first.
 
@@ -131,6 +132,8 @@ def list_tasks(
       ``{"env": "prod", "team": "a"}``; nested values are matched the same way).
     * ``limit``: tasks per page, 1 to :data:`MAX_LIMIT`; ``cursor``: the ``next_cursor`` of the
       previous page, to continue after it (with the same filters).
+    * ``namespaces``: a scope rather than a filter (the namespaces an API caller may see): only
+      tasks of these namespaces are listed, whatever the other filters say.
 
     Runs one or two SELECTs on ``conn``, inside its transaction if one is open. Raises
     :class:`~tasker.exceptions.InvalidFilterError` for an unknown state, a bound that is not a
@@ -149,8 +152,10 @@ def list_tasks(
         **_time_bounds(since, until, cursor),
     }
     states = _states(state)
+    scope = None if namespaces is None else [_text("namespaces", n) for n in namespaces]
+    params["namespaces"] = scope
     templates = None
-    if namespace is not None or workflow is not None or version is not None:
+    if any(v is not None for v in (namespace, workflow, version, scope)):
         found = conn.execute(_queries()["listing_templates"], params, prepare=False).fetchall()
         templates = tuple(row[0] for row in found)
         if not templates:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,8 +34,10 @@ from tasker.workflow.states import TaskState, check_give_up
 __all__ = [
     "DLQ_RESOLUTIONS",
     "DlqEntry",
+    "DlqStats",
     "StalenessLimits",
     "dlq_stale_tasks",
+    "dlq_stats",
     "get_dlq_entry",
     "list_dlq",
     "resolve_dlq_entry",
@@ -181,10 +184,45 @@ def _dlq_reason(task: _Stale) -> str:
     return "staleness_timeout"
 
 
-def list_dlq(conn: Any, *, status: str | None = "pending", limit: int = 50) -> list[DlqEntry]:
-    """DLQ entries, newest first (``status`` None: every status)."""
+def list_dlq(
+    conn: Any,
+    *,
+    status: str | None = "pending",
+    limit: int = 50,
+    task_uuid: str | None = None,
+    namespaces: Sequence[str] | None = None,
+) -> list[DlqEntry]:
+    """DLQ entries, newest first (``status`` None: every status), of one task if ``task_uuid``,
+    of tasks in ``namespaces`` if given. Raises :class:`DlqEntryNotFoundError` for a
+    ``task_uuid`` that is not a UUID."""
+    if task_uuid is not None:
+        _check_uuid(task_uuid, what="task id")
+    params = {
+        "status": status,
+        "limit": limit,
+        "task": task_uuid,
+        "namespaces": list(namespaces) if namespaces is not None else None,
+    }
     with conn.cursor(row_factory=class_row(DlqEntry)) as cursor:
-        return list(cursor.execute(cq("list_dlq_entries"), {"status": status, "limit": limit}))
+        return list(cursor.execute(cq("list_dlq_entries"), params))
+
+
+@dataclass(frozen=True)
+class DlqStats:
+    """How many DLQ entries have one reason and resolution status, and their time span."""
+
+    dlq_reason: str
+    resolution_status: str
+    entries: int
+    oldest: datetime
+    newest: datetime
+
+
+def dlq_stats(conn: Any, *, namespaces: Sequence[str] | None = None) -> list[DlqStats]:
+    """The DLQ's entries counted per reason and resolution status (of ``namespaces`` if given)."""
+    params = {"namespaces": list(namespaces) if namespaces is not None else None}
+    with conn.cursor(row_factory=class_row(DlqStats)) as cursor:
+        return list(cursor.execute(cq("dlq_stats"), params))
 
 
 def get_dlq_entry(conn: Any, entry_uuid: str) -> DlqEntry:
@@ -212,10 +250,10 @@ def resolve_dlq_entry(
         raise DlqEntryNotFoundError(f"Task DLQ entry {entry_uuid} is already resolved.")
 
 
-def _check_uuid(value: str) -> None:
+def _check_uuid(value: str, what: str = "DLQ entry id") -> None:
     try:
         uuid.UUID(str(value))
     except ValueError:
         raise DlqEntryNotFoundError(
-            f"{value!r} is not a DLQ entry id (a UUID, as `tasker dlq tasks list` shows)."
+            f"{value!r} is not a {what} (a UUID, as `tasker dlq tasks list` shows)."
         ) from None
