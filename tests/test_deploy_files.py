@@ -448,7 +448,7 @@ def test_compose_checks_the_workers_readiness_without_publishing_its_port() -> N
 def test_compose_runs_the_api_on_its_port_with_a_health_check() -> None:
     service = compose()["services"]["api"]
     assert production_settings().api.port == API_PORT
-    assert service["ports"] == [f"127.0.0.1:${{TASKER_API_HOST_PORT:-{API_PORT}}}:{API_PORT}"]
+    assert service["ports"] == [f"127.0.0.1:${{API_HOST_PORT:-{API_PORT}}}:{API_PORT}"]
     test = service["healthcheck"]["test"]
     assert test[:2] == ["CMD", "python"]
     assert f"'http://127.0.0.1:{API_PORT}{API_READY}'" in test[-1]
