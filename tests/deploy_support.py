@@ -131,6 +131,13 @@ def of_kind(objects: Iterable[Obj], kind: str) -> list[Obj]:
     return [obj for obj in objects if obj["kind"] == kind]
 
 
+def named(objects: Iterable[Obj], kind: str, name: str) -> Obj:
+    """The one object of ``kind`` called ``name``."""
+    found = [obj for obj in of_kind(objects, kind) if obj["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
 # -- pods and workers ---------------------------------------------------------------------------
 
 
