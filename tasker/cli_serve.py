@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -104,7 +105,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
         lifespan="on",
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn stops on SIGTERM, then raises it again for the handler found before it: a no-op
+    # here, so a graceful stop exits 0 (as `tasker worker` and `tasker coordinator` do)
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -361,14 +361,35 @@ def _long_running(command: ShellCommand) -> bool:
     sub = _tasker_command(command)
     if "--help" in command.program or "-h" in command.program:
         return False
-    return sub == "worker" or (sub == "coordinator" and "--once" not in command.program)
+    return sub in BACKGROUND_COMMANDS or (sub == "coordinator" and "--once" not in command.program)
+
+
+#: The `tasker` commands a background block may start: a worker, and the HTTP API.
+BACKGROUND_COMMANDS = ("worker", "serve")
+#: Programs other than `tasker` that shell blocks may run: `curl` (to this machine's API only)
+#: and `jq` to read its answers.
+TOOLS = ("curl", "jq")
+_LOCAL_URL = re.compile(r"^(https?://)?(127\.0\.0\.1|localhost)(:\d+)?(/|$)")
+
+
+def _check_tool(command: ShellCommand) -> None:
+    """A `curl` only talks to this machine (the documents' API at 127.0.0.1:8080)."""
+    if command.program[0] != "curl":
+        return
+    urls = [word for word in command.program[1:] if "://" in word or word.startswith("127.")]
+    if not urls or not all(_LOCAL_URL.match(url) for url in urls):
+        raise DocsTestError(
+            "`curl` in an example must call the local API (http://127.0.0.1:8080/...)"
+        )
 
 
 def _check_runnable(command: ShellCommand) -> None:
     if not command.program:
         return  # NAME=value: an assignment
     shown = " ".join(command.program[:3])
-    if _tasker_command(command) is None:
+    if command.program[0] in TOOLS:
+        _check_tool(command)
+    elif _tasker_command(command) is None:
         raise DocsTestError(
             f"`{shown}` cannot run in a test (only `tasker` commands do): mark the block "
             "<!-- docs-test: skip (why) -->"
@@ -385,7 +406,12 @@ def _check_runnable(command: ShellCommand) -> None:
 
 
 def _check_background(commands: list[ShellCommand]) -> None:
-    if len(commands) != 1 or _tasker_command(commands[0]) != "worker" or commands[0].redirections:
+    if (
+        len(commands) != 1
+        or _tasker_command(commands[0]) not in BACKGROUND_COMMANDS
+        or commands[0].redirections
+    ):
         raise DocsTestError(
-            "a background block holds exactly one `tasker worker MODULES...` command"
+            "a background block holds exactly one `tasker worker MODULES...` or `tasker serve` "
+            "command"
         )

@@ -12,6 +12,7 @@ import os
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +45,17 @@ WORKER_STOP_S = 30.0
 WORKER_PROCESSES = ("-p", "1")
 #: What a worker process logs once it consumes (tasker/runtime/worker_process.py).
 WORKER_READY_LINE = "is ready"
+#: What `tasker serve` prints once it listens (tasker/cli_serve.py), and the port the documents
+#: show (api.port's default).
+API_READY_LINE = "http://"
+DOCUMENT_API_PORT = 8080
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @dataclass
@@ -64,6 +76,7 @@ class DocSession:
         self.outcomes: dict[int, str | None] = {}  # block line -> None (passed) or its failure
         self._interpreter: subprocess.Popen[bytes] | None = None
         self._background: list[Background] = []
+        self.api_port: int | None = None  # of the background `tasker serve`, once started
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of the examples: this checkout's code, the test settings and the
@@ -146,6 +159,12 @@ class DocSession:
                 (self.workdir / target).parent.mkdir(parents=True, exist_ok=True)
         tasker = shlex.join([sys.executable, "-m", "tasker.cli"])
         script = f'set -euo pipefail\ntasker() {{ {tasker} "$@"; }}\n'
+        # the documents' API is http://127.0.0.1:8080; the test's listens on a free port
+        port = self.api_port or DOCUMENT_API_PORT
+        script += (
+            "curl() { command curl --silent --show-error --fail-with-body --max-time 30 "
+            f'"${{@//127.0.0.1:{DOCUMENT_API_PORT}/127.0.0.1:{port}}}"; }}\n'
+        )
         script += shell_script(block)
         result = run_bounded(["bash", "-c", script], cwd=self.workdir, env=self.env())
         print(result.stdout, end="")
@@ -157,19 +176,27 @@ class DocSession:
 
     def _start_background(self, block: Block) -> None:
         (command,) = shell_commands(block)
-        argv = [sys.executable, "-m", "tasker.cli", *command.program[1:], *WORKER_PROCESSES]
+        argv = [sys.executable, "-m", "tasker.cli", *command.program[1:]]
+        extra = dict(command.assignments)
+        ready_line = WORKER_READY_LINE
+        if "serve" in command.program:  # the API, on a free port the shell blocks' curl uses
+            self.api_port = _free_port()
+            extra["TASKER_API__PORT"] = str(self.api_port)
+            ready_line = API_READY_LINE
+        else:
+            argv += WORKER_PROCESSES
         log = self.workdir / f"background-{block.line}.log"
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 argv,
                 cwd=self.workdir,
-                env=self.env(**command.assignments),
+                env=self.env(**extra),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         try:
-            _wait_until_ready(proc, log)
+            _wait_until_ready(proc, log, ready_line)
         except AssertionError:
             _stop(proc)
             raise
@@ -247,9 +274,9 @@ def run_bounded(
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
-def _wait_until_ready(proc: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_until_ready(proc: subprocess.Popen[bytes], log: Path, ready_line: str) -> None:
     deadline = time.monotonic() + WORKER_READY_S
-    while WORKER_READY_LINE not in log.read_text(errors="replace"):
+    while ready_line not in log.read_text(errors="replace"):
         assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()}"
         assert time.monotonic() < deadline, (
             f"not ready after {WORKER_READY_S} s:\n{log.read_text()}"

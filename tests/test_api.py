@@ -293,7 +293,9 @@ def test_the_three_manual_step_actions(api: TestClient[Any], flows: InProcessFlo
         {"action_type": "complete_manually"},
     ):
         _problem(api.patch(path, json=bad), 400, "invalid_request")
-    lone_surrogate = b'{"action_type": "complete_manually", "completion_data": {"result": "\\udc80"}}'
+    lone_surrogate = (
+        b'{"action_type": "complete_manually", "completion_data": {"result": "\\udc80"}}'
+    )
     response = api.patch(path, content=lone_surrogate, headers={"content-type": "application/json"})
     _problem(response, 400, "invalid_request")
 
@@ -600,8 +602,11 @@ def test_production_refuses_to_start_without_credentials(database_url: str) -> N
     settings = msgspec.structs.replace(
         _settings(database_url, auth=ApiAuthSettings(enabled=True)), env="production"
     )
-    with pytest.raises(tasker.ConfigurationError, match="api.auth"):
-        create_app(settings, client=tasker.Client(url=database_url))
+    with (
+        tasker.Client(url=database_url) as client,
+        pytest.raises(tasker.ConfigurationError, match=r"api\.auth"),
+    ):
+        create_app(settings, client=client)
 
 
 def test_the_audit_records_the_caller(

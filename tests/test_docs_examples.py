@@ -10,7 +10,9 @@ opening fence (``README.md:68-python``). What the test does depends on the block
   there, in the working directory, and compiled; later blocks and commands import it.
 - ``bash``, ``sh``, ``shell``: run by bash (``set -euo pipefail``) in the same directory and
   environment, with ``tasker`` running this checkout's ``python -m tasker.cli``. Every command
-  must be a ``tasker`` command (or a ``NAME=value`` assignment) that ends by itself. ``console``:
+  must be a ``tasker`` command (or a ``NAME=value`` assignment) that ends by itself, or ``jq``,
+  or ``curl`` to the local API (``http://127.0.0.1:8080``: the document's background
+  ``tasker serve``, on the port the test chose; an HTTP error fails the block). ``console``:
   the same for its ``$ `` lines, and its other lines must be exactly what they print.
 - ``yaml``, ``toml``, ``json``: parsed. ``sql``: run on the document's database, rolled back.
 - No language (a diagram, a log excerpt, an error message): not checked.
@@ -25,9 +27,9 @@ Markers, an HTML comment on the line before the block's fence (blank lines betwe
     An excerpt (a function without its imports, code using your own tables): python is
     compiled, shell is checked by ``bash -n``, yaml/toml/json are parsed.
 ``<!-- docs-test: background -->``
-    A block of one ``tasker worker MODULES...`` command: the worker is started there (with
-    ``-p 1`` appended: one worker process whatever the CPU count), in a process group of its own,
-    and the test waits until it is ready; it serves the blocks below it and is stopped with
+    A block of one ``tasker worker MODULES...`` command (started with ``-p 1`` appended: one
+    worker process whatever the CPU count) or one ``tasker serve`` (on a free port): it is
+    started there, in a process group of its own, and the test waits until it is ready; it serves the blocks below it and is stopped with
     SIGTERM after the document's last block (the ``<document>:end`` test), where it must exit 0.
 
 A marker without a block after it, an unknown marker, or a skip without a reason fails, as does a
@@ -274,10 +276,14 @@ def test_markers_that_cannot_be_used_are_refused(markdown: str, refusal: str) ->
         ("```bash\ntasker worker app\n```\n", "runs until it is stopped"),
         ("```bash\ntasker --env test coordinator\n```\n", "runs until it is stopped"),
         ("```bash\ntasker queues > /etc/queues\n```\n", "outside its working directory"),
-        ("```bash\nT=$(curl -s x) tasker task get $T\n```\n", "`curl -s x` cannot run"),
+        ("```bash\nT=$(wget -q x) tasker task get $T\n```\n", "`wget -q x` cannot run"),
+        ("```bash\ncurl https://example.com/v1/tasks\n```\n", "must call the local API"),
+        ("```bash\ncurl -s\n```\n", "must call the local API"),
+        ("```bash\ntasker serve\n```\n", "runs until it is stopped"),
         ("```bash\nT=$(tasker worker app)\n```\n", "runs until it is stopped"),
         ("```dockerfile\nFROM tasker\n```\n", "no check for a dockerfile block"),
         ("<!-- docs-test: background -->\n```sh\ntasker queues\n```\n", "one `tasker worker"),
+        ("<!-- docs-test: background -->\n```sh\ncurl 127.0.0.1:8080\n```\n", "or `tasker serve`"),
         ("<!-- docs-test: fragment -->\n```\nan error message\n```\n", "is not checked"),
         ("```python\n# ../outside.py\n```\n", "not a path inside"),
     ],
