@@ -397,9 +397,23 @@ class Client:
             ) from None
 
     def _error(self, exc: BaseException) -> Exception:
+        if isinstance(exc, psycopg.DataError):  # a value of the caller's that cannot be stored
+            return _data_error(exc)
         if isinstance(exc, PoolTimeout):  # say why no connection came, when the pool knows
             exc = last_connect_error(self.broker.pool) or exc
         return database_error(exc, url=self.broker.url, timeout_s=self.broker.timeout_s)
+
+
+def _data_error(exc: psycopg.DataError) -> PayloadError:
+    """A value PostgreSQL refused (SQLSTATE class 22, or text holding NUL, which psycopg
+    refuses before sending) as the caller's error, naming the fix."""
+    if "NUL" in str(exc) and exc.sqlstate is None:
+        return PayloadError(
+            "An argument holds a NUL character (\\x00), which PostgreSQL text cannot store; "
+            "remove it."
+        )
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return PayloadError(f"PostgreSQL refused a value of an argument ({reason}); fix that value.")
 
 
 def _broker(url: str | None, settings: Settings | None, timeout_s: float | None) -> PGMQBroker:

@@ -29,8 +29,9 @@ Markers, an HTML comment on the line before the block's fence (blank lines betwe
 ``<!-- docs-test: background -->``
     A block of one ``tasker worker MODULES...`` command (started with ``-p 1`` appended: one
     worker process whatever the CPU count) or one ``tasker serve`` (on a free port): it is
-    started there, in a process group of its own, and the test waits until it is ready; it serves the blocks below it and is stopped with
-    SIGTERM after the document's last block (the ``<document>:end`` test), where it must exit 0.
+    started there, in a process group of its own, and the test waits until it is ready; it
+    serves the blocks below it and is stopped with SIGTERM after the document's last block (the
+    ``<document>:end`` test), where it must exit 0.
 
 A marker without a block after it, an unknown marker, or a skip without a reason fails, as does a
 block the test cannot check as written. Blocks share their document's state in order: running

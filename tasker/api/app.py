@@ -23,7 +23,13 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from tasker import __version__
 from tasker.api.auth import Authenticator
 from tasker.api.backpressure import Backpressure
-from tasker.api.context import ApiContext, api_context, principal, require_permission
+from tasker.api.context import (
+    ApiContext,
+    api_context,
+    principal,
+    require_permission,
+    single_valued_query,
+)
 from tasker.api.health import HealthController
 from tasker.api.problems import exception_handlers
 from tasker.api.routes_admin import DlqController, TemplatesController
@@ -76,6 +82,7 @@ def create_app(settings: Settings, *, client: Client | None = None) -> Litestar:
         path="/",
         route_handlers=[TasksController, TemplatesController, DlqController],
         guards=[require_permission],
+        before_request=single_valued_query,
     )
 
     def _limit_threads() -> None:

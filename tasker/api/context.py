@@ -14,6 +14,7 @@ from typing import Any
 from litestar.connection import ASGIConnection, Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency
+from litestar.exceptions import ValidationException
 from litestar.handlers.base import BaseRouteHandler
 
 from tasker.api.auth import Authenticator, Principal
@@ -31,6 +32,7 @@ __all__ = [
     "needs",
     "principal",
     "require_permission",
+    "single_valued_query",
     "visible",
 ]
 
@@ -104,6 +106,22 @@ async def require_permission(
     if permission is not None:
         caller.require(permission)
     connection.state.principal = caller
+
+
+#: The query parameters that may be given more than once (any of several states, all of
+#: several tags); any other given twice is refused rather than read as one of its values.
+REPEATABLE_PARAMETERS = frozenset({"state", "tag"})
+
+
+def single_valued_query(request: Request[Any, Any, Any]) -> None:
+    """``before_request`` of ``/v1``: a query parameter given twice that takes one value is a
+    400 naming it (Litestar would read one of the values and drop the other silently)."""
+    for name, values in request.query_params.dict().items():
+        if len(values) > 1 and name not in REPEATABLE_PARAMETERS:
+            message = f"given {len(values)} times; give it once"
+            raise ValidationException(
+                detail=f"{name}: {message}", extra=[{"key": name, "message": message}]
+            )
 
 
 def visible(caller: Principal, namespace: str, task_uuid: str) -> None:

@@ -34,6 +34,7 @@ from tasker.api.problems import problem_responses
 from tasker.engine.actions import find_step
 from tasker.engine.status import TaskStatus
 from tasker.exceptions import InvalidFilterError, TemplateNotFoundError
+from tasker.workflow.states import TaskState
 
 __all__ = ["TasksController"]
 
@@ -104,7 +105,7 @@ class TasksController(Controller):
         workflow: FromQuery[str | None] = None,
         version: FromQuery[str | None] = None,
         states: Annotated[
-            list[str] | None,
+            list[TaskState] | None,
             QueryParameter(name="state", description="A task state; repeat for any of several."),
         ] = None,
         since: Annotated[
