@@ -34,6 +34,7 @@ import psycopg
 import pytest
 import yaml
 
+from tasker.api.app import openapi_document
 from tasker.cli import main
 from tasker.settings import load_settings
 from tests.deploy_support import (
@@ -758,6 +759,9 @@ def test_api_probes_ask_what_tasker_serve_serves_on_its_named_port() -> None:
         "readinessProbe": API_READY,
     }
     assert all(get["port"] == "http" for get in probes.values())
+    served = openapi_document()["paths"]  # what `tasker serve` answers, no credentials needed
+    assert {API_LIVE, API_READY, API_METRICS} <= served.keys()
+    assert not any(served[path]["get"].get("security") for path in (API_LIVE, API_READY))
     assert deployment["spec"]["template"]["metadata"]["annotations"] == {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(API_PORT),

@@ -11,7 +11,8 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from litestar import Controller, Response, delete, get, patch, post
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from tasker.api.auth import Principal
@@ -39,6 +40,8 @@ from tasker.workflow.states import TaskState
 __all__ = ["TasksController"]
 
 _READ_ERRORS = problem_responses(400, 401, 403, 404, 503)
+#: A free-text filter: equal to the value given at submit.
+Text = Annotated[str | None, QueryParameter(description="Equal to the value given at submit.")]
 _ACT_ERRORS = problem_responses(400, 401, 403, 404, 409, 503)
 
 
@@ -53,7 +56,15 @@ class TasksController(Controller):
         **needs("tasks:create"),
         sync_to_thread=True,
         summary="Create a task",
-        responses=problem_responses(400, 401, 403, 404, 409, 413, 503),
+        responses={
+            HTTP_200_OK: ResponseSpec(
+                data_container=TaskCreated,
+                description="The task the idempotency key (or a strict template's context) "
+                "already names (created false)",
+                generate_examples=False,
+            ),
+            **problem_responses(400, 401, 403, 404, 409, 413, 503),
+        },
         status_code=HTTP_201_CREATED,
     )
     def create_task(
@@ -101,9 +112,13 @@ class TasksController(Controller):
         *,
         api: Api,
         principal: Caller,
-        namespace: FromQuery[str | None] = None,
-        workflow: FromQuery[str | None] = None,
-        version: FromQuery[str | None] = None,
+        namespace: Annotated[
+            str | None, QueryParameter(description="The tasks' namespace.")
+        ] = None,
+        workflow: Annotated[str | None, QueryParameter(description="The template's name.")] = None,
+        version: Annotated[
+            str | None, QueryParameter(description="The template's version.")
+        ] = None,
         states: Annotated[
             list[TaskState] | None,
             QueryParameter(name="state", description="A task state; repeat for any of several."),
@@ -115,8 +130,10 @@ class TasksController(Controller):
         until: Annotated[
             datetime | None, QueryParameter(description="Requested before (ISO 8601, with zone).")
         ] = None,
-        initiator: FromQuery[str | None] = None,
-        source_system: FromQuery[str | None] = None,
+        initiator: Text = None,
+        source_system: Annotated[
+            str | None, QueryParameter(description="As given at submit.")
+        ] = None,
         tag: Annotated[
             list[str] | None,
             QueryParameter(
