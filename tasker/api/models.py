@@ -45,6 +45,14 @@ __all__ = [
     "TemplateSummaryResponse",
 ]
 
+
+def _fields(record: Any) -> dict[str, Any]:
+    """A dataclass record's fields by name, the values as they are: a response refers to the
+    record's values, it does not copy them (``dataclasses.asdict`` deep-copies every result and
+    context, 2 ms for a page of 50 tasks)."""
+    return {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
+
+
 Name = Annotated[str, Meta(min_length=1, max_length=255)]
 Reason = Annotated[str, Meta(max_length=2000)]
 Who = Annotated[str, Meta(min_length=1, max_length=255)]
@@ -84,7 +92,7 @@ class TaskCreated(msgspec.Struct):
     @classmethod
     def of(cls, handle: TaskHandle) -> TaskCreated:
         """The response for the client's handle."""
-        return cls(**dataclasses.asdict(handle))
+        return cls(**_fields(handle))
 
 
 class StepResponse(msgspec.Struct):
@@ -111,7 +119,7 @@ class StepResponse(msgspec.Struct):
     @classmethod
     def of(cls, step: StepStatus) -> StepResponse:
         """The response for one step as the engine read it."""
-        fields = dataclasses.asdict(step)
+        fields = _fields(step)
         fields["depends_on"] = list(step.depends_on)
         return cls(**fields)
 
@@ -199,7 +207,7 @@ class TaskSummaryResponse(msgspec.Struct):
     @classmethod
     def of(cls, task: TaskSummary) -> TaskSummaryResponse:
         """The response for one listed task."""
-        return cls(**dataclasses.asdict(task))
+        return cls(**_fields(task))
 
 
 class TaskListResponse(msgspec.Struct):
@@ -279,7 +287,7 @@ class ActionResponse(msgspec.Struct):
     @classmethod
     def of(cls, result: ActionResult) -> ActionResponse:
         """The response for the engine's action result."""
-        return cls(**dataclasses.asdict(result))
+        return cls(**_fields(result))
 
 
 class AuditEntryResponse(msgspec.Struct):
@@ -324,7 +332,7 @@ class TemplateSummaryResponse(msgspec.Struct):
     @classmethod
     def of(cls, template: TemplateSummary) -> TemplateSummaryResponse:
         """The response for one template summary."""
-        return cls(**dataclasses.asdict(template))
+        return cls(**_fields(template))
 
 
 class TemplateResponse(msgspec.Struct):
@@ -370,7 +378,7 @@ class DlqEntryResponse(msgspec.Struct):
     @classmethod
     def of(cls, entry: DlqEntry) -> DlqEntryResponse:
         """The response for one DLQ entry."""
-        fields = dataclasses.asdict(entry)
+        fields = _fields(entry)
         fields["dlq_entry_uuid"] = str(entry.dlq_entry_uuid)
         fields["task_uuid"] = str(entry.task_uuid)
         return cls(**fields)
@@ -398,4 +406,4 @@ class DlqStatsResponse(msgspec.Struct):
     @classmethod
     def of(cls, stats: DlqStats) -> DlqStatsResponse:
         """The response for one group of entries."""
-        return cls(**dataclasses.asdict(stats))
+        return cls(**_fields(stats))
