@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import socket
 import sys
@@ -92,6 +93,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = _listen(settings.api.host, settings.api.port)
     host, port = sock.getsockname()[:2]
     auth = app.state.context.authenticator.describe()
+    if settings.env == "production" and not auth["enabled"]:
+        logging.getLogger("tasker.api").warning(
+            "Authentication is off in production (api.auth.enabled = false): every request "
+            "may do everything; only run this behind a gateway that authenticates."
+        )
     print(
         f"tasker api {__version__} ({settings.env}): http://{host}:{port} "
         f"(auth {'on' if auth['enabled'] else 'off'}; docs http://{host}:{port}/api-docs)",
@@ -156,6 +162,9 @@ def _cmd_api_docs(args: argparse.Namespace) -> int:
     from tasker.api.reference import render_reference, updated_document
 
     path: Path = args.output
+    if args.check and not path.exists():
+        print(f"{path} does not exist: run `tasker api docs --output {path}`.")
+        return 1
     current = path.read_text(encoding="utf-8") if path.exists() else ""
     wanted = updated_document(current, render_reference(openapi_document()))
     if args.check:

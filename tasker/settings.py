@@ -184,27 +184,29 @@ class ApiKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One API key of ``tasker serve`` (``api.auth.api_keys``), sent as ``X-API-Key``.
 
     ``permissions`` are seed-spec §9.1's strings (``tasks:create``, ``tasks:*``, ``*:*``);
-    ``namespaces`` empty means every namespace, else requests made with the key see and act only
-    on tasks of those namespaces. ``name`` is what logs and audit rows show (never the key).
+    ``namespaces`` absent means every namespace, else requests made with the key see and act
+    only on tasks of those namespaces (an empty list: none). ``name`` is what logs and audit rows
+    show (never the key).
     """
 
     name: str
     key: str
     permissions: list[str] = []
-    namespaces: list[str] = []
+    namespaces: list[str] | None = None
 
 
 class ApiAuthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Who may call the HTTP API (docs/api.md, "Authentication").
+    """Who may call the HTTP API (docs/api.md, "Authentication and permissions").
 
-    ``enabled`` is off in development and test, on in production, where ``tasker serve`` refuses
-    to start without an API key or a JWT setting. JWTs (``Authorization: Bearer``) are checked
-    with ``jwt_secret`` (HS256), ``jwt_public_key`` (PEM, RS256) or the keys at ``jwt_jwks_url``
-    (RS256); ``jwt_issuer`` / ``jwt_audience`` are required claims when set. A token's
-    permissions and namespaces are the list claims ``permissions_claim`` / ``namespaces_claim``.
+    ``enabled`` unset (None) means on in production and off elsewhere, whatever settings file
+    is used; on, ``tasker serve`` refuses to start without an API key or a JWT setting.
+    JWTs (``Authorization: Bearer``) are checked with ``jwt_secret`` (HS256),
+    ``jwt_public_key`` (PEM, RS256) or the keys at ``jwt_jwks_url`` (RS256); ``jwt_issuer``
+    and ``jwt_audience`` are required claims when set. A token's permissions and namespaces
+    are the list claims ``permissions_claim`` and ``namespaces_claim``.
     """
 
-    enabled: bool = False
+    enabled: bool | None = None
     api_keys: list[ApiKey] = []
     jwt_secret: str = ""
     jwt_public_key: str = ""

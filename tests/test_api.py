@@ -30,6 +30,7 @@ from tests.support import InProcessFlows, age_task, scalar
 SECRET = "an HS256 secret of at least 32 bytes, for tests"
 ADMIN = "admin-key-0123456789"
 BILLING = "billing-key-0123456789"
+NOWHERE = "nowhere-key-0123456789"
 PROBLEM = "application/problem+json"
 
 
@@ -63,7 +64,7 @@ def _auth(*keys: ApiKey, **jwt_settings: Any) -> ApiAuthSettings:
 
 
 def _key(key: str, permissions: list[str], namespaces: list[str] | None = None) -> ApiKey:
-    return ApiKey(name=f"name-{key}", key=key, permissions=permissions, namespaces=namespaces or [])
+    return ApiKey(name=f"name-{key}", key=key, permissions=permissions, namespaces=namespaces)
 
 
 @pytest.fixture
@@ -202,6 +203,49 @@ def test_a_body_that_does_not_fit_the_schema_gets_400_naming_the_field(
 def test_a_body_that_is_not_a_task_request_gets_400(api: TestClient[Any], content: bytes) -> None:
     response = api.post("/v1/tasks", content=content, headers={"content-type": "application/json"})
     _problem(response, 400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"namespace": "shop", "name": "order", "context": {"a": '
+        + b"[" * 1000
+        + b"]" * 1000
+        + b"}}",
+        b'{"namespace": "shop", "name": "order", "context": '
+        + b'{"a": ' * 3000
+        + b"1"
+        + b"}" * 3001,
+        b'{"namespace": "shop", "name": "order", "tags": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b"[" * 20000 + b"]" * 20000,
+    ],
+    ids=["lists-1000", "objects-3000", "tags-5000", "body-20000"],
+)
+def test_a_body_nested_too_deeply_gets_400(api: TestClient[Any], content: bytes) -> None:
+    response = api.post("/v1/tasks", content=content, headers={"content-type": "application/json"})
+    _problem(response, 400, "invalid_request")
+
+
+def test_bodies_with_unknown_fields_or_oversized_tags_get_400(api: TestClient[Any]) -> None:
+    task = api.post("/v1/tasks", json={"namespace": "shop", "name": "order"}).json()["task_uuid"]
+    path = f"/v1/tasks/{task}/workflow_steps/charge"
+    for body in (
+        {"action_type": "resolve_manually", "extra": 1},
+        {"action_type": "reset_for_retry", "reset_by_typo": "bob"},
+        {"action_type": "complete_manually", "completion_data": {"result": 1}, "completed_by_x": 1},
+        {"action_type": "complete_manually", "completion_data": {"result": 1, "meta": {}}},
+    ):
+        problem = _problem(api.patch(path, json=body), 400, "invalid_request")
+        assert "unknown field" in problem["detail"], problem
+    big_tags = {"namespace": "shop", "name": "order", "tags": {"t": "x" * 20_000}}
+    problem = _problem(api.post("/v1/tasks", json=big_tags), 400, "invalid_request")
+    assert "tags" in problem["detail"]
+    many_tags = {"namespace": "shop", "name": "order", "tags": {str(n): n for n in range(5000)}}
+    _problem(api.post("/v1/tasks", json=many_tags), 400, "invalid_request")
+    empty = api.post("/v1/tasks", content=b"", headers={"content-type": "application/json"})
+    assert _problem(empty, 400, "invalid_request")["errors"][0]["field"] == "body"
+    bad_state = _problem(api.get("/v1/tasks", params={"state": "bogus"}), 400, "invalid_request")
+    assert bad_state["errors"][0]["field"] == "state"
 
 
 def test_unknown_things_get_404(api: TestClient[Any]) -> None:
@@ -433,14 +477,17 @@ def test_a_stopped_database_gets_503_with_retry_after(private_postgres: Any) -> 
             body = {"namespace": "shop", "name": "order"}
             assert api.post("/v1/tasks", json=body).status_code == 201
             private_postgres.stop()
+            port = str(private_postgres.port)
             for response in (
                 api.post("/v1/tasks", json=body),
                 api.get("/v1/tasks"),
                 api.get("/v1/templates"),
             ):
-                _problem(response, 503, "database_unavailable")
+                problem = _problem(response, 503, "database_unavailable")
                 assert response.headers["retry-after"] == "7"
-            assert api.get("/health/ready").status_code == 503
+                assert port not in problem["detail"], "the database's address is not public"
+            ready = api.get("/health/ready")
+            assert ready.status_code == 503 and port not in ready.text
             assert api.get("/health/live").status_code == 200
             private_postgres.start()
             deadline = time.monotonic() + 30
@@ -490,7 +537,7 @@ def secured(flows: InProcessFlows, database_url: str) -> Iterator[tuple[TestClie
     """The API with authentication on (API keys per permission, HS256 JWTs), and a task of
     namespace shop that nothing runs."""
     flows.register(_flow(), _flow(namespace="billing", name="invoice"))
-    keys = [_key(ADMIN, ["*:*"]), _key(BILLING, ["*:*"], ["billing"])]
+    keys = [_key(ADMIN, ["*:*"]), _key(BILLING, ["*:*"], ["billing"]), _key(NOWHERE, ["*:*"], [])]
     keys += [_key(f"only-{p}-0123456789", [p]) for p in ALL_PERMISSIONS]
     keys += [
         _key(f"all-but-{p}-0123456789", [q for q in ALL_PERMISSIONS if q != p])
@@ -560,6 +607,13 @@ def test_jwts_are_checked(secured: tuple[TestClient[Any], str]) -> None:
     _problem(
         api.get("/v1/tasks", headers={"X-API-Key": "wrong-key-0123456789"}), 401, "unauthenticated"
     )
+    for claims in (
+        {"sub": "a\x00b", "permissions": ["*:*"]},
+        {"sub": 7, "permissions": ["*:*"]},
+        {"permissions": ["*:*"], "namespaces": ["\x00"]},
+        {"permissions": ["tasks:read", 3]},
+    ):
+        _problem(get(_token(**claims)), 401, "unauthenticated")
     # probes, metrics and the OpenAPI document need no credentials
     for path in ("/health", "/health/live", "/health/ready", "/metrics", "/api-docs/openapi.json"):
         assert api.get(path).status_code == 200, path
@@ -588,6 +642,11 @@ def test_a_scoped_key_or_token_sees_only_its_namespaces(
         404,
         "template_not_found",
     )
+    nowhere = {"X-API-Key": NOWHERE}  # namespaces = []: none
+    assert api.get("/v1/tasks", headers=nowhere).json()["tasks"] == []
+    _problem(api.get(f"/v1/tasks/{own_task}", headers=nowhere), 404, "task_not_found")
+    empty = {"Authorization": f"Bearer {_token(permissions=['*:*'], namespaces=[])}"}
+    _problem(api.get(f"/v1/tasks/{own_task}", headers=empty), 404, "task_not_found")
     token = _token(permissions=["*:*"], namespaces=["billing"])
     scoped = {"Authorization": f"Bearer {token}"}
     _problem(api.get(f"/v1/tasks/{shop_task}", headers=scoped), 404, "task_not_found")

@@ -166,6 +166,31 @@ def test_production_refuses_to_start_without_usable_credentials(
         assert secret not in result.stderr
 
 
+def test_production_authenticates_whatever_settings_file_is_used(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A settings file of one's own that says nothing of authentication (or only a JWT secret
+    too short to use) leaves it on in production: the API refuses to start."""
+    cases = {
+        "threads.toml": "[production.api]\nthreads = 10\n",
+        "secret.toml": '[production.api.auth]\njwt_secret = "zq-short-secret"\n',
+        "empty.toml": "",
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        result = subprocess.run(
+            [sys.executable, "-m", "tasker.cli", "--settings", str(path), "serve", "--port", "0"],
+            env=_env(database_url, TASKER_ENV="production"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 1, (name, result.stdout, result.stderr)
+        assert "api.auth" in result.stderr and "zq-short-secret" not in result.stderr
+
+
 def test_a_taken_port_is_a_clear_error(registered: str) -> None:
     served = Served(_env(registered))
     try:

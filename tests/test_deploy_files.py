@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from tasker.api.app import openapi_document
+from tasker.api.auth import auth_enabled
 from tasker.cli import main
 from tasker.settings import load_settings
 from tests.deploy_support import (
@@ -481,7 +482,7 @@ def test_compose_api_settings_load_with_auth_on(monkeypatch: pytest.MonkeyPatch)
         "0.0.0.0",
         API_PORT,
     )
-    assert settings.api.auth.enabled
+    assert auth_enabled(settings.api.auth, settings.env)
     (key,) = settings.api.auth.api_keys
     assert (key.name, key.key, key.permissions) == ("compose-dev", COMPOSE_DEV_KEY, ["*:*"])
     assert len(key.key) >= 16, "tasker serve refuses keys shorter than 16 characters"
@@ -693,7 +694,8 @@ def test_manifest_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
         loaded[workload["metadata"]["name"]] = settings
     api_settings = loaded["tasker-api"].api
     assert (api_settings.host, api_settings.port) == ("0.0.0.0", API_PORT)
-    assert api_settings.auth.enabled and api_settings.auth.api_keys, "an API key, from the Secret"
+    assert auth_enabled(api_settings.auth, "production"), "authentication on in production"
+    assert api_settings.auth.api_keys, "an API key, from the Secret"
     assert all(len(key.key) >= 16 for key in api_settings.auth.api_keys)
 
 

@@ -18,7 +18,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusConfig
 
 from tasker import __version__
 from tasker.api.auth import Authenticator
@@ -30,7 +30,7 @@ from tasker.api.context import (
     require_permission,
     single_valued_query,
 )
-from tasker.api.health import HealthController
+from tasker.api.health import HealthController, MetricsController
 from tasker.api.problems import exception_handlers
 from tasker.api.routes_admin import DlqController, TemplatesController
 from tasker.api.routes_tasks import TasksController
@@ -95,7 +95,7 @@ def create_app(settings: Settings, *, client: Client | None = None) -> Litestar:
             client.close()
 
     return Litestar(
-        route_handlers=[v1, HealthController, PrometheusController],
+        route_handlers=[v1, HealthController, MetricsController],
         dependencies={
             "api": Provide(api_context, sync_to_thread=False),
             "principal": Provide(principal, sync_to_thread=False),

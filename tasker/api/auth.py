@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from tasker.exceptions import ConfigurationError, TaskerError
 from tasker.settings import ApiAuthSettings, ApiKey
+from tasker.workflow.payloads import payload_problem
 
 __all__ = [
     "ANONYMOUS",
@@ -43,6 +44,7 @@ __all__ = [
     "Authenticator",
     "PermissionDeniedError",
     "Principal",
+    "auth_enabled",
     "check_auth_settings",
 ]
 
@@ -114,6 +116,12 @@ class Principal:
 ANONYMOUS = Principal(subject="anonymous", permissions=frozenset({"*:*"}), namespaces=None)
 
 
+def auth_enabled(auth: ApiAuthSettings, env: str) -> bool:
+    """Whether requests must authenticate: ``api.auth.enabled`` when it is set, else true in
+    production only (so a settings file that leaves it out cannot open a production API)."""
+    return auth.enabled if auth.enabled is not None else env == "production"
+
+
 def check_auth_settings(auth: ApiAuthSettings, env: str) -> None:
     """Check ``api.auth`` for environment ``env`` before serving.
 
@@ -132,10 +140,12 @@ def check_auth_settings(auth: ApiAuthSettings, env: str) -> None:
             f"settings file or in the environment variable {variable}."
         )
 
+    enabled = auth_enabled(auth, env)
     chosen = _jwt_settings_set(auth)
-    if auth.enabled and not auth.api_keys and not chosen:
+    if enabled and not auth.api_keys and not chosen:
+        why = "is true" if auth.enabled else "is not set (on by default in production)"
         raise ConfigurationError(
-            f"api.auth.enabled is true, and environment {env!r} then requires credentials to "
+            f"api.auth.enabled {why}, and environment {env!r} then requires credentials to "
             "check: set api.auth.api_keys (TASKER_API__AUTH__API_KEYS) or one of "
             "api.auth.jwt_secret / jwt_public_key / jwt_jwks_url (TASKER_API__AUTH__JWT_SECRET, "
             "...), or set TASKER_API__AUTH__ENABLED=false to run without auth (only behind "
@@ -150,7 +160,7 @@ def check_auth_settings(auth: ApiAuthSettings, env: str) -> None:
         )
     for index, key in enumerate(auth.api_keys):
         _check_api_key(index, key, auth.api_keys[:index], bad)
-    _check_jwt_settings(auth, bad)
+    _check_jwt_settings(auth, enabled, bad)
 
 
 def _jwt_settings_set(auth: ApiAuthSettings) -> list[str]:
@@ -179,10 +189,10 @@ def _check_api_key(
         problem = _permission_problem(permission)
         if problem is not None:
             bad(f"{where}.permissions", problem)
-    if any(not namespace.strip() for namespace in key.namespaces):
+    if any(not namespace.strip() for namespace in key.namespaces or ()):
         bad(
             f"{where}.namespaces",
-            "holds an empty namespace; name namespaces, or leave the list empty for all",
+            "holds an empty namespace; name namespaces, or leave namespaces out for all",
         )
 
 
@@ -201,8 +211,10 @@ def _permission_problem(permission: str) -> str | None:
     return f"{permission!r} is not a known permission; {hint}The known ones: {known}"
 
 
-def _check_jwt_settings(auth: ApiAuthSettings, bad: Callable[[str, str], NoReturn]) -> None:
-    if auth.enabled and auth.jwt_secret and len(auth.jwt_secret.encode()) < _MIN_JWT_SECRET_BYTES:
+def _check_jwt_settings(
+    auth: ApiAuthSettings, enabled: bool, bad: Callable[[str, str], NoReturn]
+) -> None:
+    if enabled and auth.jwt_secret and len(auth.jwt_secret.encode()) < _MIN_JWT_SECRET_BYTES:
         bad(
             "api.auth.jwt_secret",
             f"is shorter than {_MIN_JWT_SECRET_BYTES} bytes: HS256 needs a secret of at least "
@@ -252,18 +264,18 @@ def _is_http_url(url: str) -> bool:
 class Authenticator:
     """Turns a request's credentials into a :class:`Principal`, with the ``api.auth`` settings.
 
-    While ``auth.enabled`` is false every request is :data:`ANONYMOUS`; when it is true the
-    settings are checked first (:func:`check_auth_settings` raises :class:`ConfigurationError`).
-    Safe to share between threads.
+    While authentication is off (:func:`auth_enabled`) every request is :data:`ANONYMOUS`; when
+    it is on the settings are checked first (:func:`check_auth_settings` raises
+    :class:`ConfigurationError`). Safe to share between threads.
     """
 
     def __init__(self, auth: ApiAuthSettings, env: str = "development") -> None:
-        if auth.enabled:
+        self.enabled = auth_enabled(auth, env)
+        if self.enabled:
             check_auth_settings(auth, env)
-        self.enabled = auth.enabled
         self._auth = auth
         self._keys = tuple((key.key.encode(), _key_principal(key)) for key in auth.api_keys)
-        self._tokens = _TokenChecker(auth) if auth.enabled and _jwt_settings_set(auth) else None
+        self._tokens = _TokenChecker(auth) if self.enabled and _jwt_settings_set(auth) else None
 
     def authenticate(self, *, api_key: str | None, authorization: str | None) -> Principal:
         """The principal of a request with these ``X-API-Key`` and ``Authorization`` values.
@@ -329,7 +341,7 @@ def _key_principal(key: ApiKey) -> Principal:
     return Principal(
         subject=key.name,
         permissions=frozenset(key.permissions),
-        namespaces=frozenset(key.namespaces) if key.namespaces else None,
+        namespaces=frozenset(key.namespaces) if key.namespaces is not None else None,
     )
 
 
@@ -363,8 +375,21 @@ class _TokenChecker:
         auth = self._auth
         permissions = _string_list(claims, auth.permissions_claim, spaced=True)
         namespaces = _string_list(claims, auth.namespaces_claim, spaced=False)
+        subject = claims.get("sub") or "anonymous"
+        if not isinstance(subject, str):
+            raise AuthenticationError("Invalid token: claim 'sub' must be a string.")
+        for claim, values in (
+            ("sub", [subject]),
+            (auth.permissions_claim, permissions or []),
+            (auth.namespaces_claim, namespaces or []),
+        ):
+            if any(payload_problem(value) is not None for value in values):
+                raise AuthenticationError(
+                    f"Invalid token: claim {claim!r} holds text that cannot be stored (a NUL "
+                    "character or a lone surrogate)."
+                )
         return Principal(
-            subject=claims.get("sub") or "anonymous",
+            subject=subject,
             permissions=frozenset(permissions or ()),
             namespaces=None if namespaces is None else frozenset(namespaces),
         )

@@ -10,18 +10,22 @@ Each check reports `{status, message, duration_ms}` (seed-spec §9.1).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from litestar import Controller, Response, get
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from tasker import __version__
 from tasker.api.context import Api, ApiContext
 from tasker.db.queries import load_queries
 from tasker.exceptions import TaskerError
 
-__all__ = ["HealthController"]
+__all__ = ["HealthController", "MetricsController"]
+
+logger = logging.getLogger(__name__)
 
 
 class HealthController(Controller):
@@ -75,9 +79,23 @@ def _database_check(api: ApiContext) -> dict[str, Any]:
     try:
         with api.client.connection() as conn:
             conn.execute(load_queries("api")["ping"])
-    except TaskerError as exc:
-        status, message = "error", str(exc)
+    except TaskerError as exc:  # the probe is public: the database's address stays in the log
+        logger.warning("Health check: %s", exc)
+        status, message = "error", f"PostgreSQL cannot be reached ({type(exc).__name__})"
     else:
         status, message = "ok", "PostgreSQL answers"
     duration_ms = round((time.perf_counter() - started) * 1000, 2)
     return {"status": status, "message": message, "duration_ms": duration_ms}
+
+
+class MetricsController(Controller):
+    """``/metrics``: prometheus-client's default registry, where the request metrics of the
+    API and the client's ``tasker_tasks_created_total`` live."""
+
+    path = "/metrics"
+    tags = ["health"]
+
+    @get("/", summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST, sync_to_thread=False)
+    def metrics(self) -> Response[bytes]:
+        """The process's metrics in Prometheus's text format."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -10,6 +10,7 @@ by `action_type`).
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -54,6 +55,7 @@ def _fields(record: Any) -> dict[str, Any]:
 
 
 Name = Annotated[str, Meta(min_length=1, max_length=255)]
+Label = Annotated[str, Meta(max_length=128)]
 Reason = Annotated[str, Meta(max_length=2000)]
 Who = Annotated[str, Meta(min_length=1, max_length=255)]
 
@@ -72,11 +74,11 @@ class TaskCreate(msgspec.Struct, forbid_unknown_fields=True):
     version: Name | None = None
     idempotency_key: Name | None = None
     priority: Annotated[int, Meta(ge=-100, le=100)] = 0
-    correlation_id: Name | None = None
-    parent_correlation_id: Name | None = None
-    initiator: Name | None = None
-    source_system: Name | None = None
-    reason: Annotated[str, Meta(max_length=500)] | None = None
+    correlation_id: uuid.UUID | None = None
+    parent_correlation_id: uuid.UUID | None = None
+    initiator: Label | None = None
+    source_system: Label | None = None
+    reason: Label | None = None
     tags: dict[str, Any] | None = None
 
 
@@ -240,14 +242,18 @@ class CancelResponse(msgspec.Struct):
         )
 
 
-class ResetForRetry(msgspec.Struct, tag_field="action_type", tag="reset_for_retry"):
+class ResetForRetry(
+    msgspec.Struct, forbid_unknown_fields=True, tag_field="action_type", tag="reset_for_retry"
+):
     """Run a step in `error` again with its attempts back to 0 (seed-spec §9.1)."""
 
     reason: Reason = ""
     reset_by: Who | None = None
 
 
-class ResolveManually(msgspec.Struct, tag_field="action_type", tag="resolve_manually"):
+class ResolveManually(
+    msgspec.Struct, forbid_unknown_fields=True, tag_field="action_type", tag="resolve_manually"
+):
     """Mark a step `resolved_manually`: its dependents run without its result."""
 
     reason: Reason = ""
@@ -261,7 +267,9 @@ class CompletionData(msgspec.Struct, forbid_unknown_fields=True):
     metadata: dict[str, Any] | None = None
 
 
-class CompleteManually(msgspec.Struct, tag_field="action_type", tag="complete_manually"):
+class CompleteManually(
+    msgspec.Struct, forbid_unknown_fields=True, tag_field="action_type", tag="complete_manually"
+):
     """Mark a step `complete` with `completion_data.result` as its result."""
 
     completion_data: CompletionData

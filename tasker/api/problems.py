@@ -84,6 +84,9 @@ class ServiceUnavailableError(TaskerError):
         self.retry_after_s = retry_after_s
 
 
+#: Parameters whose Python name differs from their name in the request.
+FIELD_NAMES = {"states": "state"}
+
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -141,6 +144,13 @@ def _tasker_error(
         )
         if status == 400 and isinstance(exc, DatabaseError):  # not the caller's fault
             return _internal(request, exc)
+        detail = str(exc)
+        if isinstance(exc, DatabaseUnavailableError):  # the URL's host and user stay in the log
+            logger.warning("%s %s: %s", request.method, request.url.path, exc)
+            detail = (
+                "PostgreSQL cannot be reached right now; retry later (the server's log names "
+                "the database and the reason)."
+            )
         headers = None
         if status == 401:
             headers = {"WWW-Authenticate": 'Bearer realm="tasker", ApiKey header="X-API-Key"'}
@@ -148,7 +158,7 @@ def _tasker_error(
             headers = {"Retry-After": str(exc.retry_after_s)}
         elif status == 503:
             headers = {"Retry-After": str(database_retry_after_s)}
-        return _problem(status, code, str(exc), headers=headers)
+        return _problem(status, code, detail, headers=headers)
 
     return handle
 
@@ -177,11 +187,28 @@ def _field_errors(exc: ValidationException) -> list[FieldError]:
     """``{field, message}`` from Litestar's validation details (``key``: the body field's
     dotted path, or the parameter's name)."""
     extra = exc.extra if isinstance(exc.extra, list) else []
-    return [
-        FieldError(field=str(item.get("key") or "body"), message=str(item.get("message")))
-        for item in extra
-        if isinstance(item, dict)
-    ]
+    found = []
+    for item in extra:
+        if not isinstance(item, dict):
+            continue
+        field = str(item.get("key") or "body")
+        message = str(item.get("message"))
+        if field == "data":  # the body as a whole
+            field = "body"
+            if message == "'data'":
+                message = "a JSON body is required"
+        found.append(FieldError(field=FIELD_NAMES.get(field, field), message=message))
+    return found
+
+
+def _too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[Problem]:
+    """A body nested so deeply that decoding it ran out of stack: the caller's to fix."""
+    return _problem(
+        400,
+        "invalid_request",
+        "The body is nested too deeply to read; JSON values may nest 256 levels at most.",
+        errors=[FieldError(field="body", message="nested too deeply")],
+    )
 
 
 def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
@@ -205,6 +232,7 @@ def exception_handlers(
     return {
         TaskerError: _tasker_error(database_retry_after_s),
         HTTPException: _http_error,
+        RecursionError: _too_deep,
         Exception: _internal,
     }
 

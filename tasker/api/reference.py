@@ -89,6 +89,8 @@ def _schema(name: str, schema: dict[str, Any]) -> list[str]:
     lines = [f"### {name}", ""]
     if schema.get("description"):
         lines += [_one_paragraph(schema["description"]), ""]
+    if "enum" in schema:
+        lines += [f"One of {', '.join(f'`{value}`' for value in schema['enum'])}.", ""]
     properties = schema.get("properties", {})
     if properties:
         required = set(schema.get("required", []))
@@ -107,6 +109,8 @@ def _type(schema: dict[str, Any]) -> str:
     for key in ("oneOf", "anyOf"):
         if key in schema:
             return " or ".join(_type(s) for s in schema[key])
+    if "enum" in schema:
+        return "one of " + ", ".join(f"`{value}`" for value in schema["enum"])
     kind = schema.get("type", "any")
     if isinstance(kind, list):
         return " or ".join(kind)

@@ -12,7 +12,7 @@ from litestar import Controller, get, patch
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from tasker.api.auth import Principal
-from tasker.api.context import Api, Caller, needs, visible
+from tasker.api.context import Api, ApiContext, Caller, needs, visible
 from tasker.api.models import (
     DlqEntryResponse,
     DlqResolution,
@@ -56,10 +56,23 @@ class TemplatesController(Controller):
         return [TemplateSummaryResponse.of(t) for t in found if principal.sees(t.namespace)]
 
     @get(
-        ["/{namespace:str}/{name:str}", "/{namespace:str}/{name:str}/{version:str}"],
+        "/{namespace:str}/{name:str}",
         **needs("templates:read"),
         sync_to_thread=True,
-        summary="Get a template",
+        summary="Get a template's latest release",
+        responses=_READ_ERRORS,
+    )
+    def get_latest_template(
+        self, *, namespace: FromPath[str], name: FromPath[str], api: Api, principal: Caller
+    ) -> TemplateResponse:
+        """The latest release of a template, with its whole definition."""
+        return _template(api, principal, namespace, name, None)
+
+    @get(
+        "/{namespace:str}/{name:str}/{version:str}",
+        **needs("templates:read"),
+        sync_to_thread=True,
+        summary="Get a template version",
         responses=_READ_ERRORS,
     )
     def get_template(
@@ -67,16 +80,22 @@ class TemplatesController(Controller):
         *,
         namespace: FromPath[str],
         name: FromPath[str],
+        version: FromPath[str],
         api: Api,
         principal: Caller,
-        version: FromPath[str | None] = None,
     ) -> TemplateResponse:
-        """A template with its whole definition: `version`, else the latest release."""
-        if not principal.sees(namespace):
-            raise TemplateNotFoundError(
-                f"No template {namespace}/{name} is registered; `GET /v1/templates` lists them."
-            )
-        return TemplateResponse.of(api.client.template(namespace, name, version))
+        """One version of a template, with its whole definition."""
+        return _template(api, principal, namespace, name, version)
+
+
+def _template(
+    api: ApiContext, principal: Principal, namespace: str, name: str, version: str | None
+) -> TemplateResponse:
+    if not principal.sees(namespace):
+        raise TemplateNotFoundError(
+            f"No template {namespace}/{name} is registered; `GET /v1/templates` lists them."
+        )
+    return TemplateResponse.of(api.client.template(namespace, name, version))
 
 
 class DlqController(Controller):
@@ -104,7 +123,9 @@ class DlqController(Controller):
                 pattern="^(pending|manually_resolved|permanently_failed|cancelled|all)$",
             ),
         ] = "pending",
-        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
+        limit: Annotated[
+            int, QueryParameter(ge=1, le=1000, description="Entries per page, 1 to 1000.")
+        ] = 50,
     ) -> list[DlqEntryResponse]:
         """DLQ entries, newest first."""
         status = None if resolution_status == "all" else resolution_status

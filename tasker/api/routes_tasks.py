@@ -90,8 +90,8 @@ class TasksController(Controller):
             version=data.version,
             idempotency_key=data.idempotency_key,
             priority=data.priority,
-            correlation_id=data.correlation_id,
-            parent_correlation_id=data.parent_correlation_id,
+            correlation_id=_text(data.correlation_id),
+            parent_correlation_id=_text(data.parent_correlation_id),
             initiator=data.initiator,
             source_system=data.source_system,
             reason=data.reason,
@@ -131,16 +131,16 @@ class TasksController(Controller):
             datetime | None, QueryParameter(description="Requested before (ISO 8601, with zone).")
         ] = None,
         initiator: Text = None,
-        source_system: Annotated[
-            str | None, QueryParameter(description="As given at submit.")
-        ] = None,
+        source_system: Text = None,
         tag: Annotated[
             list[str] | None,
             QueryParameter(
                 description="KEY=VALUE the task's tags hold (VALUE read as JSON if it is)."
             ),
         ] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
+        limit: Annotated[
+            int, QueryParameter(ge=1, le=1000, description="Tasks per page, 1 to 1000.")
+        ] = 50,
         cursor: Annotated[
             str | None, QueryParameter(description="next_cursor of the previous page.")
         ] = None,
@@ -308,6 +308,10 @@ def _status(api: ApiContext, principal: Principal, task_uuid: str) -> TaskStatus
     status = api.client.status(task_uuid)
     visible(principal, status.namespace, status.task_uuid)
     return status
+
+
+def _text(value: object | None) -> str | None:
+    return None if value is None else str(value)
 
 
 def _tags(pairs: list[str] | None) -> dict[str, Any] | None:

@@ -99,6 +99,9 @@ _CREATED_TASK = class_row(_CreatedTask)
 
 #: The longest idempotency key accepted, in characters.
 MAX_KEY_CHARS = 255
+#: The largest tags object, in bytes of JSON: tags label a task for listings, which return them
+#: with every row; data belongs in the context.
+MAX_TAGS_BYTES = 16 * 1024
 
 
 def _validate(request: TaskRequest, max_bytes: int) -> str:
@@ -124,7 +127,7 @@ def _validate(request: TaskRequest, max_bytes: int) -> str:
         _check_text(field, getattr(request, field), 128)
     if request.tags is not None and not isinstance(request.tags, dict):
         raise PayloadError("tags must be a JSON object (a dict).")
-    check_payload(request.tags or {}, "tags")
+    encode_json(request.tags or {}, "tags", limit=MAX_TAGS_BYTES)
     return encode_json(request.context, "context", limit=max_bytes)
 
 
