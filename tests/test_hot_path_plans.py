@@ -1,0 +1,76 @@
+"""The step hot path costs the same with 200,000 finished steps in the tables as with none.
+
+Every statement of submit, claim, completion, readiness and finalization finds its rows through
+an index scoped to its task or step: while workflows run beside 200,000 finished steps (and
+their edges and transitions), no history table is scanned sequentially. The statistics
+collector counts every scan of every statement, the ones inside the SQL functions included.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.history import HISTORY_TABLES, clone_finished_task, table_scans
+from tests.shapes import DIAMOND, LINEAR, Recorder, build_flow
+from tests.support import InProcessFlows
+
+HISTORY_STEPS = 200_000
+
+pytestmark = pytest.mark.slow
+
+
+def _settled_connections(url: str, timeout: float = 30.0) -> None:
+    """Wait until this test's other sessions have exited (their statistics are flushed then)."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            others = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
+            if others == 0:
+                return
+            assert time.monotonic() < deadline, f"{others} sessions still open"
+            time.sleep(0.05)
+
+
+def test_the_hot_path_scans_no_history_table(broker: Any, database_url: str) -> None:
+    flows = InProcessFlows(broker, database_url)
+    fan = {"start": [], **{f"leaf_{n}": ["start"] for n in range(10)}}
+    fan["end"] = [f"leaf_{n}" for n in range(10)]
+    recorder = Recorder()
+    shapes = [
+        build_flow(name, shape, recorder)
+        for name, shape in (("w1", LINEAR), ("w2", DIAMOND), ("w3", fan))
+    ]
+    try:
+        model = flows.run(shapes[0])
+        assert model.state == "complete"
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            added = clone_finished_task(conn, model.task_uuid, HISTORY_STEPS // 4)
+            assert added == HISTORY_STEPS
+            before = table_scans(conn)
+        flows.start(*shapes)
+        handles = [
+            flows.client.submit(flow.namespace, flow.name, {}) for flow in shapes for _ in range(5)
+        ]
+        for handle in handles:
+            assert flows.client.wait(handle.task_uuid, timeout=60).state == "complete"
+    finally:
+        flows.stop()
+        flows.client.close()
+    broker.close()
+    _settled_connections(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        after = table_scans(conn)
+    scans = {
+        table: (after[table][0] - before[table][0], after[table][1] - before[table][1])
+        for table in HISTORY_TABLES
+    }
+    sequential = {table: seq for table, (seq, _) in scans.items() if seq}
+    assert not sequential, f"sequential scans while workflows ran: {sequential} ({scans})"
+    assert all(idx > 0 for _, idx in scans.values()), scans  # the workload did read them
