@@ -205,8 +205,7 @@ def render(header: list[str], rows: list[list[str]]) -> str:
 def load_tasks(conn: Any, count: int) -> dict[str, Any]:
     """``count`` tasks with the set-based INSERT of the listing plan test, indexes rebuilt after,
     half of waiting_for_retry made blocked_by_failures, then VACUUM ANALYZE."""
-    from psycopg import sql
-
+    from tests.history import secondary_task_indexes
     from tests.test_task_listing import MILLION
 
     if MILLION_SERIES not in MILLION:
@@ -214,14 +213,7 @@ def load_tasks(conn: Any, count: int) -> dict[str, Any]:
     statement = MILLION.replace(MILLION_SERIES, f"generate_series(0::bigint, {count - 1})")
     timings: dict[str, float] = {}
     began = time.monotonic()
-    indexes = conn.execute(
-        "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i"
-        " JOIN pg_class c ON c.oid = i.indexrelid"
-        " WHERE i.indrelid = 'tasker.tasks'::regclass AND NOT EXISTS"
-        " (SELECT FROM pg_constraint k WHERE k.conindid = i.indexrelid)"
-    ).fetchall()
-    for name, _ in indexes:
-        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier("tasker", name)))
+    indexes = secondary_task_indexes(conn)
     conn.execute("SET maintenance_work_mem = '256MB'")
     conn.execute(statement)
     timings["insert_s"] = time.monotonic() - began

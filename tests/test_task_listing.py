@@ -20,6 +20,7 @@ import tasker
 from tasker.engine import listing
 from tasker.engine.listing import TaskPage, TaskSummary, list_tasks
 from tasker.exceptions import InvalidFilterError, TaskerError
+from tests.history import secondary_task_indexes
 from tests.support import InProcessFlows
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -610,15 +611,8 @@ def million(server_url: str, database_url: str) -> Iterator[str]:
     """The test's database with a million tasks, the tasks indexes built after the load from
     their definitions (the migrations'), and ANALYZEd."""
     with psycopg.connect(database_url, autocommit=True) as conn:
-        indexes = conn.execute(
-            "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i"
-            " JOIN pg_class c ON c.oid = i.indexrelid"
-            " WHERE i.indrelid = 'tasker.tasks'::regclass AND NOT EXISTS"
-            " (SELECT FROM pg_constraint k WHERE k.conindid = i.indexrelid)"
-        ).fetchall()
+        indexes = secondary_task_indexes(conn)
         assert {"tasks_named_task_idx", "tasks_tags_idx"} <= {name for name, _ in indexes}
-        for name, _ in indexes:
-            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier("tasker", name)))
         conn.execute("SET maintenance_work_mem = '256MB'")
         conn.execute(MILLION)
         for _, definition in indexes:
