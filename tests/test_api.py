@@ -368,6 +368,8 @@ def test_templates_dlq_and_health(api: TestClient[Any], database_url: str) -> No
     assert "tasker_tasks_created_total" in metrics.text or "tasker_api" in metrics.text
     schema = api.get("/api-docs/openapi.json").json()
     assert schema["openapi"].startswith("3.1") and "/v1/tasks" in schema["paths"]
+    ui = api.get("/api-docs")
+    assert ui.status_code == 200 and "swagger" in ui.text.lower()
 
 
 def test_dlq_entries_over_http(api: TestClient[Any], flows: InProcessFlows) -> None:
