@@ -14,6 +14,8 @@ latency phase (workflows one after another). Handoffs (``start(child) - max(end(
 from ``tasker.workflow_steps`` for Tasker and from a ledger file the handlers append to for the
 peers. CPU comes from ``/proc`` via psutil: the worker process trees plus the servers (PostgreSQL
 backends of the benchmark database and PostgreSQL's auxiliary processes; beam.smp; redis-server).
+With ``--history-steps N``, each Tasker system then also runs W1 on an empty database and on one
+holding N finished steps, in alternating phases, and reports the throughput ratio (target 0.9x).
 
 Results: a table on stdout and ``bench/results/workflows_<timestamp>.json``. This is a benchmark,
 not a test: nothing asserts.
@@ -28,6 +30,7 @@ import gc
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -416,12 +419,15 @@ class WaitSampler(threading.Thread):
 class TaskerSystem(System):
     server_processes = ("postgres",)
 
-    def __init__(self, mode: str, *a: Any) -> None:
-        self.key = f"tasker-{mode}"
+    def __init__(self, mode: str, *a: Any, variant: str = "") -> None:
+        """``variant`` (the history comparison's ``empty``/``history``) gets its own database
+        ``<name>_<mode>_<variant>``, ledger and worker log."""
+        self.key = f"tasker-{mode}" + (f"-{variant}" if variant else "")
         self.mode = mode
         super().__init__(*a)
         base = urlsplit(self.args.database_url).path.lstrip("/") or "tasker_wfbench"
-        self.url = with_database(self.args.database_url, f"{base}_{mode}")
+        suffix = f"_{mode}" + (f"_{variant}" if variant else "")
+        self.url = with_database(self.args.database_url, base + suffix)
         self.description = (
             f"python -m dramatiq tasker.actors bench._bench_flows --processes "
             f"{self.args.processes} --threads {self.args.threads}; "
@@ -919,9 +925,12 @@ def summarize_handoffs(workload: Workload, timings: Timings | None, ids: list[st
     return percentiles(handoffs_ms(workload, timings, ids))
 
 
-def run_warmup(system: System, workload: Workload, count: int, tag: str, timeout: float) -> None:
+def run_warmup(
+    system: System, workload: Workload, count: int, tag: str, timeout: float
+) -> list[str]:
     ids = [system.submit(workload, f"{tag}-warm-{workload.key}-{i}") for i in range(count)]
     wait_done(system, workload, ids, timeout, 0.02)
+    return ids
 
 
 def run_throughput(
@@ -1125,6 +1134,195 @@ def run_system(system: System, args: argparse.Namespace, tag: str) -> dict[str, 
     return entry
 
 
+# -- history: W1 beside N finished steps -------------------------------------------------------
+
+HISTORY_TARGET = 0.9  # history / empty steps/s
+HISTORY_TABLES = (  # as in tests/history.py, with the schema pg_stat_user_tables names them by
+    "tasker.tasks",
+    "tasker.workflow_steps",
+    "tasker.workflow_step_edges",
+    "tasker.task_transitions",
+    "tasker.workflow_step_transitions",
+)
+
+
+def run_history(
+    key: str, args: argparse.Namespace, logdir: Path, workdir: Path, tag: str
+) -> dict[str, Any]:
+    """W1 throughput of one Tasker mode on an empty database and on one holding
+    ``--history-steps`` finished steps (copies of a task its warm-up finished). Both databases
+    have the same worker configuration, running for the whole comparison; the phases alternate
+    E,H,H,E (``--history-rounds`` times), so a drift of the shared machine affects both alike."""
+    from tests.history import clone_finished_task
+
+    w1 = WORKLOADS["w1"]
+    mode = key.removeprefix("tasker-")
+    pair = {
+        db: TaskerSystem(mode, args, logdir, workdir, variant=db) for db in ("empty", "history")
+    }
+    entry: dict[str, Any] = {"status": "ok", "history_steps": args.history_steps, "phases": []}
+    try:
+        for system in pair.values():
+            system.setup()
+            system.start_workers()
+        # A warm-up as large as a phase: on tables analyzed with a handful of rows the planner
+        # picks sequential scans that the growing "empty" tables make slower within a phase.
+        warm = {}
+        for db, system in pair.items():
+            wait_until(system.ready, args.boot_timeout, f"{system.key} workers to be ready", 0.1)
+            warm[db] = run_warmup(system, w1, args.workflows, f"{tag}-{db}", args.phase_timeout)
+        history = pair["history"]
+        print(f"[{key} history] cloning {args.history_steps:,} finished steps ...", flush=True)
+        began = time.monotonic()
+        entry["steps_added"] = clone_finished_task(
+            history.conn, warm["history"][0], args.history_steps // w1.steps
+        )
+        entry["clone_seconds"] = round(time.monotonic() - began, 1)
+        began = time.monotonic()
+        history.vacuum()  # the visibility map, once, outside the phases
+        entry["vacuum_seconds"] = round(time.monotonic() - began, 1)
+        entry["database_mb"] = {
+            db: system.conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+            // 2**20
+            for db, system in pair.items()
+        }
+        print(
+            f"[{key} history] {entry['steps_added']:,} steps cloned in "
+            f"{entry['clone_seconds']} s (incl. ANALYZE), VACUUM {entry['vacuum_seconds']} s; "
+            f"database MB {entry['database_mb']}",
+            flush=True,
+        )
+        if args.stats_delay > 0:
+            entry["idle_db_rates_per_s"] = {
+                db: system.measure_idle_rates(args.stats_delay) for db, system in pair.items()
+            }
+        order = ["empty", "history", "history", "empty"] * args.history_rounds
+        for index, db in enumerate(order):
+            tp = run_throughput(pair[db], w1, args.workflows, f"{tag}-{db}{index}", args)
+            entry["phases"].append({"database": db, **tp})
+            print(
+                f"[{key} history] phase {index + 1}/{len(order)} {db}: "
+                f"{tp['steps_per_s']:.0f} steps/s, CPU server "
+                f"{tp['cpu_ms_per_step']['server']:.2f} ms/step",
+                flush=True,
+            )
+        entry["summary"] = history_summary(entry["phases"])
+    except Exception as exc:
+        entry["status"] = "unavailable" if isinstance(exc, UnavailableError) else "error"
+        entry["error"] = f"{exc.__class__.__name__}: {exc}"
+        print(f"[{key} history] failed: {entry['error']}", flush=True)
+    finally:
+        for db, system in pair.items():
+            entry.setdefault("worker_stop", {})[db] = system.stop_workers()
+            entry.setdefault("worker_log_issues", {}).update(
+                {w.label: log_issues(w.log) for w in system.workers}
+            )
+            system.close()
+    return entry
+
+
+def history_per_step(phase: dict[str, Any]) -> dict[str, float | None]:
+    """What PostgreSQL did per step in one phase, from what run_throughput already collects."""
+    db = phase.get("db_per_step") or {}
+
+    def on_history(name: str) -> float | None:
+        return sum(db[name].get(t, 0.0) for t in HISTORY_TABLES) if name in db else None
+
+    return {
+        "server_cpu_ms": phase["cpu_ms_per_step"]["server"],
+        "worker_cpu_ms": phase["cpu_ms_per_step"]["worker"],
+        "rows_returned": db.get("rows_returned"),
+        "history_seq_scans": on_history("seq_scans_by_table"),
+        "history_rows_seq_read": on_history("rows_seq_read_by_table"),
+        "history_rows_idx_fetched": on_history("rows_idx_fetched_by_table"),
+    }
+
+
+def history_summary(phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median steps/s of each database, their ratio, and the ratio of each history phase to
+    the empty phase next to it (E,H | H,E): the spread a single pair would show."""
+    rates = {
+        db: [p["steps_per_s"] for p in phases if p["database"] == db] for db in ("empty", "history")
+    }
+    pairs = []
+    for start in range(0, len(phases) - 3, 4):
+        e1, h1, h2, e2 = (p["steps_per_s"] for p in phases[start : start + 4])
+        pairs += [h1 / e1, h2 / e2]
+    ratio = statistics.median(rates["history"]) / statistics.median(rates["empty"])
+    per_step = {}
+    for db in rates:
+        rows = [history_per_step(p) for p in phases if p["database"] == db]
+        per_step[db] = {
+            name: statistics.median(values)
+            if (values := [r[name] for r in rows if r[name] is not None])
+            else None
+            for name in rows[0]
+        }
+    return {
+        "steps_per_s": {
+            db: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
+            for db, v in rates.items()
+        },
+        "ratio": ratio,
+        "pair_ratios": pairs,
+        "target": HISTORY_TARGET,
+        "met": ratio >= HISTORY_TARGET,
+        "share_of_cores_used": [p["share_of_cores_used"] for p in phases],
+        "per_step_median": per_step,
+    }
+
+
+def render_history(key: str, entry: dict[str, Any], args: argparse.Namespace) -> str:
+    title = f"{key}: W1 on an empty database vs beside {entry['history_steps']:,} finished steps"
+    if entry["status"] != "ok":
+        return f"{title}: {entry['status']}: {entry.get('error', '')}"
+    header = [
+        "phase",
+        "database",
+        "steps/s",
+        "CPU srv",
+        "CPU wrk",
+        "cores",
+        "rows ret",
+        "hist seq scans",
+        "hist seq rows",
+        "hist idx rows",
+    ]
+    rows = [header]
+    for index, phase in enumerate(entry["phases"], start=1):
+        step = history_per_step(phase)
+        rows.append(
+            [
+                str(index),
+                phase["database"],
+                fmt(phase["steps_per_s"]),
+                fmt(step["server_cpu_ms"], 2),
+                fmt(step["worker_cpu_ms"], 2),
+                fmt(phase["share_of_cores_used"], 2),
+                fmt(step["rows_returned"], 1),
+                fmt(step["history_seq_scans"], 2),
+                fmt(step["history_rows_seq_read"], 1),
+                fmt(step["history_rows_idx_fetched"], 1),
+            ]
+        )
+    summary = entry["summary"]
+    rates = summary["steps_per_s"]
+    verdict = "met" if summary["met"] else "NOT met"
+    return "\n".join(
+        [
+            f"{title} ({args.workflows} workflows per phase; clone {entry['clone_seconds']} s). "
+            "Per step: CPU in ms, rows from pg_stat_* ('hist' = the five history tables).",
+            align(rows),
+            f"history / empty steps/s: {summary['ratio']:.2f}x (medians "
+            f"{rates['history']['median']:,.0f} vs {rates['empty']['median']:,.0f}; "
+            f"empty {rates['empty']['min']:,.0f}-{rates['empty']['max']:,.0f}, history "
+            f"{rates['history']['min']:,.0f}-{rates['history']['max']:,.0f}; adjacent pairs "
+            + ", ".join(f"{r:.2f}x" for r in summary["pair_ratios"])
+            + f"); target >= {HISTORY_TARGET}x: {verdict}",
+        ]
+    )
+
+
 # -- machine information and report -------------------------------------------------------------
 
 
@@ -1208,8 +1406,12 @@ def render_table(results: dict[str, Any], args: argparse.Namespace) -> str:
         "CPU srv",
         "CPU tot",
     ]
-    rows = [header, *table_rows(results, args)]
-    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(header))]
+    return align([header, *table_rows(results, args)])
+
+
+def align(rows: list[list[str]]) -> str:
+    """Rows as a text table, the first one the header."""
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
         lines.append(" | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
@@ -1304,6 +1506,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "counters (s); idle backends report statistics up to 10 s late (default 11; "
         "--quick: 0)",
     )
+    parser.add_argument(
+        "--history-steps",
+        type=int,
+        default=0,
+        help="Tasker, W1: also compare throughput on an empty database with one holding this "
+        "many finished steps (a multiple of 4; 0: off)",
+    )
+    parser.add_argument(
+        "--history-rounds",
+        type=int,
+        default=3,
+        help="rounds of E,H,H,E throughput phases of the history comparison (default 3)",
+    )
     parser.add_argument("--phase-timeout", type=float, default=300.0)
     parser.add_argument("--boot-timeout", type=float, default=90.0)
     parser.add_argument("--stop-timeout", type=float, default=30.0)
@@ -1326,6 +1541,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "w3": args.fanout_workflows,
     }
     args.warmup = {"w1": 5, "w2": 5, "w3": 1}
+    args.history_systems = [s for s in args.systems if s.startswith("tasker")]
+    if args.history_steps:
+        if args.history_steps < 0 or args.history_steps % WORKLOADS["w1"].steps:
+            parser.error("--history-steps must be a positive multiple of 4 (W1's steps)")
+        if not args.history_systems or "w1" not in args.workloads or args.history_rounds < 1:
+            parser.error("--history-steps needs a tasker system, w1 and --history-rounds >= 1")
     for url, what in (
         (args.database_url, "--database-url"),
         (args.rabbitmq_url, "--rabbitmq-url"),
@@ -1354,6 +1575,8 @@ def main(argv: list[str] | None = None) -> int:
             "processes": args.processes,
             "threads": args.threads,
             "celery_pool": args.celery_pool,
+            "history_steps": args.history_steps,
+            "history_rounds": args.history_rounds,
             "urls": {
                 "database": redact(args.database_url),
                 "rabbitmq": redact(args.rabbitmq_url),
@@ -1369,6 +1592,11 @@ def main(argv: list[str] | None = None) -> int:
             system = make_system(key, args, logdir, Path(tmp))
             print(f"[{key}] {system.description}", flush=True)
             results[key] = run_system(system, args, stamp)
+        if args.history_steps:
+            report["history"] = {
+                key: run_history(key, args, logdir, Path(tmp), stamp)
+                for key in args.history_systems
+            }
     if not args.no_fsync_probe and any(k.startswith("tasker") for k in results):
         print("[machine] pg_test_fsync -s 1 ...", flush=True)
         report["machine"]["pg_test_fsync"] = fsync_probe(results)
@@ -1376,7 +1604,12 @@ def main(argv: list[str] | None = None) -> int:
     report["finished_at"] = dt.datetime.now(dt.UTC).isoformat()
     table = render_table(results, args)
     ratio_text = render_ratios(report["ratios"])
+    history_text = "\n\n".join(
+        render_history(key, entry, args) for key, entry in report.get("history", {}).items()
+    )
     report["table"] = [*table.splitlines(), "", *ratio_text.splitlines()]
+    if history_text:
+        report["table"] += ["", *history_text.splitlines()]
     path = args.results_dir / f"workflows_{stamp}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print()
@@ -1389,8 +1622,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print()
     print(ratio_text)
+    if history_text:
+        print()
+        print(history_text)
     print(f"\nlogs: {logdir}\nresults: {path}")
-    return 0 if all(e["status"] == "ok" for e in results.values()) else 1
+    entries = [*results.values(), *report.get("history", {}).values()]
+    return 0 if all(e["status"] == "ok" for e in entries) else 1
 
 
 if __name__ == "__main__":
