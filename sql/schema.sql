@@ -89,7 +89,6 @@ TABLE tasker.task_transitions
     to_state text NOT NULL
     metadata jsonb NOT NULL DEFAULT '{}'::jsonb
     sort_key integer NOT NULL
-    most_recent boolean NOT NULL DEFAULT true
     created_at timestamp with time zone NOT NULL DEFAULT clock_timestamp()
 TABLE tasker.tasks
     task_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
@@ -143,7 +142,6 @@ TABLE tasker.workflow_step_transitions
     to_state text NOT NULL
     metadata jsonb NOT NULL DEFAULT '{}'::jsonb
     sort_key integer NOT NULL
-    most_recent boolean NOT NULL DEFAULT true
     created_at timestamp with time zone NOT NULL DEFAULT clock_timestamp()
 TABLE tasker.workflow_steps
     workflow_step_uuid uuid NOT NULL DEFAULT tasker.uuid_generate_v7()
@@ -230,7 +228,6 @@ INDEX scaling_hints_pkey: CREATE UNIQUE INDEX scaling_hints_pkey ON tasker.scali
 INDEX schema_migrations_pkey: CREATE UNIQUE INDEX schema_migrations_pkey ON tasker.schema_migrations USING btree (version)
 INDEX task_namespaces_name_key: CREATE UNIQUE INDEX task_namespaces_name_key ON tasker.task_namespaces USING btree (name)
 INDEX task_namespaces_pkey: CREATE UNIQUE INDEX task_namespaces_pkey ON tasker.task_namespaces USING btree (task_namespace_uuid)
-INDEX task_transitions_current_idx: CREATE UNIQUE INDEX task_transitions_current_idx ON tasker.task_transitions USING btree (task_uuid) WHERE most_recent
 INDEX task_transitions_order_idx: CREATE UNIQUE INDEX task_transitions_order_idx ON tasker.task_transitions USING btree (task_uuid, sort_key)
 INDEX task_transitions_pkey: CREATE UNIQUE INDEX task_transitions_pkey ON tasker.task_transitions USING btree (task_transition_uuid)
 INDEX tasks_active_idx: CREATE INDEX tasks_active_idx ON tasker.tasks USING btree (state, requested_at) WHERE (state <> ALL (ARRAY['complete'::text, 'error'::text, 'cancelled'::text, 'resolved_manually'::text]))
@@ -247,7 +244,6 @@ INDEX tasks_tags_idx: CREATE INDEX tasks_tags_idx ON tasker.tasks USING gin (tag
 INDEX workers_pkey: CREATE UNIQUE INDEX workers_pkey ON tasker.workers USING btree (worker_uuid)
 INDEX workflow_step_edges_from_idx: CREATE INDEX workflow_step_edges_from_idx ON tasker.workflow_step_edges USING btree (from_step_uuid)
 INDEX workflow_step_edges_pkey: CREATE UNIQUE INDEX workflow_step_edges_pkey ON tasker.workflow_step_edges USING btree (to_step_uuid, from_step_uuid)
-INDEX workflow_step_transitions_current_idx: CREATE UNIQUE INDEX workflow_step_transitions_current_idx ON tasker.workflow_step_transitions USING btree (workflow_step_uuid) WHERE most_recent
 INDEX workflow_step_transitions_order_idx: CREATE UNIQUE INDEX workflow_step_transitions_order_idx ON tasker.workflow_step_transitions USING btree (workflow_step_uuid, sort_key)
 INDEX workflow_step_transitions_pkey: CREATE UNIQUE INDEX workflow_step_transitions_pkey ON tasker.workflow_step_transitions USING btree (workflow_step_transition_uuid)
 INDEX workflow_steps_pkey: CREATE UNIQUE INDEX workflow_steps_pkey ON tasker.workflow_steps USING btree (workflow_step_uuid)
@@ -268,8 +264,8 @@ FUNCTION tasker.extend_finalization_v1(p_task uuid, p_holder text, p_lease_secon
 FUNCTION tasker.manual_step_action_v1(p_task uuid, p_step uuid, p_action text, p_results jsonb, p_by text, p_reason text) RETURNS TABLE(outcome text, task_state text, step_state text, reopened boolean) -- body md5 aeaf2bb4a76f50a10de8b9e9241d3e63
 FUNCTION tasker.notify_task_settled_v1() RETURNS trigger -- body md5 a874a2538921a50e9041162767beb3b9
 FUNCTION tasker.queue_metrics_v1(p_queues text[]) RETURNS TABLE(pgmq_name text, depth bigint, oldest_age_s double precision, in_flight bigint, last_msg_id bigint, dead bigint) -- body md5 4efea97e220460a254fdf6d888b72365
-FUNCTION tasker.record_step_transitions_v1(p_steps uuid[], p_from text[], p_to text, p_metadata jsonb) RETURNS void -- body md5 c664754a306f2d25528bd0e112326a7a
-FUNCTION tasker.record_task_transition_v1(p_task uuid, p_from text, p_to text, p_metadata jsonb) RETURNS void -- body md5 aece6dde46bf491527d28a3bf5c55888
+FUNCTION tasker.record_step_transitions_v1(p_steps uuid[], p_from text[], p_to text, p_metadata jsonb) RETURNS void -- body md5 d1ab86595b6c6a2efe90f86c0142fa8f
+FUNCTION tasker.record_task_transition_v1(p_task uuid, p_from text, p_to text, p_metadata jsonb) RETURNS void -- body md5 8a2e3129165e86519355b0b4a0729b1a
 FUNCTION tasker.release_finalization_v1(p_task uuid, p_holder text) RETURNS boolean -- body md5 5174a3d849e9dc0469f9268ea97159b4
 FUNCTION tasker.step_readiness_v1(p_task uuid) RETURNS TABLE(workflow_step_uuid uuid, name text, current_state text, dependencies_satisfied boolean, retry_eligible boolean, ready_for_execution boolean, next_retry_at timestamp with time zone, total_parents integer, completed_parents integer, attempts integer, max_attempts integer) -- body md5 3ca6ede8e6b6454531f1a4c8d4ab8ae5
 FUNCTION tasker.task_execution_context_v1(p_task uuid) RETURNS TABLE(total integer, pending integer, enqueued integer, in_progress integer, enqueued_for_orchestration integer, enqueued_as_error integer, waiting_for_retry integer, completed integer, failed integer, ready integer, execution_status text, recommended_action text, next_retry_at timestamp with time zone) -- body md5 d247f13cab58e464b4f636d44a2c856c

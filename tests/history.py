@@ -52,15 +52,13 @@ JOIN clone_steps f ON f.model = e.from_step_uuid
 JOIN clone_steps t ON t.model = e.to_step_uuid AND t.copy = f.copy;
 
 INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, metadata, sort_key,
-    most_recent, created_at)
-SELECT c.task_uuid, tt.from_state, tt.to_state, tt.metadata, tt.sort_key, tt.most_recent,
-       tt.created_at
+    created_at)
+SELECT c.task_uuid, tt.from_state, tt.to_state, tt.metadata, tt.sort_key, tt.created_at
 FROM clone_tasks c, tasker.task_transitions tt WHERE tt.task_uuid = %(model)s;
 
 INSERT INTO tasker.workflow_step_transitions (workflow_step_uuid, from_state, to_state,
-    metadata, sort_key, most_recent, created_at)
-SELECT m.step_uuid, st.from_state, st.to_state, st.metadata, st.sort_key, st.most_recent,
-       st.created_at
+    metadata, sort_key, created_at)
+SELECT m.step_uuid, st.from_state, st.to_state, st.metadata, st.sort_key, st.created_at
 FROM clone_steps m
 JOIN tasker.workflow_step_transitions st ON st.workflow_step_uuid = m.model;
 """

@@ -292,7 +292,8 @@ def test_cancel_during_a_wide_fan_out_starts_no_step_afterwards(flows: InProcess
     assert done.running_steps, "the cancel came while branches ran"
     cancelled_at = scalar(
         flows.url,
-        "SELECT created_at FROM tasker.task_transitions WHERE task_uuid = %s AND most_recent",
+        "SELECT created_at FROM tasker.task_transitions WHERE task_uuid = %s"
+        " ORDER BY sort_key DESC LIMIT 1",
         (task,),
     )
     wait_for(

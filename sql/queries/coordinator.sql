@@ -17,8 +17,10 @@ FROM tasker.tasks t
 JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
 JOIN tasker.task_namespaces ns ON ns.task_namespace_uuid = nt.task_namespace_uuid
 JOIN tasker.workflow_steps ws ON ws.task_uuid = t.task_uuid
-JOIN tasker.workflow_step_transitions tr
-  ON tr.workflow_step_uuid = ws.workflow_step_uuid AND tr.most_recent
+CROSS JOIN LATERAL (
+    SELECT st.created_at FROM tasker.workflow_step_transitions st
+    WHERE st.workflow_step_uuid = ws.workflow_step_uuid ORDER BY st.sort_key DESC LIMIT 1
+) tr
 WHERE t.state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
   AND (
     (ws.state IN ('enqueued', 'enqueued_for_orchestration',
@@ -62,7 +64,10 @@ RETURNING task_uuid
 -- name: stuck_tasks
 SELECT t.task_uuid, t.state
 FROM tasker.tasks t
-JOIN tasker.task_transitions tr ON tr.task_uuid = t.task_uuid AND tr.most_recent
+CROSS JOIN LATERAL (
+    SELECT tt.created_at FROM tasker.task_transitions tt
+    WHERE tt.task_uuid = t.task_uuid ORDER BY tt.sort_key DESC LIMIT 1
+) tr
 WHERE t.state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually',
                       'blocked_by_failures')
   AND tr.created_at < clock_timestamp() - %(grace_s)s * interval '1 second'
@@ -94,7 +99,10 @@ WITH active AS (
                                     WHERE ws.task_uuid = t.task_uuid)) AS last_activity
     FROM tasker.tasks t
     JOIN tasker.named_tasks nt ON nt.named_task_uuid = t.named_task_uuid
-    JOIN tasker.task_transitions tr ON tr.task_uuid = t.task_uuid AND tr.most_recent
+    CROSS JOIN LATERAL (
+        SELECT tt.created_at FROM tasker.task_transitions tt
+        WHERE tt.task_uuid = t.task_uuid ORDER BY tt.sort_key DESC LIMIT 1
+    ) tr
     WHERE t.state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
       AND NOT EXISTS (SELECT 1 FROM tasker.tasks_dlq d
                       WHERE d.task_uuid = t.task_uuid AND d.resolution_status = 'pending')

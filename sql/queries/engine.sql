@@ -152,6 +152,11 @@ SET state = 'waiting_for_retry', backoff_request_seconds = %(delay_s)s,
 WHERE workflow_step_uuid = %(step)s
 RETURNING next_retry_at
 
+-- Whether a finalizer holds the task's claim now (an unexpired lease).
+-- name: finalization_held
+SELECT 1 FROM tasker.finalization_claims
+WHERE task_uuid = %(task)s AND expires_at > clock_timestamp()
+
 -- name: claim_finalization
 SELECT claimed, held_by, message FROM tasker.claim_finalization_v1(%(task)s, %(holder)s, %(lease_s)s)
 

@@ -1,8 +1,11 @@
-"""Finalization: set a task's final state, exactly once, under an atomic claim.
+"""Finalization: set a task's final state, exactly once.
 
-The claim (``tasker.claim_finalization_v1``) gives one finalizer at a time a lease on the task,
-with an audit row per attempt; the task row lock and the state check make a second finalizer,
-after the first released its claim, a no-op.
+A completion that finds every step complete finishes the task itself, in its own transaction,
+under the task's row lock (:func:`finish_task`): no message, no second hop. The finalization
+stage (a message, then ``claim``, :func:`finalize_task` and ``release``) remains for contention:
+while a finalizer holds the task's claim (``tasker.claim_finalization_v1``: one finalizer at a
+time, a lease, an audit row per attempt), the completion leaves the task to it. The task row lock
+and the state check make every later finalizer a no-op.
 """
 
 from __future__ import annotations
@@ -12,13 +15,20 @@ from typing import Any
 
 from psycopg.rows import class_row
 
+from tasker.engine.messages import FINALIZE, Sender
 from tasker.engine.sql import q
 from tasker.engine.sql_outcomes import ExecutionStatus
 from tasker.engine.task_rows import execution_context, lock_task
 from tasker.engine.transitions import move_task
 from tasker.workflow.states import TaskState
 
-__all__ = ["ClaimResult", "claim_finalization", "finalize_task", "release_finalization"]
+__all__ = [
+    "ClaimResult",
+    "claim_finalization",
+    "finalize_task",
+    "finish_task",
+    "release_finalization",
+]
 
 DEFAULT_CLAIM_LEASE_S = 30
 
@@ -91,3 +101,20 @@ def finalize_task(conn: Any, task_uuid: Any) -> str | None:
                 reason="a step failed permanently",
             )
         return None
+
+
+def finish_task(conn: Any, sender: Sender, task_uuid: Any, current: TaskState) -> str:
+    """Complete a task whose steps are all complete, from ``current`` (``steps_in_process``
+    or ``evaluating_results``); the caller holds the task's row lock. Returns the new state.
+
+    While a finalizer holds the task's claim, the task only moves to ``evaluating_results`` and
+    a finalization message is sent: the claim's holder, or the stage after it, finishes it.
+    """
+    path = () if current is TaskState.EVALUATING_RESULTS else (TaskState.EVALUATING_RESULTS,)
+    if conn.execute(q("finalization_held"), {"task": task_uuid}).fetchone() is not None:
+        final = move_task(conn, task_uuid, current, *path, reason="all steps complete")
+        sender.send_stage(conn, FINALIZE, str(task_uuid))
+        return final
+    return move_task(
+        conn, task_uuid, current, *path, TaskState.COMPLETE, reason="all steps complete"
+    )

@@ -15,7 +15,8 @@ from typing import Any
 from psycopg.rows import class_row
 
 from tasker.engine.enqueue import enqueue_ready_steps
-from tasker.engine.messages import FINALIZE, STEP_ENQUEUE, Sender
+from tasker.engine.finalize import finish_task
+from tasker.engine.messages import STEP_ENQUEUE, Sender
 from tasker.engine.sql import q
 from tasker.engine.sql_outcomes import ExecutionStatus
 from tasker.engine.task_rows import LockedTask, execution_context, lock_task
@@ -167,10 +168,8 @@ def advance_task(conn: Any, sender: Sender, task: LockedTask) -> str | None:
         )
         path = (*evaluating, TaskState.ENQUEUING_STEPS, TaskState.STEPS_IN_PROCESS)
         return move_task(conn, task.task_uuid, current, *path, reason="steps enqueued")
-    if status == ExecutionStatus.ALL_COMPLETE:
-        final = move_task(conn, task.task_uuid, current, *evaluating, reason="all steps complete")
-        sender.send_stage(conn, FINALIZE, str(task.task_uuid))
-        return final
+    if status == ExecutionStatus.ALL_COMPLETE:  # finished here, under the task's lock
+        return finish_task(conn, sender, task.task_uuid, current)
     if status == ExecutionStatus.PROCESSING:
         if current is TaskState.EVALUATING_RESULTS:  # reopened by an operator while steps run
             return move_task(

@@ -53,7 +53,8 @@ from tasker.breakers.database import DatabaseBreaker
 from tasker.breakers.shared import Passage, SharedBreakers
 from tasker.db.errors import is_data_error, is_transient
 from tasker.engine.enqueue import step_messages
-from tasker.engine.messages import FINALIZE, PROCESS_RESULT, STEP_ENQUEUE, Sender
+from tasker.engine.finalize import finish_task
+from tasker.engine.messages import PROCESS_RESULT, STEP_ENQUEUE, Sender
 from tasker.engine.outcomes import (
     StepOutcome,
     minimal_failure_document,
@@ -69,7 +70,7 @@ from tasker.exceptions import DatabaseUnavailableError
 from tasker.workflow.backoff import final_failure_reason
 from tasker.workflow.definition import StepContext
 from tasker.workflow.payloads import MAX_PAYLOAD_BYTES
-from tasker.workflow.states import StepState
+from tasker.workflow.states import StepState, TaskState
 
 __all__ = [
     "DEFAULT_RETRY_WINDOW_S",
@@ -811,8 +812,8 @@ def _complete_inline(
                 str(done.namespace), str(done.workflow), str(done.version), done.task_uuid, pairs
             ),
         )
-    elif done.outcome == CompletionOutcome.FINALIZE:
-        sender.send_stage(conn, FINALIZE, str(done.task_uuid))
+    elif done.outcome == CompletionOutcome.FINALIZE:  # every step complete; the task is locked
+        task_state = finish_task(conn, sender, done.task_uuid, TaskState.EVALUATING_RESULTS)
     elif done.outcome == CompletionOutcome.EVALUATE:  # the general path; the task is locked
         task_state = reevaluate_task(conn, sender, done.task_uuid)
     return ResultApplied(StepState.COMPLETE, task_state)
