@@ -248,6 +248,34 @@ def test_bodies_with_unknown_fields_or_oversized_tags_get_400(api: TestClient[An
     assert bad_state["errors"][0]["field"] == "state"
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+        None,
+    ],
+)
+def test_a_body_not_declared_json_gets_415(api: TestClient[Any], content_type: str | None) -> None:
+    """A browser sends text and form bodies cross-origin without asking first: refused."""
+    body = b'{"namespace": "shop", "name": "order"}'
+    headers = {"content-type": content_type} if content_type else {}
+    response = api.post("/v1/tasks", content=body, headers=headers)
+    _problem(response, 415, "unsupported_media_type")
+    task = api.post("/v1/tasks", json={"namespace": "shop", "name": "order"}).json()["task_uuid"]
+    patch = api.patch(
+        f"/v1/tasks/{task}/workflow_steps/charge",
+        content=b'{"action_type": "resolve_manually"}',
+        headers=headers,
+    )
+    _problem(patch, 415, "unsupported_media_type")
+    for declared in ("application/json; charset=utf-8", "application/problem+json"):
+        accepted = api.post("/v1/tasks", content=body, headers={"content-type": declared})
+        assert accepted.status_code == 201, (declared, accepted.text)
+
+
 def test_unknown_things_get_404(api: TestClient[Any]) -> None:
     missing = "01900000-0000-7000-8000-000000000000"
     _problem(api.get(f"/v1/tasks/{missing}"), 404, "task_not_found")

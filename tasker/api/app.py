@@ -26,9 +26,9 @@ from tasker.api.backpressure import Backpressure
 from tasker.api.context import (
     ApiContext,
     api_context,
+    checked_request,
     principal,
     require_permission,
-    single_valued_query,
 )
 from tasker.api.health import HealthController, MetricsController
 from tasker.api.problems import exception_handlers
@@ -82,7 +82,7 @@ def create_app(settings: Settings, *, client: Client | None = None) -> Litestar:
         path="/",
         route_handlers=[TasksController, TemplatesController, DlqController],
         guards=[require_permission],
-        before_request=single_valued_query,
+        before_request=checked_request,
     )
 
     def _limit_threads() -> None:

@@ -14,8 +14,9 @@ from typing import Any
 from litestar.connection import ASGIConnection, Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency
-from litestar.exceptions import ValidationException
+from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
 
 from tasker.api.auth import Authenticator, Principal
 from tasker.api.backpressure import Backpressure
@@ -29,10 +30,10 @@ __all__ = [
     "ApiContext",
     "Caller",
     "api_context",
+    "checked_request",
     "needs",
     "principal",
     "require_permission",
-    "single_valued_query",
     "visible",
 ]
 
@@ -113,9 +114,18 @@ async def require_permission(
 REPEATABLE_PARAMETERS = frozenset({"state", "tag"})
 
 
-def single_valued_query(request: Request[Any, Any, Any]) -> None:
-    """``before_request`` of ``/v1``: a query parameter given twice that takes one value is a
-    400 naming it (Litestar would read one of the values and drop the other silently)."""
+def checked_request(request: Request[Any, Any, Any]) -> None:
+    """``before_request`` of ``/v1``: a body must be declared JSON, else 415 (a form or text
+    body is what a browser sends cross-origin without asking first); a query parameter given
+    twice that takes one value is a 400 naming it (Litestar would keep one value silently)."""
+    if request.method in ("POST", "PUT", "PATCH"):
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise HTTPException(
+                status_code=HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+                detail=f"The body must be JSON (Content-Type: application/json), not "
+                f"{media_type[:100] or 'undeclared'}.",
+            )
     for name, values in request.query_params.dict().items():
         if len(values) > 1 and name not in REPEATABLE_PARAMETERS:
             message = f"given {len(values)} times; give it once"

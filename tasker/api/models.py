@@ -261,7 +261,8 @@ class ResolveManually(
 
 
 class CompletionData(msgspec.Struct, forbid_unknown_fields=True):
-    """The result dependents read (`metadata` is recorded in the audit)."""
+    """The result dependents read. `metadata` is accepted as seed-spec's clients send it, and
+    not stored: the audit records who completed the step and why (`completed_by`, `reason`)."""
 
     result: Any
     metadata: dict[str, Any] | None = None

@@ -13,6 +13,7 @@ name). Which status an error gets:
 404    no such task, step, template or DLQ entry (or one outside the caller's namespaces)
 409    an idempotency key reused with another context; an action the task's state refuses
 413    a body over ``api.max_body_bytes``
+415    a body that is not declared ``application/json``
 503    PostgreSQL unreachable, or queues past ``api.max_queue_depth`` (``Retry-After``)
 500    a bug: logged with its traceback, answered without internals
 =====  ===========================================================================
@@ -95,6 +96,7 @@ _TITLES = {
     405: "Method Not Allowed",
     409: "Conflict",
     413: "Content Too Large",
+    415: "Unsupported Media Type",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -177,6 +179,7 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
         404: "not_found",
         405: "method_not_allowed",
         413: "body_too_large",
+        415: "unsupported_media_type",
     }.get(exc.status_code, "http_error")
     if exc.status_code == 413:
         detail = f"{detail}: the request body is larger than the API accepts (api.max_body_bytes)."

@@ -192,7 +192,7 @@ class DlqController(Controller):
         **needs("dlq:update"),
         sync_to_thread=True,
         summary="Resolve a DLQ entry",
-        responses=problem_responses(400, 401, 403, 404, 413, 503),
+        responses=problem_responses(400, 401, 403, 404, 413, 415, 503),
     )
     def resolve_entry(
         self,

@@ -63,7 +63,7 @@ class TasksController(Controller):
                 "already names (created false)",
                 generate_examples=False,
             ),
-            **problem_responses(400, 401, 403, 404, 409, 413, 503),
+            **problem_responses(400, 401, 403, 404, 409, 413, 415, 503),
         },
         status_code=HTTP_201_CREATED,
     )
@@ -251,7 +251,7 @@ class TasksController(Controller):
         **needs("steps:resolve"),
         sync_to_thread=True,
         summary="Retry, resolve or complete a step by hand",
-        responses=problem_responses(400, 401, 403, 404, 409, 413, 503),
+        responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 503),
     )
     def act_on_step(
         self,

@@ -127,7 +127,7 @@ def _validate(request: TaskRequest, max_bytes: int) -> str:
         _check_text(field, getattr(request, field), 128)
     if request.tags is not None and not isinstance(request.tags, dict):
         raise PayloadError("tags must be a JSON object (a dict).")
-    encode_json(request.tags or {}, "tags", limit=MAX_TAGS_BYTES)
+    encode_json(request.tags or {}, "tags", limit=MAX_TAGS_BYTES, setting="a fixed limit of tags")
     return encode_json(request.context, "context", limit=max_bytes)
 
 

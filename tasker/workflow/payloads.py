@@ -77,11 +77,18 @@ _HINTS = {
 }
 
 
-def encode_json(value: Any, what: str, *, limit: int = MAX_PAYLOAD_BYTES) -> str:
+def encode_json(
+    value: Any,
+    what: str,
+    *,
+    limit: int = MAX_PAYLOAD_BYTES,
+    setting: str = "engine.max_payload_bytes",
+) -> str:
     """JSON text of ``value`` if it passes the payload rule, else :class:`PayloadError` naming
-    ``what`` (e.g. ``result``), the place inside the value and the fix."""
+    ``what`` (e.g. ``result``), the place inside the value and the fix (``setting``: what sets
+    ``limit``)."""
     check_payload(value, what)
-    return dump_json(value, what, limit=limit)
+    return dump_json(value, what, limit=limit, setting=setting)
 
 
 def check_payload(value: Any, what: str) -> None:
@@ -103,7 +110,13 @@ def payload_problem(value: Any) -> tuple[str, str] | None:
     return _path("", path), message
 
 
-def dump_json(value: Any, what: str, *, limit: int = MAX_PAYLOAD_BYTES) -> str:
+def dump_json(
+    value: Any,
+    what: str,
+    *,
+    limit: int = MAX_PAYLOAD_BYTES,
+    setting: str = "engine.max_payload_bytes",
+) -> str:
     """JSON text of a value already checked by :func:`check_payload`; :class:`PayloadError` when
     it is over ``limit`` bytes (the value's own JSON, not a document around it)."""
     try:
@@ -113,7 +126,7 @@ def dump_json(value: Any, what: str, *, limit: int = MAX_PAYLOAD_BYTES) -> str:
     if len(data) > limit:
         raise PayloadError(
             f"{what} is {len(data):,} bytes of JSON, over the {limit:,}-byte limit "
-            "(engine.max_payload_bytes); store large data elsewhere and pass a reference."
+            f"({setting}); store large data elsewhere and pass a reference."
         )
     return data.decode("utf-8")
 
