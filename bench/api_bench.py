@@ -380,11 +380,9 @@ def body(client: int, number: int, tag: str) -> bytes:
 def http_threads(base_url: str, clients: int, seconds: float, tag: str, timeout: float) -> Tally:
     """``clients`` threads, each with its own keep-alive httpx.Client (one connection)."""
     tally = Tally()
-    start = threading.Barrier(clients + 1)
-    deadline = [0.0]
     headers = {"content-type": "application/json"}
 
-    def run(index: int) -> None:
+    def run(index: int, ready: Callable[[], None], running: Callable[[], bool]) -> None:
         latencies: list[float] = []
         statuses: Counter[str] = Counter()
         errors: Counter[str] = Counter()
@@ -392,9 +390,9 @@ def http_threads(base_url: str, clients: int, seconds: float, tag: str, timeout:
         with httpx.Client(
             base_url=base_url, timeout=timeout, limits=limits, trust_env=False
         ) as http:
-            start.wait(timeout=30)
+            ready()
             for number in itertools.count():
-                if time.perf_counter() >= deadline[0]:
+                if not running():
                     break
                 payload = body(index, number, tag)
                 began = time.perf_counter()
@@ -409,12 +407,7 @@ def http_threads(base_url: str, clients: int, seconds: float, tag: str, timeout:
                     latencies.append(elapsed * 1000)
         tally.merge(latencies, statuses, errors)
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    deadline[0] = time.perf_counter() + seconds
-    start.wait(timeout=30)
-    join_all(threads, seconds + timeout + 10)
+    in_threads(clients, seconds, timeout, run)
     return tally
 
 
@@ -460,16 +453,14 @@ def http_asyncio(base_url: str, clients: int, seconds: float, tag: str, timeout:
 def client_threads(client: Any, clients: int, seconds: float, tag: str, timeout: float) -> Tally:
     """``clients`` threads calling ``tasker.Client.submit`` on one Client (its pool)."""
     tally = Tally()
-    start = threading.Barrier(clients + 1)
-    deadline = [0.0]
 
-    def run(index: int) -> None:
+    def run(index: int, ready: Callable[[], None], running: Callable[[], bool]) -> None:
         latencies: list[float] = []
         statuses: Counter[str] = Counter()
         errors: Counter[str] = Counter()
-        start.wait(timeout=30)
+        ready()
         for number in itertools.count():
-            if time.perf_counter() >= deadline[0]:
+            if not running():
                 break
             context = {"client": index, "n": number, "segment": tag, "order": f"o-{index}-{number}"}
             began = time.perf_counter()
@@ -482,13 +473,35 @@ def client_threads(client: Any, clients: int, seconds: float, tag: str, timeout:
             statuses["created" if handle.created else "existing"] += 1
         tally.merge(latencies, statuses, errors)
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(clients)]
+    in_threads(clients, seconds, timeout, run)
+    return tally
+
+
+def in_threads(
+    clients: int,
+    seconds: float,
+    timeout: float,
+    work: Callable[[int, Callable[[], None], Callable[[], bool]], None],
+) -> None:
+    """Run ``work(index, ready, running)`` in ``clients`` threads: each calls ``ready()`` once
+    set up, all start together, and ``running()`` turns false ``seconds`` later."""
+    start = threading.Barrier(clients + 1)
+    deadline = [0.0]
+
+    def ready() -> None:
+        start.wait(timeout=30)
+
+    def running() -> bool:
+        return time.perf_counter() < deadline[0]
+
+    threads = [
+        threading.Thread(target=work, args=(i, ready, running), daemon=True) for i in range(clients)
+    ]
     for thread in threads:
         thread.start()
     deadline[0] = time.perf_counter() + seconds
     start.wait(timeout=30)
     join_all(threads, seconds + timeout + 10)
-    return tally
 
 
 def join_all(threads: list[threading.Thread], timeout_s: float) -> None:

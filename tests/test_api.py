@@ -465,7 +465,11 @@ def test_deep_queues_get_503_with_retry_after_until_they_drain(
 ) -> None:
     flows.register(_flow())  # no worker runs: step messages stay queued
     settings = _settings(
-        database_url, max_queue_depth=3, backpressure_check_s=0.1, queue_retry_after_s=42
+        # every request reads the depth (0 s between readings; settings allow 0.1 at least)
+        database_url,
+        max_queue_depth=3,
+        backpressure_check_s=0.0,
+        queue_retry_after_s=42,
     )
     app = create_app(settings, client=flows.client)
     body = {"namespace": "shop", "name": "order"}
@@ -476,7 +480,6 @@ def test_deep_queues_get_503_with_retry_after_until_they_drain(
             if response.status_code == 503:
                 break
             accepted += 1
-            time.sleep(0.11)  # past backpressure_check_s: the next request reads the depth
         problem = _problem(response, 503, "backpressure")
         assert response.headers["retry-after"] == "42"
         assert "api.max_queue_depth" in problem["detail"]

@@ -21,7 +21,7 @@ from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
 from tasker.api.auth import Authenticator, Principal
 from tasker.api.backpressure import Backpressure
 from tasker.client import Client
-from tasker.exceptions import TaskNotFoundError
+from tasker.exceptions import TaskNotFoundError, TemplateNotFoundError
 from tasker.settings import ApiSettings
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "needs",
     "principal",
     "require_permission",
+    "scope",
+    "template_not_found",
     "visible",
 ]
 
@@ -132,6 +134,19 @@ def checked_request(request: Request[Any, Any, Any]) -> None:
             raise ValidationException(
                 detail=f"{name}: {message}", extra=[{"key": name, "message": message}]
             )
+
+
+def scope(caller: Principal) -> list[str] | None:
+    """The namespaces a listing is limited to (None: every namespace)."""
+    return sorted(caller.namespaces) if caller.namespaces is not None else None
+
+
+def template_not_found(namespace: str, name: str) -> TemplateNotFoundError:
+    """The 404 of a template outside the caller's namespaces: the same as for one that does
+    not exist."""
+    return TemplateNotFoundError(
+        f"No template {namespace}/{name} is registered; `GET /v1/templates` lists them."
+    )
 
 
 def visible(caller: Principal, namespace: str, task_uuid: str) -> None:

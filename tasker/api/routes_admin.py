@@ -12,7 +12,15 @@ from litestar import Controller, get, patch
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from tasker.api.auth import Principal
-from tasker.api.context import Api, ApiContext, Caller, needs, visible
+from tasker.api.context import (
+    Api,
+    ApiContext,
+    Caller,
+    needs,
+    scope,
+    template_not_found,
+    visible,
+)
 from tasker.api.models import (
     DlqEntryResponse,
     DlqResolution,
@@ -28,7 +36,7 @@ from tasker.engine.staleness import (
     list_dlq,
     resolve_dlq_entry,
 )
-from tasker.exceptions import DlqEntryNotFoundError, TaskNotFoundError, TemplateNotFoundError
+from tasker.exceptions import DlqEntryNotFoundError, TaskNotFoundError
 
 __all__ = ["DlqController", "TemplatesController"]
 
@@ -92,9 +100,7 @@ def _template(
     api: ApiContext, principal: Principal, namespace: str, name: str, version: str | None
 ) -> TemplateResponse:
     if not principal.sees(namespace):
-        raise TemplateNotFoundError(
-            f"No template {namespace}/{name} is registered; `GET /v1/templates` lists them."
-        )
+        raise template_not_found(namespace, name)
     return TemplateResponse.of(api.client.template(namespace, name, version))
 
 
@@ -130,7 +136,7 @@ class DlqController(Controller):
         """DLQ entries, newest first."""
         status = None if resolution_status == "all" else resolution_status
         with api.client.connection() as conn:
-            entries = list_dlq(conn, status=status, limit=limit, namespaces=_scope(principal))
+            entries = list_dlq(conn, status=status, limit=limit, namespaces=scope(principal))
         return [DlqEntryResponse.of(entry) for entry in entries]
 
     @get(
@@ -143,7 +149,7 @@ class DlqController(Controller):
     def stats(self, *, api: Api, principal: Caller) -> list[DlqStatsResponse]:
         """How many entries have each reason and resolution status."""
         with api.client.connection() as conn:
-            found = dlq_stats(conn, namespaces=_scope(principal))
+            found = dlq_stats(conn, namespaces=scope(principal))
         return [DlqStatsResponse.of(group) for group in found]
 
     @get(
@@ -168,7 +174,7 @@ class DlqController(Controller):
                 visible(principal, status.namespace, status.task_uuid)
         with api.client.connection() as conn:
             entries = list_dlq(
-                conn, status=None, limit=1000, task_uuid=task_uuid, namespaces=_scope(principal)
+                conn, status=None, limit=1000, task_uuid=task_uuid, namespaces=scope(principal)
             )
         return [DlqEntryResponse.of(entry) for entry in entries]
 
@@ -214,10 +220,6 @@ class DlqController(Controller):
             )
             entry = get_dlq_entry(conn, entry_uuid)
         return DlqEntryResponse.of(entry)
-
-
-def _scope(principal: Principal) -> list[str] | None:
-    return sorted(principal.namespaces) if principal.namespaces is not None else None
 
 
 def _visible_entry(entry: DlqEntry, principal: Principal) -> DlqEntry:

@@ -16,7 +16,15 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from tasker.api.auth import Principal
-from tasker.api.context import Api, ApiContext, Caller, needs, visible
+from tasker.api.context import (
+    Api,
+    ApiContext,
+    Caller,
+    needs,
+    scope,
+    template_not_found,
+    visible,
+)
 from tasker.api.models import (
     ActionResponse,
     AuditEntryResponse,
@@ -34,7 +42,7 @@ from tasker.api.models import (
 from tasker.api.problems import problem_responses
 from tasker.engine.actions import find_step
 from tasker.engine.status import TaskStatus
-from tasker.exceptions import InvalidFilterError, TemplateNotFoundError
+from tasker.exceptions import InvalidFilterError
 from tasker.workflow.states import TaskState
 
 __all__ = ["TasksController"]
@@ -78,10 +86,7 @@ class TasksController(Controller):
         are past `api.max_queue_depth`, or PostgreSQL cannot be reached.
         """
         if not principal.sees(data.namespace):
-            raise TemplateNotFoundError(
-                f"No template {data.namespace}/{data.name} is registered; `GET /v1/templates` "
-                "lists them."
-            )
+            raise template_not_found(data.namespace, data.name)
         api.backpressure.check()
         handle = api.client.submit(
             data.namespace,
@@ -149,7 +154,6 @@ class TasksController(Controller):
         pass `next_cursor` as `cursor`, with the same filters)."""
         if namespace is not None and not principal.sees(namespace):
             return TaskListResponse(tasks=[], next_cursor=None)
-        scope = sorted(principal.namespaces) if principal.namespaces is not None else None
         page = api.client.list_tasks(
             namespace=namespace,
             workflow=workflow,
@@ -162,7 +166,7 @@ class TasksController(Controller):
             tags=_tags(tag),
             limit=limit,
             cursor=cursor,
-            namespaces=scope,
+            namespaces=scope(principal),
         )
         return TaskListResponse(
             tasks=[TaskSummaryResponse.of(task) for task in page.tasks],
@@ -198,7 +202,7 @@ class TasksController(Controller):
     ) -> CancelResponse:
         """Cancel the task: no step starts after the answer, its queued messages are removed;
         steps running now may finish and are recorded. 409 when the task is final already."""
-        _status(api, principal, task_uuid)
+        _check_visible(api, principal, task_uuid)
         result = api.client.cancel(task_uuid, by=principal.subject, reason=reason)
         return CancelResponse.of(result)
 
@@ -213,7 +217,7 @@ class TasksController(Controller):
         self, task_uuid: FromPath[str], api: Api, principal: Caller
     ) -> list[AuditEntryResponse]:
         """The task's state changes, newest first, with who did what and why for an operator's."""
-        _status(api, principal, task_uuid)
+        _check_visible(api, principal, task_uuid)
         return [AuditEntryResponse.of(e) for e in api.client.audit(task_uuid)]
 
     @get(
@@ -267,7 +271,7 @@ class TasksController(Controller):
         without its result), `complete_manually` (`completion_data.result` becomes its
         result). A task waiting in `blocked_by_failures` (or given up in `error`) moves on.
         409: the step runs now, or its state or the task's does not allow the action."""
-        _status(api, principal, task_uuid)
+        _check_visible(api, principal, task_uuid)
         client = api.client
         if isinstance(data, ResetForRetry):
             result = client.retry_step(
@@ -299,8 +303,15 @@ class TasksController(Controller):
     ) -> list[AuditEntryResponse]:
         """The step's state changes, newest first, with who did what and why for an
         operator's."""
-        _status(api, principal, task_uuid)
+        _check_visible(api, principal, task_uuid)
         return [AuditEntryResponse.of(e) for e in api.client.audit(task_uuid, step)]
+
+
+def _check_visible(api: ApiContext, principal: Principal, task_uuid: str) -> None:
+    """404 for a task outside the caller's namespaces; a caller who sees every namespace needs
+    no read (the action itself answers 404 for a task that does not exist)."""
+    if principal.namespaces is not None:
+        _status(api, principal, task_uuid)
 
 
 def _status(api: ApiContext, principal: Principal, task_uuid: str) -> TaskStatus:
