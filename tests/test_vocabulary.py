@@ -96,11 +96,18 @@ def test_claim_step_answers_are_claim_outcomes(db: Conn) -> None:
     assert set(_YIELDED.findall(_source(db, "claim_step_v2"))) == _values(ClaimOutcome)
 
 
-def test_complete_step_answers_are_completion_outcomes(db: Conn) -> None:
-    source = _source(db, "complete_step_v2")
+@pytest.mark.parametrize("function", ["complete_step_v2", "complete_step_v3"])
+def test_complete_step_answers_are_completion_outcomes(db: Conn, function: str) -> None:
+    source = _source(db, function)
     assert set(_YIELDED.findall(source)) == _values(CompletionOutcome)
     # the execution statuses it branches on are those of the execution context
     assert set(re.findall(r"v_status = '([a-z_]+)'", source)) <= _values(ExecutionStatus)
+
+
+def test_completion_follow_ups_are_the_ones_the_worker_runs(db: Conn) -> None:
+    source = _source(db, "enqueue_ready_children_v1")
+    assert set(re.findall(r"v_names, '([a-z_]+)'::text", source)) == {"evaluate", "recheck"}
+    assert "'evaluate'" in _source(db, "complete_step_v3")
 
 
 def test_execution_context_statuses_are_execution_statuses(db: Conn) -> None:

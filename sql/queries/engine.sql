@@ -111,8 +111,15 @@ WHERE ws.workflow_step_uuid = held.step AND ws.state = 'in_progress'
   AND ws.attempts = held.attempt
 
 -- name: complete_step_fast
-SELECT outcome, task_uuid, namespace, workflow, version, enqueued, enqueued_names
-FROM tasker.complete_step_v2(%(step)s, %(attempt)s, %(results)s::jsonb)
+SELECT outcome, task_uuid, namespace, workflow, version, enqueued, enqueued_names, follow_up
+FROM tasker.complete_step_v3(%(step)s, %(attempt)s, %(results)s::jsonb)
+
+-- After a completion's commit, when one of its children still waited for a sibling that ran:
+-- enqueue the children that are ready now (decision 0013). Read-only unless it enqueues.
+-- name: recheck_children
+SELECT r.enqueued, r.enqueued_names, r.follow_up
+FROM tasker.tasks t, tasker.enqueue_ready_children_v1(t.task_uuid, %(step)s, true) r
+WHERE t.task_uuid = %(task)s AND t.state = 'steps_in_process'
 
 -- Fenced by state and attempt: a worker that lost the step to a re-claim records nothing.
 -- name: finish_step

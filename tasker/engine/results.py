@@ -2,7 +2,9 @@
 
 Both run under the task row lock, so sibling results that arrive at the same instant are applied
 one after the other and a join is never lost. Result processing is idempotent: it acts only on a
-step still waiting for orchestration.
+step still waiting for orchestration. The inline success of a step with children does not take
+that lock (``tasker.complete_step_v3``, decision 0013); what it leaves for after its commit is a
+:class:`FollowUp`, run by :func:`follow_up`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from psycopg.rows import class_row
 
-from tasker.engine.enqueue import enqueue_ready_steps
+from tasker.engine.enqueue import enqueue_ready_steps, step_messages
 from tasker.engine.finalize import finish_task
 from tasker.engine.messages import STEP_ENQUEUE, Sender
 from tasker.engine.sql import q
@@ -25,7 +27,14 @@ from tasker.workflow.backoff import BackoffPolicy, decide_retry
 from tasker.workflow.definition import Workflow
 from tasker.workflow.states import StepState, TaskState
 
-__all__ = ["ResultApplied", "advance_task", "apply_result", "process_result"]
+__all__ = [
+    "FollowUp",
+    "ResultApplied",
+    "advance_task",
+    "apply_result",
+    "follow_up",
+    "process_result",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +55,71 @@ _STEP_RESULT = class_row(_StepResult)
 
 
 @dataclass(frozen=True)
+class FollowUp:
+    """What a step's completion leaves to do after its commit (``tasker.complete_step_v3``,
+    decision 0013): ``recheck`` its children (one waited for a sibling that was running, and of
+    two siblings committing together each may miss the other) or ``evaluate`` the task (a child
+    is held by a failure, a retry or another state) under the task's lock."""
+
+    kind: str  # "recheck" | "evaluate"
+    task_uuid: Any
+    step_uuid: Any
+    namespace: str
+    workflow: str
+    version: str
+
+
+@dataclass(frozen=True)
 class ResultApplied:
     """Where a recorded step outcome left its step and its task (for the worker's metrics)."""
 
     step_state: StepState
     #: The task's state after moving it forward (None: nothing moved it).
     task_state: str | None = None
+    #: Left to do after the commit (:func:`follow_up`); None: nothing.
+    follow_up: FollowUp | None = None
+
+
+@dataclass(frozen=True)
+class _Recheck:
+    """What statement ``recheck_children`` answered."""
+
+    enqueued: list[Any] | None
+    enqueued_names: list[str] | None
+    follow_up: str | None
+
+
+_RECHECK = class_row(_Recheck)
+
+
+def follow_up(conn: Any, sender: Sender, work: FollowUp) -> str | None:
+    """Do what a completion left for after its commit, in transactions of its own; returns the
+    task's new state when an evaluation moved it (None otherwise).
+
+    A recheck that finds a child ready enqueues it and sends its message in one transaction;
+    the enqueue is guarded by the child's state under its row lock, so two rechecks (or a
+    recheck and a completion) enqueue it once. A recheck that finds a child held by something
+    else evaluates the task. If the process dies before this runs, the task has nothing running
+    and the coordinator's recovery sweep moves it on.
+    """
+    if work.kind == "recheck":
+        with conn.transaction(), conn.cursor(row_factory=_RECHECK) as cursor:
+            row: _Recheck | None = cursor.execute(
+                q("recheck_children"), {"task": work.task_uuid, "step": work.step_uuid}
+            ).fetchone()
+            if row is None:
+                return None  # the task no longer runs: whatever moved it decides
+            if row.enqueued:
+                pairs = list(zip(row.enqueued, row.enqueued_names or (), strict=True))
+                sender.send_steps(
+                    conn,
+                    step_messages(
+                        work.namespace, work.workflow, work.version, work.task_uuid, pairs
+                    ),
+                )
+        if row.follow_up != "evaluate":
+            return None
+    return reevaluate_task(conn, sender, work.task_uuid)
 
 
 def process_result(conn: Any, sender: Sender, task_uuid: Any, step_uuid: Any) -> str | None:

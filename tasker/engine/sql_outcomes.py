@@ -34,7 +34,7 @@ class ClaimOutcome(StrEnum):
 
 
 class CompletionOutcome(StrEnum):
-    """What ``tasker.complete_step_v2`` (the inline success of a step) answered."""
+    """What ``tasker.complete_step_v3`` (the inline success of a step) answered (v2 too)."""
 
     LOST = "lost"  # the attempt lost its claim: nothing was recorded
     LATE = "late"  # recorded, but the task had finished already

@@ -62,7 +62,13 @@ from tasker.engine.outcomes import (
     run_handler,
     worker_died_outcome,
 )
-from tasker.engine.results import ResultApplied, apply_result, reevaluate_task
+from tasker.engine.results import (
+    FollowUp,
+    ResultApplied,
+    apply_result,
+    follow_up,
+    reevaluate_task,
+)
 from tasker.engine.sql import q
 from tasker.engine.sql_outcomes import ClaimOutcome, CompletionOutcome
 from tasker.engine.transitions import move_steps
@@ -235,8 +241,8 @@ _CLAIM_ROW = class_row(_ClaimRow)
 
 @dataclass(frozen=True)
 class _Completion:
-    """What ``tasker.complete_step_v2`` answered (``outcome`` is a :class:`CompletionOutcome`)
-    and, for ``enqueued``, the steps it enqueued."""
+    """What ``tasker.complete_step_v3`` answered (``outcome`` is a :class:`CompletionOutcome`),
+    for ``enqueued`` the steps it enqueued, and what is left for after the commit."""
 
     outcome: str
     task_uuid: Any
@@ -245,6 +251,7 @@ class _Completion:
     version: str | None
     enqueued: list[Any] | None
     enqueued_names: list[str] | None
+    follow_up: str | None
 
 
 _COMPLETION = class_row(_Completion)
@@ -622,7 +629,33 @@ class StepExecutor:
                 self.failures_recorded += 1
             return applied
 
-        return self._retrying("record", step_uuid, once, window_s=self.record_window_s)
+        applied = self._retrying("record", step_uuid, once, window_s=self.record_window_s)
+        if applied is not None and applied.follow_up is not None:
+            applied = self._follow_up(applied, applied.follow_up)
+        return applied
+
+    def _follow_up(self, applied: ResultApplied, work: FollowUp) -> ResultApplied:
+        """Run what the completion left for after its commit. The outcome is recorded and the
+        message gone: a failure here is logged, and the recovery sweep moves the task on."""
+        try:
+            task_state = self._retrying(
+                "follow up",
+                str(work.step_uuid),
+                lambda: self._follow_up_once(work),
+            )
+        except Exception:
+            logger.warning(
+                "Step %s: its task's next move after the completion failed; the recovery sweep "
+                "will make it",
+                work.step_uuid,
+                exc_info=True,
+            )
+            return applied
+        return ResultApplied(applied.step_state, task_state or applied.task_state)
+
+    def _follow_up_once(self, work: FollowUp) -> str | None:
+        with self.connect() as conn:
+            return follow_up(conn, self.sender, work)
 
     def _record_minimal(
         self, step_uuid: str, attempt: int, cause: BaseException, delivery: Delivery
@@ -794,7 +827,8 @@ def record_outcome(
 def _complete_inline(
     conn: Any, sender: Sender, step_uuid: str, attempt: int, outcome: StepOutcome
 ) -> ResultApplied | None:
-    """The fast path of a success: one call of ``tasker.complete_step_v2``, then the messages."""
+    """The fast path of a success: one call of ``tasker.complete_step_v3``, then the messages;
+    what it leaves for after the commit is in the answer's ``follow_up``."""
     params = {"step": step_uuid, "attempt": attempt, "results": outcome.document}
     with conn.cursor(row_factory=_COMPLETION) as cursor:
         done: _Completion = cursor.execute(q("complete_step_fast"), params).fetchone()
@@ -816,7 +850,17 @@ def _complete_inline(
         task_state = finish_task(conn, sender, done.task_uuid, TaskState.EVALUATING_RESULTS)
     elif done.outcome == CompletionOutcome.EVALUATE:  # the general path; the task is locked
         task_state = reevaluate_task(conn, sender, done.task_uuid)
-    return ResultApplied(StepState.COMPLETE, task_state)
+    after = None
+    if done.follow_up is not None:
+        after = FollowUp(
+            done.follow_up,
+            done.task_uuid,
+            step_uuid,
+            str(done.namespace),
+            str(done.workflow),
+            str(done.version),
+        )
+    return ResultApplied(StepState.COMPLETE, task_state, after)
 
 
 def task_version(conn: Any, task_uuid: str) -> str | None:
