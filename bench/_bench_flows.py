@@ -2,8 +2,9 @@
 ``python -m dramatiq tasker.actors bench._bench_flows``.
 
 One workflow per workload of ``bench/_bench_ledger.py``, in the namespace ``wfbench``:
-``w1_chain``, ``w2_diamond`` and ``w3_fanout``. Every step runs the same no-op handler. It returns
-``None`` and appends one line to the ledger file when ``BENCH_LEDGER`` is set. The driver's
+``w1_chain``, ``w2_diamond``, ``w3_fanout``, and the wide and long shapes ``w4_wide``
+(1 -> 1,000 -> 1) and ``w5_long`` (a chain of 200). Every step runs the same no-op handler. It
+returns ``None`` and appends one line to the ledger file when ``BENCH_LEDGER`` is set. The driver's
 headline handoff numbers come from ``tasker.workflow_steps``; the ledger gives the same numbers
 at the handler's edges, measured the same way as for the peers.
 """
@@ -16,7 +17,13 @@ from tasker.workflow.definition import StepDefinition
 
 NAMESPACE = "wfbench"
 VERSION = "1.0.0"
-WORKFLOW_NAMES = {"w1": "w1_chain", "w2": "w2_diamond", "w3": "w3_fanout"}
+WORKFLOW_NAMES = {
+    "w1": "w1_chain",
+    "w2": "w2_diamond",
+    "w3": "w3_fanout",
+    "w4": "w4_wide",
+    "w5": "w5_long",
+}
 
 
 def bench_noop(ctx: tasker.StepContext) -> None:

@@ -4,7 +4,12 @@ The workloads (the same DAG for every system):
 
 * ``w1``: linear chain ``s1 -> s2 -> s3 -> s4``;
 * ``w2``: diamond ``a -> (b1, b2) -> d``;
-* ``w3``: fan-out/fan-in ``root -> (m00 .. m49) -> join``.
+* ``w3``: fan-out/fan-in ``root -> (m00 .. m49) -> join``;
+* ``w4`` (wide): fan-out/fan-in ``root -> (w0000 .. w0999) -> join``, 1,002 steps;
+* ``w5`` (long): linear chain ``c001 -> c002 -> ... -> c200``.
+
+``w4`` and ``w5`` are the "wide and long" shapes: the driver runs them only when asked
+(``--shapes`` or ``--workloads``).
 
 The ledger is a plain file. Every step handler appends one line
 ``<workflow id> <step> <t_start_ns> <t_end_ns>\\n`` with a single ``write()`` on an ``O_APPEND``
@@ -21,9 +26,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LEDGER_ENV = "BENCH_LEDGER"
 FANOUT_WIDTH = 50
+WIDE_WIDTH = 1000
+LONG_LENGTH = 200
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,17 @@ def _chain() -> Workload:
     return Workload("w1", "linear chain of 4", parents, "s4")
 
 
+def chain_parents(names: list[str]) -> dict[str, tuple[str, ...]]:
+    """``names`` as a linear chain: each step depends on the one before it."""
+    return {name: (names[index - 1],) if index else () for index, name in enumerate(names)}
+
+
+def is_chain(workload: Workload) -> bool:
+    """Whether every step but the first has exactly its predecessor as its only parent."""
+    names = list(workload.parents)
+    return workload.parents == chain_parents(names)
+
+
 def _diamond() -> Workload:
     parents = {"a": (), "b1": ("a",), "b2": ("a",), "d": ("b1", "b2")}
     return Workload("w2", "diamond 1->2->1", parents, "d")
@@ -65,7 +84,36 @@ def _fanout() -> Workload:
     return Workload("w3", f"fan-out 1->{FANOUT_WIDTH}->1", parents, "join")
 
 
-WORKLOADS: dict[str, Workload] = {w.key: w for w in (_chain(), _diamond(), _fanout())}
+def wide_names(width: int = WIDE_WIDTH) -> list[str]:
+    return [f"w{i:04d}" for i in range(width)]
+
+
+def _wide() -> Workload:
+    middle = wide_names()
+    parents: dict[str, tuple[str, ...]] = {"root": ()}
+    parents.update({name: ("root",) for name in middle})
+    parents["join"] = tuple(middle)
+    return Workload("w4", f"wide fan-out 1->{WIDE_WIDTH:,}->1", parents, "join")
+
+
+def _long() -> Workload:
+    names = [f"c{i:03d}" for i in range(1, LONG_LENGTH + 1)]
+    return Workload("w5", f"long chain of {LONG_LENGTH}", chain_parents(names), names[-1])
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.key: w for w in (_chain(), _diamond(), _fanout(), _wide(), _long())
+}
+#: the wide and long shapes, run only when asked for
+SHAPES = ("w4", "w5")
+
+
+def fan(workload: Workload) -> tuple[list[str], str] | None:
+    """``(middle steps, join)`` of a fan-out/fan-in ``root -> middle -> join``; None otherwise."""
+    middle = [name for name, parents in workload.parents.items() if parents == (workload.root,)]
+    if not middle or workload.parents.get(workload.final) != tuple(middle):
+        return None
+    return middle, workload.final
 
 
 class Ledger:
@@ -141,6 +189,41 @@ def handoffs_ms(workload: Workload, timings: Timings, workflows: Iterable[str]) 
             ready = max(steps[p][1] for p in parents)
             values.append((steps[step][0] - ready) / 1e6)
     return values
+
+
+def fan_in_ms(workload: Workload, timings: Timings, workflows: Iterable[str]) -> dict[str, Any]:
+    """Per workflow of a fan-out/fan-in, from step timings (milliseconds):
+
+    * ``fan_out``: first middle start - root end;
+    * ``middle_spread``: last middle end - first middle end (how long the siblings took to
+      finish, one after another or together);
+    * ``fan_in``: join start - last middle end (the handoff of the join);
+    * ``root_end_to_join_start``: the whole middle section.
+    """
+    shape = fan(workload)
+    out: dict[str, list[float]] = {
+        "fan_out": [],
+        "middle_spread": [],
+        "fan_in": [],
+        "root_end_to_join_start": [],
+    }
+    if shape is None:
+        return {}
+    middle, join = shape
+    for workflow in workflows:
+        steps = timings.get(workflow, {})
+        if workload.root not in steps or join not in steps or any(m not in steps for m in middle):
+            continue
+        root_end = steps[workload.root][1]
+        first_start = min(steps[m][0] for m in middle)
+        first_end = min(steps[m][1] for m in middle)
+        last_end = max(steps[m][1] for m in middle)
+        join_start = steps[join][0]
+        out["fan_out"].append((first_start - root_end) / 1e6)
+        out["middle_spread"].append((last_end - first_end) / 1e6)
+        out["fan_in"].append((join_start - last_end) / 1e6)
+        out["root_end_to_join_start"].append((join_start - root_end) / 1e6)
+    return {name: percentiles(values) for name, values in out.items()}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -3,9 +3,11 @@
 
 How the workloads map onto Celery's canvas:
 
-* ``w1``: ``chain`` of four immutable signatures of ``wfb_step``;
-* ``w2`` and ``w3``: ``chain(root, chord(children, join))``. A chord needs a result backend, so
-  results go to Redis too, which is Celery's default behaviour for every task.
+* ``w1`` and ``w5`` (chains of 4 and 200): ``chain`` of one immutable signature of ``wfb_step``
+  per step;
+* ``w2``, ``w3`` and ``w4`` (fan-outs of 2, 50 and 1,000): ``chain(root, chord(children,
+  join))``. A chord needs a result backend, so results go to Redis too, which is Celery's
+  default behaviour for every task.
 
 Settings that differ from Celery's defaults: ``task_acks_late=True``,
 ``task_reject_on_worker_lost=True``, a visibility timeout of one hour (longer than any run), and
@@ -25,7 +27,7 @@ from typing import Any
 from celery import Celery, chain, chord
 from celery.signals import worker_ready
 
-from bench._bench_ledger import WORKLOADS, noop_step
+from bench._bench_ledger import WORKLOADS, is_chain, noop_step
 
 QUEUE = "wfbench_celery"
 REDIS_PREFIX = "tasker-wfbench-celery:"
@@ -62,7 +64,7 @@ def _announce_ready(sender: Any = None, **_: Any) -> None:
 
 def submit(workload: str, workflow_id: str) -> None:
     spec = WORKLOADS[workload]
-    if workload == "w1":
+    if is_chain(spec):
         chain(*(wfb_step.si(workflow_id, s) for s in spec.parents)).apply_async()
         return
     children = [name for name, parents in spec.parents.items() if parents == (spec.root,)]

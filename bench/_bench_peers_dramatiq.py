@@ -3,13 +3,14 @@
 
 How the workloads map onto Dramatiq's composition primitives:
 
-* ``w1``: ``dramatiq.pipeline`` of four messages of ``wfb_step`` (``pipe_ignore=True``: a step
-  does not take its parent's return value);
-* ``w2`` and ``w3``: Dramatiq has no "message, then group" primitive, so the root actor
-  ``wfb_fanout`` runs the no-op and then starts ``group(children)`` with a completion callback
-  (the join step). That is the idiomatic way to express it. Group callbacks need the
-  ``GroupCallbacks`` middleware and a rate-limiter backend for the barrier: Redis, with keys
-  prefixed ``tasker-wfbench-dq:`` so the driver can delete exactly its own keys.
+* ``w1`` and ``w5`` (chains of 4 and 200): ``dramatiq.pipeline`` of one message of ``wfb_step``
+  per step (``pipe_ignore=True``: a step does not take its parent's return value);
+* ``w2``, ``w3`` and ``w4`` (fan-outs of 2, 50 and 1,000): Dramatiq has no "message, then
+  group" primitive, so the root actor ``wfb_fanout`` runs the no-op and then starts
+  ``group(children)`` with a completion callback (the join step). That is the idiomatic way to
+  express it. Group callbacks need the ``GroupCallbacks`` middleware and a rate-limiter backend
+  for the barrier: Redis, with keys prefixed ``tasker-wfbench-dq:`` so the driver can delete
+  exactly its own keys.
 
 The broker is ``RabbitmqBroker(confirm_delivery=True)`` (durable queues, persistent messages,
 publisher confirms) with Dramatiq's default middleware plus ``GroupCallbacks``. All messages use
@@ -28,7 +29,7 @@ from dramatiq.broker import Broker
 from dramatiq.middleware import GroupCallbacks, default_middleware
 from dramatiq.rate_limits.backends import RedisBackend
 
-from bench._bench_ledger import WORKLOADS, noop_step
+from bench._bench_ledger import WORKLOADS, is_chain, noop_step
 
 QUEUE = "wfbench_dq"
 REDIS_PREFIX = "tasker-wfbench-dq:"
@@ -96,8 +97,8 @@ class Actors:
         self.fanout = wfb_fanout
 
     def submit(self, workload: str, workflow_id: str) -> None:
-        if workload == "w1":
-            steps = list(WORKLOADS["w1"].parents)
+        if is_chain(WORKLOADS[workload]):
+            steps = list(WORKLOADS[workload].parents)
             messages = [
                 self.step.message_with_options(args=(workflow_id, s), pipe_ignore=True)
                 for s in steps

@@ -6,6 +6,7 @@ Run from the repository root (every service on 127.0.0.1)::
     .venv/bin/python bench/workflow_bench.py --quick    # smoke: 40/40/5 workflows, 10 sequential
     .venv/bin/python bench/workflow_bench.py            # full: 200/200/10 workflows, 30 sequential
     .venv/bin/python bench/workflow_bench.py --systems tasker-inline,dramatiq
+    .venv/bin/python bench/workflow_bench.py --systems tasker-inline --workloads w4,w5
 
 Workloads (``bench/_bench_ledger.py``): W1 a chain of 4 steps, W2 a diamond 1->2->1, W3 a fan-out
 1->50->1. For each system the workers are started once; each workload then has a warm-up, a
@@ -16,6 +17,13 @@ peers. CPU comes from ``/proc`` via psutil: the worker process trees plus the se
 backends of the benchmark database and PostgreSQL's auxiliary processes; beam.smp; redis-server).
 With ``--history-steps N``, each Tasker system then also runs W1 on an empty database and on one
 holding N finished steps, in alternating phases, and reports the throughput ratio (target 0.9x).
+
+The wide and long shapes run only when asked for (``--shapes``, or ``--workloads w4,w5``): W4 a
+fan-out 1->1,000->1 and W5 a chain of 200 (2 and 5 throughput workflows, 2 sequential). During a
+Tasker W4 throughput phase a sampler reads ``pg_stat_activity`` every 5 ms and reports how long
+the backends waited on row locks (by wait event: ``Lock:tuple``, ``Lock:transactionid``) and how
+many waited at once. With the fan-in's handoff (join start - last sibling end) and the siblings'
+spread, that shows whether the 1,000 completions serialize on one lock.
 
 Results: a table on stdout and ``bench/results/workflows_<timestamp>.json``. This is a benchmark,
 not a test: nothing asserts.
@@ -50,9 +58,12 @@ if str(REPO_ROOT) not in sys.path:
 import psutil  # noqa: E402
 
 from bench._bench_ledger import (  # noqa: E402
+    SHAPES,
     WORKLOADS,
     Timings,
     Workload,
+    fan,
+    fan_in_ms,
     handoffs_ms,
     percentiles,
 )
@@ -317,6 +328,10 @@ class System:
     def stop_sampler(self, sampler: Any) -> dict[str, Any]:
         return {}
 
+    def start_lock_sampler(self, interval_s: float) -> Any:
+        """Tasker: a :class:`LockWaitSampler` (stopped with ``stop_sampler``); peers: None."""
+        return None
+
     # shared
     def worker_cpu(self) -> float:
         return tree_cpu([w.pid for w in self.workers if w.proc is not None])
@@ -413,6 +428,148 @@ class WaitSampler(threading.Thread):
             "avg_active_backends": sum(self.states.values()) / self.samples if self.samples else 0,
             "states": dict(self.states.most_common(15)),
             "top_queries": dict(self.queries.most_common(12)),
+        }
+
+
+class LockWaitSampler(threading.Thread):
+    """How long Tasker's backends waited on heavyweight locks (row locks: ``Lock:tuple``,
+    ``Lock:transactionid``), sampled every ``interval_s`` (default 5 ms) on its own connection.
+
+    Each sample counts the non-idle client backends of the benchmark database by state and wait
+    event. A sample stands for the time since the previous one, so ``waiters x interval``
+    summed over the samples estimates the backend-seconds spent waiting (unbiased whatever the
+    length of the waits; the sampler's own query time is part of the interval). While someone
+    waits, at most every 50 ms, it also reads the ungranted locks from ``pg_locks`` (lock type,
+    relation, mode), to say on what they wait.
+    """
+
+    DETAIL_EVERY_S = 0.05
+
+    def __init__(self, url: str, interval_s: float = 0.005) -> None:
+        super().__init__(daemon=True, name="lock-wait-sampler")
+        self.url = url
+        self.interval_s = interval_s
+        self.stop_event = threading.Event()
+        self.error: str | None = None
+        self.samples = 0
+        self.queries = 0  # transactions of the sampler (the driver subtracts them from commits)
+        self.sampled_s = 0.0
+        self.busy_s = 0.0  # non-idle backend-seconds (active or idle in transaction)
+        self.wait_s = 0.0  # backend-seconds waiting on a Lock
+        self.with_waiters_s = 0.0  # wall seconds with at least one waiter
+        self.by_event: Counter[str] = Counter()  # state:wait_event_type:wait_event -> seconds
+        self.waiters_hist: Counter[int] = Counter()  # waiters in a sample -> samples
+        self.waiting_queries: Counter[str] = Counter()  # waiters' queries -> samples
+        self.locks: Counter[str] = Counter()  # pg_locks: locktype relation mode -> backends
+        self.detail_samples = 0
+        self.max_waiters = 0
+        self.max_busy = 0
+        self.backend_cpu_s: float | None = None
+        self.thread_cpu_s = 0.0
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # reported, never raised into the phase
+            self.error = f"{exc.__class__.__name__}: {exc}"
+
+    def _run(self) -> None:
+        import psycopg
+
+        cpu_began = time.thread_time()
+        with psycopg.connect(
+            self.url, autocommit=True, connect_timeout=5, application_name="tasker-wfbench-locks"
+        ) as conn:
+            me = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            backend = psutil.Process(me)
+            backend_began = cpu_of(backend)
+            last = time.monotonic()
+            last_detail = 0.0
+            while not self.stop_event.wait(self.interval_s):
+                rows = conn.execute(
+                    "SELECT state, coalesce(wait_event_type, ''), coalesce(wait_event, ''), "
+                    "       CASE WHEN wait_event_type = 'Lock' THEN left(query, 60) END, "
+                    "       count(*) "
+                    "FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "  AND backend_type = 'client backend' AND state <> 'idle' "
+                    "GROUP BY 1, 2, 3, 4",
+                ).fetchall()
+                now = time.monotonic()
+                dt_s, last = now - last, now
+                self.samples += 1
+                self.queries += 1
+                self.sampled_s += dt_s
+                waiters = busy = 0
+                for state, wtype, wevent, query, count in rows:
+                    busy += count
+                    label = f"{state}:{wtype}:{wevent}" if wtype else f"{state}:on-cpu"
+                    self.by_event[label] += count * dt_s
+                    if wtype == "Lock":
+                        waiters += count
+                        self.waiting_queries[" ".join((query or "").split())] += count
+                self.busy_s += busy * dt_s
+                self.wait_s += waiters * dt_s
+                self.waiters_hist[waiters] += 1
+                self.max_waiters = max(self.max_waiters, waiters)
+                self.max_busy = max(self.max_busy, busy)
+                if waiters:
+                    self.with_waiters_s += dt_s
+                    if now - last_detail >= self.DETAIL_EVERY_S:
+                        last_detail = now
+                        self._detail(conn)
+            with contextlib.suppress(psutil.Error):
+                self.backend_cpu_s = cpu_of(backend) - backend_began
+        self.thread_cpu_s = time.thread_time() - cpu_began
+
+    def _detail(self, conn: Any) -> None:
+        rows = conn.execute(
+            "SELECT l.locktype, coalesce(l.relation::regclass::text, ''), l.mode, count(*) "
+            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE NOT l.granted AND a.datname = current_database() "
+            "GROUP BY 1, 2, 3"
+        ).fetchall()
+        self.queries += 1
+        self.detail_samples += 1
+        for locktype, relation, mode, count in rows:
+            self.locks[" ".join(part for part in (locktype, relation, mode) if part)] += count
+
+    def result(self) -> dict[str, Any]:
+        lock_events: Counter[str] = Counter()
+        for label, seconds in self.by_event.items():
+            if ":Lock:" in label:
+                lock_events[label.split(":", 1)[1]] += seconds
+        return {
+            "interval_ms": self.interval_s * 1000,
+            "samples": self.samples,
+            "queries": self.queries,
+            "mean_sample_interval_ms": 1000 * self.sampled_s / self.samples
+            if self.samples
+            else None,
+            "sampled_seconds": self.sampled_s,
+            "lock_wait_seconds": self.wait_s,
+            "lock_wait_seconds_by_event": {k: round(v, 4) for k, v in lock_events.most_common()},
+            "busy_backend_seconds": self.busy_s,
+            "lock_wait_share_of_busy": self.wait_s / self.busy_s if self.busy_s else None,
+            "share_of_time_with_waiters": self.with_waiters_s / self.sampled_s
+            if self.sampled_s
+            else None,
+            "mean_waiters": self.wait_s / self.sampled_s if self.sampled_s else None,
+            "max_waiters": self.max_waiters,
+            "max_busy_backends": self.max_busy,
+            "waiters_histogram": {str(k): v for k, v in sorted(self.waiters_hist.items())},
+            "backend_seconds_by_state": {k: round(v, 4) for k, v in self.by_event.most_common(15)},
+            "waiting_queries": dict(self.waiting_queries.most_common(5)),
+            "ungranted_locks": dict(self.locks.most_common(10)),
+            "ungranted_lock_samples": self.detail_samples,
+            "sampler_cpu_s": {"backend": self.backend_cpu_s, "driver_thread": self.thread_cpu_s},
+            "error": self.error,
+            "note": "non-idle client backends of the benchmark db, sampled every interval_ms "
+            "on the sampler's own connection; seconds are backend-seconds (sum over samples of "
+            "backends x time since the previous sample); 'busy' = active or idle in "
+            "transaction; ungranted_locks counts waiting backends over ungranted_lock_samples "
+            "reads of pg_locks (at most every 50 ms while someone waits); the sampler's "
+            "backend is in the phase's server CPU",
         }
 
 
@@ -647,6 +804,11 @@ class TaskerSystem(System):
         sampler.stop_event.set()
         sampler.join(timeout=10)
         return dict(sampler.result())
+
+    def start_lock_sampler(self, interval_s: float) -> Any:
+        sampler = LockWaitSampler(self.url, interval_s)
+        sampler.start()
+        return sampler
 
     def close(self) -> None:
         if self.client is not None:
@@ -925,6 +1087,21 @@ def summarize_handoffs(workload: Workload, timings: Timings | None, ids: list[st
     return percentiles(handoffs_ms(workload, timings, ids))
 
 
+def phase_timeout(args: argparse.Namespace, workload: Workload, count: int) -> float:
+    """``--phase-timeout``, scaled up for phases of more than 800 steps (W1's 200 workflows):
+    the wide and long shapes must get the time to complete."""
+    return float(args.phase_timeout * max(1.0, count * workload.steps / 800))
+
+
+def add_fan_in(result: dict[str, Any], workload: Workload, got: Collected, ids: list[str]) -> None:
+    """A fan-out/fan-in's fan-out, sibling spread and fan-in handoff (``fan_in_ms``)."""
+    if fan(workload) is None:
+        return
+    result["fan_in_ms"] = fan_in_ms(workload, got.timings, ids)
+    if got.handler_timings is not None:
+        result["fan_in_ms_handler_ledger"] = fan_in_ms(workload, got.handler_timings, ids)
+
+
 def run_warmup(
     system: System, workload: Workload, count: int, tag: str, timeout: float
 ) -> list[str]:
@@ -942,6 +1119,9 @@ def run_throughput(
     else:
         time.sleep(args.settle)
     sampler = system.start_sampler()
+    locks = None
+    if workload.key in args.lock_sample:
+        locks = system.start_lock_sampler(args.lock_sample_ms / 1000)
     counters_before = system.counters()
     counters_before_t = time.monotonic()
     worker_before = system.worker_cpu()
@@ -950,11 +1130,12 @@ def run_throughput(
     began_ns = time.time_ns()
     ids = [system.submit(workload, f"{tag}-tp-{workload.key}-{i}") for i in range(count)]
     submitted_ns = time.time_ns()
-    detected_ns = wait_done(system, workload, ids, args.phase_timeout, 0.05)
+    detected_ns = wait_done(system, workload, ids, phase_timeout(args, workload, count), 0.05)
     worker_after = system.worker_cpu()
     server_after = system.server_snapshot()
     driver_cpu = time.process_time() - driver_before
     waits = system.stop_sampler(sampler) if sampler is not None else None
+    lock_waits = system.stop_sampler(locks) if locks is not None else None
     if counters_before:
         time.sleep(args.stats_delay)  # idle backends report their statistics up to 10 s late
     counters_after = system.counters()
@@ -1000,6 +1181,7 @@ def run_throughput(
     if counters_before and counters_after:
         delta = {k: counters_after[k] - counters_before.get(k, 0.0) for k in counters_after}
         driver = delta.pop("driver_queries") + (waits or {}).get("samples", 0)
+        driver += (lock_waits or {}).get("queries", 0)
         idle = getattr(system, "idle_rates", {})
         idle_commits = idle.get("xact_commit", 0.0) * counters_window_s
 
@@ -1035,6 +1217,11 @@ def run_throughput(
         }
     if waits is not None:
         result["pg_activity"] = waits
+    if lock_waits is not None:
+        lock_waits["lock_wait_ms_per_step"] = 1000 * lock_waits["lock_wait_seconds"] / steps
+        lock_waits["lock_wait_share_of_wall"] = lock_waits["lock_wait_seconds"] / wall_s
+        result["lock_waits"] = lock_waits
+    add_fan_in(result, workload, got, ids)
     return result
 
 
@@ -1049,7 +1236,7 @@ def run_latency(
         workflow = system.submit(workload, f"{tag}-lat-{workload.key}-{i}")
         submitted[workflow] = began
         ids.append(workflow)
-        wait_done(system, workload, [workflow], args.phase_timeout, 0.01)
+        wait_done(system, workload, [workflow], phase_timeout(args, workload, 1), 0.01)
         time.sleep(args.latency_gap_ms / 1000)
     got = system.collect(workload, ids)
     e2e = [(got.completed_ns[i] - submitted[i]) / 1e6 for i in ids if i in got.completed_ns]
@@ -1072,6 +1259,7 @@ def run_latency(
         result["e2e_to_last_step_finished_ms"] = percentiles(
             [(got.last_step_ns[i] - submitted[i]) / 1e6 for i in ids if i in got.last_step_ns]
         )
+    add_fan_in(result, workload, got, ids)
     return result
 
 
@@ -1101,7 +1289,8 @@ def run_system(system: System, args: argparse.Namespace, tag: str) -> dict[str, 
             entry["idle_db_rates_per_s"] = system.measure_idle_rates(args.stats_delay)
         for key in args.workloads:
             workload = WORKLOADS[key]
-            run_warmup(system, workload, args.warmup[key], tag, args.phase_timeout)
+            warm = args.warmup[key]
+            run_warmup(system, workload, warm, tag, phase_timeout(args, workload, warm))
             count = args.throughput_workflows[key]
             tp = run_throughput(system, workload, count, tag, args)
             print(
@@ -1111,7 +1300,9 @@ def run_system(system: System, args: argparse.Namespace, tag: str) -> dict[str, 
                 f"CPU {tp['cpu_ms_per_step']['total']:.2f} ms/step",
                 flush=True,
             )
-            lat = run_latency(system, workload, args.latency_workflows, tag, args)
+            if "lock_waits" in tp:
+                print(f"[{system.key}] {key} {lock_wait_line(tp)}", flush=True)
+            lat = run_latency(system, workload, args.latency_counts[key], tag, args)
             print(
                 f"[{system.key}] {key} latency: e2e p50 {lat['e2e_ms'].get('p50', 0):.1f} ms, "
                 f"p95 {lat['e2e_ms'].get('p95', 0):.1f} ms, handoff p50 "
@@ -1409,6 +1600,96 @@ def render_table(results: dict[str, Any], args: argparse.Namespace) -> str:
     return align([header, *table_rows(results, args)])
 
 
+def lock_wait_line(tp: dict[str, Any]) -> str:
+    """One line on the lock waits of a throughput phase."""
+    locks = tp["lock_waits"]
+    if locks.get("error"):
+        return f"lock waits: sampler failed: {locks['error']}"
+    events = ", ".join(f"{k} {v:.2f} s" for k, v in locks["lock_wait_seconds_by_event"].items())
+    return (
+        f"lock waits: {locks['lock_wait_seconds']:.2f} backend-s "
+        f"({locks['lock_wait_ms_per_step']:.2f} ms/step, "
+        f"{100 * (locks['lock_wait_share_of_busy'] or 0):.0f}% of busy backend time, "
+        f"waiters in {100 * (locks['share_of_time_with_waiters'] or 0):.0f}% of the phase), "
+        f"max {locks['max_waiters']} waiting of {locks['max_busy_backends']} busy; "
+        f"{events or 'no Lock waits seen'} "
+        f"({locks['samples']} samples, mean interval "
+        f"{locks['mean_sample_interval_ms'] or 0:.1f} ms)"
+    )
+
+
+def render_shapes(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """The wide and long shapes: throughput, e2e, the fan-in's handoff and lock waits."""
+    keys = [k for k in args.workloads if k in SHAPES]
+    if not keys:
+        return ""
+    header = [
+        "system",
+        "wl",
+        "steps/s",
+        "wall s",
+        "e2e p50",
+        "e2e max",
+        "fan-out",
+        "sibling spread",
+        "fan-in",
+        "fan-in seq",
+        "lock wait s",
+        "ms/step",
+        "% busy",
+        "max waiters",
+        "by event (s)",
+    ]
+    rows = [header]
+    missing = []
+    for system in args.systems:
+        entry = results[system]
+        for key in keys:
+            w = entry.get("workloads", {}).get(key)
+            if w is None:
+                missing.append(f"{system} {key}: {entry['status']}")
+                continue
+            tp, lat = w["throughput"], w["latency"]
+            fan_tp, fan_lat = tp.get("fan_in_ms", {}), lat.get("fan_in_ms", {})
+            locks = tp.get("lock_waits") or {}
+            events = locks.get("lock_wait_seconds_by_event") or {}
+            rows.append(
+                [
+                    system,
+                    key,
+                    fmt(tp["steps_per_s"]),
+                    fmt(tp["wall_seconds"], 2),
+                    fmt(lat["e2e_ms"].get("p50"), 0),
+                    fmt(lat["e2e_ms"].get("max"), 0),
+                    fmt(fan_tp.get("fan_out", {}).get("p50"), 1),
+                    fmt(fan_tp.get("middle_spread", {}).get("p50"), 0),
+                    fmt(fan_tp.get("fan_in", {}).get("max"), 1),
+                    fmt(fan_lat.get("fan_in", {}).get("p50"), 1),
+                    fmt(locks.get("lock_wait_seconds"), 2),
+                    fmt(locks.get("lock_wait_ms_per_step"), 2),
+                    fmt(100 * locks["lock_wait_share_of_busy"], 0)
+                    if locks.get("lock_wait_share_of_busy") is not None
+                    else "-",
+                    str(locks["max_waiters"]) if "max_waiters" in locks else "-",
+                    " ".join(f"{k.removeprefix('Lock:')}={v:.2f}" for k, v in events.items())
+                    or ("none" if locks else "-"),
+                ]
+            )
+    notes = [
+        "Wide and long shapes (W4 fan-out 1->1,000->1, W5 chain of 200). Times in ms; "
+        "throughput phase unless 'seq' (the sequential phase). 'fan-out' = first sibling "
+        "start - root end (p50), 'sibling spread' = last - first sibling end (p50), 'fan-in' "
+        "= join start - last sibling end (max), e2e from the sequential phase. Lock waits: "
+        "Tasker's backends waiting on a heavyweight lock during the throughput phase, sampled "
+        f"every {args.lock_sample_ms:g} ms (backend-seconds; '% busy' = of the non-idle "
+        "backend time; 'by event' = tuple / transactionid row locks). Lock waits are measured "
+        "for Tasker only (the peers keep no state in PostgreSQL).",
+    ]
+    if missing:
+        notes.append("Not run: " + "; ".join(missing))
+    return "\n".join([notes[0], align(rows), *notes[1:]])
+
+
 def align(rows: list[list[str]]) -> str:
     """Rows as a text table, the first one the header."""
     widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(rows[0]))]
@@ -1427,6 +1708,8 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
         "w1_steps_per_s": ("w1", ("throughput", "steps_per_s"), False),
         "w2_steps_per_s": ("w2", ("throughput", "steps_per_s"), False),
         "w3_steps_per_s": ("w3", ("throughput", "steps_per_s"), False),
+        "w4_steps_per_s": ("w4", ("throughput", "steps_per_s"), False),
+        "w5_steps_per_s": ("w5", ("throughput", "steps_per_s"), False),
         "w1_handoff_p50_ms": ("w1", ("latency", "handoff_ms", "p50"), True),
         "w1_e2e_p50_ms": ("w1", ("latency", "e2e_ms", "p50"), True),
         "w1_cpu_ms_per_step": ("w1", ("throughput", "cpu_ms_per_step", "total"), True),
@@ -1470,7 +1753,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(SYSTEMS),
         help="comma-separated subset of " + ",".join(SYSTEMS) + " (run in this order)",
     )
-    parser.add_argument("--workloads", default="w1,w2,w3", help="subset of w1,w2,w3")
+    parser.add_argument(
+        "--workloads",
+        default="w1,w2,w3",
+        help="subset of w1..w5 (w4, w5: the wide and long shapes; see --shapes)",
+    )
+    parser.add_argument(
+        "--shapes",
+        action="store_true",
+        help="also run the wide and long shapes: w4 (fan-out 1->1,000->1) and w5 (chain of 200)",
+    )
+    parser.add_argument("--wide-workflows", type=int, default=2, help="W4 throughput workflows")
+    parser.add_argument("--long-workflows", type=int, default=5, help="W5 throughput workflows")
+    parser.add_argument(
+        "--shape-latency-workflows", type=int, default=2, help="W4/W5 sequential workflows"
+    )
+    parser.add_argument(
+        "--lock-sample",
+        default="w4",
+        help="workloads whose Tasker throughput phase samples lock waits (comma-separated; "
+        "'' for none)",
+    )
+    parser.add_argument(
+        "--lock-sample-ms", type=float, default=5.0, help="lock-wait sampling interval (ms)"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="40/40/5 workflows, 10 sequential; no pg_test_fsync"
     )
@@ -1533,14 +1839,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown system(s): {', '.join(sorted(unknown))}")
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if args.shapes:
+        args.workloads += [w for w in SHAPES if w not in args.workloads]
     if set(args.workloads) - set(WORKLOADS):
-        parser.error("--workloads takes w1, w2, w3")
+        parser.error("--workloads takes " + ", ".join(WORKLOADS))
+    args.lock_sample = [w.strip() for w in args.lock_sample.split(",") if w.strip()]
+    if set(args.lock_sample) - set(WORKLOADS) or args.lock_sample_ms <= 0:
+        parser.error("--lock-sample takes workloads, --lock-sample-ms a positive number")
     args.throughput_workflows = {
         "w1": args.workflows,
         "w2": args.workflows,
         "w3": args.fanout_workflows,
+        "w4": args.wide_workflows,
+        "w5": args.long_workflows,
     }
-    args.warmup = {"w1": 5, "w2": 5, "w3": 1}
+    args.warmup = {"w1": 5, "w2": 5, "w3": 1, "w4": 1, "w5": 1}
+    args.latency_counts = {k: args.latency_workflows for k in WORKLOADS}
+    args.latency_counts.update({k: args.shape_latency_workflows for k in SHAPES})
     args.history_systems = [s for s in args.systems if s.startswith("tasker")]
     if args.history_steps:
         if args.history_steps < 0 or args.history_steps % WORKLOADS["w1"].steps:
@@ -1570,6 +1885,8 @@ def main(argv: list[str] | None = None) -> int:
             "workloads": {k: WORKLOADS[k].title for k in args.workloads},
             "throughput_workflows": args.throughput_workflows,
             "latency_workflows": args.latency_workflows,
+            "latency_workflows_by_workload": {k: args.latency_counts[k] for k in args.workloads},
+            "lock_sample": {"workloads": args.lock_sample, "interval_ms": args.lock_sample_ms},
             "latency_gap_ms": args.latency_gap_ms,
             "warmup_workflows": args.warmup,
             "processes": args.processes,
@@ -1603,6 +1920,9 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios"] = compute_ratios(results)
     report["finished_at"] = dt.datetime.now(dt.UTC).isoformat()
     table = render_table(results, args)
+    shapes_text = render_shapes(results, args)
+    if shapes_text:
+        table += "\n\n" + shapes_text
     ratio_text = render_ratios(report["ratios"])
     history_text = "\n\n".join(
         render_history(key, entry, args) for key, entry in report.get("history", {}).items()
@@ -1614,8 +1934,15 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print()
     print(
-        f"throughput: {args.workflows} workflows (W3: {args.fanout_workflows}) submitted back to "
-        f"back; latency: {args.latency_workflows} one after another. Times in ms, CPU in ms/step "
+        f"throughput: {args.workflows} workflows (W3: {args.fanout_workflows}"
+        + (
+            f"; W4: {args.wide_workflows}, W5: {args.long_workflows}"
+            if set(SHAPES) & set(args.workloads)
+            else ""
+        )
+        + f") submitted back to back; latency: {args.latency_workflows} one after another"
+        + (f" (W4/W5: {args.shape_latency_workflows})" if set(SHAPES) & set(args.workloads) else "")
+        + ". Times in ms, CPU in ms/step "
         "(throughput phase). 'hand' = handoff in the sequential phase, 'burst hand' = in the "
         "throughput phase."
     )
