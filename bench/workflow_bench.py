@@ -1,5 +1,6 @@
 """Workflow benchmark: Tasker (inline and decoupled result processing) against Dramatiq on
-RabbitMQ and Celery on Redis, with the same three DAGs of no-op steps.
+RabbitMQ, Celery on Redis and DBOS Transact (durable, on the same PostgreSQL), with the same three
+DAGs of no-op steps.
 
 Run from the repository root (every service on 127.0.0.1)::
 
@@ -79,11 +80,11 @@ from bench._common import (  # noqa: E402
 )
 
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
-SYSTEMS = ("tasker-inline", "tasker-decoupled", "dramatiq", "celery")
+SYSTEMS = ("tasker-inline", "tasker-decoupled", "dramatiq", "celery", "dbos")
 DEFAULT_DATABASE_URL = "postgresql://root@127.0.0.1:5432/tasker_wfbench"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-EXTRA_PACKAGES = ("celery", "kombu", "billiard", "psutil", "amqp")
+EXTRA_PACKAGES = ("celery", "kombu", "billiard", "psutil", "amqp", "dbos", "sqlalchemy")
 TERMINAL_ERROR_STATES = ("error", "blocked_by_failures", "cancelled")
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -1048,6 +1049,140 @@ class CelerySystem(PeerSystem):
             self.delete_redis_prefix(self.module.REDIS_PREFIX)
 
 
+class DbosSystem(PeerSystem):
+    """DBOS Transact (``bench/_bench_peers_dbos.py``): durable workflows whose system database is
+    ``<name>_dbos`` on the benchmark's PostgreSQL. Counted like Tasker: the worker process trees
+    and the PostgreSQL cluster less the backends of other databases."""
+
+    key = "dbos"
+    server_processes = ("postgres",)
+
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        base = urlsplit(self.args.database_url).path.lstrip("/") or "tasker_wfbench"
+        self.url = with_database(self.args.database_url, base + "_dbos")
+        self.ready_file = self.workdir / "dbos.ready"
+        self.ready_file.write_bytes(b"")
+        self.description = (
+            f"python -m bench._bench_peers_dbos, {self.args.processes} processes (DBOS "
+            f"executors); steps on a DBOS queue with worker_concurrency {self.args.threads}, "
+            "queues and handles polled every 10 ms"
+        )
+        self.module: Any = None
+        self.submitter: Any = None
+        self.conn: Any = None
+        self.pg: PgCpu | None = None
+        # workflows in progress per process (see the module); clean_env drops BENCH_* variables
+        self.workflow_concurrency = os.environ.get("BENCH_DBOS_WORKFLOW_CONCURRENCY")
+
+    def setup(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        try:
+            from bench import _bench_peers_dbos
+        except ImportError as exc:
+            raise UnavailableError(f"dbos is not installed or failed to import: {exc}") from exc
+        self.module = _bench_peers_dbos
+        name = urlsplit(self.url).path.lstrip("/")
+        if "bench" not in name:
+            raise BenchError(f"Refusing to drop database {name!r}: its name must contain 'bench'.")
+        try:
+            admin = psycopg.connect(
+                with_database(self.url, "postgres"), autocommit=True, connect_timeout=5
+            )
+        except Exception as exc:
+            raise UnavailableError(f"PostgreSQL: {exc}") from exc
+        with admin:
+            ident = sql.Identifier(name)
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+        self.module.create_schema(self.url)
+        self.conn = psycopg.connect(
+            self.url, autocommit=True, connect_timeout=5, application_name="tasker-wfbench-driver"
+        )
+        self.pg = PgCpu(self.conn)
+        self.info = {
+            "database": name,
+            "version": self.conn.execute("SELECT version()").fetchone()[0],
+            "synchronous_commit": self.conn.execute("SHOW synchronous_commit").fetchone()[0],
+            "data_directory": self.conn.execute("SHOW data_directory").fetchone()[0],
+            "queues": [self.module.WORKFLOW_QUEUE, self.module.STEP_QUEUE],
+            "polling_interval_s": self.module.POLLING_INTERVAL_S,
+            "workflow_worker_concurrency": int(self.workflow_concurrency or self.args.threads),
+        }
+        self.submitter = self.module.Submitter(self.url)
+
+    def start_workers(self) -> None:
+        self.workers = []
+        for index in range(1, self.args.processes + 1):
+            env = clean_env() | {
+                "BENCH_DBOS_URL": self.url,
+                "BENCH_DBOS_EXECUTOR": f"wfbench-{index}",
+                "BENCH_DBOS_THREADS": str(self.args.threads),
+                "BENCH_DBOS_WORKFLOW_CONCURRENCY": str(self.info["workflow_worker_concurrency"]),
+                "BENCH_LEDGER": str(self.ledger),
+                "BENCH_READY_FILE": str(self.ready_file),
+                "PYTHONPATH": str(REPO_ROOT),
+                "PYTHONUNBUFFERED": "1",
+            }
+            command = [sys.executable, "-m", "bench._bench_peers_dbos"]
+            label = f"{self.key}-{index}"
+            worker = Worker(label, command, env, self.logdir / f"{label}.log")
+            worker.start()
+            self.workers.append(worker)
+
+    def ready(self) -> bool:
+        self.check_alive()
+        return len(self.ready_file.read_text().splitlines()) >= len(self.workers)
+
+    def submit(self, workload: Workload, workflow_id: str) -> str:
+        self.submitter.submit(workload.key, workflow_id)
+        return workflow_id
+
+    def collect(self, workload: Workload, ids: list[str]) -> Collected:
+        """The ledger, plus DBOS's own view: a workflow records SUCCESS one handle poll after
+        its final step, so wait (bounded) for every one of them before the next phase."""
+        got = super().collect(workload, ids)
+        deadline = time.monotonic() + 10
+        while True:
+            rows = self.conn.execute(
+                "SELECT status, updated_at FROM dbos.workflow_status WHERE workflow_uuid = ANY(%s)",
+                (ids,),
+            ).fetchall()
+            states = Counter(status for status, _ in rows)
+            if states.get("SUCCESS", 0) >= len(ids) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        got.extra["workflow_status"] = dict(states)
+        return got
+
+    def server_snapshot(self) -> Any:
+        assert self.pg is not None
+        return self.pg.snapshot()
+
+    def server_delta(self, before: Any, after: Any) -> float:
+        return PgCpu.delta(before, after)
+
+    def start_sampler(self) -> Any:
+        sampler = WaitSampler(self.url)
+        sampler.start()
+        return sampler
+
+    def stop_sampler(self, sampler: Any) -> dict[str, Any]:
+        sampler.stop_event.set()
+        sampler.join(timeout=10)
+        return dict(sampler.result())
+
+    def close(self) -> None:
+        if self.submitter is not None:
+            with contextlib.suppress(Exception):
+                self.submitter.close()
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+
+
 def make_system(key: str, args: argparse.Namespace, logdir: Path, workdir: Path) -> System:
     if key == "tasker-inline":
         return TaskerSystem("inline", args, logdir, workdir)
@@ -1057,6 +1192,8 @@ def make_system(key: str, args: argparse.Namespace, logdir: Path, workdir: Path)
         return DramatiqSystem(args, logdir, workdir)
     if key == "celery":
         return CelerySystem(args, logdir, workdir)
+    if key == "dbos":
+        return DbosSystem(args, logdir, workdir)
     raise ValueError(key)
 
 
@@ -1701,6 +1838,10 @@ def align(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+PEER_LABELS = {"dramatiq": "Dramatiq+RabbitMQ", "celery": "Celery+Redis", "dbos": "DBOS Transact"}
+DBOS_TARGET = 4.0  # tasker-inline / DBOS steps/s, on each of W1, W2 and W3
+
+
 def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
     """Tasker-inline against each peer (and Tasker-decoupled against each peer, for the JSON)."""
     ratios: dict[str, Any] = {}
@@ -1715,7 +1856,7 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
         "w1_cpu_ms_per_step": ("w1", ("throughput", "cpu_ms_per_step", "total"), True),
     }
     for ours in ("tasker-inline", "tasker-decoupled"):
-        for peer in ("dramatiq", "celery"):
+        for peer in PEER_LABELS:
             pair: dict[str, Any] = {}
             for name, (workload, path, lower_is_better) in specs.items():
                 a = metric(results, ours, workload, path)
@@ -1732,13 +1873,19 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
 
 def render_ratios(ratios: dict[str, Any]) -> str:
     lines = ["Ratios (tasker-inline / peer; throughput: >1 is faster, handoff: <1 is faster):"]
-    for peer in ("dramatiq", "celery"):
+    for peer, label in PEER_LABELS.items():
         pair = ratios.get(f"tasker-inline_vs_{peer}", {})
         parts = []
-        for name in ("w1_steps_per_s", "w2_steps_per_s", "w1_handoff_p50_ms"):
+        names = ["w1_steps_per_s", "w2_steps_per_s", "w1_handoff_p50_ms"]
+        if peer == "dbos":  # the durable peer: the target covers W1, W2 and W3
+            names.insert(2, "w3_steps_per_s")
+        for name in names:
             value = pair.get(name, {}).get("ratio")
             parts.append(f"{name} {'n/a' if value is None else f'{value:.2f}x'}")
-        label = "Dramatiq+RabbitMQ" if peer == "dramatiq" else "Celery+Redis"
+        if peer == "dbos":
+            met = [pair.get(n, {}).get("ratio") for n in names if n.endswith("_steps_per_s")]
+            verdict = "n/a" if None in met else ("met" if min(met) >= DBOS_TARGET else "NOT met")
+            parts.append(f"target >= {DBOS_TARGET:g}x on W1-W3 steps/s: {verdict}")
         lines.append(f"  vs {label}: " + ", ".join(parts))
     return "\n".join(lines)
 
