@@ -955,6 +955,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rabbitmq-url", default=actors.DEFAULT_RABBITMQ_URL)
     parser.add_argument("--redis-url", default=actors.DEFAULT_REDIS_URL)
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="the results JSON (default: RESULTS_DIR/broker_<UTC timestamp>.json)",
+    )
     parser.add_argument("--no-fsync-probe", action="store_true", help="skip pg_test_fsync")
     parser.add_argument("--drain-timeout", type=float, default=600.0)
     parser.add_argument("--boot-timeout", type=float, default=60.0)
@@ -1055,8 +1061,9 @@ def run_all(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    logdir = args.results_dir / f"broker_{stamp}_logs"
+    path = args.output or args.results_dir / f"broker_{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logdir = path.with_name(f"{path.stem}_logs")
     logdir.mkdir()
     report: dict[str, Any] = {
         "started_at": dt.datetime.now(dt.UTC).isoformat(),
@@ -1100,7 +1107,6 @@ def main(argv: list[str] | None = None) -> int:
     report["finished_at"] = dt.datetime.now(dt.UTC).isoformat()
     table = render_table(results, args.brokers)
     report["table"] = table.splitlines()
-    path = args.results_dir / f"broker_{stamp}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print()
     print(

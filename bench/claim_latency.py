@@ -56,13 +56,24 @@ def main() -> None:
     parser.add_argument("--database-url", default=DEFAULT_URL)
     parser.add_argument("--delayed", type=int, default=100_000)
     parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="the results JSON (default: bench/results/claim_<UTC timestamp>.json)",
+    )
     args = parser.parse_args()
+    started = datetime.now(UTC)
 
     _recreate(args.database_url)
     migrate(args.database_url)
     names = map_queue_name("claimbench", "tasker")
     claim = render("broker", "claim", queue=names.table, dead=names.dead_table)
-    results: dict[str, object] = {"delayed": args.delayed, "samples": args.samples}
+    results: dict[str, object] = {
+        "started_at": started.isoformat(),
+        "delayed": args.delayed,
+        "samples": args.samples,
+    }
     with psycopg.connect(args.database_url, autocommit=True) as conn:
         conn.execute("SELECT pgmq.create(%s)", (names.main,))
         conn.execute(
@@ -102,8 +113,8 @@ def main() -> None:
         stats = results[label]
         assert isinstance(stats, dict)
         print(f"{label:<26} {stats['p50_ms']:>8} {stats['p95_ms']:>8} {stats['max_ms']:>8}")
-    out = ROOT / "bench" / "results" / f"claim_{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = args.output or ROOT / "bench" / "results" / f"claim_{started:%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"results: {out}")
 

@@ -18,6 +18,8 @@ peers. CPU comes from ``/proc`` via psutil: the worker process trees plus the se
 backends of the benchmark database and PostgreSQL's auxiliary processes; beam.smp; redis-server).
 With ``--history-steps N``, each Tasker system then also runs W1 on an empty database and on one
 holding N finished steps, in alternating phases, and reports the throughput ratio (target 0.9x).
+With ``--repeat N`` every system runs N times, interleaved (repetition 1 of each, then 2 ...),
+each time on a fresh database with fresh workers; the tables and ratios use the medians.
 
 The wide and long shapes run only when asked for (``--shapes``, or ``--workloads w4,w5``): W4 a
 fan-out 1->1,000->1 and W5 a chain of 200 (2 and 5 throughput workflows, 2 sequential). During a
@@ -388,6 +390,55 @@ class PgCpu:
         return sum(value - before.get(key, 0.0) for key, value in after.items())
 
 
+class PostgresStats:
+    """The database counters of a system whose server is the benchmark's PostgreSQL: commits,
+    rows and WAL per step, with the workers' idle polling subtracted (``run_throughput`` reads
+    them when ``counters`` returns any). Needs ``self.conn``, an autocommit connection to the
+    system's own database; ``driver_queries`` counts the driver's transactions on it."""
+
+    conn: Any
+    driver_queries = 0
+    idle_rates: dict[str, float]
+
+    def counters(self) -> dict[str, float]:
+        row = self.conn.execute(
+            "SELECT xact_commit, tup_inserted, tup_updated, tup_deleted, tup_returned, "
+            "       tup_fetched, pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0') "
+            "FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        names = ("xact_commit", "tup_inserted", "tup_updated", "tup_deleted", "tup_returned")
+        values = {name: float(value) for name, value in zip(names, row, strict=False)}
+        values["tup_fetched"] = float(row[5])
+        values["wal_bytes"] = float(row[6])
+        values["driver_queries"] = float(self.driver_queries)
+        for table, writes, seq_scans, seq_read, idx_fetch in self.conn.execute(
+            "SELECT schemaname || '.' || relname, n_tup_ins + n_tup_upd + n_tup_del, "
+            "       seq_scan, seq_tup_read, coalesce(idx_tup_fetch, 0) "
+            "FROM pg_stat_user_tables"
+        ).fetchall():
+            values[f"rows_written:{table}"] = float(writes)
+            values[f"seq_scans:{table}"] = float(seq_scans)
+            values[f"rows_seq_read:{table}"] = float(seq_read)
+            values[f"rows_idx_fetched:{table}"] = float(idx_fetch)
+        self.driver_queries += 2
+        return values
+
+    def measure_idle_rates(self, delay_s: float) -> dict[str, float]:
+        """Counter rates of the idle workers (their polling), to subtract from phases."""
+        time.sleep(delay_s)
+        before, began = self.counters(), time.monotonic()
+        time.sleep(delay_s)
+        after = self.counters()
+        elapsed = time.monotonic() - began
+        rates = {k: (after[k] - before.get(k, 0.0)) / elapsed for k in after}
+        rates["xact_commit"] -= rates.pop("driver_queries")
+        self.idle_rates = {k: v for k, v in rates.items() if v}
+        return self.idle_rates
+
+    def vacuum(self) -> None:
+        self.conn.execute("VACUUM ANALYZE")
+
+
 class WaitSampler(threading.Thread):
     """Samples ``pg_stat_activity`` of the benchmark database every 50 ms (its own connection):
     what Tasker's backends are doing or waiting for while a throughput phase runs."""
@@ -574,7 +625,7 @@ class LockWaitSampler(threading.Thread):
         }
 
 
-class TaskerSystem(System):
+class TaskerSystem(PostgresStats, System):
     server_processes = ("postgres",)
 
     def __init__(self, mode: str, *a: Any, variant: str = "") -> None:
@@ -757,44 +808,6 @@ class TaskerSystem(System):
 
     def server_delta(self, before: Any, after: Any) -> float:
         return PgCpu.delta(before, after)
-
-    def counters(self) -> dict[str, float]:
-        row = self.conn.execute(
-            "SELECT xact_commit, tup_inserted, tup_updated, tup_deleted, tup_returned, "
-            "       tup_fetched, pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0') "
-            "FROM pg_stat_database WHERE datname = current_database()"
-        ).fetchone()
-        names = ("xact_commit", "tup_inserted", "tup_updated", "tup_deleted", "tup_returned")
-        values = {name: float(value) for name, value in zip(names, row, strict=False)}
-        values["tup_fetched"] = float(row[5])
-        values["wal_bytes"] = float(row[6])
-        values["driver_queries"] = float(self.driver_queries)
-        for table, writes, seq_scans, seq_read, idx_fetch in self.conn.execute(
-            "SELECT schemaname || '.' || relname, n_tup_ins + n_tup_upd + n_tup_del, "
-            "       seq_scan, seq_tup_read, coalesce(idx_tup_fetch, 0) "
-            "FROM pg_stat_user_tables"
-        ).fetchall():
-            values[f"rows_written:{table}"] = float(writes)
-            values[f"seq_scans:{table}"] = float(seq_scans)
-            values[f"rows_seq_read:{table}"] = float(seq_read)
-            values[f"rows_idx_fetched:{table}"] = float(idx_fetch)
-        self.driver_queries += 2
-        return values
-
-    def measure_idle_rates(self, delay_s: float) -> dict[str, float]:
-        """Counter rates of the idle workers (their polling), to subtract from phases."""
-        time.sleep(delay_s)
-        before, began = self.counters(), time.monotonic()
-        time.sleep(delay_s)
-        after = self.counters()
-        elapsed = time.monotonic() - began
-        rates = {k: (after[k] - before.get(k, 0.0)) / elapsed for k in after}
-        rates["xact_commit"] -= rates.pop("driver_queries")
-        self.idle_rates = {k: v for k, v in rates.items() if v}
-        return self.idle_rates
-
-    def vacuum(self) -> None:
-        self.conn.execute("VACUUM ANALYZE")
 
     def start_sampler(self) -> Any:
         sampler = WaitSampler(self.url)
@@ -1250,7 +1263,7 @@ def run_warmup(
 def run_throughput(
     system: System, workload: Workload, count: int, tag: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    if isinstance(system, TaskerSystem):
+    if isinstance(system, PostgresStats):
         system.vacuum()
         time.sleep(max(args.settle, args.stats_delay))  # earlier phases' statistics flushed
     else:
@@ -1422,7 +1435,7 @@ def run_system(system: System, args: argparse.Namespace, tag: str) -> dict[str, 
         wait_until(system.ready, args.boot_timeout, f"{system.key} workers to be ready", 0.1)
         entry["boot_seconds"] = round(time.monotonic() - boot, 2)
         print(f"[{system.key}] workers ready in {entry['boot_seconds']} s", flush=True)
-        if isinstance(system, TaskerSystem) and args.stats_delay > 0:
+        if isinstance(system, PostgresStats) and args.stats_delay > 0:
             entry["idle_db_rates_per_s"] = system.measure_idle_rates(args.stats_delay)
         for key in args.workloads:
             workload = WORKLOADS[key]
@@ -1460,6 +1473,103 @@ def run_system(system: System, args: argparse.Namespace, tag: str) -> dict[str, 
         except Exception as exc:
             entry["cleanup_error"] = f"{exc.__class__.__name__}: {exc}"
     return entry
+
+
+# -- repetitions ----------------------------------------------------------------------------------
+
+#: diagnostics of a phase that are not metrics to take the median of
+SPREAD_SKIP = ("pg_activity", "checks")
+
+
+def run_repetitions(
+    args: argparse.Namespace, logdir: Path, workdir: Path, tag: str
+) -> dict[str, Any]:
+    """``--repeat`` runs of every system, interleaved: repetition 1 of every system, then
+    repetition 2 of every system, and so on, so that a drift of the shared machine hits every
+    system alike. Each repetition is a whole ``run_system``: a fresh database, fresh workers
+    (their logs in ``rep<N>/``), its own warm-up. A system that was unavailable or failed is
+    not run again."""
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in args.systems}
+    for rep in range(1, args.repeat + 1):
+        for key in args.systems:
+            if runs[key] and runs[key][-1]["status"] != "ok":
+                continue
+            rep_logdir = logdir / f"rep{rep}" if args.repeat > 1 else logdir
+            rep_logdir.mkdir(exist_ok=True)
+            system = make_system(key, args, rep_logdir, workdir)
+            print(f"[{key}] repetition {rep}/{args.repeat}: {system.description}", flush=True)
+            runs[key].append(run_system(system, args, f"{tag}-r{rep}"))
+    return {key: merge_repetitions(entries) for key, entries in runs.items()}
+
+
+def merge_repetitions(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's entry over its repetitions. ``workloads[w]`` keeps the shape of a single
+    run (``throughput``, ``latency``: the phases of the median repetition) and adds
+    ``summary`` (median, min, max and every value of each number, over the repetitions) and
+    ``repetitions`` (every phase). ``repetitions`` at the top has what each run recorded
+    besides its workloads (boot, idle rates, worker stops and log issues, errors)."""
+    merged = {k: v for k, v in entries[0].items() if k != "workloads"}
+    failed = [e for e in entries if e["status"] != "ok"]
+    if failed:
+        merged["status"], merged["error"] = failed[0]["status"], failed[0].get("error")
+    merged["repetitions"] = [
+        {"rep": rep, **{k: v for k, v in e.items() if k != "workloads"}}
+        for rep, e in enumerate(entries, start=1)
+    ]
+    phases: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        for key, phase in entry.get("workloads", {}).items():
+            phases.setdefault(key, []).append(phase)
+    merged["workloads"] = {key: merge_phases(runs) for key, runs in phases.items()}
+    return merged
+
+
+def merge_phases(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def median_run(kind: str, path: tuple[str, ...]) -> dict[str, Any]:
+        ordered = sorted(runs, key=lambda run: dig(run[kind], path) or 0.0)
+        return dict(ordered[(len(ordered) - 1) // 2][kind])
+
+    return {
+        "throughput": median_run("throughput", ("steps_per_s",)),
+        "latency": median_run("latency", ("e2e_ms", "p50")),
+        "summary": spread(runs),
+        "repetitions": runs,
+    }
+
+
+def dig(node: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def numbers(node: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """Every number under ``node`` by dotted path, without the diagnostics (SPREAD_SKIP and
+    the per-table breakdowns)."""
+    found: list[tuple[str, float]] = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            found.append((path, float(value)))
+        elif isinstance(value, dict) and key not in SPREAD_SKIP and not key.endswith("_by_table"):
+            found += numbers(value, path + ".")
+    return found
+
+
+def spread(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{"throughput.steps_per_s": {"median", "min", "max", "all"}, ...}`` over the runs."""
+    values: dict[str, list[float]] = {}
+    for run in runs:
+        for path, value in numbers(run):
+            values.setdefault(path, []).append(value)
+    return {
+        path: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
+        for path, v in values.items()
+    }
 
 
 # -- history: W1 beside N finished steps -------------------------------------------------------
@@ -1676,13 +1786,72 @@ def fsync_probe(results: dict[str, Any]) -> dict[str, Any]:
     return pg_test_fsync(data_dir)
 
 
+#: the PostgreSQL settings recorded with a run: what a commit costs, and what else runs
+PG_SETTINGS = (
+    "server_version",
+    "synchronous_commit",
+    "fsync",
+    "wal_sync_method",
+    "full_page_writes",
+    "commit_delay",
+    "commit_siblings",
+    "wal_level",
+    "shared_buffers",
+    "max_wal_size",
+    "autovacuum",
+    "max_connections",
+    "data_directory",
+)
+
+
+def postgres_state(url: str) -> dict[str, Any]:
+    """The version and settings of the PostgreSQL server that ``--database-url`` names."""
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            with_database(url, "postgres"), autocommit=True, connect_timeout=5
+        ) as conn:
+            state = {"version": conn.execute("SELECT version()").fetchone()[0]}
+            for name in PG_SETTINGS:
+                state[name] = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
+            return state
+    except Exception as exc:
+        return {"error": f"{exc.__class__.__name__}: {exc}"}
+
+
+def machine_at_end(results: dict[str, Any]) -> dict[str, Any]:
+    """The load and the commit after the run, and the RabbitMQ and Redis versions and settings
+    the systems recorded at set-up."""
+    from bench.broker_throughput import git_revision
+
+    services: dict[str, Any] = {}
+    for entry in results.values():
+        for name, info in (entry.get("service") or {}).items():
+            if name in ("rabbitmq", "redis") and isinstance(info, dict):
+                services.setdefault(name, info)
+    return {"loadavg_at_end": os.getloadavg(), "git_at_end": git_revision(), "services": services}
+
+
 def metric(results: dict[str, Any], system: str, workload: str, path: tuple[str, ...]) -> Any:
+    """A number of a system's workload: the median over the repetitions."""
     node: Any = results.get(system, {}).get("workloads", {}).get(workload)
-    for part in path:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
+    if not isinstance(node, dict):
+        return None
+    summary = node.get("summary", {}).get(".".join(path))
+    return summary["median"] if summary else dig(node, path)
+
+
+def cell(w: dict[str, Any], path: str, digits: int = 0, with_range: bool = False) -> str:
+    """A table cell: the median over the repetitions, with ``(min-max)`` if asked and there
+    was more than one."""
+    values = w.get("summary", {}).get(path)
+    if values is None:
+        return fmt(dig(w, tuple(path.split("."))), digits)
+    text = fmt(values["median"], digits)
+    if with_range and len(values["all"]) > 1:
+        text += f" ({fmt(values['min'], digits)}-{fmt(values['max'], digits)})"
+    return text
 
 
 def table_rows(results: dict[str, Any], args: argparse.Namespace) -> list[list[str]]:
@@ -1697,22 +1866,22 @@ def table_rows(results: dict[str, Any], args: argparse.Namespace) -> list[list[s
             if w is None:
                 rows.append([system, key, entry["status"]])
                 continue
-            tp, lat = w["throughput"], w["latency"]
             rows.append(
                 [
                     system,
                     key,
-                    fmt(tp["workflows_per_s"], 1),
-                    fmt(tp["steps_per_s"]),
-                    fmt(lat["e2e_ms"].get("p50"), 1),
-                    fmt(lat["e2e_ms"].get("p95"), 1),
-                    fmt(lat["handoff_ms"].get("p50"), 2),
-                    fmt(lat["handoff_ms"].get("p95"), 2),
-                    fmt(tp["handoff_ms"].get("p50"), 1),
-                    fmt(tp["handoff_ms"].get("p95"), 1),
-                    fmt(tp["cpu_ms_per_step"]["worker"], 2),
-                    fmt(tp["cpu_ms_per_step"]["server"], 2),
-                    fmt(tp["cpu_ms_per_step"]["total"], 2),
+                    cell(w, "throughput.workflows_per_s", 1),
+                    cell(w, "throughput.steps_per_s", with_range=True),
+                    cell(w, "latency.e2e_ms.p50", 1),
+                    cell(w, "latency.e2e_ms.p95", 1),
+                    cell(w, "latency.handoff_ms.p50", 2),
+                    cell(w, "latency.handoff_ms.p95", 2),
+                    cell(w, "throughput.handoff_ms.p50", 1),
+                    cell(w, "throughput.handoff_ms.p95", 1),
+                    cell(w, "throughput.cpu_ms_per_step.worker", 2),
+                    cell(w, "throughput.cpu_ms_per_step.server", 2),
+                    cell(w, "throughput.cpu_ms_per_step.total", 2),
+                    cell(w, "throughput.db_per_step.commits", 2),
                 ]
             )
     return rows
@@ -1733,8 +1902,15 @@ def render_table(results: dict[str, Any], args: argparse.Namespace) -> str:
         "CPU wrk",
         "CPU srv",
         "CPU tot",
+        "commits",
     ]
-    return align([header, *table_rows(results, args)])
+    table = align([header, *table_rows(results, args)])
+    if args.repeat == 1:
+        return table
+    return (
+        f"Median of {args.repeat} interleaved repetitions; steps/s with (min-max). The JSON "
+        "has the spread of every number (workloads.<w>.summary).\n" + table
+    )
 
 
 def lock_wait_line(tp: dict[str, Any]) -> str:
@@ -1972,10 +2148,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="rounds of E,H,H,E throughput phases of the history comparison (default 3)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of every system, interleaved (1 of each, then 2 of each ...); the tables "
+        "and ratios use the median, the JSON has the spread (default 1)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="the results JSON (default: RESULTS_DIR/workflows_<UTC timestamp>.json)",
+    )
     parser.add_argument("--phase-timeout", type=float, default=300.0)
     parser.add_argument("--boot-timeout", type=float, default=90.0)
     parser.add_argument("--stop-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.quick:
         args.workflows, args.fanout_workflows, args.latency_workflows = 40, 5, 10
         args.no_fsync_probe = True
@@ -2021,8 +2212,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    logdir = args.results_dir / f"workflows_{stamp}_logs"
+    path = args.output or args.results_dir / f"workflows_{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logdir = path.with_name(f"{path.stem}_logs")
     logdir.mkdir()
     report: dict[str, Any] = {
         "started_at": dt.datetime.now(dt.UTC).isoformat(),
@@ -2041,21 +2233,19 @@ def main(argv: list[str] | None = None) -> int:
             "celery_pool": args.celery_pool,
             "history_steps": args.history_steps,
             "history_rounds": args.history_rounds,
+            "repeat": args.repeat,
             "urls": {
                 "database": redact(args.database_url),
                 "rabbitmq": redact(args.rabbitmq_url),
                 "redis": redact(args.redis_url),
             },
         },
-        "machine": machine(args),
+        "machine": machine(args) | {"postgresql": postgres_state(args.database_url)},
     }
     results: dict[str, Any] = {}
     report["results"] = results
     with tempfile.TemporaryDirectory(prefix="tasker-wfbench-") as tmp:
-        for key in args.systems:
-            system = make_system(key, args, logdir, Path(tmp))
-            print(f"[{key}] {system.description}", flush=True)
-            results[key] = run_system(system, args, stamp)
+        results.update(run_repetitions(args, logdir, Path(tmp), stamp))
         if args.history_steps:
             report["history"] = {
                 key: run_history(key, args, logdir, Path(tmp), stamp)
@@ -2066,6 +2256,7 @@ def main(argv: list[str] | None = None) -> int:
         report["machine"]["pg_test_fsync"] = fsync_probe(results)
     report["ratios"] = compute_ratios(results)
     report["finished_at"] = dt.datetime.now(dt.UTC).isoformat()
+    report["machine"] |= machine_at_end(results)
     table = render_table(results, args)
     shapes_text = render_shapes(results, args)
     if shapes_text:
@@ -2077,7 +2268,6 @@ def main(argv: list[str] | None = None) -> int:
     report["table"] = [*table.splitlines(), "", *ratio_text.splitlines()]
     if history_text:
         report["table"] += ["", *history_text.splitlines()]
-    path = args.results_dir / f"workflows_{stamp}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print()
     print(
