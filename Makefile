@@ -31,11 +31,9 @@ lint: setup  ## ruff, mypy (strict on tasker/) and the import contracts (pyproje
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: setup  ## benchmarks against Dramatiq (RabbitMQ, Redis) and Celery (see bench/README.md)
+bench: setup  ## the benchmarks against the peers in one run, reported in docs/benchmarks.md (see bench/README.md)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	$(BIN)/python bench/broker_throughput.py
-	$(BIN)/python bench/claim_latency.py
-	$(BIN)/python bench/workflow_bench.py
+	$(BIN)/python bench/make_bench.py
 
 clean:
 	rm -rf $(VENV) .tasker .mypy_cache .ruff_cache .pytest_cache
