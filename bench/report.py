@@ -388,6 +388,54 @@ def unreliable_commits(results: dict[str, Any]) -> bool:
     )
 
 
+def fan_row(key: str, workload: str, n: Numbers) -> list[str]:
+    def pair(path: str, digits: int = 1) -> str:
+        return f"{num(n.median(path + '.p50'), digits)} / {num(n.median(path + '.max'), digits)}"
+
+    share = n.median("throughput.lock_waits.lock_wait_share_of_busy")
+    return [
+        system_label(key),
+        workload_label(workload),
+        pair("throughput.fan_in_ms.fan_out"),
+        pair("throughput.fan_in_ms.middle_spread", 0),
+        pair("throughput.fan_in_ms.fan_in"),
+        num(n.median("latency.fan_in_ms.fan_in.p50"), 1),
+        num(n.median("throughput.lock_waits.lock_wait_ms_per_step"), 2),
+        "-" if share is None else f"{100 * share:.0f}%",
+    ]
+
+
+def render_fans(report: dict[str, Any], keys: list[str]) -> list[str]:
+    """The fan-outs' fan-in and the lock waits, where the phases measured them."""
+    rows = []
+    for key, entry in report.get("results", {}).items():
+        for workload in keys:
+            data = (entry.get("workloads") or {}).get(workload)
+            tp = (data or {}).get("throughput") or {}
+            if tp.get("fan_in_ms") or tp.get("lock_waits"):
+                rows.append(fan_row(key, workload, Numbers(data or {})))
+    if not rows:
+        return []
+    header = [
+        "system",
+        "workload",
+        "fan-out p50 / max ms",
+        "sibling spread p50 / max ms",
+        "fan-in p50 / max ms",
+        "fan-in p50 ms, sequential",
+        "lock wait ms/step",
+        "lock wait, share of busy",
+    ]
+    return [
+        "**Fan-outs** (throughput phase unless 'sequential'): fan-out = first sibling start - "
+        "root end, sibling spread = last - first sibling end, fan-in = join start - last sibling "
+        "end; lock waits of Tasker's backends on row locks, where the phase sampled them.",
+        "",
+        *table(header, rows),
+        "",
+    ]
+
+
 # -- ratios and targets ---------------------------------------------------------------------------
 
 
@@ -649,6 +697,7 @@ def render(
         "",
         *render_setup(workflows, keys),
         *render_systems(workflows, keys),
+        *render_fans(workflows, keys),
         *render_ratios(workflows, keys),
         *render_targets(workflows),
         *render_history(workflows),

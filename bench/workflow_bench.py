@@ -1477,8 +1477,9 @@ def run_system(system: System, args: argparse.Namespace, tag: str) -> dict[str, 
 
 # -- repetitions ----------------------------------------------------------------------------------
 
-#: diagnostics of a phase that are not metrics to take the median of
-SPREAD_SKIP = ("pg_activity", "checks")
+#: diagnostics of a phase that are not metrics to take the median of (keys containing "_by_",
+#: breakdowns by table, event or state, are skipped too)
+SPREAD_SKIP = ("pg_activity", "checks", "waiters_histogram", "waiting_queries", "ungranted_locks")
 
 
 def run_repetitions(
@@ -1547,7 +1548,7 @@ def dig(node: Any, path: tuple[str, ...]) -> Any:
 
 def numbers(node: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
     """Every number under ``node`` by dotted path, without the diagnostics (SPREAD_SKIP and
-    the per-table breakdowns)."""
+    the breakdowns)."""
     found: list[tuple[str, float]] = []
     for key, value in node.items():
         path = f"{prefix}{key}"
@@ -1555,7 +1556,7 @@ def numbers(node: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
             continue
         if isinstance(value, int | float):
             found.append((path, float(value)))
-        elif isinstance(value, dict) and key not in SPREAD_SKIP and not key.endswith("_by_table"):
+        elif isinstance(value, dict) and key not in SPREAD_SKIP and "_by_" not in key:
             found += numbers(value, path + ".")
     return found
 

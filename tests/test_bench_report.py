@@ -32,6 +32,19 @@ def phase(steps: float, handoff: float, commits: float | None = None) -> dict[st
     return {"throughput": throughput, "latency": latency}
 
 
+def fan_phase() -> dict[str, Any]:
+    """A fan-out's phase, with its fan-in and the lock waits (the wide shapes' measures)."""
+    run = phase(50, 9.0)
+    fan = {name: {"p50": 4.0, "max": 8.0} for name in ("fan_out", "middle_spread", "fan_in")}
+    run["throughput"]["fan_in_ms"] = fan
+    run["throughput"]["lock_waits"] = {
+        "lock_wait_ms_per_step": 0.5,
+        "lock_wait_share_of_busy": 0.25,
+        "waiting_queries": {"SELECT tasker.complete_step_v3(...)": 7},
+    }
+    return run
+
+
 def repeated(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """A workload as ``workflow_bench.py --repeat`` writes it (the summary of a few paths)."""
     paths = {
@@ -77,7 +90,7 @@ def fake_run() -> dict[str, Any]:
         "results": {
             "tasker-inline": {
                 "status": "ok",
-                "workloads": {"w1": repeated(ours), "w9": repeated([phase(50, 9.0)] * 3)},
+                "workloads": {"w1": repeated(ours), "w9": repeated([fan_phase()] * 3)},
             },
             "celery": {
                 "status": "ok",
@@ -123,6 +136,10 @@ def test_renders_what_the_json_holds_known_or_not() -> None:
     assert f"0.43{R}0.50{X}" in text  # the repetitions' own ratios: 300/600, 320/700, 280/650
     assert "not met" in text  # against Celery: at least 2x wanted
     assert "unavailable: RabbitMQ: connection refused" in text
+    assert (
+        "**Fan-outs**" in text and "| Tasker inline | W9 | 4.0 / 8.0 | 4 / 8 | 4.0 / 8.0 |" in text
+    )
+    assert "| 0.50 | 25% |" in text  # lock wait ms per step, share of the busy backend time
     assert "**History growth**" in text and f"**1.00{X}**" in text and "**met**" in text
     assert "**with uncommitted changes**" in text
     assert "1.50 / 1.20 / 1.00 at the start" in text
@@ -220,6 +237,9 @@ def test_workflow_bench_merges_repetitions_into_medians_and_spread() -> None:
     }
     assert w1["summary"]["throughput.db_per_step.commits"]["median"] == 3.2
     assert "throughput.pg_activity.samples" not in w1["summary"]  # diagnostics, not metrics
+    waits = workflow_bench.merge_phases([fan_phase()])["summary"]
+    assert waits["throughput.lock_waits.lock_wait_share_of_busy"]["median"] == 0.25
+    assert not [path for path in waits if "waiting_queries" in path]
     assert len(w1["repetitions"]) == 3
     results = {"tasker-inline": merged}
     assert workflow_bench.metric(results, "tasker-inline", "w1", ("latency", "handoff_ms", "p50"))
