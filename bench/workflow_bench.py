@@ -1062,10 +1062,11 @@ class CelerySystem(PeerSystem):
             self.delete_redis_prefix(self.module.REDIS_PREFIX)
 
 
-class DbosSystem(PeerSystem):
+class DbosSystem(PostgresStats, PeerSystem):
     """DBOS Transact (``bench/_bench_peers_dbos.py``): durable workflows whose system database is
     ``<name>_dbos`` on the benchmark's PostgreSQL. Counted like Tasker: the worker process trees
-    and the PostgreSQL cluster less the backends of other databases."""
+    and the PostgreSQL cluster less the backends of other databases, and the database's commits,
+    rows and WAL per step (``PostgresStats``)."""
 
     key = "dbos"
     server_processes = ("postgres",)
