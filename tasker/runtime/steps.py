@@ -21,6 +21,7 @@ import inspect
 import logging
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import dramatiq
@@ -34,6 +35,7 @@ from tasker.db.errors import is_transient
 from tasker.engine.steps import StepExecutor, StepRunner, mark_step_waiting, task_version
 from tasker.exceptions import DatabaseUnavailableError
 from tasker.runtime.sender import BrokerSender
+from tasker.runtime.step_claims import StepCoClaimer
 from tasker.workflow.definition import (
     StepDefinition,
     Workflow,
@@ -89,6 +91,11 @@ class _Delivery:
         else:  # another broker: let Dramatiq's Retries re-send it
             raise Retry(delay=int(delay_s * 1000))
 
+    def claimed_step(self) -> Mapping[str, Any] | None:
+        if isinstance(self._message, PGMQMessageProxy) and isinstance(self._message.co_claim, dict):
+            return self._message.co_claim
+        return None
+
 
 class StepActors:
     """The step actors of one broker, their runners per workflow version, and their executor."""
@@ -108,6 +115,9 @@ class StepActors:
         )
         broker.lease_hooks.append(self.executor)
         broker.unknown_actor_hooks.append(self._note_unknown_actor)
+        #: Claims steps with their messages (decision 0014); steps with a breaker are left out.
+        self.co_claimer = StepCoClaimer(broker)
+        broker.co_claimer = self.co_claimer
         self._runners: dict[tuple[str, str, str, str], StepRunner] = {}
         self._logged: set[str] = set()
         self._lock = threading.Lock()
@@ -137,6 +147,8 @@ class StepActors:
 
         run.__name__ = step.name
         self._declare(actor_name, flow.queue_name, run, _time_limit(step))
+        if step.breaker is None:
+            self.co_claimer.add(flow.queue_name, actor_name)
         legacy = legacy_step_actor_name(flow.namespace, flow.name, step.name)
         if legacy not in self.broker.actors:
 
