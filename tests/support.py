@@ -65,6 +65,17 @@ class WorkerProcess:
         log.close()
         return self
 
+    def alive_without_children(self) -> bool:
+        """The `dramatiq` parent runs but has no worker process under it (a worker process
+        died and the parent did not follow): it will never consume again."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return not path.read_text().split()
+        except OSError:
+            return False
+
     def kill(self) -> None:
         """SIGKILL the whole worker (parent and children)."""
         assert self.proc is not None

@@ -85,6 +85,7 @@ def test_graceful_shutdown_requeues_prefetched_messages_at_once(
     assert count(app_db, "test_exec_log", "kind='start'") == 8  # each ran exactly once
 
 
+@pytest.mark.timeout(300)  # its own bounded waits add up to 180 s
 def test_poison_message_is_dead_lettered_and_others_keep_flowing(
     app_db: str, producer: PGMQBroker, workers: list[WorkerProcess], tmp_path: Path
 ) -> None:
@@ -92,13 +93,23 @@ def test_poison_message_is_dead_lettered_and_others_keep_flowing(
     send_work(producer, "poison", actor="die")
     send_work(producer, "healthy")
     worker = _worker(workers, app_db, tmp_path, **settings).start(threads=1)
+    childless_since: float | None = None
 
     def dead_lettered() -> bool:
         # Under `dramatiq tasker.actors` the whole worker exits when the poison message kills its
         # process: start it again, as the container runtime would, until the message is gone.
-        nonlocal worker
+        # A parent left running without its worker process (it missed the child's death) is
+        # replaced too, once it has been childless for 5 s (a booting parent has no child yet).
+        nonlocal worker, childless_since
+        if worker.alive_without_children():
+            childless_since = childless_since or time.monotonic()
+            if time.monotonic() - childless_since > 5:
+                worker.kill()
+        else:
+            childless_since = None
         if worker.proc is not None and worker.proc.poll() is not None:
             worker = _worker(workers, app_db, tmp_path, **settings).start(threads=1)
+            childless_since = None
         return count(app_db, "pgmq.q_tasker_default__xq") == 1
 
     wait_for(dead_lettered, 120, "the poison message to be dead-lettered", interval=0.2)

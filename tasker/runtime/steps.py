@@ -70,6 +70,8 @@ class _Delivery:
     def __init__(self, broker: PGMQBroker, message: Any) -> None:
         self._broker = broker
         self._message = message
+        #: Whether the executor took the step claim made with the message.
+        self.claim_taken = False
 
     @property
     def token(self) -> str:
@@ -93,8 +95,19 @@ class _Delivery:
 
     def claimed_step(self) -> Mapping[str, Any] | None:
         if isinstance(self._message, PGMQMessageProxy) and isinstance(self._message.co_claim, dict):
+            self.claim_taken = True
             return self._message.co_claim
         return None
+
+    def give_back_unused_claim(self, co_claimer: StepCoClaimer) -> None:
+        """The executor failed before it took the step claim made with the message: return
+        the claim's attempt, so the message's retry runs it as the same attempt."""
+        message = self._message
+        if self.claim_taken or not isinstance(message, PGMQMessageProxy):
+            return
+        if message.co_claim is not None:
+            co_claimer.give_back([message])
+            message.co_claim = None
 
 
 class StepActors:
@@ -161,7 +174,13 @@ class StepActors:
     def execute(self, runner: StepRunner, task_uuid: str, step_uuid: str) -> None:
         """Run one delivery of the current message through the executor."""
         delivery = _Delivery(self.broker, CurrentMessage.get_current_message())
-        self.executor.execute(runner, task_uuid=task_uuid, step_uuid=step_uuid, delivery=delivery)
+        try:
+            self.executor.execute(
+                runner, task_uuid=task_uuid, step_uuid=step_uuid, delivery=delivery
+            )
+        except BaseException:
+            delivery.give_back_unused_claim(self.co_claimer)
+            raise
 
     def _declare(self, name: str, queue: str, fn: Any, options: dict[str, Any]) -> None:
         dramatiq.actor(
