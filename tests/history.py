@@ -64,10 +64,11 @@ JOIN tasker.workflow_step_transitions st ON st.workflow_step_uuid = m.model;
 """
 
 
-def clone_finished_task(conn: Any, model: str, copies: int) -> int:
+def clone_finished_task(conn: Any, model: str, copies: int, *, analyze: bool = True) -> int:
     """Insert ``copies`` copies of the finished task ``model`` (new ids, same template), then
-    ``ANALYZE`` the tables as autovacuum would; returns how many steps were added. ``conn``
-    must not be in a transaction (autocommit, or idle)."""
+    ``ANALYZE`` the tables as autovacuum would (unless ``analyze`` is False: the statistics stay
+    those of before); returns how many steps were added. ``conn`` must not be in a transaction
+    (autocommit, or idle)."""
     params = {"model": model, "copies": copies}
     with conn.transaction():
         for statement in filter(str.strip, _CLONE.split(";\n")):
@@ -75,8 +76,14 @@ def clone_finished_task(conn: Any, model: str, copies: int) -> int:
         steps = conn.execute(
             "SELECT count(*) FROM tasker.workflow_steps WHERE task_uuid = %s", (model,)
         ).fetchone()[0]
-    conn.execute("ANALYZE " + ", ".join(f"tasker.{table}" for table in HISTORY_TABLES))
+    if analyze:
+        analyze_history(conn)
     return int(steps) * copies
+
+
+def analyze_history(conn: Any) -> None:
+    """``ANALYZE`` the history tables (``conn`` not in a transaction)."""
+    conn.execute("ANALYZE " + ", ".join(f"tasker.{table}" for table in HISTORY_TABLES))
 
 
 def table_scans(conn: Any) -> dict[str, tuple[int, int]]:

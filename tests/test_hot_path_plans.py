@@ -2,8 +2,10 @@
 
 Every statement of submit, claim, completion, readiness and finalization finds its rows through
 an index scoped to its task or step: while workflows run beside 200,000 finished steps (and
-their edges and transitions), no history table is scanned sequentially. The statistics
-collector counts every scan of every statement, the ones inside the SQL functions included.
+their edges and transitions), no history table is scanned sequentially. That holds too for
+workers whose sessions planned the statements while the tables were small and analyzed so: a
+plan is kept for the session's life, and the tables grow under it. The statistics collector
+counts every scan of every statement, the ones inside the SQL functions included.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.history import HISTORY_TABLES, clone_finished_task, table_scans
+from tests.history import HISTORY_TABLES, analyze_history, clone_finished_task, table_scans
 from tests.shapes import DIAMOND, LINEAR, Recorder, build_flow
 from tests.support import InProcessFlows
 
@@ -74,3 +76,44 @@ def test_the_hot_path_scans_no_history_table(broker: Any, database_url: str) -> 
     sequential = {table: seq for table, (seq, _) in scans.items() if seq}
     assert not sequential, f"sequential scans while workflows ran: {sequential} ({scans})"
     assert all(idx > 0 for _, idx in scans.values()), scans  # the workload did read them
+
+
+def test_plans_made_on_small_tables_scan_nothing_as_the_tables_grow(
+    broker: Any, database_url: str
+) -> None:
+    """Statistics taken while the tables were small (a new install, autovacuum off) do not
+    turn into sequential scans: Tasker's sessions keep their plans (prepared statements, SQL
+    functions) for their life, and the tables grow under them."""
+    flows = InProcessFlows(broker, database_url)
+    fan = {"start": [], **{f"leaf_{n}": ["start"] for n in range(10)}}
+    fan["end"] = [f"leaf_{n}" for n in range(10)]
+    recorder = Recorder()
+    shapes = [
+        build_flow(name, shape, recorder)
+        for name, shape in (("g1", LINEAR), ("g2", DIAMOND), ("g3", fan))
+    ]
+    try:
+        flows.register(*shapes)
+        model = flows.client.submit(shapes[0].namespace, shapes[0].name, {}).task_uuid
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            analyze_history(conn)  # one task of four steps: the statistics of small tables
+            before = table_scans(conn)
+        flows.start(*shapes)
+        handles = [
+            flows.client.submit(flow.namespace, flow.name, {}) for flow in shapes for _ in range(25)
+        ]
+        for task in [model, *(handle.task_uuid for handle in handles)]:
+            assert flows.client.wait(task, timeout=60).state == "complete"
+    finally:
+        flows.stop()
+        flows.client.close()
+    broker.close()
+    _settled_connections(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        after = table_scans(conn)
+    sequential = {
+        table: after[table][0] - before[table][0]
+        for table in HISTORY_TABLES
+        if after[table][0] - before[table][0]
+    }
+    assert not sequential, f"sequential scans of history tables: {sequential}"

@@ -172,3 +172,12 @@ def test_deliveries_given_back_unrun_return_their_attempt(flows: InProcessFlows)
             lease_s=30,
         )
     assert claim.outcome == steps.ClaimOutcome.RECLAIMED and claim.attempt == 1
+
+
+def test_the_actor_list_reaches_postgresql_as_it_is(flows: InProcessFlows) -> None:
+    from tasker.runtime.step_claims import _array_literal
+
+    names = ["tasker.a.b@1.0.0.s1", 'odd"name', "back\\slash", "comma,brace}"]
+    with psycopg.connect(flows.url) as conn:
+        row = conn.execute("SELECT %s::text[]", (_array_literal(names),)).fetchone()
+    assert row is not None and row[0] == names

@@ -83,11 +83,17 @@ def connection_kwargs(
 
     ``synchronous_commit=False`` is only for statements whose loss in a server crash causes a
     redelivery, never a lost message (claims, acks, lease extensions).
+
+    Sessions plan with ``enable_seqscan=off`` (decision 0015): every statement Tasker runs is
+    keyed by an id or a queue's visibility time with an index to match, but a session keeps the
+    plans of its prepared statements and functions for its life, made from the statistics of
+    the moment; tables analyzed while small would be scanned whole on every call once they grow.
+    The setting only steers the choice between plans: a statement with no usable index scans.
     """
     options = (
         f"-c statement_timeout={int(statement_timeout_ms)} "
         f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS} "
-        "-c TimeZone=UTC"
+        "-c TimeZone=UTC -c enable_seqscan=off"
     )
     if not synchronous_commit:
         options += " -c synchronous_commit=off"

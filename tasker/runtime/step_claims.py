@@ -42,6 +42,9 @@ class StepCoClaimer:
         self.broker = broker
         self._lock = threading.Lock()
         self._actors: dict[str, list[str]] = {}  # PGMQ queue -> actor names
+        #: PGMQ queue -> its actor names as one array literal: a namespace may hold thousands
+        #: of step actors, and dumping them as a list on every claim cost more than the claim
+        self._literals: dict[str, str] = {}
         self._statements: dict[str, str] = {}
 
     def add(self, queue_name: str, actor_name: str) -> None:
@@ -50,12 +53,13 @@ class StepCoClaimer:
         with self._lock:
             actors = self._actors.setdefault(names.main, [])
             if actor_name not in actors:
-                self._actors[names.main] = [*actors, actor_name]
+                self._actors[names.main] = actors = [*actors, actor_name]
+                self._literals[names.main] = _array_literal(actors)
 
     def claim_statement(self, names: QueueNames) -> tuple[str, dict[str, Any]] | None:
         """The folded claim for a queue with step actors (None for any other queue)."""
-        actors = self._actors.get(names.main)
-        if not actors:
+        actors = self._literals.get(names.main)
+        if actors is None:
             return None
         statement = self._statements.get(names.main)
         if statement is None:
@@ -83,3 +87,9 @@ class StepCoClaimer:
                 conn.execute(q("release_step_claims"), params)
         except Exception:  # their leases run out instead; the next delivery re-claims them
             logger.warning("Could not give back %d step claim(s)", len(held), exc_info=True)
+
+
+def _array_literal(values: Sequence[str]) -> str:
+    """``values`` as a PostgreSQL text array literal (``{"a","b"}``), every element quoted."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(quoted) + "}"
