@@ -93,43 +93,6 @@ SELECT outcome, state, attempt, max_attempts, name, inputs, task_context, correl
        parent_results, extract(epoch FROM claimed_until - clock_timestamp())::float8 AS lease_left_s
 FROM tasker.claim_step_v2(%(step)s, %(token)s, %(lease_ms)s)
 
--- The broker's message claim (broker.sql `claim`) with the step claim folded in (decision
--- 0014): the first delivery of a message for one of %(actors)s (step actors whose every check
--- before a claim passed in the consumer: known here, no breaker) whose step is `enqueued` also
--- claims its step, in the same statement and commit, with the delivery's token
--- (queue:msg_id:read_ct). Other rows (redeliveries, steps in another state, other actors) come
--- back with a NULL step_claim, and their step is claimed by the worker as before.
--- name: claim_messages_and_steps
-WITH ready AS (
-    SELECT msg_id FROM {queue}
-    WHERE vt <= now()
-    ORDER BY vt, msg_id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE {queue} AS m
-    SET vt = clock_timestamp() + %(lease_ms)s::bigint * interval '1 millisecond',
-        read_ct = m.read_ct + 1,
-        last_read_at = clock_timestamp()
-    FROM ready
-    WHERE m.msg_id = ready.msg_id
-    RETURNING m.msg_id, m.read_ct, m.message, m.headers
-)
-SELECT c.msg_id, c.read_ct, c.message::text, c.headers::text,
-       CASE WHEN c.read_ct = 1 AND c.message->>'actor_name' = ANY(%(actors)s::text[])
-                 AND jsonb_typeof(c.message->'args') = 'array'
-                 AND c.message->'args'->>1 ~ '^[0-9a-fA-F]{{8}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{12}}$'
-                 AND EXISTS (SELECT 1 FROM tasker.workflow_steps ws
-                             WHERE ws.workflow_step_uuid = (c.message->'args'->>1)::uuid
-                               AND ws.state = 'enqueued')
-            THEN (SELECT to_jsonb(s) || jsonb_build_object('lease_left_s',
-                         extract(epoch FROM s.claimed_until - clock_timestamp())::float8)
-                  FROM tasker.claim_step_v2((c.message->'args'->>1)::uuid,
-                                            %(queue_name)s || ':' || c.msg_id || ':' || c.read_ct,
-                                            %(step_lease_ms)s) s)
-       END AS step_claim
-FROM claimed c
-
 -- The heartbeat of running steps: fenced by the attempt, so a claim that was lost stays lost.
 -- name: extend_step_claims
 UPDATE tasker.workflow_steps AS ws

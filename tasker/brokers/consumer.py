@@ -48,9 +48,6 @@ class PGMQMessageProxy(MessageProxy):
         self.msg_id = msg_id
         self.read_ct = read_ct
         self.redelivered = read_ct > 1
-        #: What the broker's co-claimer claimed with this delivery (None: nothing); see
-        #: :mod:`tasker.brokers.co_claim`.
-        self.co_claim: Any = None
         # True once the delivery was disposed of other than by an ack (deleted in the handler's
         # own transaction, deferred, or replaced by a retry): the consumer must not delete it.
         self.settled = False
@@ -129,24 +126,13 @@ class PGMQConsumer(Consumer):
 
     def _claim(self, limit: int) -> list[PGMQMessageProxy]:
         broker, names = self.broker, self.names
-        params: dict[str, Any] = {"limit": limit, "lease_ms": broker.visibility_timeout_ms}
-        statement = broker.statement("claim", names)
-        co_claim = None if broker.co_claimer is None else broker.co_claimer.claim_statement(names)
-        if co_claim is not None:
-            statement, extra = co_claim
-            params.update(extra)
+        params = {"limit": limit, "lease_ms": broker.visibility_timeout_ms}
         with broker.consumer_pool.connection() as conn:
-            rows = conn.execute(statement, params).fetchall()
+            rows = conn.execute(broker.statement("claim", names), params).fetchall()
         rows.sort(key=lambda row: row[0])
-        for row in rows:
-            broker.leases.hold(names.main, row[0], row[1])
-        proxies = []
-        for row in rows:
-            proxy = self._accept(*row[:4])
-            if proxy is not None:
-                proxy.co_claim = row[4] if co_claim is not None else None
-                proxies.append(proxy)
-        return proxies
+        for msg_id, read_ct, _, _ in rows:
+            broker.leases.hold(names.main, msg_id, read_ct)
+        return [p for p in (self._accept(*row) for row in rows) if p is not None]
 
     def _accept(
         self, msg_id: int, read_ct: int, payload: str, headers_text: str | None
@@ -269,9 +255,6 @@ class PGMQConsumer(Consumer):
             conn.execute(self.broker.statement("release", self.names), params)
         for proxy in proxies:
             self.broker.leases.release(self.names.main, proxy.msg_id, proxy.read_ct)
-        co_claimed = [p for p in proxies if p.co_claim is not None]
-        if co_claimed and self.broker.co_claimer is not None:
-            self.broker.co_claimer.give_back(co_claimed)
 
     def close(self) -> None:
         """Give back the read-ahead buffer (messages Dramatiq never saw)."""

@@ -37,7 +37,6 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from tasker.breakers.database import DEFAULT_DATABASE_POLICY, DatabaseBreaker
 from tasker.breakers.policy import BreakerPolicy
 from tasker.brokers.acks import AckBatcher
-from tasker.brokers.co_claim import CoClaimer
 from tasker.brokers.consumer import PGMQConsumer, PGMQMessageProxy
 from tasker.brokers.encoding import encode_message
 from tasker.brokers.errors import (
@@ -186,8 +185,6 @@ class PGMQBroker(Broker):
         self.lease_hooks: list[LeaseHook] = []
         #: Called with each message put back because no actor of this broker has its name.
         self.unknown_actor_hooks: list[Callable[[Message[Any]], object]] = []
-        #: Claims something with each message of the queues it chooses (tasker.brokers.co_claim).
-        self.co_claimer: CoClaimer | None = None
         self._reset_process_state()
         self.add_middleware(_Lifecycle(self))
 

@@ -40,9 +40,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
@@ -93,7 +93,6 @@ __all__ = [
     "StepRunner",
     "Unclaimed",
     "claim_step",
-    "claimed_with_message",
     "mark_step_waiting",
     "record_outcome",
     "task_version",
@@ -131,11 +130,6 @@ class Delivery(Protocol):
 
     def defer(self, delay_s: float) -> None:
         """Make the message visible again after ``delay_s`` seconds, using no attempt."""
-        ...
-
-    def claimed_step(self) -> Mapping[str, Any] | None:
-        """The answer of ``tasker.claim_step_v2`` when the step was claimed with the message
-        (decision 0014: its columns, and ``lease_left_s``), or None: claim it here."""
         ...
 
 
@@ -293,22 +287,6 @@ def claim_step(
     params = {"step": step_uuid, "token": token, "lease_ms": int(lease_s * 1000)}
     with conn.cursor(row_factory=_CLAIM_ROW) as cursor:
         row = cursor.execute(q("claim_step"), params).fetchone()
-    return _claim_of(runner, task_uuid, step_uuid, row)
-
-
-def claimed_with_message(
-    runner: StepRunner, task_uuid: str, step_uuid: str, answer: Mapping[str, Any]
-) -> Claim:
-    """The :class:`Claim` of a step claimed with its message (``answer``: the columns of
-    ``tasker.claim_step_v2`` and ``lease_left_s``, as :meth:`Delivery.claimed_step` gives them).
-
-    Raises ``KeyError`` or ``TypeError`` for an answer without those columns.
-    """
-    row = _ClaimRow(**{f.name: answer[f.name] for f in fields(_ClaimRow)})
-    return _claim_of(runner, task_uuid, step_uuid, row)
-
-
-def _claim_of(runner: StepRunner, task_uuid: str, step_uuid: str, row: _ClaimRow) -> Claim:
     outcome = ClaimOutcome(row.outcome)
     lease_left = float(row.lease_left_s or 0.0)
     if outcome not in (ClaimOutcome.CLAIMED, ClaimOutcome.RECLAIMED, ClaimOutcome.REPEATED):
@@ -473,15 +451,11 @@ class StepExecutor:
             delivery.defer(self.lease_s + _DEFER_MARGIN_S)
             self._finished(StepReport(runner, ClaimOutcome.BUSY))
             return Settlement.DEFERRED
-        answer = delivery.claimed_step()
-        if answer is not None:  # claimed with the message, in the consumer's statement
-            claim = claimed_with_message(runner, task_uuid, step_uuid, answer)
-        else:
-            claim = self._retrying(
-                "claim",
-                step_uuid,
-                lambda: self._claim(runner, task_uuid, step_uuid, delivery.token),
-            )
+        claim = self._retrying(
+            "claim",
+            step_uuid,
+            lambda: self._claim(runner, task_uuid, step_uuid, delivery.token),
+        )
         if claim.outcome is ClaimOutcome.BUSY:
             delivery.defer(max(claim.lease_left_s, 0.0) + _DEFER_MARGIN_S)
             self._finished(StepReport(runner, claim.outcome, claim.attempt))

@@ -21,7 +21,6 @@ import inspect
 import logging
 import threading
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import dramatiq
@@ -35,7 +34,6 @@ from tasker.db.errors import is_transient
 from tasker.engine.steps import StepExecutor, StepRunner, mark_step_waiting, task_version
 from tasker.exceptions import DatabaseUnavailableError
 from tasker.runtime.sender import BrokerSender
-from tasker.runtime.step_claims import StepCoClaimer
 from tasker.workflow.definition import (
     StepDefinition,
     Workflow,
@@ -70,8 +68,6 @@ class _Delivery:
     def __init__(self, broker: PGMQBroker, message: Any) -> None:
         self._broker = broker
         self._message = message
-        #: Whether the executor took the step claim made with the message.
-        self.claim_taken = False
 
     @property
     def token(self) -> str:
@@ -93,22 +89,6 @@ class _Delivery:
         else:  # another broker: let Dramatiq's Retries re-send it
             raise Retry(delay=int(delay_s * 1000))
 
-    def claimed_step(self) -> Mapping[str, Any] | None:
-        if isinstance(self._message, PGMQMessageProxy) and isinstance(self._message.co_claim, dict):
-            self.claim_taken = True
-            return self._message.co_claim
-        return None
-
-    def give_back_unused_claim(self, co_claimer: StepCoClaimer) -> None:
-        """The executor failed before it took the step claim made with the message: return
-        the claim's attempt, so the message's retry runs it as the same attempt."""
-        message = self._message
-        if self.claim_taken or not isinstance(message, PGMQMessageProxy):
-            return
-        if message.co_claim is not None:
-            co_claimer.give_back([message])
-            message.co_claim = None
-
 
 class StepActors:
     """The step actors of one broker, their runners per workflow version, and their executor."""
@@ -128,9 +108,6 @@ class StepActors:
         )
         broker.lease_hooks.append(self.executor)
         broker.unknown_actor_hooks.append(self._note_unknown_actor)
-        #: Claims steps with their messages (decision 0014); steps with a breaker are left out.
-        self.co_claimer = StepCoClaimer(broker)
-        broker.co_claimer = self.co_claimer
         self._runners: dict[tuple[str, str, str, str], StepRunner] = {}
         self._logged: set[str] = set()
         self._lock = threading.Lock()
@@ -160,8 +137,6 @@ class StepActors:
 
         run.__name__ = step.name
         self._declare(actor_name, flow.queue_name, run, _time_limit(step))
-        if step.breaker is None:
-            self.co_claimer.add(flow.queue_name, actor_name)
         legacy = legacy_step_actor_name(flow.namespace, flow.name, step.name)
         if legacy not in self.broker.actors:
 
@@ -174,13 +149,7 @@ class StepActors:
     def execute(self, runner: StepRunner, task_uuid: str, step_uuid: str) -> None:
         """Run one delivery of the current message through the executor."""
         delivery = _Delivery(self.broker, CurrentMessage.get_current_message())
-        try:
-            self.executor.execute(
-                runner, task_uuid=task_uuid, step_uuid=step_uuid, delivery=delivery
-            )
-        except BaseException:
-            delivery.give_back_unused_claim(self.co_claimer)
-            raise
+        self.executor.execute(runner, task_uuid=task_uuid, step_uuid=step_uuid, delivery=delivery)
 
     def _declare(self, name: str, queue: str, fn: Any, options: dict[str, Any]) -> None:
         dramatiq.actor(
