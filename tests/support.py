@@ -103,6 +103,18 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def step_uuid(url: str, task: str, name: str) -> str:
+    """The id of step ``name`` of ``task``."""
+    return str(
+        scalar(
+            url,
+            "SELECT workflow_step_uuid FROM tasker.workflow_steps WHERE task_uuid = %s"
+            " AND name = %s",
+            (task, name),
+        )
+    )
+
+
 def wait_for(
     predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
 ) -> None:

@@ -18,7 +18,7 @@ from tasker.engine.steps import StepRunner, claim_step
 from tasker.settings import CoordinatorSettings, StalenessSettings
 from tasker.workflow.definition import step_actor_name
 from tests.shapes import LINEAR, Recorder, build_flow
-from tests.support import InProcessFlows, scalar, wait_for
+from tests.support import InProcessFlows, scalar, step_uuid, wait_for
 
 QUEUE = "pgmq.q_tasker_worker_shapes_queue"
 NOW = CoordinatorSettings(recovery_grace_s=0, retention_every_s=0, interval_s=1)
@@ -34,17 +34,6 @@ def coordinator(flows: InProcessFlows) -> Iterator[Coordinator]:
 def actions(url: str, action: str) -> int:
     return int(
         scalar(url, "SELECT count(*) FROM tasker.coordinator_actions WHERE action = %s", (action,))
-    )
-
-
-def step_uuid(url: str, task: str, name: str) -> str:
-    return str(
-        scalar(
-            url,
-            "SELECT workflow_step_uuid FROM tasker.workflow_steps WHERE task_uuid = %s"
-            " AND name = %s",
-            (task, name),
-        )
     )
 
 

@@ -15,23 +15,12 @@ import pytest
 from tasker.coordinator.loop import Coordinator
 from tasker.settings import CoordinatorSettings
 from tests.shapes import Recorder, build_flow
-from tests.support import InProcessFlows, scalar
+from tests.support import InProcessFlows, scalar, step_uuid
 
 NOW = CoordinatorSettings(recovery_grace_s=0, retention_every_s=0, interval_s=1)
 PAIR = {"root": [], "left": ["root"], "right": ["root"], "join": ["left", "right"]}
 WIDE = {"root": [], **{f"m{i:02d}": ["root"] for i in range(30)}}
 WIDE["join"] = [name for name in WIDE if name.startswith("m")]
-
-
-def _step(url: str, task: str, name: str) -> str:
-    return str(
-        scalar(
-            url,
-            "SELECT workflow_step_uuid FROM tasker.workflow_steps WHERE task_uuid = %s"
-            " AND name = %s",
-            (task, name),
-        )
-    )
 
 
 def _state(url: str, task: str, name: str) -> str:
@@ -46,7 +35,7 @@ def _state(url: str, task: str, name: str) -> str:
 
 def _run(conn: Any, url: str, task: str, name: str, *, version: int = 3) -> tuple[Any, ...]:
     """Claim step ``name`` and complete it in ``conn``'s open transaction (not committed)."""
-    step = _step(url, task, name)
+    step = step_uuid(url, task, name)
     with psycopg.connect(url, autocommit=True) as claimer:
         claimer.execute("SELECT outcome FROM tasker.claim_step_v2(%s, %s, 30000)", (step, name))
     statement = (
@@ -65,7 +54,7 @@ def _recheck(url: str, task: str, name: str) -> tuple[Any, ...]:
             "SELECT r.enqueued_names, r.follow_up FROM tasker.tasks t,"
             " tasker.enqueue_ready_children_v1(t.task_uuid, %s, true) r"
             " WHERE t.task_uuid = %s AND t.state = 'steps_in_process'",
-            (_step(url, task, name), task),
+            (step_uuid(url, task, name), task),
         ).fetchone()
     assert row is not None
     return tuple(row)

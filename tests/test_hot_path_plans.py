@@ -40,15 +40,20 @@ def _settled_connections(url: str, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-def test_the_hot_path_scans_no_history_table(broker: Any, database_url: str) -> None:
-    flows = InProcessFlows(broker, database_url)
+def _shapes(prefix: str) -> list[Any]:
+    """A chain, a diamond and a 1 -> 10 -> 1 fan-out, named ``<prefix>1`` .. ``<prefix>3``."""
     fan = {"start": [], **{f"leaf_{n}": ["start"] for n in range(10)}}
     fan["end"] = [f"leaf_{n}" for n in range(10)]
     recorder = Recorder()
-    shapes = [
-        build_flow(name, shape, recorder)
-        for name, shape in (("w1", LINEAR), ("w2", DIAMOND), ("w3", fan))
+    return [
+        build_flow(f"{prefix}{n}", shape, recorder)
+        for n, shape in enumerate((LINEAR, DIAMOND, fan), start=1)
     ]
+
+
+def test_the_hot_path_scans_no_history_table(broker: Any, database_url: str) -> None:
+    flows = InProcessFlows(broker, database_url)
+    shapes = _shapes("w")
     try:
         model = flows.run(shapes[0])
         assert model.state == "complete"
@@ -85,13 +90,7 @@ def test_plans_made_on_small_tables_scan_nothing_as_the_tables_grow(
     turn into sequential scans: Tasker's sessions keep their plans (prepared statements, SQL
     functions) for their life, and the tables grow under them."""
     flows = InProcessFlows(broker, database_url)
-    fan = {"start": [], **{f"leaf_{n}": ["start"] for n in range(10)}}
-    fan["end"] = [f"leaf_{n}" for n in range(10)]
-    recorder = Recorder()
-    shapes = [
-        build_flow(name, shape, recorder)
-        for name, shape in (("g1", LINEAR), ("g2", DIAMOND), ("g3", fan))
-    ]
+    shapes = _shapes("g")
     try:
         flows.register(*shapes)
         model = flows.client.submit(shapes[0].namespace, shapes[0].name, {}).task_uuid
