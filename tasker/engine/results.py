@@ -57,9 +57,10 @@ _STEP_RESULT = class_row(_StepResult)
 @dataclass(frozen=True)
 class FollowUp:
     """What a step's completion leaves to do after its commit (``tasker.complete_step_v3``,
-    decision 0013): ``recheck`` its children (one waited for a sibling that was running, and of
-    two siblings committing together each may miss the other) or ``evaluate`` the task (a child
-    is held by a failure, a retry or another state) under the task's lock."""
+    decision 0013): ``recheck`` its children (one waited for a sibling, and of two siblings
+    committing together each may miss the other) or ``evaluate`` the task under its lock (the
+    task was in another state than ``steps_in_process``). A recheck that finds nothing of the
+    task in flight evaluates it too."""
 
     kind: str  # "recheck" | "evaluate"
     task_uuid: Any
