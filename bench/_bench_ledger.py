@@ -242,3 +242,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
         "max": max(values),
         "mean": statistics.fmean(values),
     }
+
+
+def announce_ready() -> None:
+    """Tell the driver this worker process is ready: one line appended to the file named by
+    ``BENCH_READY_FILE`` (nothing without it)."""
+    path = os.environ.get("BENCH_READY_FILE")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"ready {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)

@@ -27,7 +27,7 @@ from typing import Any
 from celery import Celery, chain, chord
 from celery.signals import worker_ready
 
-from bench._bench_ledger import WORKLOADS, is_chain, noop_step
+from bench._bench_ledger import WORKLOADS, announce_ready, is_chain, noop_step
 
 QUEUE = "wfbench_celery"
 REDIS_PREFIX = "tasker-wfbench-celery:"
@@ -53,13 +53,7 @@ def wfb_step(workflow_id: str, step: str) -> None:
 
 @worker_ready.connect
 def _announce_ready(sender: Any = None, **_: Any) -> None:
-    path = os.environ.get("BENCH_READY_FILE")
-    if path:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"ready {os.getpid()}\n".encode())
-        finally:
-            os.close(fd)
+    announce_ready()
 
 
 def submit(workload: str, workflow_id: str) -> None:

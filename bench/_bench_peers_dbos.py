@@ -59,7 +59,7 @@ from typing import Any
 
 from dbos import DBOS, DBOSClient
 
-from bench._bench_ledger import WORKLOADS, Workload, noop_step
+from bench._bench_ledger import WORKLOADS, Workload, announce_ready, noop_step
 
 APP_NAME = "tasker-wfbench"
 APP_VERSION = "wfbench"
@@ -130,16 +130,6 @@ class Submitter:
 # -- the worker process ---------------------------------------------------------------------------
 
 
-def _announce_ready() -> None:
-    path = os.environ.get("BENCH_READY_FILE")
-    if path:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"ready {os.getpid()}\n".encode())
-        finally:
-            os.close(fd)
-
-
 def _queue_threads_running(names: tuple[str, ...]) -> bool:
     running = {t.name for t in threading.enumerate() if t.is_alive()}
     return all(f"queue-worker-{name}" in running for name in names)
@@ -182,7 +172,7 @@ def main() -> int:
             if time.monotonic() >= deadline or stop.wait(0.05):
                 print("DBOS queue threads did not start", file=sys.stderr, flush=True)
                 return 1
-        _announce_ready()
+        announce_ready()
         stop.wait(max_seconds)
         return 0
     finally:

@@ -393,10 +393,13 @@ class PgCpu:
 class PostgresStats:
     """The database counters of a system whose server is the benchmark's PostgreSQL: commits,
     rows and WAL per step, with the workers' idle polling subtracted (``run_throughput`` reads
-    them when ``counters`` returns any). Needs ``self.conn``, an autocommit connection to the
-    system's own database; ``driver_queries`` counts the driver's transactions on it."""
+    them when ``counters`` returns any), the server's CPU and the wait sampler. Needs
+    ``self.conn``, an autocommit connection to the system's own database, ``self.url`` and
+    ``self.pg``; ``driver_queries`` counts the driver's transactions on it."""
 
     conn: Any
+    url: str
+    pg: PgCpu | None
     driver_queries = 0
     idle_rates: dict[str, float]
 
@@ -437,6 +440,23 @@ class PostgresStats:
 
     def vacuum(self) -> None:
         self.conn.execute("VACUUM ANALYZE")
+
+    def server_snapshot(self) -> Any:
+        assert self.pg is not None
+        return self.pg.snapshot()
+
+    def server_delta(self, before: Any, after: Any) -> float:
+        return PgCpu.delta(before, after)
+
+    def start_sampler(self) -> Any:
+        sampler = WaitSampler(self.url)
+        sampler.start()
+        return sampler
+
+    def stop_sampler(self, sampler: Any) -> dict[str, Any]:
+        sampler.stop_event.set()
+        sampler.join(timeout=10)
+        return dict(sampler.result())
 
 
 class WaitSampler(threading.Thread):
@@ -802,23 +822,6 @@ class TaskerSystem(PostgresStats, System):
             last_step_ns=last_step,
         )
 
-    def server_snapshot(self) -> Any:
-        assert self.pg is not None
-        return self.pg.snapshot()
-
-    def server_delta(self, before: Any, after: Any) -> float:
-        return PgCpu.delta(before, after)
-
-    def start_sampler(self) -> Any:
-        sampler = WaitSampler(self.url)
-        sampler.start()
-        return sampler
-
-    def stop_sampler(self, sampler: Any) -> dict[str, Any]:
-        sampler.stop_event.set()
-        sampler.join(timeout=10)
-        return dict(sampler.result())
-
     def start_lock_sampler(self, interval_s: float) -> Any:
         sampler = LockWaitSampler(self.url, interval_s)
         sampler.start()
@@ -1170,23 +1173,6 @@ class DbosSystem(PostgresStats, PeerSystem):
             time.sleep(0.02)
         got.extra["workflow_status"] = dict(states)
         return got
-
-    def server_snapshot(self) -> Any:
-        assert self.pg is not None
-        return self.pg.snapshot()
-
-    def server_delta(self, before: Any, after: Any) -> float:
-        return PgCpu.delta(before, after)
-
-    def start_sampler(self) -> Any:
-        sampler = WaitSampler(self.url)
-        sampler.start()
-        return sampler
-
-    def stop_sampler(self, sampler: Any) -> dict[str, Any]:
-        sampler.stop_event.set()
-        sampler.join(timeout=10)
-        return dict(sampler.result())
 
     def close(self) -> None:
         if self.submitter is not None:

@@ -40,6 +40,25 @@ def _settled_connections(url: str, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+def _stop(flows: InProcessFlows, broker: Any) -> None:
+    """Stop the worker, the client and the broker: their sessions exit and report statistics."""
+    flows.stop()
+    flows.client.close()
+    broker.close()
+
+
+def _scans_since(before: dict[str, tuple[int, int]], url: str) -> dict[str, tuple[int, int]]:
+    """``{table: (sequential, index scans)}`` of the history tables since ``before``, once every
+    other session has exited (so all their statistics are reported)."""
+    _settled_connections(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        after = table_scans(conn)
+    return {
+        table: (after[table][0] - before[table][0], after[table][1] - before[table][1])
+        for table in HISTORY_TABLES
+    }
+
+
 def _shapes(prefix: str) -> list[Any]:
     """A chain, a diamond and a 1 -> 10 -> 1 fan-out, named ``<prefix>1`` .. ``<prefix>3``."""
     fan = {"start": [], **{f"leaf_{n}": ["start"] for n in range(10)}}
@@ -68,16 +87,8 @@ def test_the_hot_path_scans_no_history_table(broker: Any, database_url: str) -> 
         for handle in handles:
             assert flows.client.wait(handle.task_uuid, timeout=60).state == "complete"
     finally:
-        flows.stop()
-        flows.client.close()
-    broker.close()
-    _settled_connections(database_url)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        after = table_scans(conn)
-    scans = {
-        table: (after[table][0] - before[table][0], after[table][1] - before[table][1])
-        for table in HISTORY_TABLES
-    }
+        _stop(flows, broker)
+    scans = _scans_since(before, database_url)
     sequential = {table: seq for table, (seq, _) in scans.items() if seq}
     assert not sequential, f"sequential scans while workflows ran: {sequential} ({scans})"
     assert all(idx > 0 for _, idx in scans.values()), scans  # the workload did read them
@@ -104,15 +115,7 @@ def test_plans_made_on_small_tables_scan_nothing_as_the_tables_grow(
         for task in [model, *(handle.task_uuid for handle in handles)]:
             assert flows.client.wait(task, timeout=60).state == "complete"
     finally:
-        flows.stop()
-        flows.client.close()
-    broker.close()
-    _settled_connections(database_url)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        after = table_scans(conn)
-    sequential = {
-        table: after[table][0] - before[table][0]
-        for table in HISTORY_TABLES
-        if after[table][0] - before[table][0]
-    }
+        _stop(flows, broker)
+    scans = _scans_since(before, database_url)
+    sequential = {table: seq for table, (seq, _) in scans.items() if seq}
     assert not sequential, f"sequential scans of history tables: {sequential}"
